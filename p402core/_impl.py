@@ -1,0 +1,81 @@
+"""The one switch between the compiled core and its pure-Python twin.
+
+`P402_NO_EXTENSIONS=1` (read once, here) forces the twins; non-CPython always
+gets them. Otherwise the compiled modules must import: a missing build is an
+error, never a silent fall-back to the slow path.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+
+# Each name is a pair of modules: p402core._<name>_c (Cython) and _<name>_py.
+MODULES = ("prices", "estimate", "budget", "policy", "fingerprint", "engine")
+
+NO_EXTENSIONS = bool(os.environ.get("P402_NO_EXTENSIONS")) or (
+    platform.python_implementation() != "CPython"
+)
+IMPLEMENTATION = "python" if NO_EXTENSIONS else "compiled"
+
+
+def _import(name: str, kind: str):
+    suffix = "_c" if kind == "compiled" else "_py"
+    try:
+        return importlib.import_module(f"p402core._{name}{suffix}")
+    except ImportError as exc:
+        if kind == "compiled" and f"_{name}_c" in str(exc):
+            raise ImportError(
+                f"p402core: compiled module _{name}_c is not built ({exc}). Build it "
+                "with `pip install -e .` (or `python setup.py build_ext --inplace`), "
+                "or set P402_NO_EXTENSIONS=1 to run the pure-Python twins on purpose."
+            ) from exc
+        raise
+
+
+class Implementation:
+    """Every public name of one implementation ("compiled" or "python").
+
+    Modules import lazily, on the first name looked up in them, so a test of
+    one module needs only that module (and what it imports) built.
+    """
+
+    def __init__(self, kind: str):
+        if kind not in ("compiled", "python"):
+            raise ValueError(f"kind must be 'compiled' or 'python', not {kind!r}")
+        self.IMPLEMENTATION = kind
+        self._modules: dict = {}
+
+    def module(self, name: str):
+        mod = self._modules.get(name)
+        if mod is None:
+            mod = self._modules[name] = _import(name, self.IMPLEMENTATION)
+        return mod
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        for name in MODULES:
+            mod = self.module(name)
+            if attr in mod.__all__:
+                value = getattr(mod, attr)
+                setattr(self, attr, value)
+                return value
+        raise AttributeError(f"p402core ({self.IMPLEMENTATION}) has no {attr!r}")
+
+    def names(self) -> dict:
+        out = {}
+        for name in MODULES:
+            mod = self.module(name)
+            out.update({attr: getattr(mod, attr) for attr in mod.__all__})
+        return out
+
+
+_loaded: dict = {}
+
+
+def load(kind: str) -> Implementation:
+    impl = _loaded.get(kind)
+    if impl is None:
+        impl = _loaded[kind] = Implementation(kind)
+    return impl
