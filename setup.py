@@ -32,6 +32,7 @@ def generate_stubs() -> None:
     protos = sorted(glob.glob(os.path.join(PROTO_DIR, "p402", "v1", "*.proto")))
     if not protos:
         return
+    os.makedirs(os.path.join(STUB_ROOT, "p402", "v1"), exist_ok=True)
     wkt = os.path.join(os.path.dirname(protoc.__file__), "_proto")
     googleapis = os.path.dirname(os.path.dirname(os.path.dirname(
         importlib.util.find_spec("google.type.money_pb2").origin)))
@@ -53,6 +54,8 @@ def packages() -> list[str]:
     found = []
     for pkg, where in PACKAGE_DIRS.items():
         base = os.path.join(ROOT, where)
+        if not os.path.isdir(base):
+            continue
         for dirpath, _dirs, files in os.walk(base):
             if "__init__.py" in files:
                 rel = os.path.relpath(dirpath, base)
@@ -87,7 +90,8 @@ def extensions() -> list:
 generate_stubs()
 setup(
     packages=packages(),
-    package_dir=PACKAGE_DIRS,
+    package_dir={pkg: where for pkg, where in PACKAGE_DIRS.items()
+                 if os.path.isdir(os.path.join(ROOT, where))},
     ext_modules=extensions(),
     zip_safe=False,
 )
