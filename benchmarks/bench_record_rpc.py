@@ -1,0 +1,99 @@
+"""Durable Record over gRPC: unary at 32 in flight vs Ping, and batched/streamed
+events per second into SQLite — all acknowledged only after the commit.
+
+Targets: unary Record RPS ≥ 0.85× Ping RPS (same server, same run); RecordBatch and
+StreamRecords ≥ 25,000 events/s into SQLite (WAL, synchronous=FULL).
+
+Run: `python benchmarks/bench_record_rpc.py [--quick]` (server in a subprocess on
+127.0.0.1, temporary SQLite ledger; meter-only Records with distinct event ids).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import time
+
+import grpc
+
+import rpc_harness as h  # noqa: E402  (sets sys.path)
+from p402.v1 import common_pb2, meter_pb2, meter_pb2_grpc
+
+_ids = itertools.count()
+
+
+def record(rng_i: int) -> meter_pb2.RecordRequest:
+    return meter_pb2.RecordRequest(
+        event_id=f"bench-{next(_ids)}", model="gpt-4o-mini",
+        owners=common_pb2.Owners(customer=f"cust-{rng_i % 50}", feature="chat"),
+        usage=common_pb2.Usage(input_tokens=1000 + rng_i % 500, output_tokens=200),
+        labels={"env": "prod"})
+
+
+async def main(quick: bool) -> None:
+    n_unary = 3000 if quick else 15000
+    n_events = 20000 if quick else 100000
+    batch = 500
+    with h.server_process() as info:
+        md = (("authorization", f"Bearer {info['api_key']}"),)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{info['port']}") as ch:
+            meter = meter_pb2_grpc.MeterServiceStub(ch)
+            ping_req = meter_pb2.PingRequest()
+            impl = (await meter.Ping(ping_req, metadata=md)).implementation
+            h.banner("Durable Record over gRPC into SQLite", impl)
+
+            async def ping():
+                await meter.Ping(ping_req, metadata=md)
+
+            async def unary():
+                await meter.Record(record(next(_ids)), metadata=md)
+
+            await h.in_flight(ping, 500)
+            await h.in_flight(unary, 500)
+            rps = {"ping": [], "record": []}
+            for _ in range(3):
+                rps["ping"].append((await h.in_flight(ping, n_unary // 3))[0])
+                rps["record"].append((await h.in_flight(unary, n_unary // 3))[0])
+            ping_rps, rec_rps = h.median(rps["ping"]), h.median(rps["record"])
+
+            # RecordBatch: 4 batches in flight so commits overlap with encoding.
+            batches = [meter_pb2.RecordBatchRequest(records=[record(i) for i in range(batch)])
+                       for _ in range(n_events // batch)]
+            t0 = time.perf_counter()
+            sem = asyncio.Semaphore(4)
+
+            async def send(b):
+                async with sem:
+                    resp = await meter.RecordBatch(b, metadata=md)
+                    assert not any(r.duplicate for r in resp.results)
+
+            await asyncio.gather(*[send(b) for b in batches])
+            batch_eps = n_events / (time.perf_counter() - t0)
+
+            reqs = [record(i) for i in range(n_events)]
+
+            async def gen():
+                for r in reqs:
+                    yield r
+
+            t0 = time.perf_counter()
+            got = 0
+            async for _ in meter.StreamRecords(gen(), metadata=md):
+                got += 1
+            stream_eps = got / (time.perf_counter() - t0)
+            assert got == n_events
+
+    print(f"unary, 32 in flight ({n_unary} calls each, median of 3 rounds):")
+    print(f"  ping    {ping_rps:8.0f} calls/s")
+    print(f"  record  {rec_rps:8.0f} calls/s   ratio {rec_rps / ping_rps:.3f}x "
+          f"(target >= 0.85)  {'OK' if rec_rps / ping_rps >= 0.85 else 'MISS'}")
+    print(f"RecordBatch ({batch} per call, 4 in flight): {batch_eps:9.0f} events/s "
+          f"(target >= 25,000)  {'OK' if batch_eps >= 25000 else 'MISS'}")
+    print(f"StreamRecords (one stream):             {stream_eps:9.0f} events/s "
+          f"(target >= 25,000)  {'OK' if stream_eps >= 25000 else 'MISS'}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer calls (a smoke run)")
+    asyncio.run(main(ap.parse_args().quick))

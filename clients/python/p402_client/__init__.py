@@ -1,0 +1,104 @@
+"""p402_client: the Python SDK of P402 — authorize, record, release, query, admin.
+
+Gateways call `authorize()` before an AI provider call and `record()` after it;
+finance reads the ledger with `query()` / `export()`. Every result is a plain frozen
+dataclass (see `p402_client.types`); money is an int of nano-USD everywhere.
+
+    from p402_client import P402Client
+
+    with P402Client("127.0.0.1:4020", api_key="p402_…") as p402:
+        auth = p402.authorize("gpt-4o-mini", owners={"customer": "acme"},
+                              input_bytes=1200, max_output_tokens=256)
+        if auth.allowed:
+            ...  # call the provider with max_tokens=auth.output_token_cap
+            p402.record(auth.reservation_id, input_tokens=310, output_tokens=118)
+
+Errors are `P402Error` subclasses with `.code`, `.reason` and `.field`.
+"""
+from __future__ import annotations
+
+from .client import AsyncP402Client, P402Client, __version__
+from .errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    P402Error,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from .ids import new_ulid
+from .types import (
+    ApiKey,
+    Authorization,
+    Budget,
+    BudgetStatus,
+    CreatedKey,
+    Decision,
+    Effect,
+    Enforcement,
+    Event,
+    Evidence,
+    Outcome,
+    Owners,
+    Page,
+    Period,
+    Ping,
+    PolicyRule,
+    Price,
+    PriceImport,
+    PrivacyMode,
+    RateUnit,
+    RecordResult,
+    ReleaseResult,
+    Scope,
+    Settings,
+    SpendRow,
+    Usage,
+    format_usd,
+)
+
+__all__ = [
+    "__version__",
+    "P402Client",
+    "AsyncP402Client",
+    "P402Error",
+    "InvalidArgument",
+    "Unauthenticated",
+    "PermissionDenied",
+    "NotFound",
+    "FailedPrecondition",
+    "ResourceExhausted",
+    "Unavailable",
+    "DeadlineExceeded",
+    "new_ulid",
+    "format_usd",
+    "ApiKey",
+    "Authorization",
+    "Budget",
+    "BudgetStatus",
+    "CreatedKey",
+    "Decision",
+    "Effect",
+    "Enforcement",
+    "Event",
+    "Evidence",
+    "Outcome",
+    "Owners",
+    "Page",
+    "Period",
+    "Ping",
+    "PolicyRule",
+    "Price",
+    "PriceImport",
+    "PrivacyMode",
+    "RateUnit",
+    "RecordResult",
+    "ReleaseResult",
+    "Scope",
+    "Settings",
+    "SpendRow",
+    "Usage",
+]

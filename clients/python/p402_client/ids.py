@@ -1,0 +1,58 @@
+"""Client-side ids: ULIDs, so retried calls are idempotent and ids sort by time.
+
+A ULID is 48 bits of Unix milliseconds then 80 random bits, written as 26 Crockford
+base32 characters. Ids made in the same millisecond by one process increment the
+random part, so they stay strictly increasing (monotonic ULID). The client makes
+the event id of every Record (and the reservation id of an Authorize it may retry)
+before the first attempt: a retry then carries the same id and the server answers
+it with the first result instead of counting twice.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford: no I, L, O, U
+_RANDOM_BITS = 80
+_lock = threading.Lock()
+_last_ms = -1
+_last_rand = 0
+
+
+def _encode(value: int, length: int) -> str:
+    out = []
+    for _ in range(length):
+        value, digit = divmod(value, 32)
+        out.append(_ALPHABET[digit])
+    return "".join(reversed(out))
+
+
+def new_ulid(now_ms: int | None = None) -> str:
+    """A new 26-character ULID, strictly greater than the previous one of this process."""
+    global _last_ms, _last_rand
+    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    with _lock:
+        if ms <= _last_ms:
+            # Same (or an earlier, clock stepped back) millisecond: stay monotonic.
+            ms = _last_ms
+            rand = _last_rand + 1
+            if rand >> _RANDOM_BITS:  # 2^80 ids in one ms: borrow the next ms
+                ms += 1
+                rand = int.from_bytes(os.urandom(10), "big") >> 1
+        else:
+            # A fresh ms: random, top bit clear so increments cannot overflow soon.
+            rand = int.from_bytes(os.urandom(10), "big") >> 1
+        _last_ms, _last_rand = ms, rand
+    return _encode(ms, 10) + _encode(rand, 16)
+
+
+def ulid_time_ms(ulid: str) -> int:
+    """The millisecond timestamp encoded in a ULID."""
+    value = 0
+    for ch in ulid[:10].upper():
+        value = value * 32 + _ALPHABET.index(ch)
+    return value
+
+
+__all__ = ["new_ulid", "ulid_time_ms"]

@@ -1,0 +1,238 @@
+"""AdminService servicer: a tenant's API keys, budgets, policy rules, prices, settings.
+
+Owns the wire-level behaviour of p402.v1.AdminService. Every change is persisted to
+the store first, then applied to the tenant's engine atomically (runtime.py swaps
+budgets, rules, catalog or settings under the tenant's admin lock, so concurrent
+admin calls apply in the order they were persisted). Reads (ListBudgets,
+ListPolicyRules, ListPrices, GetSettings) need scope read; everything else admin.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from p402.v1 import admin_pb2, admin_pb2_grpc
+
+from p402core import InvalidArgument
+
+from . import convert
+from .auth import ADMIN, READ, KeyCache
+from .errors import not_found, unary
+from .runtime import Runtime, _LRU
+
+log = logging.getLogger("p402.server.admin")
+
+MAX_IMPORT_BYTES = 64 * 1024 * 1024
+
+
+class AdminService(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, runtime: Runtime, auth: KeyCache):
+        self.runtime = runtime
+        self.store = runtime.store
+        self.auth = auth
+        # (tenant, request_id) -> response of a mutating call, for idempotent retries.
+        self._requests = _LRU(10_000)
+
+    async def _rt(self, key):
+        return self.runtime.tenants.get(key.tenant_id) or await self.runtime.get(key.tenant_id)
+
+    def _replayed(self, key, method: str, request_id: str):
+        convert.check_str(request_id, "request_id")
+        if not request_id:
+            return None
+        return self._requests.get((key.tenant_id, method, request_id))
+
+    def _remember(self, key, method: str, request_id: str, response) -> None:
+        if request_id:
+            self._requests.put((key.tenant_id, method, request_id), response)
+
+    # --- keys ------------------------------------------------------------------
+
+    @unary(ADMIN)
+    async def CreateKey(self, request, context, key):
+        prior = self._replayed(key, "CreateKey", request.request_id)
+        if prior is not None:
+            return prior
+        convert.check_str(request.name, "name")
+        scopes = convert.scopes_from_proto(request.scopes)
+        info, plaintext = await self.store.create_key(key.tenant_id, sorted(scopes),
+                                                      request.name)
+        resp = admin_pb2.CreateKeyResponse(key=convert.key_to_proto(info), api_key=plaintext)
+        self._remember(key, "CreateKey", request.request_id, resp)
+        log.info("tenant %s: key %s created (%s)", key.tenant_id, info.key_id,
+                 ",".join(sorted(scopes)))
+        return resp
+
+    @unary(ADMIN)
+    async def ListKeys(self, request, context, key):
+        keys = sorted(await self.store.list_keys(key.tenant_id),
+                      key=lambda k: (k.created_ms, k.key_id))
+        page, token = convert.offset_page(keys, request.page_size, request.page_token)
+        resp = admin_pb2.ListKeysResponse(next_page_token=token)
+        for k in page:
+            convert.key_to_proto(k, resp.keys.add())
+        return resp
+
+    @unary(ADMIN)
+    async def RevokeKey(self, request, context, key):
+        key_id = convert.check_str(request.key_id, "key_id", required=True)
+        if not await self.store.revoke_key(key.tenant_id, key_id):
+            raise not_found("key_id", "api key", key_id)
+        self.auth.revoke(key_id)  # the next call with it fails, on this server at once
+        info = next((k for k in await self.store.list_keys(key.tenant_id)
+                     if k.key_id == key_id), None)
+        log.info("tenant %s: key %s revoked", key.tenant_id, key_id)
+        resp = admin_pb2.RevokeKeyResponse()
+        if info is not None:
+            convert.key_to_proto(info, resp.key)
+        return resp
+
+    # --- budgets ---------------------------------------------------------------
+
+    @unary(ADMIN)
+    async def PutBudget(self, request, context, key):
+        if not request.HasField("budget"):
+            raise InvalidArgument("budget", "is required")
+        rt = await self._rt(key)
+        budget = convert.budget_from_proto(request.budget, rt.core)
+        async with rt.admin_lock:
+            await self.store.put_budget(key.tenant_id, budget.budget_id, budget.to_dict())
+            budgets = dict(rt.budgets)
+            budgets[budget.budget_id] = budget
+            rt.swap_budgets(budgets)
+        return convert.budget_to_proto(budget, self._status(rt, budget.budget_id))
+
+    @unary(READ)
+    async def ListBudgets(self, request, context, key):
+        rt = await self._rt(key)
+        budgets = [rt.budgets[k] for k in sorted(rt.budgets)]
+        page, token = convert.offset_page(budgets, request.page_size, request.page_token)
+        statuses = {s.budget_id: s for s in rt.engine.budget_status()}
+        resp = admin_pb2.ListBudgetsResponse(next_page_token=token)
+        for b in page:
+            convert.budget_to_proto(b, statuses.get(b.budget_id), resp.budgets.add())
+        return resp
+
+    @unary(ADMIN)
+    async def DeleteBudget(self, request, context, key):
+        budget_id = convert.check_str(request.budget_id, "budget_id", required=True)
+        rt = await self._rt(key)
+        async with rt.admin_lock:
+            if not await self.store.delete_budget(key.tenant_id, budget_id):
+                raise not_found("budget_id", "budget", budget_id)
+            budgets = dict(rt.budgets)
+            budgets.pop(budget_id, None)
+            rt.swap_budgets(budgets)
+        return admin_pb2.DeleteBudgetResponse()
+
+    @staticmethod
+    def _status(rt, budget_id: str):
+        return next((s for s in rt.engine.budget_status() if s.budget_id == budget_id), None)
+
+    # --- policy rules ----------------------------------------------------------
+
+    @unary(ADMIN)
+    async def PutPolicyRule(self, request, context, key):
+        if not request.HasField("rule"):
+            raise InvalidArgument("rule", "is required")
+        rt = await self._rt(key)
+        rule = convert.rule_from_proto(request.rule, rt.core)
+        async with rt.admin_lock:
+            rules = dict(rt.rules)
+            rules[rule.rule_id] = rule
+            await self.store.put_policy(key.tenant_id, rule.rule_id, rule.to_dict())
+            rt.swap_rules(rules)
+        return convert.rule_to_proto(rule)
+
+    @unary(READ)
+    async def ListPolicyRules(self, request, context, key):
+        rt = await self._rt(key)
+        rules = [rt.rules[k] for k in sorted(rt.rules)]
+        page, token = convert.offset_page(rules, request.page_size, request.page_token)
+        resp = admin_pb2.ListPolicyRulesResponse(next_page_token=token)
+        for r in page:
+            convert.rule_to_proto(r, resp.rules.add())
+        return resp
+
+    @unary(ADMIN)
+    async def DeletePolicyRule(self, request, context, key):
+        rule_id = convert.check_str(request.rule_id, "rule_id", required=True)
+        rt = await self._rt(key)
+        async with rt.admin_lock:
+            if not await self.store.delete_policy(key.tenant_id, rule_id):
+                raise not_found("rule_id", "policy rule", rule_id)
+            rules = dict(rt.rules)
+            rules.pop(rule_id, None)
+            rt.swap_rules(rules)
+        return admin_pb2.DeletePolicyRuleResponse()
+
+    # --- prices ----------------------------------------------------------------
+
+    @unary(ADMIN)
+    async def ImportPrices(self, request, context, key):
+        if request.format != "litellm":
+            raise InvalidArgument("format", f"unsupported format {request.format!r} "
+                                            "(supported: 'litellm')")
+        if not request.data:
+            raise InvalidArgument("data", "must not be empty")
+        if len(request.data) > MAX_IMPORT_BYTES:
+            raise InvalidArgument("data", f"larger than {MAX_IMPORT_BYTES} bytes")
+        try:
+            mapping = json.loads(request.data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidArgument("data", f"not valid JSON: {exc}") from None
+        if not isinstance(mapping, dict):
+            raise InvalidArgument("data", "must be a JSON object of model -> prices")
+        rt = await self._rt(key)
+        try:
+            imported = rt.core.Catalog.from_litellm(mapping)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"data.{exc.field}", exc.message) from None
+        specs = {m: imported.lookup(m).to_dict() for m in imported.models()}
+        async with rt.admin_lock:
+            for model, spec in specs.items():
+                await self.store.put_price(key.tenant_id, model, spec)
+            merged = dict(rt.price_specs)
+            merged.update(specs)
+            rt.swap_prices(merged)
+        skipped = [f"{name}: {reason}" for name, reason in imported.skipped]
+        log.info("tenant %s: imported %d prices (%d skipped)", key.tenant_id, len(specs),
+                 len(skipped))
+        return admin_pb2.ImportPricesResponse(imported_count=len(specs), skipped=skipped,
+                                              catalog_version=rt.catalog.version)
+
+    @unary(READ)
+    async def ListPrices(self, request, context, key):
+        convert.check_str(request.model_filter, "model_filter")
+        rt = await self._rt(key)
+        needle = request.model_filter.lower()
+        models = sorted(m for m in rt.catalog.models() if needle in m.lower())
+        page, token = convert.offset_page(models, request.page_size, request.page_token)
+        resp = admin_pb2.ListPricesResponse(next_page_token=token,
+                                            catalog_version=rt.catalog.version)
+        for m in page:
+            convert.price_to_proto(rt.catalog.lookup(m), m in rt.price_specs,
+                                   resp.prices.add())
+        return resp
+
+    # --- settings --------------------------------------------------------------
+
+    @unary(READ)
+    async def GetSettings(self, request, context, key):
+        rt = await self._rt(key)
+        return convert.settings_to_proto(rt.settings)
+
+    @unary(ADMIN)
+    async def UpdateSettings(self, request, context, key):
+        if not request.HasField("settings"):
+            raise InvalidArgument("settings", "is required")
+        rt = await self._rt(key)
+        async with rt.admin_lock:
+            new = convert.settings_update(rt.settings, request.settings, request.update_mask)
+            await self.store.put_settings(key.tenant_id, new)
+            rt.swap_settings(new)
+        return convert.settings_to_proto(new)
+
+
+__all__ = ["AdminService"]
+

@@ -1,0 +1,1310 @@
+"""The `p402` command line: run the server, bootstrap a tenant, administer and read it.
+
+Owns argument parsing, the exit-code contract and the human / machine output of
+every command. Server work is delegated: `serve` to `p402_server.server.serve`,
+`init` to the store and `server.init_tenant`, `demo` to `p402_server.demo`; every
+remote command goes through the Python SDK (`p402_client.P402Client`), so the CLI
+sees exactly what any gateway sees.
+
+Exit codes: 0 success; 2 bad input — a one-line message naming the flag or field
+(argparse errors included); 1 server or runtime errors, with the gRPC status and
+message; 130 on Ctrl-C. Every read command takes `--json` (machine-readable: money
+as exact ints of nano-USD plus exact USD strings). Money flags are USD decimal
+strings, parsed with Decimal to nano-USD exactly (more than 9 decimals is an error).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import datetime as dt
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+DEFAULT_DB = "sqlite+aiosqlite:///p402.db"
+DEFAULT_LISTEN = "127.0.0.1:4020"
+DEFAULT_TARGET = "127.0.0.1:4020"
+NANOS_PER_USD = 1_000_000_000
+INT64_MAX = (1 << 63) - 1
+OWNER_KEYS = ("customer", "feature", "workflow", "task", "department", "employee")
+GROUP_KEYS = OWNER_KEYS + ("provider", "model", "outcome", "decision", "evidence",
+                           "hour", "day", "month")
+OUTCOMES = ("success", "provider_error", "timeout", "cancelled", "denied", "expired")
+DECISIONS = ("allow", "warn", "deny")
+EVIDENCES = ("estimated", "reported", "fingerprinted", "attested")
+PRIVACY_MODES = ("metadata_only", "fingerprint_only", "redacted_trace",
+                 "private_gateway", "full_trace")
+EFFECTS = ("deny", "warn", "require_owners", "allow_models", "max_output_tokens",
+           "max_cost_per_request", "rate_limit", "privacy")
+PERIODS = ("day", "week", "month", "total")
+
+
+class UsageError(Exception):
+    """Bad input on the command line: exit 2 with `flag: message`."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+        self.message = message
+
+
+# ------------------------------------------------------------------ parsing helpers
+
+
+def parse_usd(flag: str, text: str) -> int:
+    """USD decimal string -> int nano-USD, exactly ("25", "25.00", "$0.000000001")."""
+    raw = text.strip()
+    if raw.startswith("$"):
+        raw = raw[1:]
+    try:
+        amount = Decimal(raw)
+    except InvalidOperation:
+        raise UsageError(flag, f"{text!r} is not a USD amount (e.g. 25.00)") from None
+    if not amount.is_finite():
+        raise UsageError(flag, f"{text!r} is not a USD amount (e.g. 25.00)")
+    if amount < 0:
+        raise UsageError(flag, f"{text!r} must not be negative")
+    exponent = amount.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -9:
+        raise UsageError(flag, f"{text!r} has more than 9 decimals (nano-USD is the unit)")
+    nanos = int(amount.scaleb(9))
+    if nanos > INT64_MAX:
+        raise UsageError(flag, f"{text!r} is too large")
+    return nanos
+
+
+def usd(nanos: int) -> str:
+    """Exact USD string of nano-USD (9 decimals), for machine output."""
+    sign = "-" if nanos < 0 else ""
+    whole, frac = divmod(abs(nanos), NANOS_PER_USD)
+    return f"{sign}{whole}.{frac:09d}"
+
+
+def usd_short(nanos: int) -> str:
+    """Human USD: 6 decimals, rounded half-up ($0.000123); exact values are in --json."""
+    value = (Decimal(nanos).scaleb(-9)).quantize(Decimal("0.000001"), ROUND_HALF_UP)
+    return f"-${-value}" if value < 0 else f"${value}"
+
+
+_RELATIVE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
+_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def parse_time(flag: str, text: str, now_ms: int | None = None) -> int:
+    """30m / 24h / 7d / 2w (that long ago), "now", or an ISO-8601 date or datetime
+    (UTC when no offset is given) -> Unix ms."""
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    m = _RELATIVE.match(text)
+    if m:
+        return now - int(m.group(1)) * _UNIT_MS[m.group(2).lower()]
+    if text.strip().lower() == "now":
+        return now
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(flag, f"{text!r} is not a time (30m, 24h, 7d, 2w, or an ISO-8601"
+                               " date such as 2025-06-01 or 2025-06-01T12:00:00Z)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+def parse_kv(flag: str, text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(flag, f"{text!r} is not KEY=VALUE (e.g. customer=acme)")
+    return key.strip(), value.strip()
+
+
+def parse_scope(flag: str, items: Sequence[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, value = parse_kv(flag, item)
+        if key not in OWNER_KEYS and not key.startswith("label."):
+            raise UsageError(flag, f"{key!r} is not an owner dimension "
+                                   f"({', '.join(OWNER_KEYS)}) or label.<key>")
+        out[key] = value
+    return out
+
+
+def parse_int(flag: str, text: str, *, minimum: int = 0) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise UsageError(flag, f"{text!r} is not an integer") from None
+    if value < minimum:
+        raise UsageError(flag, f"must be >= {minimum}, got {value}")
+    if value > INT64_MAX:
+        raise UsageError(flag, "is too large")
+    return value
+
+
+def _ms_str(ms: int) -> str:
+    if not ms:
+        return ""
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%S")
+
+
+def _per_million(pico: int) -> str:
+    """pico-USD per token -> "$x.xx" per million tokens (pico/token = micro-USD/1M),
+    exact, with at least two decimals ($2.50, $0.075)."""
+    value = Decimal(pico).scaleb(-6).normalize()
+    if value.as_tuple().exponent > -2:  # type: ignore[operator]
+        value = value.quantize(Decimal("0.01"))
+    return f"${value:f}"
+
+
+_TIME_GROUPS = {"hour": "%Y-%m-%d %H:00", "day": "%Y-%m-%d", "month": "%Y-%m"}
+
+
+def group_label(key: str, value: str) -> str:
+    """A spend row's group value for people: time buckets (UTC ms) as dates."""
+    if not value:
+        return "(none)"
+    if key in _TIME_GROUPS and value.lstrip("-").isdigit():
+        when = dt.datetime.fromtimestamp(int(value) / 1000, tz=dt.timezone.utc)
+        return when.strftime(_TIME_GROUPS[key])
+    return value
+
+
+# ------------------------------------------------------------------ output
+
+
+class Output:
+    """Where a command writes: a rich Console for people, plain stdout for --json."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        # Not a terminal (pipes, CI, tests): a wide fixed width so tables never fold.
+        width = None if sys.stdout.isatty() else 200
+        self.console = Console(highlight=False, width=width, soft_wrap=False)
+        self.err = Console(stderr=True, highlight=False,
+                           width=None if sys.stderr.isatty() else 160)
+
+    def json(self, value: Any) -> None:
+        sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+    def print(self, *args: Any, **kw: Any) -> None:
+        self.console.print(*args, **kw)
+
+    def table(self, title: str | None, columns: Sequence[str | tuple[str, str]],
+              rows: Iterable[Sequence[Any]], *, footer: Sequence[Any] | None = None
+              ) -> None:
+        from rich import box
+        from rich.table import Table
+
+        table = Table(title=title, show_footer=footer is not None, title_justify="left",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
+        for i, col in enumerate(columns):
+            name, justify = (col, "left") if isinstance(col, str) else col
+            # Numbers (right-aligned) are never cut or folded; text may fold.
+            table.add_column(name, justify=justify,  # type: ignore[arg-type]
+                             footer=str(footer[i]) if footer is not None else "",
+                             no_wrap=justify == "right",
+                             overflow="fold")
+        count = 0
+        for row in rows:
+            table.add_row(*(str(c) for c in row))
+            count += 1
+        if count == 0:
+            self.console.print(f"{title + ': ' if title else ''}(none)")
+            return
+        self.console.print(table)
+
+
+# ------------------------------------------------------------------ argparse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit 2) instead of the full usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fmt(description: str, example: str) -> dict[str, Any]:
+    return {"description": description, "epilog": "example:\n  " + example,
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def _remote(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server connection")
+    g.add_argument("--target", default=os.environ.get("P402_TARGET", DEFAULT_TARGET),
+                   help="HOST:PORT of a running p402 server (env P402_TARGET; "
+                        f"default {DEFAULT_TARGET})")
+    g.add_argument("--api-key", default=os.environ.get("P402_API_KEY", ""),
+                   help="API key (env P402_API_KEY); required")
+    g.add_argument("--timeout", type=float, default=10.0,
+                   help="deadline per call in seconds (default 10)")
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+
+
+def _filters(p: argparse.ArgumentParser, *, since_default: str | None = None) -> None:
+    g = p.add_argument_group("filters")
+    g.add_argument("--since", default=since_default,
+                   help="start: 30m, 24h, 7d, 2w or an ISO-8601 date/time (UTC)"
+                        + (f" (default {since_default})" if since_default else ""))
+    g.add_argument("--until", help="end (exclusive), same forms as --since")
+    for dim in OWNER_KEYS:
+        g.add_argument(f"--{dim}", help=f"only this {dim}")
+    g.add_argument("--label", action="append", metavar="KEY=VALUE",
+                   help="only events with this label (repeatable)")
+    g.add_argument("--model", action="append", help="only this model (repeatable)")
+    g.add_argument("--provider", action="append", help="only this provider (repeatable)")
+    g.add_argument("--outcome", action="append", choices=OUTCOMES, type=str.lower,
+                   help="only this outcome (repeatable)")
+    g.add_argument("--decision", action="append", choices=DECISIONS, type=str.lower,
+                   help="only this decision (repeatable)")
+    g.add_argument("--evidence", action="append", choices=EVIDENCES, type=str.lower,
+                   help="only this evidence status (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="p402",
+        **_fmt("P402: meter every AI call as an economic event — authorize, record, "
+               "query.", "p402 demo"))
+    parser.add_argument("--version", action="version", version="p402 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
+
+    # serve
+    p = sub.add_parser("serve", help="run the gRPC server", **_fmt(
+        "Run the P402 gRPC server (MeterService, AdminService, health, reflection).",
+        "p402 serve --db sqlite+aiosqlite:///p402.db --listen 127.0.0.1:4020"))
+    p.add_argument("--db", default=os.environ.get("P402_DB", DEFAULT_DB),
+                   help=f"SQLAlchemy URL (env P402_DB; default {DEFAULT_DB})")
+    p.add_argument("--listen", default=os.environ.get("P402_LISTEN", DEFAULT_LISTEN),
+                   help=f"HOST:PORT to listen on (env P402_LISTEN; default {DEFAULT_LISTEN})")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=None,
+                   help="calls in flight before RESOURCE_EXHAUSTED (backpressure)")
+    p.add_argument("--log-level", default=os.environ.get("P402_LOG_LEVEL", "INFO"),
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
+                   help="logging level (default INFO)")
+    p.set_defaults(func=cmd_serve)
+
+    # init
+    p = sub.add_parser("init", help="create a tenant and its first admin key", **_fmt(
+        "Create a tenant and its first admin key. The key is printed once; only its "
+        "hash is stored.", "p402 init --db sqlite+aiosqlite:///p402.db --name acme-corp"))
+    p.add_argument("--db", default=os.environ.get("P402_DB", DEFAULT_DB),
+                   help=f"SQLAlchemy URL (env P402_DB; default {DEFAULT_DB})")
+    p.add_argument("--name", default="default", help="tenant name (default 'default')")
+    _json_flag(p)
+    p.set_defaults(func=cmd_init)
+
+    # ping
+    p = sub.add_parser("ping", help="check the server and the key", **_fmt(
+        "Authenticated no-op: prints the key's tenant and the server's core.",
+        "p402 ping --target 127.0.0.1:4020"))
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_ping)
+
+    # keys
+    keys = sub.add_parser("keys", help="API keys", **_fmt(
+        "Create, list and revoke API keys (scopes: meter, read, admin).",
+        "p402 keys create --scope meter --name gateway-prod"))
+    ks = keys.add_subparsers(dest="action", metavar="ACTION", required=True,
+                             parser_class=_Parser)
+    p = ks.add_parser("create", help="create a key (printed once)", **_fmt(
+        "Create a key; the key itself is printed this once.",
+        "p402 keys create --scope meter --scope read --name gateway"))
+    p.add_argument("--scope", action="append", choices=("meter", "read", "admin"),
+                   type=str.lower, help="scope (repeatable; default meter)")
+    p.add_argument("--name", default="", help="a name to recognise the key")
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_keys_create)
+    p = ks.add_parser("list", help="list keys", **_fmt("List the tenant's keys.",
+                                                       "p402 keys list --json"))
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_keys_list)
+    p = ks.add_parser("revoke", help="revoke a key", **_fmt(
+        "Revoke a key; it fails on its next call.", "p402 keys revoke key_01J…"))
+    p.add_argument("key_id")
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_keys_revoke)
+
+    # budgets
+    budgets = sub.add_parser("budgets", help="budgets", **_fmt(
+        "Create, list and delete budgets. Money in USD.",
+        "p402 budgets set acme-monthly --limit 25.00 --scope customer=acme"))
+    bs = budgets.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                parser_class=_Parser)
+    p = bs.add_parser("set", help="create or replace a budget", **_fmt(
+        "Create or replace a budget. A HARD budget denies calls past its limit; "
+        "--soft only warns.",
+        "p402 budgets set acme-monthly --limit 25.00 --period month --soft-limit 20 "
+        "--scope customer=acme --scope label.env=prod"))
+    p.add_argument("budget_id", metavar="ID")
+    p.add_argument("--limit", required=True, help="limit in USD, e.g. 25.00")
+    p.add_argument("--period", default="month", choices=PERIODS, type=str.lower,
+                   help="UTC calendar period (default month)")
+    p.add_argument("--soft-limit", default=None, help="warn above this (USD)")
+    p.add_argument("--soft", action="store_true",
+                   help="enforcement SOFT: warn instead of deny at the limit")
+    p.add_argument("--scope", action="append", metavar="KEY=VALUE",
+                   help="owner dimension or label.<key> that must match (repeatable; "
+                        "none = the whole tenant)")
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_budgets_set)
+    p = bs.add_parser("list", help="list budgets and where they stand", **_fmt(
+        "List budgets with committed, held and remaining amounts.",
+        "p402 budgets list"))
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_budgets_list)
+    p = bs.add_parser("delete", help="delete a budget", **_fmt(
+        "Delete a budget.", "p402 budgets delete acme-monthly"))
+    p.add_argument("budget_id", metavar="ID")
+    _remote(p)
+    p.set_defaults(func=cmd_budgets_delete)
+
+    # policies
+    policies = sub.add_parser("policies", help="policy rules", **_fmt(
+        "Create, list, delete and load policy rules.",
+        "p402 policies set rl-acme --effect rate_limit --rate-limit 60 --window 60 "
+        "--per customer"))
+    ps = policies.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                 parser_class=_Parser)
+    p = ps.add_parser("set", help="create or replace a rule", **_fmt(
+        "Create or replace a policy rule: a match (owners, models, providers, "
+        "privacy modes; all must hold) and an effect with its parameters.",
+        "p402 policies set need-customer --effect require_owners --require-owner customer"))
+    p.add_argument("rule_id", metavar="ID")
+    p.add_argument("--effect", required=True, choices=EFFECTS, type=str.lower)
+    p.add_argument("--match", action="append", metavar="KEY=VALUE",
+                   help="owner dimension or label.<key> to match (repeatable)")
+    p.add_argument("--model", action="append", metavar="GLOB",
+                   help="models to match (repeatable; globs)")
+    p.add_argument("--provider", action="append", help="providers to match (repeatable)")
+    p.add_argument("--privacy-mode", action="append", choices=PRIVACY_MODES,
+                   type=str.lower, help="privacy modes to match (repeatable)")
+    p.add_argument("--require-owner", action="append", choices=OWNER_KEYS,
+                   help="REQUIRE_OWNERS: owner dimension that must be set (repeatable)")
+    p.add_argument("--allow-model", action="append", metavar="GLOB",
+                   help="ALLOW_MODELS: allowed model globs (repeatable)")
+    p.add_argument("--max-output-tokens", help="MAX_OUTPUT_TOKENS: the clamp")
+    p.add_argument("--max-cost", help="MAX_COST_PER_REQUEST: USD per request")
+    p.add_argument("--rate-limit",
+                   help="RATE_LIMIT: requests or tokens per window (USD with "
+                        "--rate-unit cost)")
+    p.add_argument("--rate-unit", default="requests", choices=("requests", "tokens", "cost"),
+                   type=str.lower, help="RATE_LIMIT unit (default requests)")
+    p.add_argument("--window", "--window-seconds", dest="window", default="60",
+                   help="RATE_LIMIT window in seconds (default 60)")
+    p.add_argument("--per", default="", choices=("",) + OWNER_KEYS,
+                   help="RATE_LIMIT: one bucket per value of this owner dimension")
+    p.add_argument("--allowed-privacy-mode", action="append", choices=PRIVACY_MODES,
+                   type=str.lower, help="PRIVACY: allowed modes (repeatable)")
+    p.add_argument("--message", default="", help="message shown with the decision")
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_policies_set)
+    p = ps.add_parser("list", help="list rules", **_fmt("List policy rules.",
+                                                        "p402 policies list --json"))
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_policies_list)
+    p = ps.add_parser("delete", help="delete a rule", **_fmt(
+        "Delete a policy rule.", "p402 policies delete rl-acme"))
+    p.add_argument("rule_id", metavar="ID")
+    _remote(p)
+    p.set_defaults(func=cmd_policies_delete)
+    p = ps.add_parser("load", help="load rules from a JSON file", **_fmt(
+        "Put every rule of a JSON file: a list of rules, or {\"rules\": [...]}. Keys "
+        "are the rule fields (rule_id, effect, owners, models, require_owners, "
+        "rate_limit, rate_unit, window_seconds, per, max_cost (USD string) …).",
+        "p402 policies load policies.json --replace"))
+    p.add_argument("file", metavar="FILE.json")
+    p.add_argument("--replace", action="store_true",
+                   help="also delete rules that are not in the file")
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_policies_load)
+
+    # prices
+    prices = sub.add_parser("prices", help="model prices", **_fmt(
+        "Import tenant price overrides and list the effective prices.",
+        "p402 prices import model_prices_and_context_window.json --format litellm"))
+    prs = prices.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                parser_class=_Parser)
+    p = prs.add_parser("import", help="import a price map", **_fmt(
+        "Import a price map as tenant overrides (LiteLLM's JSON format).",
+        "p402 prices import model_prices_and_context_window.json --format litellm"))
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--format", default="litellm", choices=("litellm",))
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_prices_import)
+    p = prs.add_parser("list", help="list prices", **_fmt(
+        "List prices per million tokens.", "p402 prices list --model gpt-4o"))
+    p.add_argument("--model", default="", help="substring of the model name")
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_prices_list)
+
+    # events
+    p = sub.add_parser("events", help="recent ledger events", **_fmt(
+        "Recent ledger events, newest first.",
+        "p402 events --since 24h --customer acme --limit 50"))
+    _filters(p)
+    p.add_argument("--limit", default="20", help="at most this many events (default 20)")
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_events)
+
+    # spend
+    p = sub.add_parser("spend", help="spend grouped by owner, model, time …", **_fmt(
+        "Spend grouped by the given keys, highest cost first, with a totals row. "
+        f"Keys: {', '.join(GROUP_KEYS)}.",
+        "p402 spend --by customer,feature --since 7d"))
+    p.add_argument("--by", default="customer",
+                   help="comma-separated group keys (default customer)")
+    _filters(p)
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_spend)
+
+    # export
+    p = sub.add_parser("export", help="export events as CSV or JSONL", **_fmt(
+        "Every matching event in ledger order, as CSV or JSON lines.",
+        "p402 export --format csv --since 30d --output events.csv"))
+    p.add_argument("--format", default="csv", choices=("csv", "jsonl"), type=str.lower)
+    p.add_argument("--output", "-o", default="-", help="file to write (default stdout)")
+    _filters(p)
+    _remote(p)
+    p.set_defaults(func=cmd_export)
+
+    # settings
+    settings = sub.add_parser("settings", help="tenant settings", **_fmt(
+        "Show or change the tenant's settings.", "p402 settings set --hold-ttl 600"))
+    ss = settings.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                 parser_class=_Parser)
+    p = ss.add_parser("get", help="show settings", **_fmt("Show the settings.",
+                                                          "p402 settings get --json"))
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_settings_get)
+    p = ss.add_parser("set", help="change settings", **_fmt(
+        "Change only the settings given.",
+        "p402 settings set --hold-ttl 600 --allow-clamp"))
+    p.add_argument("--hold-ttl", "--hold-ttl-seconds", dest="hold_ttl_seconds",
+                   help="reservation lifetime in seconds")
+    p.add_argument("--default-output-tokens", help="output cap when a call gives none")
+    p.add_argument("--default-privacy-mode", choices=PRIVACY_MODES, type=str.lower)
+    p.add_argument("--allow-clamp", action=argparse.BooleanOptionalAction, default=None,
+                   help="answer ALLOW with a smaller output cap instead of DENY")
+    p.add_argument("--allow-unknown-models", action=argparse.BooleanOptionalAction,
+                   default=None, help="price unknown models at the fallback price")
+    p.add_argument("--fallback-input-pico-per-token",
+                   help="fallback input price (pico-USD per token)")
+    p.add_argument("--fallback-output-pico-per-token",
+                   help="fallback output price (pico-USD per token)")
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_settings_set)
+
+    # bench
+    p = sub.add_parser("bench", help="run the benchmarks", **_fmt(
+        "Run each benchmarks/bench_*.py script in its own process and report its "
+        "output.", "p402 bench --quick"))
+    p.add_argument("--quick", action="store_true", help="short runs (P402_BENCH_QUICK=1)")
+    p.add_argument("--only", action="append", metavar="NAME",
+                   help="only scripts whose name contains NAME (repeatable)")
+    p.add_argument("--dir", default=None, help="benchmarks directory")
+    p.set_defaults(func=cmd_bench)
+
+    # demo
+    p = sub.add_parser("demo", help="a self-contained tour on a temporary database",
+                       **_fmt("Start a server on a temporary SQLite file, create a "
+                              "tenant, budgets and policies, send a realistic mix of "
+                              "calls through the Python client, and print the ledger "
+                              "and the spend.", "p402 demo --keep-running"))
+    p.add_argument("--db", default=None,
+                   help="SQLAlchemy URL (default: a temporary SQLite file)")
+    p.add_argument("--listen", default=None,
+                   help="HOST:PORT (default: a free port on 127.0.0.1; with "
+                        f"--keep-running, P402_LISTEN or {DEFAULT_LISTEN})")
+    p.add_argument("--keep-running", action="store_true",
+                   help="keep serving after the tour, until Ctrl-C")
+    p.add_argument("--seed", type=int, default=402, help="random seed (default 402)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# ------------------------------------------------------------------ commands: local
+
+
+def _listen_check(flag: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(flag, f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:4020)")
+
+
+def cmd_serve(args: argparse.Namespace, out: Output) -> int:
+    _listen_check("--listen", args.listen)
+    if args.max_concurrent_rpcs is not None and args.max_concurrent_rpcs <= 0:
+        raise UsageError("--max-concurrent-rpcs", "must be > 0")
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":  # migration chatter is not news on every start
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    from . import server
+
+    kwargs: dict[str, Any] = {}
+    if args.max_concurrent_rpcs is not None:
+        kwargs["max_concurrent_rpcs"] = args.max_concurrent_rpcs
+    logging.getLogger("p402.cli").info("p402 serve: starting (db %s, listen %s)",
+                                       _redact_url(args.db), args.listen)
+    server.run(args.db, args.listen, **kwargs)
+    return 0
+
+
+def _redact_url(url: str) -> str:
+    # Never log a database password.
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+
+
+async def _init_tenant(db: str, name: str) -> tuple[str, str]:
+    from .server import init_tenant
+    from .store import open_store
+
+    store = await open_store(db)
+    try:
+        return await init_tenant(store, name)
+    finally:
+        await store.close()
+
+
+def cmd_init(args: argparse.Namespace, out: Output) -> int:
+    if not args.name.strip():
+        raise UsageError("--name", "must not be empty")
+    tenant, api_key = _run_store(args.db, _init_tenant(args.db, args.name))
+    if args.json:
+        out.json({"tenant": tenant, "api_key": api_key})
+        return 0
+    out.print(f"[bold]Tenant[/bold] {tenant} ({args.name}) created in {_redact_url(args.db)}")
+    out.print(f"[bold]Admin API key[/bold] (shown once, store it now): {api_key}")
+    out.print("\nNext:\n"
+              f"  export P402_API_KEY={api_key}\n"
+              f"  p402 serve --db {args.db}\n"
+              "  p402 budgets set monthly --limit 100.00\n"
+              "  p402 keys create --scope meter --name gateway", markup=False)
+    return 0
+
+
+def _run_store(db: str, coro: Any) -> Any:
+    """Run a store coroutine; a bad URL is bad input naming --db."""
+    try:
+        return asyncio.run(coro)
+    except ValueError as exc:
+        field = getattr(exc, "field", None) or str(exc).split(":", 1)[0]
+        if field == "db":
+            raise UsageError("--db", getattr(exc, "message", None)
+                             or str(exc).split(": ", 1)[-1]) from None
+        raise
+
+
+# ------------------------------------------------------------------ commands: remote
+
+
+def _client(args: argparse.Namespace):
+    from p402_client import P402Client
+
+    if not args.api_key:
+        raise UsageError("--api-key", "is required (or set P402_API_KEY)")
+    if args.timeout <= 0:
+        raise UsageError("--timeout", "must be > 0 seconds")
+    return P402Client(args.target, api_key=args.api_key, timeout=args.timeout)
+
+
+def _filter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if args.since:
+        kw["since"] = parse_time("--since", args.since)
+    if args.until:
+        kw["until"] = parse_time("--until", args.until)
+    if kw.get("since") and kw.get("until") and kw["until"] <= kw["since"]:
+        raise UsageError("--until", "must be after --since")
+    owners = {dim: getattr(args, dim) for dim in OWNER_KEYS if getattr(args, dim)}
+    if owners:
+        kw["owners"] = owners
+    if args.label:
+        kw["labels"] = dict(parse_kv("--label", item) for item in args.label)
+    for flag, key in (("model", "models"), ("provider", "providers"),
+                      ("outcome", "outcomes"), ("decision", "decisions"),
+                      ("evidence", "evidences")):
+        if getattr(args, flag):
+            kw[key] = getattr(args, flag)
+    return kw
+
+
+def cmd_ping(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        pong = p402.ping()
+    if args.json:
+        out.json(pong.to_dict())
+    else:
+        out.print(f"ok: tenant {pong.tenant}, core {pong.implementation}, "
+                  f"server {args.target}")
+    return 0
+
+
+def _key_row(k: Any) -> list[Any]:
+    return [k.key_id, k.name, k.prefix + "…", ",".join(s.lower() for s in k.scopes),
+            _ms_str(k.create_time_ms), _ms_str(k.revoke_time_ms) or "active"]
+
+
+_KEY_COLS = ["key id", "name", "prefix", "scopes", "created (UTC)", "revoked (UTC)"]
+
+
+def cmd_keys_create(args: argparse.Namespace, out: Output) -> int:
+    scopes = args.scope or ["meter"]
+    with _client(args) as p402:
+        created = p402.create_key(args.name, scopes)
+    if args.json:
+        out.json(created.to_dict())
+        return 0
+    out.print(f"Key {created.key.key_id} ({', '.join(scopes)}) created. "
+              "Shown once, store it now:")
+    out.print(created.api_key, markup=False)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        keys = list(p402.paginate(p402.list_keys))
+    if args.json:
+        out.json([k.to_dict() for k in keys])
+        return 0
+    out.table("API keys", _KEY_COLS, (_key_row(k) for k in keys))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        key = p402.revoke_key(args.key_id)
+    if args.json:
+        out.json(key.to_dict())
+    else:
+        out.print(f"Key {key.key_id} revoked.")
+    return 0
+
+
+def _budget_dict(b: Any) -> dict[str, Any]:
+    d = b.to_dict()
+    d["limit_usd"] = usd(b.limit_nanos)
+    d["soft_limit_usd"] = usd(b.soft_limit_nanos)
+    return d
+
+
+def cmd_budgets_set(args: argparse.Namespace, out: Output) -> int:
+    limit = parse_usd("--limit", args.limit)
+    soft = parse_usd("--soft-limit", args.soft_limit) if args.soft_limit else 0
+    if soft and soft > limit:
+        raise UsageError("--soft-limit", "must not exceed --limit")
+    scope = parse_scope("--scope", args.scope)
+    with _client(args) as p402:
+        budget = p402.put_budget(args.budget_id, limit_nanos=limit, period=args.period,
+                                 soft_limit_nanos=soft,
+                                 enforcement="SOFT" if args.soft else "HARD",
+                                 scope=scope)
+    if args.json:
+        out.json(_budget_dict(budget))
+    else:
+        where = ", ".join(f"{k}={v}" for k, v in budget.scope.items()) or "whole tenant"
+        out.print(f"Budget {budget.budget_id}: {usd_short(budget.limit_nanos)} per "
+                  f"{budget.period.lower()} ({budget.enforcement}), scope {where}.")
+    return 0
+
+
+def cmd_budgets_list(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        budgets = list(p402.paginate(p402.list_budgets))
+    if args.json:
+        out.json([_budget_dict(b) for b in budgets])
+        return 0
+
+    def row(b: Any) -> list[Any]:
+        st = b.status
+        return [b.budget_id,
+                ", ".join(f"{k}={v}" for k, v in b.scope.items()) or "(tenant)",
+                b.period.lower(), b.enforcement.lower(), usd_short(b.limit_nanos),
+                usd_short(b.soft_limit_nanos) if b.soft_limit_nanos else "",
+                usd_short(st.committed_nanos) if st else "",
+                usd_short(st.held_nanos) if st else "",
+                usd_short(st.remaining_nanos) if st else ""]
+
+    out.table("Budgets", ["id", "scope", "period", "enforcement", ("limit", "right"),
+                          ("soft limit", "right"), ("committed", "right"),
+                          ("held", "right"), ("remaining", "right")],
+              (row(b) for b in budgets))
+    return 0
+
+
+def cmd_budgets_delete(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        p402.delete_budget(args.budget_id)
+    out.print(f"Budget {args.budget_id} deleted.")
+    return 0
+
+
+def _rule_dict(r: Any) -> dict[str, Any]:
+    d = r.to_dict()
+    d["max_cost_usd"] = usd(r.max_cost_nanos)
+    return d
+
+
+def cmd_policies_set(args: argparse.Namespace, out: Output) -> int:
+    kw: dict[str, Any] = {
+        "owners": parse_scope("--match", args.match),
+        "models": args.model or (),
+        "providers": args.provider or (),
+        "privacy_modes": args.privacy_mode or (),
+        "require_owners": args.require_owner or (),
+        "allow_models": args.allow_model or (),
+        "allowed_privacy_modes": args.allowed_privacy_mode or (),
+        "per": args.per,
+        "message": args.message,
+    }
+    effect = args.effect
+    if args.max_output_tokens is not None:
+        kw["max_output_tokens"] = parse_int("--max-output-tokens", args.max_output_tokens,
+                                            minimum=1)
+    if args.max_cost is not None:
+        kw["max_cost_nanos"] = parse_usd("--max-cost", args.max_cost)
+    if effect == "rate_limit" or args.rate_limit is not None:
+        if args.rate_limit is None:
+            raise UsageError("--rate-limit", "is required with --effect rate_limit")
+        kw["rate_limit"] = (parse_usd("--rate-limit", args.rate_limit)
+                            if args.rate_unit == "cost"
+                            else parse_int("--rate-limit", args.rate_limit, minimum=1))
+        kw["rate_unit"] = args.rate_unit
+        kw["window_seconds"] = parse_int("--window", args.window, minimum=1)
+    required = {"require_owners": "--require-owner", "allow_models": "--allow-model",
+                "max_output_tokens": "--max-output-tokens",
+                "max_cost_per_request": "--max-cost",
+                "privacy": "--allowed-privacy-mode"}
+    needs = {"require_owners": kw["require_owners"], "allow_models": kw["allow_models"],
+             "max_output_tokens": kw.get("max_output_tokens"),
+             "max_cost_per_request": kw.get("max_cost_nanos"),
+             "privacy": kw["allowed_privacy_modes"]}
+    if effect in needs and not needs[effect]:
+        raise UsageError(required[effect], f"is required with --effect {effect}")
+    with _client(args) as p402:
+        rule = p402.put_policy_rule(args.rule_id, effect, **kw)
+    if args.json:
+        out.json(_rule_dict(rule))
+    else:
+        out.print(f"Rule {rule.rule_id} ({rule.effect}) saved.")
+    return 0
+
+
+def _rule_summary(r: Any) -> str:
+    parts = []
+    if r.require_owners:
+        parts.append("require " + ",".join(r.require_owners))
+    if r.allow_models:
+        parts.append("models " + ",".join(r.allow_models))
+    if r.max_output_tokens:
+        parts.append(f"max output {r.max_output_tokens}")
+    if r.max_cost_nanos:
+        parts.append(f"max cost {usd_short(r.max_cost_nanos)}")
+    if r.rate_limit:
+        amount = usd_short(r.rate_limit) if r.rate_unit == "COST" else str(r.rate_limit)
+        per = f" per {r.per}" if r.per else ""
+        parts.append(f"{amount} {r.rate_unit.lower()}/{r.window_seconds}s{per}")
+    if r.allowed_privacy_modes:
+        parts.append("privacy " + ",".join(m.lower() for m in r.allowed_privacy_modes))
+    if r.message:
+        parts.append(repr(r.message))
+    return "; ".join(parts)
+
+
+def cmd_policies_list(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        rules = list(p402.paginate(p402.list_policy_rules))
+    if args.json:
+        out.json([_rule_dict(r) for r in rules])
+        return 0
+
+    def match(r: Any) -> str:
+        bits = [f"{k}={v}" for k, v in r.owners.items()]
+        bits += [f"model={m}" for m in r.models] + [f"provider={p}" for p in r.providers]
+        bits += [f"privacy={m.lower()}" for m in r.privacy_modes]
+        return ", ".join(bits) or "(all calls)"
+
+    out.table("Policy rules", ["id", "effect", "match", "parameters"],
+              ([r.rule_id, r.effect.lower(), match(r), _rule_summary(r)] for r in rules))
+    return 0
+
+
+def cmd_policies_delete(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        p402.delete_policy_rule(args.rule_id)
+    out.print(f"Rule {args.rule_id} deleted.")
+    return 0
+
+
+def _load_rules(path: str) -> list[dict[str, Any]]:
+    from p402_client.types import PolicyRule
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except OSError as exc:
+        raise UsageError("FILE", f"{path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError("FILE", f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    rules = doc.get("rules") if isinstance(doc, dict) else doc
+    if not isinstance(rules, list):
+        raise UsageError("FILE", f"{path}: expected a list of rules or {{\"rules\": [...]}}")
+    allowed = set(PolicyRule.__dataclass_fields__) | {"max_cost"}
+    out = []
+    for i, rule in enumerate(rules):
+        where = f"rules[{i}]"
+        if not isinstance(rule, dict):
+            raise UsageError(where, "must be an object")
+        unknown = sorted(set(rule) - allowed)
+        if unknown:
+            raise UsageError(f"{where}.{unknown[0]}", "unknown rule field")
+        for key in ("rule_id", "effect"):
+            if not rule.get(key):
+                raise UsageError(f"{where}.{key}", "is required")
+        rule = dict(rule)
+        if "max_cost" in rule:  # money in files is a USD string, as on the command line
+            rule["max_cost_nanos"] = parse_usd(f"{where}.max_cost", str(rule.pop("max_cost")))
+        out.append(rule)
+    ids = [r["rule_id"] for r in out]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise UsageError("FILE", f"rule_id {dupes[0]!r} appears twice")
+    return out
+
+
+def cmd_policies_load(args: argparse.Namespace, out: Output) -> int:
+    from p402_client import InvalidArgument
+
+    rules = _load_rules(args.file)
+    deleted: list[str] = []
+    with _client(args) as p402:
+        for i, rule in enumerate(rules):
+            rule = dict(rule)
+            try:
+                p402.put_policy_rule(rule.pop("rule_id"), rule.pop("effect"), **rule)
+            except InvalidArgument as exc:
+                raise UsageError(f"rules[{i}].{exc.field.removeprefix('rule.')}",
+                                 exc.message.split(": ", 1)[-1]) from None
+            except TypeError as exc:
+                raise UsageError(f"rules[{i}]", str(exc)) from None
+        if args.replace:
+            keep = {r["rule_id"] for r in rules}
+            for existing in list(p402.paginate(p402.list_policy_rules)):
+                if existing.rule_id not in keep:
+                    p402.delete_policy_rule(existing.rule_id)
+                    deleted.append(existing.rule_id)
+    if args.json:
+        out.json({"loaded": [r["rule_id"] for r in rules], "deleted": deleted})
+    else:
+        out.print(f"Loaded {len(rules)} rule(s) from {args.file}"
+                  + (f"; deleted {len(deleted)}: {', '.join(deleted)}" if deleted else "")
+                  + ".")
+    return 0
+
+
+def cmd_prices_import(args: argparse.Namespace, out: Output) -> int:
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise UsageError("FILE", f"{args.file}: {exc.strerror}") from None
+    with _client(args) as p402:
+        result = p402.import_prices(data, format=args.format)
+    if args.json:
+        out.json(result.to_dict())
+        return 0
+    out.print(f"Imported {result.imported_count} price(s); catalog "
+              f"{result.catalog_version}; skipped {len(result.skipped)}.")
+    for line in result.skipped[:10]:
+        out.print(f"  skipped {line}", markup=False)
+    if len(result.skipped) > 10:
+        out.print(f"  … and {len(result.skipped) - 10} more (see --json)")
+    return 0
+
+
+def cmd_prices_list(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        prices = list(p402.paginate(p402.list_prices, model_filter=args.model))
+    if args.json:
+        out.json([p.to_dict() for p in prices])
+        return 0
+    out.table("Prices (USD per 1M tokens)",
+              ["model", "provider", ("input", "right"), ("cached input", "right"),
+               ("output", "right"), ("max output", "right"), "override"],
+              ([p.model, p.provider, _per_million(p.input_pico_per_token),
+                _per_million(p.cached_input_pico_per_token),
+                _per_million(p.output_pico_per_token), p.max_output_tokens or "",
+                "yes" if p.tenant_override else ""] for p in prices))
+    return 0
+
+
+def _event_dict(e: Any) -> dict[str, Any]:
+    d = e.to_dict()
+    d["cost_usd"] = usd(e.cost_nanos)
+    return d
+
+
+EVENT_COLUMNS = ["time (UTC)", "kind", "customer", "feature", "model", "decision",
+                 "outcome", ("in tok", "right"), ("out tok", "right"), ("cost", "right"),
+                 "evidence", "reasons"]
+
+
+def event_row(e: Any) -> list[Any]:
+    return [_ms_str(e.event_time_ms), e.kind, e.owners.customer, e.owners.feature,
+            e.model, e.decision.lower(), e.outcome.lower(), e.usage.input_tokens,
+            e.usage.output_tokens, usd_short(e.cost_nanos), e.evidence.lower(),
+            ",".join(e.reasons)]
+
+
+def cmd_events(args: argparse.Namespace, out: Output) -> int:
+    limit = parse_int("--limit", args.limit, minimum=1)
+    filters = _filter_kwargs(args)
+    events = []
+    with _client(args) as p402:
+        for e in p402.iter_query(page_size=min(limit, 1000), **filters):
+            events.append(e)
+            if len(events) >= limit:
+                break
+    if args.json:
+        out.json([_event_dict(e) for e in events])
+        return 0
+    out.table(f"Events (newest first, at most {limit})", EVENT_COLUMNS,
+              (event_row(e) for e in events))
+    return 0
+
+
+def parse_group_by(text: str) -> list[str]:
+    keys = [k.strip().lower() for k in text.split(",") if k.strip()]
+    if not keys:
+        raise UsageError("--by", "give at least one key, e.g. customer,feature")
+    for key in keys:
+        if key not in GROUP_KEYS:
+            raise UsageError("--by", f"{key!r} is not one of {', '.join(GROUP_KEYS)}")
+    if len(set(keys)) != len(keys):
+        raise UsageError("--by", "a key appears twice")
+    return keys
+
+
+def spend_totals(rows: Sequence[Any]) -> dict[str, int]:
+    keys = ("event_count", "cost_nanos", "estimated_cost_nanos", "revenue_nanos",
+            "margin_nanos")
+    totals = {k: sum(getattr(r, k) for r in rows) for k in keys}
+    for k in ("input_tokens", "cached_input_tokens", "cache_write_tokens",
+              "output_tokens", "reasoning_tokens"):
+        totals[k] = sum(getattr(r.usage, k) for r in rows)
+    return totals
+
+
+def print_spend(out: Output, title: str, group_by: Sequence[str], rows: Sequence[Any]
+                ) -> None:
+    t = spend_totals(rows)
+    has_revenue = t["revenue_nanos"] != 0
+
+    def margin(revenue: int, m: int) -> str:
+        return usd_short(m) if revenue else "-"
+
+    cols: list[Any] = list(group_by) + [("events", "right"), ("input tok", "right"),
+                                        ("output tok", "right"), ("cost", "right"),
+                                        ("revenue", "right"), ("margin", "right")]
+    body = ([*(group_label(k, r.group.get(k, "")) for k in group_by), r.event_count,
+             r.usage.input_tokens, r.usage.output_tokens, usd_short(r.cost_nanos),
+             usd_short(r.revenue_nanos) if r.revenue_nanos else "-",
+             margin(r.revenue_nanos, r.margin_nanos)] for r in rows)
+    footer = (["total"] + [""] * (len(group_by) - 1)
+              + [t["event_count"], t["input_tokens"], t["output_tokens"],
+                 usd_short(t["cost_nanos"]),
+                 usd_short(t["revenue_nanos"]) if has_revenue else "-",
+                 margin(t["revenue_nanos"], t["margin_nanos"])])
+    out.table(title, cols, body, footer=footer)
+
+
+def cmd_spend(args: argparse.Namespace, out: Output) -> int:
+    group_by = parse_group_by(args.by)
+    filters = _filter_kwargs(args)
+    with _client(args) as p402:
+        rows = list(p402.iter_query(group_by=group_by, page_size=1000, **filters))
+    if args.json:
+        t = spend_totals(rows)
+        out.json({
+            "group_by": group_by,
+            "rows": [dict(r.to_dict(), cost_usd=usd(r.cost_nanos),
+                          revenue_usd=usd(r.revenue_nanos),
+                          margin_usd=usd(r.margin_nanos)) for r in rows],
+            "totals": dict(t, cost_usd=usd(t["cost_nanos"]),
+                           revenue_usd=usd(t["revenue_nanos"]),
+                           margin_usd=usd(t["margin_nanos"])),
+        })
+        return 0
+    since = f" since {args.since}" if args.since else ""
+    print_spend(out, f"Spend by {', '.join(group_by)}{since}", group_by, rows)
+    return 0
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False) if value else ""
+    if isinstance(value, (list, tuple)):
+        return ";".join(str(v) for v in value)
+    return value
+
+
+def _count_estimate(p402: Any, filters: dict[str, Any]) -> int | None:
+    """How many events the export will send (for the progress bar), from spend rows."""
+    try:
+        rows = list(p402.iter_query(group_by=["month"], page_size=1000, **filters))
+    except Exception:  # noqa: BLE001 - only a progress hint; the export decides
+        return None
+    return sum(r.event_count for r in rows)
+
+
+def cmd_export(args: argparse.Namespace, out: Output) -> int:
+    filters = _filter_kwargs(args)
+    to_file = args.output not in ("-", "")
+    if to_file:
+        try:
+            fh = open(args.output, "w", encoding="utf-8", newline="")
+        except OSError as exc:
+            raise UsageError("--output", f"{args.output}: {exc.strerror}") from None
+    else:
+        fh = sys.stdout
+    count = 0
+    try:
+        with _client(args) as p402:
+            progress = None
+            task = None
+            if to_file:
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
+                                           TextColumn, TimeElapsedColumn)
+
+                total = _count_estimate(p402, filters)
+                progress = Progress(TextColumn("exporting"), BarColumn(),
+                                    MofNCompleteColumn(), TimeElapsedColumn(),
+                                    console=out.err, transient=False)
+                progress.start()
+                task = progress.add_task("export", total=total)
+            try:
+                writer = None
+                for event in p402.export(**filters):
+                    if args.format == "jsonl":
+                        fh.write(json.dumps(_event_dict(event), ensure_ascii=False) + "\n")
+                    else:
+                        row = event.to_flat()
+                        if writer is None:
+                            writer = csv.DictWriter(fh, fieldnames=list(row))
+                            writer.writeheader()
+                        writer.writerow({k: _csv_value(v) for k, v in row.items()})
+                    count += 1
+                    if progress is not None and count % 256 == 0:
+                        progress.update(task, completed=count)
+                if writer is None and args.format == "csv":
+                    fh.write(",".join(_export_header()) + "\r\n")
+            finally:
+                if progress is not None:
+                    progress.update(task, completed=count, total=count)
+                    progress.stop()
+    finally:
+        if to_file:
+            fh.close()
+        else:
+            fh.flush()
+    if to_file:
+        out.err.print(f"Exported {count} event(s) to {args.output}.")
+    return 0
+
+
+def _export_header() -> list[str]:
+    """The CSV header of an empty export (same columns as Event.to_flat())."""
+    from p402_client import _convert
+    from p402.v1 import meter_pb2
+
+    return list(_convert.event(meter_pb2.Event()).to_flat())
+
+
+def cmd_settings_get(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        settings = p402.get_settings()
+    _print_settings(args, out, settings)
+    return 0
+
+
+def _print_settings(args: argparse.Namespace, out: Output, settings: Any) -> None:
+    if args.json:
+        out.json(settings.to_dict())
+        return
+    out.table("Settings", ["setting", "value"],
+              ([k, str(v).lower() if isinstance(v, bool) else v]
+               for k, v in settings.to_dict().items()))
+
+
+def cmd_settings_set(args: argparse.Namespace, out: Output) -> int:
+    fields: dict[str, Any] = {}
+    for name, flag in (("hold_ttl_seconds", "--hold-ttl"),
+                       ("default_output_tokens", "--default-output-tokens"),
+                       ("fallback_input_pico_per_token", "--fallback-input-pico-per-token"),
+                       ("fallback_output_pico_per_token",
+                        "--fallback-output-pico-per-token")):
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = parse_int(flag, value, minimum=0)
+    if args.default_privacy_mode:
+        fields["default_privacy_mode"] = args.default_privacy_mode
+    for name in ("allow_clamp", "allow_unknown_models"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if not fields:
+        raise UsageError("settings set", "give at least one setting to change "
+                                         "(e.g. --hold-ttl 600)")
+    with _client(args) as p402:
+        settings = p402.update_settings(**fields)
+    _print_settings(args, out, settings)
+    return 0
+
+
+# ------------------------------------------------------------------ bench and demo
+
+
+def _benchmarks_dir(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    # An editable install or a checkout: benchmarks/ sits at the repository root.
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "benchmarks").is_dir() and (parent / "pyproject.toml").exists():
+            return parent / "benchmarks"
+    return Path.cwd() / "benchmarks"
+
+
+def cmd_bench(args: argparse.Namespace, out: Output) -> int:
+    root = _benchmarks_dir(args.dir)
+    scripts = sorted(root.glob("bench_*.py"))
+    if not scripts:
+        raise UsageError("--dir", f"no benchmark scripts (bench_*.py) found in {root}")
+    if args.only:
+        scripts = [s for s in scripts if any(o in s.name for o in args.only)]
+        if not scripts:
+            raise UsageError("--only", f"no benchmark script in {root} matches "
+                                       f"{', '.join(args.only)}")
+    env = dict(os.environ)
+    if args.quick:
+        env["P402_BENCH_QUICK"] = "1"
+    results = []
+    for script in scripts:
+        argv = [sys.executable, str(script)]
+        # Pass --quick only to scripts that declare it; all of them see the env var.
+        if args.quick and "--quick" in script.read_text(encoding="utf-8", errors="replace"):
+            argv.append("--quick")
+        out.print(f"[bold]── {script.name}[/bold] {' '.join(argv[2:])}")
+        started = time.monotonic()
+        # Streamed line by line (stderr merged): a long benchmark shows progress.
+        proc = subprocess.Popen(argv, cwd=root.parent, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        proc.wait()
+        elapsed = time.monotonic() - started
+        results.append((script.name, proc.returncode, elapsed))
+    out.table("Benchmarks", ["script", "status", ("seconds", "right")],
+              ([n, "ok" if rc == 0 else f"failed (exit {rc})", f"{s:.1f}"]
+               for n, rc, s in results))
+    return 0 if all(rc == 0 for _, rc, _ in results) else 1
+
+
+def cmd_demo(args: argparse.Namespace, out: Output) -> int:
+    listen = args.listen
+    if listen is None:
+        # A server that stays up gets the well-known address the other commands
+        # default to; a one-shot tour takes any free port so it never collides.
+        listen = (os.environ.get("P402_LISTEN", DEFAULT_LISTEN) if args.keep_running
+                  else "127.0.0.1:0")
+    _listen_check("--listen", listen)
+    from . import demo
+
+    return demo.run(db=args.db, listen=listen, keep_running=args.keep_running,
+                    seed=args.seed, out=out)
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (the `p402` script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or bad usage (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    out = Output()
+    func: Callable[[argparse.Namespace, Output], int] = args.func
+    try:
+        return func(args, out)
+    except UsageError as exc:
+        _fail(f"{exc.flag}: {exc.message}")
+        return 2
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the exit-code contract needs them all
+        return _runtime_error(exc)
+
+
+def _runtime_error(exc: Exception) -> int:
+    from p402_client import InvalidArgument, P402Error
+
+    if isinstance(exc, InvalidArgument):
+        # The server (or the client) rejected a value: still bad input, field named.
+        _fail(f"{exc.field or 'argument'}: {exc.message}")
+        return 2
+    if isinstance(exc, P402Error):
+        code = exc.code.name if exc.code is not None else "ERROR"
+        _fail(f"{code}: {exc.message}")
+        return 1
+    try:
+        from p402core import InvalidArgument as CoreInvalid
+    except ImportError:  # pragma: no cover
+        CoreInvalid = ()  # type: ignore[assignment]
+    if isinstance(exc, CoreInvalid):
+        _fail(f"{exc.field}: {exc.message}")
+        return 2
+    _fail(f"{type(exc).__name__}: {exc}")
+    if os.environ.get("P402_DEBUG"):
+        raise exc
+    return 1
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"p402: error: {message}\n")
+    sys.stderr.flush()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The P402 gRPC server: assembly, start, graceful stop, and `serve` / `run`.
+
+Owns `create_server(address, *, store, …) -> (server, port)` (grpc.aio, one process,
+one event loop), `P402Server` (start / stop / wait), `serve(db_url, listen, …)` (open
+the store, serve until SIGTERM/SIGINT, shut down gracefully), `run(…)` (the same
+under uvloop when installed) and `init_tenant(store, name)` (a tenant and its first
+admin key, for `p402 init`).
+
+Registered services: p402.v1.MeterService, p402.v1.AdminService, the standard
+grpc.health.v1.Health (SERVING after start, NOT_SERVING once shutdown begins) and
+server reflection (so grpcurl works). `max_concurrent_rpcs` is gRPC's
+`maximum_concurrent_rpcs`: past it, calls fail fast with RESOURCE_EXHAUSTED.
+
+Shutdown (`stop(grace)`): health NOT_SERVING; stop accepting calls and let in-flight
+ones finish within `grace` seconds; stop the runtime's background task and write
+every open hold; flush and stop the group-commit writer. The caller closes the
+store it passed in (`serve` closes the one it opened).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from p402.v1 import admin_pb2, admin_pb2_grpc, meter_pb2, meter_pb2_grpc
+
+from .admin_service import AdminService
+from .auth import KeyCache
+from .config import ServerConfig
+from .meter_service import MeterService
+from .runtime import Runtime
+from .store import GroupCommitWriter, open_store
+
+log = logging.getLogger("p402.server")
+
+METER_SERVICE = meter_pb2.DESCRIPTOR.services_by_name["MeterService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+SERVICE_NAMES = (METER_SERVICE, ADMIN_SERVICE)
+
+# ImportPrices carries a whole LiteLLM price map (several MB).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class P402Server:
+    """A built (not yet started) server; see the module docstring for the life cycle."""
+
+    def __init__(self, grpc_server, *, port: int, store, writer, runtime: Runtime,
+                 auth: KeyCache, health_servicer, config: ServerConfig, own_writer: bool):
+        self.grpc_server = grpc_server
+        self.port = port
+        self.store = store
+        self.writer = writer
+        self.runtime = runtime
+        self.auth = auth
+        self.health = health_servicer
+        self.config = config
+        self._own_writer = own_writer
+        self._stopped = False
+
+    async def start(self) -> None:
+        if self._own_writer:
+            await self.writer.start()
+        await self.runtime.start()
+        await self.grpc_server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("p402 serving on port %d (%s core)", self.port,
+                 self.runtime.core.IMPLEMENTATION)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain in-flight calls (up to `grace` s), write open holds, flush the writer."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_seconds if grace is None else grace
+        log.info("p402 shutting down (grace %.1fs)", grace)
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
+        await self.runtime.stop()
+        if self._own_writer:
+            await self.writer.stop()
+        log.info("p402 stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+def create_server(address: str, *, store, config: ServerConfig | None = None,
+                  max_concurrent_rpcs: int | None = None, writer=None,
+                  core=None) -> tuple[P402Server, int]:
+    """Build the server on `address` ("host:port"; port 0 picks one) -> (server, port).
+
+    `writer` defaults to a new GroupCommitWriter over `store`, started and stopped
+    with the server. `core` is a p402core implementation (`p402core.load(...)`),
+    default the one `P402_NO_EXTENSIONS` selects.
+    """
+    config = config or ServerConfig()
+    if max_concurrent_rpcs is not None:
+        config = ServerConfig(**{**_asdict(config), "max_concurrent_rpcs": max_concurrent_rpcs})
+    own_writer = writer is None
+    if own_writer:
+        writer = GroupCommitWriter(store, max_batch=config.writer_max_batch,
+                                   max_delay_ms=config.writer_max_delay_ms)
+    runtime = Runtime(store, writer, config, core=core)
+    auth = KeyCache(store, revalidate_seconds=config.auth_revalidate_seconds,
+                    negative_seconds=config.auth_negative_seconds,
+                    max_entries=config.auth_cache_entries)
+    server = grpc.aio.server(
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    meter_pb2_grpc.add_MeterServiceServicer_to_server(
+        MeterService(runtime, auth, max_batch_records=config.max_batch_records), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(runtime, auth), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    if not port:
+        raise OSError(f"p402: cannot listen on {address!r}")
+    return P402Server(server, port=port, store=store, writer=writer, runtime=runtime,
+                      auth=auth, health_servicer=health_servicer, config=config,
+                      own_writer=own_writer), port
+
+
+def _asdict(config: ServerConfig) -> dict:
+    return {f: getattr(config, f) for f in config.__dataclass_fields__}
+
+
+async def init_tenant(store, name: str) -> tuple[str, str]:
+    """Create a tenant and its first admin key -> (tenant_id, api_key). The key is
+    returned once (only its hash is stored)."""
+    tenant_id = await store.create_tenant(name)
+    _info, api_key = await store.create_key(tenant_id, ["admin"], "admin (init)")
+    return tenant_id, api_key
+
+
+async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
+                max_concurrent_rpcs: int | None = None, ready=None,
+                stop_event: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop_event`), then shut down gracefully.
+
+    `ready`, if given, is called with the bound port once the server accepts calls.
+    """
+    config = config or ServerConfig.from_env()
+    stop_event = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = []
+    # Handlers first: a SIGTERM during start-up still means "stop", gracefully.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop_event.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread / platform without signals
+    try:
+        store = await open_store(db_url)
+        try:
+            server, port = create_server(listen, store=store, config=config,
+                                         max_concurrent_rpcs=max_concurrent_rpcs)
+            await server.start()
+            try:
+                log.info("p402 listening on %s (port %d), ledger %s", listen, port,
+                         _redact(db_url))
+                if ready is not None:
+                    ready(port)
+                await stop_event.wait()
+            finally:
+                await server.stop(config.grace_seconds)
+        finally:
+            await store.close()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def run(db_url: str, listen: str, **kwargs) -> None:
+    """`serve` on a fresh event loop: uvloop when installed, else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(db_url, listen, **kwargs))
+    else:
+        uvloop.run(serve(db_url, listen, **kwargs))
+
+
+def _redact(url: str) -> str:
+    # Never log a database password.
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+__all__ = ["create_server", "P402Server", "serve", "run", "init_tenant", "SERVICE_NAMES"]

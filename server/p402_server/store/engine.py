@@ -1,0 +1,646 @@
+"""The Store: one async SQLAlchemy engine and every read/write the server needs except
+the event write path (which is ``writer.GroupCommitWriter``'s).
+
+Owns URL handling (``open_store``), connection setup (SQLite pragmas on every
+connection), migrations (``migrate``), tenants, API keys, per-tenant config (budgets,
+policies, prices, settings), write-behind holds, budget totals and the ledger queries.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import string
+import time
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from p402core._enums import InvalidArgument, NotFound
+
+from . import queries as Q
+from . import schema as S
+from .model import EventFilter, KeyInfo, LedgerEvent, SpendRow, Tenant, from_row
+
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "migrations")
+
+KEY_PREFIX = "p402_"
+KEY_RANDOM_CHARS = 40
+KEY_PREFIX_LEN = 12  # what is stored in clear and shown in listings
+SCOPES = ("meter", "read", "admin")
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+_BASE62 = string.digits + string.ascii_letters
+
+
+def _random_base62(n: int) -> str:
+    return "".join(secrets.choice(_BASE62) for _ in range(n))
+
+
+def hash_key(plaintext: str) -> str:
+    """SHA-256 hex of an API key: what the store keeps instead of the key."""
+    return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+
+
+def normalize_url(url: str) -> str:
+    """The async-driver form of a database URL, or InvalidArgument naming ``db``.
+
+    ``sqlite:///x.db`` → ``sqlite+aiosqlite:///x.db``; ``postgresql://…`` (and
+    ``postgres://``, ``postgresql+psycopg2://``) → ``postgresql+asyncpg://…``."""
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidArgument("db", "a database URL is required (sqlite:///p402.db or postgresql://…)")
+    url = url.strip()
+    if url.startswith("postgres://"):  # Heroku-style alias
+        url = "postgresql://" + url[len("postgres://"):]
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise InvalidArgument("db", f"not a database URL: {url!r}") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    elif backend == "postgresql":
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    else:
+        raise InvalidArgument(
+            "db", f"unsupported database {backend!r}: use sqlite:///FILE or postgresql://…"
+        )
+    return parsed.render_as_string(hide_password=False)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # Durability contract: a write acknowledged by the writer is on disk (FULL fsyncs
+    # the WAL at every commit). WAL lets readers run beside the writer.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.close()
+
+
+def _default_clock() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def open_store(
+    url: str,
+    *,
+    create: bool = True,
+    clock: Callable[[], int] | None = None,
+    echo: bool = False,
+) -> "Store":
+    """Open the database at ``url``; with ``create`` (default) migrate it to head."""
+    real = normalize_url(url)
+    parsed = make_url(real)
+    kw: dict[str, Any] = {"echo": echo}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            # One shared connection, or every pooled connection sees its own empty db.
+            kw["poolclass"] = StaticPool
+        else:
+            directory = os.path.dirname(os.path.abspath(parsed.database))
+            if not os.path.isdir(directory):
+                raise InvalidArgument("db", f"directory {directory!r} does not exist")
+    else:
+        kw["pool_pre_ping"] = True
+    engine = create_async_engine(real, **kw)
+    if engine.dialect.name == "sqlite":
+        sa_event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    store = Store(engine, clock=clock)
+    if create:
+        try:
+            await store.migrate()
+        except BaseException:
+            await engine.dispose()
+            raise
+    return store
+
+
+class Store:
+    """Async access to one P402 database. Create with ``open_store``; all methods are
+    coroutines and scope everything by ``tenant_id``."""
+
+    def __init__(self, engine: AsyncEngine, *, clock: Callable[[], int] | None = None):
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.now_ms = clock or _default_clock
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        self._insert = insert
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        """Alembic ``upgrade head`` on this database (idempotent)."""
+
+        def upgrade(sync_conn) -> None:
+            from alembic import command
+            from alembic.config import Config
+
+            cfg = Config()
+            cfg.set_main_option("script_location", MIGRATIONS_DIR)
+            cfg.attributes["connection"] = sync_conn
+            command.upgrade(cfg, "head")
+
+        async with self.engine.begin() as conn:
+            await conn.run_sync(upgrade)
+
+    async def schema_revision(self) -> str | None:
+        """The Alembic revision the database is at (None before any migration)."""
+
+        def current(sync_conn):
+            from alembic.runtime.migration import MigrationContext
+
+            return MigrationContext.configure(sync_conn).get_current_revision()
+
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(current)
+
+    async def close(self) -> None:
+        """Close every pooled connection. Stop any GroupCommitWriter first."""
+        await self.engine.dispose()
+
+    # -- tenants ---------------------------------------------------------------------
+
+    async def create_tenant(self, name: str, *, settings: Mapping[str, Any] | None = None) -> str:
+        """Create a tenant; returns its id (``t_`` + 16 base62 characters)."""
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidArgument("name", "a tenant needs a name")
+        tenant_id = "t_" + _random_base62(16)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                S.tenants.insert().values(
+                    tenant_id=tenant_id,
+                    name=name,
+                    created_ms=self.now_ms(),
+                    settings=json.dumps(dict(settings or {}), sort_keys=True),
+                )
+            )
+        return tenant_id
+
+    async def get_tenant(self, tenant_id: str) -> Tenant | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(sa.select(S.tenants).where(S.tenants.c.tenant_id == tenant_id))
+            ).mappings().first()
+        if row is None:
+            return None
+        return Tenant(row["tenant_id"], row["name"], int(row["created_ms"]), json.loads(row["settings"]))
+
+    async def list_tenants(self) -> list[Tenant]:
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(sa.select(S.tenants).order_by(S.tenants.c.created_ms, S.tenants.c.tenant_id))
+            ).mappings().all()
+        return [Tenant(r["tenant_id"], r["name"], int(r["created_ms"]), json.loads(r["settings"])) for r in rows]
+
+    async def get_settings(self, tenant_id: str) -> dict[str, Any]:
+        """The tenant's settings dict; NotFound for an unknown tenant."""
+        tenant = await self.get_tenant(tenant_id)
+        if tenant is None:
+            raise NotFound("tenant", tenant_id)
+        return tenant.settings
+
+    async def put_settings(self, tenant_id: str, settings: Mapping[str, Any]) -> None:
+        """Replace the tenant's settings (a JSON-serialisable mapping)."""
+        if not isinstance(settings, Mapping):
+            raise InvalidArgument("settings", "must be a mapping")
+        text = json.dumps(dict(settings), sort_keys=True)
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                S.tenants.update().where(S.tenants.c.tenant_id == tenant_id).values(settings=text)
+            )
+        if res.rowcount != 1:
+            raise NotFound("tenant", tenant_id)
+
+    # -- API keys --------------------------------------------------------------------
+
+    async def create_key(
+        self, tenant_id: str, scopes: Iterable[str] | str, name: str = ""
+    ) -> tuple[KeyInfo, str]:
+        """A new key for the tenant: (its KeyInfo, the plaintext). The plaintext is
+        returned once and never stored: only its first 12 characters and SHA-256."""
+        scope_set = _check_scopes(scopes)
+        if not isinstance(name, str):
+            raise InvalidArgument("name", "must be a str")
+        plaintext = KEY_PREFIX + _random_base62(KEY_RANDOM_CHARS)
+        info = KeyInfo(
+            key_id="k_" + _random_base62(16),
+            tenant_id=tenant_id,
+            name=name,
+            prefix=plaintext[:KEY_PREFIX_LEN],
+            scopes=scope_set,
+            created_ms=self.now_ms(),
+        )
+        async with self.engine.begin() as conn:
+            await self._require_tenant(conn, tenant_id)
+            await conn.execute(
+                S.api_keys.insert().values(
+                    key_id=info.key_id,
+                    tenant_id=tenant_id,
+                    name=name,
+                    prefix=info.prefix,
+                    key_hash=hash_key(plaintext),
+                    scopes=",".join(sorted(scope_set)),
+                    created_ms=info.created_ms,
+                )
+            )
+        return info, plaintext
+
+    async def find_key(self, plaintext: str, *, include_revoked: bool = False) -> KeyInfo | None:
+        """The key with this plaintext, or None. Revoked keys are None unless
+        ``include_revoked`` (revocation takes effect at once)."""
+        if not isinstance(plaintext, str) or not plaintext.startswith(KEY_PREFIX):
+            return None
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(S.api_keys).where(S.api_keys.c.key_hash == hash_key(plaintext))
+                )
+            ).mappings().first()
+        if row is None:
+            return None
+        info = _key_info(row)
+        if info.revoked and not include_revoked:
+            return None
+        return info
+
+    async def list_keys(self, tenant_id: str, *, include_revoked: bool = True) -> list[KeyInfo]:
+        k = S.api_keys
+        stmt = sa.select(k).where(k.c.tenant_id == tenant_id)
+        if not include_revoked:
+            stmt = stmt.where(k.c.revoked_ms.is_(None))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt.order_by(k.c.created_ms, k.c.key_id))).mappings().all()
+        return [_key_info(r) for r in rows]
+
+    async def revoke_key(self, tenant_id: str, key_id: str) -> bool:
+        """Revoke the tenant's key; False when this tenant has no such key. Revoking
+        twice keeps the first revocation time and returns True."""
+        k = S.api_keys
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                k.update()
+                .where(k.c.tenant_id == tenant_id, k.c.key_id == key_id)
+                .values(revoked_ms=sa.func.coalesce(k.c.revoked_ms, self.now_ms()))
+            )
+        return res.rowcount == 1
+
+    async def touch_key(self, key_id: str, now_ms: int | None = None) -> None:
+        """Record that the key was used (best effort, for listings)."""
+        k = S.api_keys
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                k.update().where(k.c.key_id == key_id).values(
+                    last_used_ms=self.now_ms() if now_ms is None else now_ms
+                )
+            )
+
+    # -- per-tenant config: budgets, policies, prices ----------------------------------
+
+    async def put_budget(self, tenant_id: str, budget_id: str, spec: Mapping[str, Any]) -> None:
+        await self._put_spec(S.budgets, "budget_id", tenant_id, budget_id, spec)
+
+    async def get_budget(self, tenant_id: str, budget_id: str) -> dict[str, Any] | None:
+        return await self._get_spec(S.budgets, tenant_id, budget_id)
+
+    async def delete_budget(self, tenant_id: str, budget_id: str) -> bool:
+        return await self._delete_spec(S.budgets, tenant_id, budget_id)
+
+    async def list_budgets(self, tenant_id: str) -> dict[str, dict[str, Any]]:
+        return await self._list_specs(S.budgets, tenant_id)
+
+    async def put_policy(self, tenant_id: str, policy_id: str, spec: Mapping[str, Any]) -> None:
+        await self._put_spec(S.policies, "policy_id", tenant_id, policy_id, spec)
+
+    async def get_policy(self, tenant_id: str, policy_id: str) -> dict[str, Any] | None:
+        return await self._get_spec(S.policies, tenant_id, policy_id)
+
+    async def delete_policy(self, tenant_id: str, policy_id: str) -> bool:
+        return await self._delete_spec(S.policies, tenant_id, policy_id)
+
+    async def list_policies(self, tenant_id: str) -> dict[str, dict[str, Any]]:
+        return await self._list_specs(S.policies, tenant_id)
+
+    async def put_price(self, tenant_id: str, model: str, spec: Mapping[str, Any]) -> None:
+        await self._put_spec(S.prices, "model", tenant_id, model, spec)
+
+    async def get_price(self, tenant_id: str, model: str) -> dict[str, Any] | None:
+        return await self._get_spec(S.prices, tenant_id, model)
+
+    async def delete_price(self, tenant_id: str, model: str) -> bool:
+        return await self._delete_spec(S.prices, tenant_id, model)
+
+    async def list_prices(self, tenant_id: str) -> dict[str, dict[str, Any]]:
+        return await self._list_specs(S.prices, tenant_id)
+
+    async def _put_spec(self, table, id_field: str, tenant_id: str, ident: str, spec) -> None:
+        if not isinstance(ident, str) or not ident:
+            raise InvalidArgument(id_field, "must be a non-empty str")
+        if not isinstance(spec, Mapping):
+            raise InvalidArgument("spec", "must be a mapping (the object's to_dict())")
+        try:
+            text = json.dumps(dict(spec), sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument("spec", f"not JSON-serialisable: {exc}") from None
+        ins = self._insert(table).values(
+            tenant_id=tenant_id, id=ident, spec=text, updated_ms=self.now_ms()
+        )
+        stmt = ins.on_conflict_do_update(
+            index_elements=[table.c.tenant_id, table.c.id],
+            set_={"spec": ins.excluded.spec, "updated_ms": ins.excluded.updated_ms},
+        )
+        async with self.engine.begin() as conn:
+            await self._require_tenant(conn, tenant_id)
+            await conn.execute(stmt)
+
+    async def _get_spec(self, table, tenant_id: str, ident: str) -> dict[str, Any] | None:
+        async with self.engine.connect() as conn:
+            text = (
+                await conn.execute(
+                    sa.select(table.c.spec).where(table.c.tenant_id == tenant_id, table.c.id == ident)
+                )
+            ).scalar()
+        return None if text is None else json.loads(text)
+
+    async def _delete_spec(self, table, tenant_id: str, ident: str) -> bool:
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                table.delete().where(table.c.tenant_id == tenant_id, table.c.id == ident)
+            )
+        return res.rowcount == 1
+
+    async def _list_specs(self, table, tenant_id: str) -> dict[str, dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(table.c.id, table.c.spec)
+                    .where(table.c.tenant_id == tenant_id)
+                    .order_by(table.c.id)
+                )
+            ).all()
+        return {ident: json.loads(text) for ident, text in rows}
+
+    async def _require_tenant(self, conn, tenant_id: str) -> None:
+        found = (
+            await conn.execute(
+                sa.select(S.tenants.c.tenant_id).where(S.tenants.c.tenant_id == tenant_id)
+            )
+        ).first()
+        if found is None:
+            raise NotFound("tenant", tenant_id)
+
+    # -- holds (write-behind of open reservations) -----------------------------------
+
+    async def save_holds(
+        self,
+        tenant_id: str,
+        upserts: Iterable[tuple[str, int, Mapping[str, Any]]] = (),
+        deletes: Iterable[str] = (),
+    ) -> None:
+        """Upsert ``(reservation_id, expires_ms, data)`` and delete reservation ids, in
+        one transaction. ``data`` is the engine's hold snapshot (opaque JSON)."""
+        h = S.holds
+        rows = [
+            {
+                "tenant_id": tenant_id,
+                "reservation_id": rid,
+                "expires_ms": int(expires_ms),
+                "data": json.dumps(data, sort_keys=True),
+            }
+            for rid, expires_ms, data in upserts
+        ]
+        deletes = list(deletes)
+        if not rows and not deletes:
+            return
+        async with self.engine.begin() as conn:
+            if deletes:
+                for i in range(0, len(deletes), 500):
+                    await conn.execute(
+                        h.delete().where(
+                            h.c.tenant_id == tenant_id, h.c.reservation_id.in_(deletes[i : i + 500])
+                        )
+                    )
+            if rows:
+                ins = self._insert(h)
+                await conn.execute(
+                    ins.on_conflict_do_update(
+                        index_elements=[h.c.tenant_id, h.c.reservation_id],
+                        set_={"expires_ms": ins.excluded.expires_ms, "data": ins.excluded.data},
+                    ),
+                    rows,
+                )
+
+    async def load_holds(self, tenant_id: str) -> list[tuple[str, int, dict[str, Any]]]:
+        """Every saved hold of the tenant: ``(reservation_id, expires_ms, data)``."""
+        h = S.holds
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(h.c.reservation_id, h.c.expires_ms, h.c.data)
+                    .where(h.c.tenant_id == tenant_id)
+                    .order_by(h.c.reservation_id)
+                )
+            ).all()
+        return [(rid, int(exp), json.loads(data)) for rid, exp, data in rows]
+
+    # -- budget totals -----------------------------------------------------------------
+
+    async def budget_totals(self, tenant_id: str) -> dict[tuple[str, int], int]:
+        """Committed nano-USD per (budget_id, period_start_ms), from budget_periods
+        (written in the same transactions as the events, so consistent with them)."""
+        bp = S.budget_periods
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(bp.c.budget_id, bp.c.period_start_ms, bp.c.committed_nanos).where(
+                        bp.c.tenant_id == tenant_id
+                    )
+                )
+            ).all()
+        return {(b, int(p)): int(c) for b, p, c in rows}
+
+    async def recompute_budget_totals(self, tenant_id: str) -> dict[tuple[str, int], int]:
+        """The same totals recomputed from the events' budget_charges (verification)."""
+        ev = S.events
+        totals: dict[tuple[str, int], int] = {}
+        after = 0
+        while True:
+            async with self.engine.connect() as conn:
+                rows = (
+                    await conn.execute(
+                        sa.select(ev.c.seq, ev.c.cost_nanos, ev.c.budget_charges)
+                        .where(
+                            ev.c.tenant_id == tenant_id,
+                            ev.c.seq > after,
+                            ev.c.budget_charges != "[]",
+                            ev.c.cost_nanos != 0,
+                        )
+                        .order_by(ev.c.seq)
+                        .limit(5000)
+                    )
+                ).all()
+            if not rows:
+                return totals
+            for seq, cost, charges in rows:
+                for budget_id, period_start_ms in json.loads(charges):
+                    key = (budget_id, int(period_start_ms))
+                    totals[key] = totals.get(key, 0) + int(cost)
+            after = rows[-1][0]
+
+    # -- ledger queries ------------------------------------------------------------------
+
+    async def get_event(self, tenant_id: str, event_id: str) -> LedgerEvent | None:
+        ev = S.events
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(ev).where(ev.c.tenant_id == tenant_id, ev.c.event_id == event_id)
+                )
+            ).mappings().first()
+        return None if row is None else from_row(row)
+
+    async def query_events(
+        self,
+        tenant_id: str,
+        flt: EventFilter | None = None,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        order: str = "desc",
+    ) -> tuple[list[LedgerEvent], str]:
+        """One page of the tenant's events matching ``flt``, newest first by default.
+
+        Keyset pagination on ``seq`` (stable while events are added); the token is
+        opaque; ``next_page_token`` is "" on the last page."""
+        flt = flt or EventFilter()
+        if order not in ("asc", "desc"):
+            raise InvalidArgument("order", "must be 'asc' or 'desc'")
+        size = Q.page_size_of(page_size)
+        kind = "ea" if order == "asc" else "ed"
+        after = Q.decode_token(page_token, kind)
+        ev = S.events
+        where = Q.event_conditions(self.dialect, tenant_id, flt)
+        if after is not None:
+            where.append(ev.c.seq > after if order == "asc" else ev.c.seq < after)
+        stmt = (
+            sa.select(ev)
+            .where(*where)
+            .order_by(ev.c.seq.asc() if order == "asc" else ev.c.seq.desc())
+            .limit(size + 1)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).mappings().all()
+        events = [from_row(r) for r in rows[:size]]
+        token = Q.encode_token(kind, events[-1].seq) if len(rows) > size else ""
+        return events, token
+
+    async def iter_events(
+        self, tenant_id: str, flt: EventFilter | None = None, *, batch: int = 1000
+    ) -> AsyncIterator[LedgerEvent]:
+        """Every matching event in seq order (export); one query per ``batch`` rows,
+        no connection held between batches."""
+        if batch < 1:
+            raise InvalidArgument("batch", "must be >= 1")
+        flt = flt or EventFilter()
+        ev = S.events
+        base = Q.event_conditions(self.dialect, tenant_id, flt)
+        after = 0
+        while True:
+            stmt = sa.select(ev).where(*base, ev.c.seq > after).order_by(ev.c.seq).limit(batch)
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(stmt)).mappings().all()
+            for row in rows:
+                yield from_row(row)
+            if len(rows) < batch:
+                return
+            after = int(rows[-1]["seq"])
+
+    async def count_events(self, tenant_id: str, flt: EventFilter | None = None) -> int:
+        flt = flt or EventFilter()
+        stmt = sa.select(sa.func.count()).select_from(S.events).where(
+            *Q.event_conditions(self.dialect, tenant_id, flt)
+        )
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(stmt)).scalar_one())
+
+    async def query_spend(
+        self,
+        tenant_id: str,
+        flt: EventFilter | None = None,
+        group_by: Iterable[str] = (),
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        source: str = "auto",
+    ) -> tuple[list[SpendRow], str]:
+        """Spend grouped by ``group_by``, most expensive group first.
+
+        Reads rollups_hourly when it can answer exactly (no label or kind condition,
+        hour-aligned time bounds), else events; ``source`` ("auto", "rollups",
+        "events") forces one for tests and verification. Pages by offset."""
+        flt = flt or EventFilter()
+        groups = Q.check_group_by(group_by)
+        size = Q.page_size_of(page_size)
+        offset = Q.decode_token(page_token, "s") or 0
+        if source == "auto":
+            from_rollups = Q.rollups_can_answer(flt)
+        elif source == "rollups":
+            if not Q.rollups_can_answer(flt):
+                raise InvalidArgument(
+                    "source", "rollups cannot answer label/kind filters or unaligned hours"
+                )
+            from_rollups = True
+        elif source == "events":
+            from_rollups = False
+        else:
+            raise InvalidArgument("source", "must be 'auto', 'rollups' or 'events'")
+        stmt = Q.spend_select(
+            self.dialect, tenant_id, flt, groups, from_rollups=from_rollups,
+            limit=size + 1, offset=offset,
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        more = len(rows) > size
+        out = Q.spend_rows(rows[:size], groups)
+        return out, Q.encode_token("s", offset + size) if more else ""
+
+
+def _check_scopes(scopes) -> frozenset[str]:
+    if isinstance(scopes, str):
+        scopes = [s.strip() for s in scopes.split(",") if s.strip()]
+    try:
+        scope_set = frozenset(scopes)
+    except TypeError:
+        raise InvalidArgument("scopes", "must be a list of scope names") from None
+    if not scope_set:
+        raise InvalidArgument("scopes", f"at least one of {', '.join(SCOPES)}")
+    unknown = sorted(s for s in scope_set if s not in SCOPES)
+    if unknown:
+        raise InvalidArgument("scopes", f"unknown scope(s) {', '.join(map(repr, unknown))}")
+    return scope_set
+
+
+def _key_info(row) -> KeyInfo:
+    return KeyInfo(
+        key_id=row["key_id"],
+        tenant_id=row["tenant_id"],
+        name=row["name"],
+        prefix=row["prefix"],
+        scopes=frozenset(s for s in row["scopes"].split(",") if s),
+        created_ms=int(row["created_ms"]),
+        revoked_ms=None if row["revoked_ms"] is None else int(row["revoked_ms"]),
+        last_used_ms=None if row["last_used_ms"] is None else int(row["last_used_ms"]),
+    )
+
+
+__all__ = ["Store", "open_store", "normalize_url", "hash_key", "SCOPES"]

@@ -1,0 +1,211 @@
+"""The store's tables, as SQLAlchemy Core metadata (the single description of the schema).
+
+Owns the column names and types; migrations in ``p402_server/migrations`` create the
+same tables (a test compares the migrated database against this metadata, so the two
+cannot drift apart silently).
+
+Conventions (DESIGN §4, §10):
+- money is ``BigInteger`` nano-USD, times ``BigInteger`` Unix milliseconds;
+- enums are ``SmallInteger`` holding the values of ``p402core._enums``;
+- JSON is stored as text the store encodes itself (``json.dumps``), so SQLite and
+  PostgreSQL store byte-identical values and nothing depends on a JSON column type;
+- owner dimensions are six ``str`` columns, ``''`` when absent (never NULL), so they
+  can be part of unique keys and compared with ``=``.
+"""
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from p402core._enums import OWNER_KEYS
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite only auto-assigns a key for exactly "INTEGER PRIMARY KEY" (the rowid alias);
+# BIGINT PRIMARY KEY would be a plain column. Both are 64-bit.
+SeqType = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def _str(name: str, **kw) -> sa.Column:
+    return sa.Column(name, sa.String(), nullable=False, server_default="", **kw)
+
+
+def _int(name: str) -> sa.Column:
+    return sa.Column(name, sa.BigInteger(), nullable=False, server_default="0")
+
+
+def _enum(name: str) -> sa.Column:
+    return sa.Column(name, sa.SmallInteger(), nullable=False, server_default="0")
+
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("tenant_id", sa.String(), primary_key=True),
+    sa.Column("name", sa.String(), nullable=False),
+    sa.Column("created_ms", sa.BigInteger(), nullable=False),
+    sa.Column("settings", sa.Text(), nullable=False, server_default="{}"),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_id", sa.String(), primary_key=True),
+    sa.Column(
+        "tenant_id",
+        sa.String(),
+        sa.ForeignKey("tenants.tenant_id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("name", sa.String(), nullable=False, server_default=""),
+    sa.Column("prefix", sa.String(), nullable=False, index=True),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("scopes", sa.String(), nullable=False),
+    sa.Column("created_ms", sa.BigInteger(), nullable=False),
+    sa.Column("revoked_ms", sa.BigInteger(), nullable=True),
+    sa.Column("last_used_ms", sa.BigInteger(), nullable=True),
+)
+
+
+def _config_table(name: str) -> sa.Table:
+    """budgets / policies / prices: an opaque spec (the core object's to_dict()) by id.
+
+    ``id`` is the budget_id, the policy's id, or the model name of a price."""
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column(
+            "tenant_id",
+            sa.String(),
+            sa.ForeignKey("tenants.tenant_id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("id", sa.String(), primary_key=True),
+        sa.Column("spec", sa.Text(), nullable=False),
+        sa.Column("updated_ms", sa.BigInteger(), nullable=False),
+    )
+
+
+budgets = _config_table("budgets")
+policies = _config_table("policies")
+prices = _config_table("prices")
+
+# The event kinds the ledger knows (column `kind`).
+KINDS = ("record", "denied", "expired", "released")
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("seq", SeqType, primary_key=True, autoincrement=True),
+    sa.Column("tenant_id", sa.String(), nullable=False),
+    sa.Column("event_id", sa.String(), nullable=False),
+    sa.Column("event_ms", sa.BigInteger(), nullable=False),
+    sa.Column("recorded_ms", sa.BigInteger(), nullable=False),
+    sa.Column("kind", sa.String(), nullable=False),
+    _str("reservation_id"),
+    *[_str(dim) for dim in OWNER_KEYS],
+    sa.Column("labels", sa.Text(), nullable=False, server_default="{}"),
+    _str("provider"),
+    _str("model"),
+    _int("input_tokens"),
+    _int("cached_input_tokens"),
+    _int("cache_write_tokens"),
+    _int("output_tokens"),
+    _int("reasoning_tokens"),
+    _int("cost_nanos"),
+    _int("estimated_cost_nanos"),
+    _int("overrun_nanos"),
+    _int("revenue_nanos"),
+    _enum("decision"),
+    sa.Column("reasons", sa.Text(), nullable=False, server_default="[]"),
+    sa.Column("rule_ids", sa.Text(), nullable=False, server_default="[]"),
+    sa.Column("budget_ids", sa.Text(), nullable=False, server_default="[]"),
+    # Added to the brief's column list: [[budget_id, period_start_ms], …] the cost was
+    # committed to, so budget_periods can be recomputed from the ledger alone.
+    sa.Column("budget_charges", sa.Text(), nullable=False, server_default="[]"),
+    _enum("outcome"),
+    _enum("evidence"),
+    _enum("privacy_mode"),
+    sa.Column("attempt", sa.Integer(), nullable=False, server_default="0"),
+    _str("retry_of"),
+    _str("catalog_version"),
+    sa.Column("duplicate_of", sa.String(), nullable=True),
+    sa.Column("chain_hash", sa.String(), nullable=True),
+    sa.UniqueConstraint("tenant_id", "event_id"),
+    sa.Index(None, "tenant_id", "event_ms"),
+    sa.Index(None, "tenant_id", "customer", "event_ms"),
+    sa.Index(None, "tenant_id", "reservation_id"),
+)
+
+# The dimensions of an hourly rollup row, after tenant_id and hour_ms.
+ROLLUP_DIMS = (*OWNER_KEYS, "provider", "model", "outcome", "decision", "evidence")
+# What a rollup row sums.
+ROLLUP_SUMS = (
+    "events",
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_nanos",
+    "estimated_cost_nanos",
+    "revenue_nanos",
+)
+ROLLUP_KEY = ("tenant_id", "hour_ms", *ROLLUP_DIMS)
+
+rollups_hourly = sa.Table(
+    "rollups_hourly",
+    metadata,
+    sa.Column("tenant_id", sa.String(), nullable=False),
+    sa.Column("hour_ms", sa.BigInteger(), nullable=False),
+    *[_str(dim) for dim in OWNER_KEYS],
+    _str("provider"),
+    _str("model"),
+    _enum("outcome"),
+    _enum("decision"),
+    _enum("evidence"),
+    *[_int(name) for name in ROLLUP_SUMS],
+    sa.UniqueConstraint(*ROLLUP_KEY, name="uq_rollups_hourly_key"),
+)
+
+budget_periods = sa.Table(
+    "budget_periods",
+    metadata,
+    sa.Column("tenant_id", sa.String(), primary_key=True),
+    sa.Column("budget_id", sa.String(), primary_key=True),
+    sa.Column("period_start_ms", sa.BigInteger(), primary_key=True),
+    sa.Column("committed_nanos", sa.BigInteger(), nullable=False, server_default="0"),
+)
+
+holds = sa.Table(
+    "holds",
+    metadata,
+    sa.Column("tenant_id", sa.String(), primary_key=True),
+    sa.Column("reservation_id", sa.String(), primary_key=True),
+    sa.Column("expires_ms", sa.BigInteger(), nullable=False),
+    sa.Column("data", sa.Text(), nullable=False),
+)
+
+__all__ = [
+    "metadata",
+    "tenants",
+    "api_keys",
+    "budgets",
+    "policies",
+    "prices",
+    "events",
+    "rollups_hourly",
+    "budget_periods",
+    "holds",
+    "KINDS",
+    "ROLLUP_DIMS",
+    "ROLLUP_SUMS",
+    "ROLLUP_KEY",
+]

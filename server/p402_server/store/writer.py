@@ -1,0 +1,715 @@
+"""Group-commit writer: many ``write()`` calls, one durable transaction (DESIGN §1, §10).
+
+Owns the only write path into ``events``, ``rollups_hourly`` and ``budget_periods``.
+One background task drains a queue; every batch (all queued events, up to
+``max_batch``) is deduplicated and converted to row values, then written in one
+transaction that
+
+1. inserts the batch's new events (``INSERT … ON CONFLICT (tenant_id, event_id) DO
+   NOTHING``) and learns their ``seq``,
+2. upserts the hourly rollups of the events really inserted, aggregated in Python
+   first (one row per key per batch: ``x = x + excluded.x``), and
+3. upserts ``budget_periods`` from their ``budget_charges``.
+
+Transactions run one at a time and in queue order; the next batch forms (and is
+converted) while the previous one commits.
+
+Two implementations of that transaction, one contract (the same tests run both):
+
+- SQLite file: on a dedicated thread over one long-lived connection (SQLAlchemy sync
+  engine, same pragmas), ``BEGIN IMMEDIATE``, ``executemany`` of driver SQL, new seqs
+  read back as the rows above the previous ``max(seq)``. One thread hand-off per batch
+  instead of one per driver call; ``executemany`` measured cheaper than a multi-row
+  ``INSERT … RETURNING`` (benchmarks/bench_record_sqlite.py).
+- PostgreSQL (and ``sqlite://`` in memory): SQLAlchemy Core on the store's async
+  engine, executemany with insertmanyvalues (``INSERT … ON CONFLICT DO NOTHING
+  RETURNING tenant_id, event_id, seq``); rollup rows sorted so concurrent writers in
+  several processes lock in the same order.
+
+Idempotency is by (tenant_id, event_id): a duplicate inside the batch or against the
+table inserts nothing and touches no rollup or budget row; its caller gets the FIRST
+event back (``WriteResult.duplicate``). ``write()`` resolves only after the commit
+(with SQLite ``synchronous=FULL``: on disk). A failed transaction fails every awaited
+write in it with the exception; nothing in it is acknowledged (it rolled back).
+
+``write_behind()`` is for events off the response path (denied, expired): the caller
+does not wait. If its transaction fails, the event is retried on its own
+(``retry_limit`` times, exponential backoff), logged at WARNING on each failure and at
+ERROR with the full event if it is given up (then kept in ``dead_letters``): never
+lost silently.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import operator
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from . import schema as S
+from .model import EVENT_COLUMNS, LedgerEvent, WriteResult, from_row, to_values
+
+log = logging.getLogger("p402.store.writer")
+
+HOUR_MS = 3_600_000
+
+
+@dataclass
+class WriterStats:
+    """Counters for operators and tests (a transaction is one commit attempt)."""
+
+    transactions: int = 0
+    failed_transactions: int = 0
+    events: int = 0  # newly inserted
+    duplicates: int = 0
+    retries: int = 0
+    dead_letters: int = 0
+    largest_batch: int = 0
+
+
+class _Epoch:
+    """Items enqueued between two flush() calls; flush waits for its epoch to drain."""
+
+    __slots__ = ("outstanding", "waiter")
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+        self.waiter: asyncio.Future | None = None
+
+
+class _Item:
+    __slots__ = ("event", "future", "epoch", "attempts", "due")
+
+    def __init__(self, event: LedgerEvent, future: asyncio.Future | None, epoch: _Epoch):
+        self.event = event
+        self.future = future  # None: write-behind
+        self.epoch = epoch
+        self.attempts = 0
+        self.due = 0.0
+
+
+class GroupCommitWriter:
+    """Durable, coalescing event writer for one Store. See the module docstring.
+
+    ``write(event)`` validates the event, takes ownership of it (the writer fills in
+    ``recorded_ms`` when 0, ``event_ms`` when 0, and ``seq``) and returns a
+    ``WriteResult`` once committed. ``max_delay_ms`` bounds the gather window before a
+    batch: the writer keeps yielding to the event loop while new events keep arriving,
+    and commits at once when a loop turn brings none (so a lone write is not delayed).
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        max_batch: int = 1000,
+        max_delay_ms: float = 2,
+        retry_limit: int = 5,
+        retry_base_s: float = 0.05,
+    ):
+        if max_batch < 1:
+            raise ValueError("max_batch: must be >= 1")
+        if max_delay_ms < 0:
+            raise ValueError("max_delay_ms: must be >= 0")
+        self.store = store
+        self.max_batch = max_batch
+        self.max_delay_ms = max_delay_ms
+        self.retry_limit = retry_limit
+        self.retry_base_s = retry_base_s
+        self.stats = WriterStats()
+        self.dead_letters: list[LedgerEvent] = []
+        self._queue: list[_Item] = []
+        self._retry: list[_Item] = []
+        self._epoch = _Epoch()
+        self._epochs: list[_Epoch] = [self._epoch]
+        self._wakeup: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._stopped = False
+        self._ops = _make_ops(store)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the background task (idempotent while running)."""
+        if self._stopped or self._stopping:
+            raise RuntimeError("writer: stopped; create a new GroupCommitWriter")
+        if self._task is None:
+            await self._ops.start()
+            self._loop = asyncio.get_running_loop()
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="p402-group-commit"
+            )
+
+    async def flush(self) -> None:
+        """Wait until every event enqueued before this call is committed (or failed:
+        an awaited write's caller got the error; a write-behind event was dead-lettered)."""
+        self._check_running()
+        earlier = [ep for ep in self._epochs if ep.outstanding]
+        self._epoch = _Epoch()
+        # Epochs still draining stay listed, so a later flush() waits for them too.
+        self._epochs = [*earlier, self._epoch]
+        for ep in earlier:
+            if ep.outstanding:
+                if ep.waiter is None:
+                    ep.waiter = asyncio.get_running_loop().create_future()
+                await asyncio.shield(ep.waiter)
+
+    async def stop(self) -> None:
+        """Flush, then end the background task. Idempotent; later writes raise."""
+        if self._task is not None and not self._stopped and not self._stopping:
+            await self.flush()
+            self._stopping = True
+            assert self._wakeup is not None
+            self._wakeup.set()
+        if self._task is not None:
+            await self._task  # already finished if the writer crashed
+        self._stopped = True
+        await self._ops.close()  # idempotent
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._stopping and not self._stopped
+
+    # -- submitting ------------------------------------------------------------------
+
+    async def write(self, event: LedgerEvent) -> WriteResult:
+        """Queue ``event`` and return once the transaction holding it has committed.
+
+        A caller that gives up (cancellation, deadline) does not unqueue the event: it
+        may still commit, and retrying with the same event_id is safe (idempotent)."""
+        if self._task is None or self._stopping or self._stopped:
+            self._check_running()
+        event.validate()
+        fut = self._loop.create_future()
+        epoch = self._epoch
+        epoch.outstanding += 1  # _enqueue, inlined: this runs once per Record
+        self._queue.append(_Item(event, fut, epoch))
+        self._wakeup.set()  # type: ignore[union-attr]
+        return await fut
+
+    def write_behind(self, event: LedgerEvent) -> None:
+        """Queue ``event`` without waiting (validation errors still raise here)."""
+        self._check_running()
+        event.validate()
+        self._enqueue(_Item(event, None, self._epoch))
+
+    def _check_running(self) -> None:
+        if self._task is None or self._stopping or self._stopped:
+            raise RuntimeError("writer: not running (call start(); stop() is final)")
+
+    def _enqueue(self, item: _Item) -> None:
+        item.epoch.outstanding += 1
+        self._queue.append(item)
+        assert self._wakeup is not None
+        self._wakeup.set()
+
+    def _settle(self, item: _Item) -> None:
+        ep = item.epoch
+        ep.outstanding -= 1
+        if ep.outstanding == 0 and ep.waiter is not None and not ep.waiter.done():
+            ep.waiter.set_result(None)
+
+    # -- the background task ---------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            await self._loop_forever()
+        except BaseException as exc:  # a bug here must not leave callers waiting forever
+            if not isinstance(exc, asyncio.CancelledError):
+                log.exception("p402 store: the group-commit writer crashed")
+            self._stopped = True
+            failure = RuntimeError(f"writer: stopped unexpectedly ({exc!r})")
+            for item in [*self._queue, *self._retry]:
+                if item.future is not None and not item.future.done():
+                    item.future.set_exception(failure)
+                elif item.future is None:
+                    self.dead_letters.append(item.event)
+                    log.error("p402 store: write-behind event not written: %s", item.event.to_dict())
+                self._settle(item)
+            self._queue.clear()
+            self._retry.clear()
+            if not isinstance(exc, Exception):  # cancellation, interpreter exit
+                raise
+
+    async def _loop_forever(self) -> None:
+        assert self._wakeup is not None
+        wakeup = self._wakeup
+        queue = self._queue
+        inflight: asyncio.Future | None = None  # the transaction on its way to disk
+        while True:
+            if queue:
+                if inflight is None:
+                    await self._gather_window()
+                take = min(len(queue), self.max_batch)
+                batch = _Batch(self.store.now_ms())
+                batch.add(queue[:take])
+                del queue[:take]
+                if inflight is not None:
+                    # This batch was formed and converted while the previous one was
+                    # committing; transactions still run one at a time, in order.
+                    await inflight
+                inflight = asyncio.ensure_future(self._commit_batch(batch))
+                continue
+            if inflight is not None:
+                if not inflight.done():
+                    # Wait for the commit or for new events, whichever comes first.
+                    wakeup.clear()
+                    waiter = asyncio.ensure_future(wakeup.wait())
+                    await asyncio.wait((inflight, waiter), return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                if inflight.done():
+                    inflight = None
+                continue
+            now = time.monotonic()
+            due = [it for it in self._retry if it.due <= now]
+            if due:
+                # Retried events go one per transaction, so a bad one cannot keep
+                # failing a batch that other callers wait on.
+                item = due[0]
+                self._retry.remove(item)
+                self.stats.retries += 1
+                batch = _Batch(self.store.now_ms())
+                batch.add([item])
+                await self._commit_batch(batch)
+                continue
+            if self._stopping and not self._retry:
+                return
+            wakeup.clear()
+            timeout = min(it.due for it in self._retry) - now if self._retry else None
+            try:
+                await asyncio.wait_for(wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _gather_window(self) -> None:
+        """Let concurrent writers join the batch while they keep arriving."""
+        if self.max_delay_ms <= 0:
+            return
+        deadline = time.monotonic() + self.max_delay_ms / 1000
+        queue = self._queue
+        while len(queue) < self.max_batch:
+            before = len(queue)
+            await asyncio.sleep(0)
+            if len(queue) == before or time.monotonic() >= deadline:
+                return
+
+    async def _commit_batch(self, batch: "_Batch") -> None:
+        """Run one transaction and answer every item in it (never raises)."""
+        items = batch.items
+        self.stats.transactions += 1
+        if len(items) > self.stats.largest_batch:
+            self.stats.largest_batch = len(items)
+        try:
+            results = await self._transaction(batch)
+        except Exception as exc:  # every waiter in the transaction gets the error
+            self.stats.failed_transactions += 1
+            log.warning("p402 store: transaction of %d events failed: %r", len(items), exc)
+            for item in items:
+                if item.future is not None:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                    self._settle(item)
+                else:
+                    self._schedule_retry(item, exc)
+            return
+        for item, result in zip(items, results):
+            fut = item.future
+            if fut is not None and not fut.done():
+                fut.set_result(result)
+            ep = item.epoch  # _settle, inlined
+            ep.outstanding -= 1
+            if ep.outstanding == 0 and ep.waiter is not None and not ep.waiter.done():
+                ep.waiter.set_result(None)
+
+    def _schedule_retry(self, item: _Item, exc: BaseException) -> None:
+        item.attempts += 1
+        if item.attempts > self.retry_limit:
+            self.stats.dead_letters += 1
+            self.dead_letters.append(item.event)
+            log.error(
+                "p402 store: giving up on write-behind event after %d attempts (%r): %s",
+                item.attempts,
+                exc,
+                item.event.to_dict(),
+            )
+            self._settle(item)
+            return
+        item.due = time.monotonic() + min(self.retry_base_s * 2 ** (item.attempts - 1), 5.0)
+        self._retry.append(item)
+
+    async def _transaction(self, batch: "_Batch") -> list[WriteResult]:
+        """One transaction for the batch; returns one WriteResult per item, in order."""
+        if batch.error is not None:
+            raise batch.error
+        unique, slot = batch.unique, batch.slot
+        seqs, existing = await self._ops.write_batch(unique, batch.values)
+
+        inserted = 0
+        for ev in unique:
+            seq = seqs.get((ev.tenant_id, ev.event_id))
+            if seq is not None:
+                ev.seq = seq
+                inserted += 1
+        self.stats.events += inserted
+        self.stats.duplicates += len(slot) - inserted
+
+        out: list[WriteResult] = []
+        seen: set[int] = set()
+        for idx in slot:
+            ev = unique[idx]
+            ledger = existing.get((ev.tenant_id, ev.event_id)) if existing else None
+            if ledger is not None:  # already in the table before this batch
+                out.append(WriteResult(ledger, ledger.seq, True))
+            elif idx in seen:  # a repeat inside this batch
+                out.append(WriteResult(ev, ev.seq, True))
+            else:
+                seen.add(idx)
+                out.append(WriteResult(ev, ev.seq, False))
+        return out
+
+
+class _Batch:
+    """The items of one transaction, deduplicated by (tenant_id, event_id) and turned
+    into row values as they are added (possibly while the previous batch commits)."""
+
+    __slots__ = ("now", "items", "unique", "slot", "values", "first_of", "error")
+
+    def __init__(self, now_ms: int):
+        self.now = now_ms
+        self.items: list[_Item] = []
+        self.unique: list[LedgerEvent] = []
+        self.slot: list[int] = []  # per item: index into `unique`
+        self.values: list[tuple] = []  # per unique event
+        self.first_of: dict[tuple[str, str], int] = {}
+        self.error: Exception | None = None
+
+    def add(self, items: list[_Item]) -> None:
+        self.items.extend(items)
+        now, first_of, unique, slot, values = (
+            self.now, self.first_of, self.unique, self.slot, self.values)
+        try:
+            for item in items:
+                ev = item.event
+                if not ev.recorded_ms:
+                    ev.recorded_ms = now
+                if not ev.event_ms:
+                    ev.event_ms = ev.recorded_ms
+                key = (ev.tenant_id, ev.event_id)
+                idx = first_of.get(key)
+                if idx is None:
+                    idx = first_of[key] = len(unique)
+                    unique.append(ev)
+                    values.append(to_values(ev))
+                slot.append(idx)
+        except Exception as exc:  # validated events cannot fail here; if one does,
+            self.error = exc  # the whole batch fails like a failed transaction
+
+
+Seqs = dict[tuple[str, str], int]
+Existing = dict[tuple[str, str], LedgerEvent]
+
+
+def _split(
+    unique: list[LedgerEvent], values: list[tuple], seqs: Seqs
+) -> tuple[list[LedgerEvent], list[tuple], list[tuple[str, str]]]:
+    """(events this transaction inserted, their row values, keys already in the table)."""
+    inserted: list[LedgerEvent] = []
+    inserted_values: list[tuple] = []
+    missing: list[tuple[str, str]] = []
+    for ev, v in zip(unique, values):
+        key = (ev.tenant_id, ev.event_id)
+        if key in seqs:
+            inserted.append(ev)
+            inserted_values.append(v)
+        else:
+            missing.append(key)
+    return inserted, inserted_values, missing
+
+
+def _existing_stmt(keys: list[tuple[str, str]]):
+    ev = S.events
+    return sa.select(ev).where(sa.tuple_(ev.c.tenant_id, ev.c.event_id).in_(keys))
+
+
+class _SqliteSQL:
+    """The SQLite write statements as driver SQL, values bound as tuples: the same
+    INSERT … ON CONFLICT DO NOTHING and upserts the Core path compiles, without
+    SQLAlchemy's per-row parameter processing (measured to cost about as much as the
+    database work at 1000 events per batch; benchmarks/bench_record_sqlite.py)."""
+
+    def __init__(self) -> None:
+        self.insert = (
+            f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(EVENT_COLUMNS))}) "
+            "ON CONFLICT (tenant_id, event_id) DO NOTHING"
+        )
+        self.max_seq = "SELECT coalesce(max(seq), 0) FROM events"
+        self.new_since = "SELECT tenant_id, event_id, seq FROM events WHERE seq > ?"
+        key, sums = S.ROLLUP_KEY, S.ROLLUP_SUMS
+        self.rollups = (
+            f"INSERT INTO rollups_hourly ({', '.join((*key, *sums))}) "
+            f"VALUES ({', '.join('?' * (len(key) + len(sums)))}) "
+            f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
+            + ", ".join(f"{c} = rollups_hourly.{c} + excluded.{c}" for c in sums)
+        )
+        self.periods = (
+            "INSERT INTO budget_periods (tenant_id, budget_id, period_start_ms, committed_nanos) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (tenant_id, budget_id, period_start_ms) DO UPDATE "
+            "SET committed_nanos = budget_periods.committed_nanos + excluded.committed_nanos"
+        )
+
+
+def _begin_immediate(conn) -> None:
+    # Take SQLite's write lock when the transaction starts, not at its first write:
+    # the batch then sees no other writer between reading max(seq) and inserting.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _driver_autocommit(dbapi_conn, _record) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite would otherwise
+    # open its own deferred transaction at the first INSERT).
+    dbapi_conn.isolation_level = None
+
+
+class _SqliteThreadOps:
+    """SQLite file databases: the whole transaction runs on one dedicated thread over
+    one long-lived connection (SQLAlchemy sync engine, same pragmas), so a batch costs
+    one hand-off between threads instead of one per driver call, and the event loop
+    keeps serving callers — who form the next batch — while the database works.
+
+    Inside BEGIN IMMEDIATE (the write lock held throughout), events go in with one
+    ``executemany`` of INSERT … ON CONFLICT DO NOTHING (measured cheaper than a
+    multi-row INSERT … RETURNING). The new seqs follow from max(seq) before and after
+    when every event was new; otherwise they are read back as the rows above the
+    previous max(seq), and an event not among them was a duplicate."""
+
+    def __init__(self, url: sa.engine.URL) -> None:
+        from .engine import _sqlite_pragmas
+
+        self._engine = sa.create_engine(url.set(drivername="sqlite+pysqlite"))
+        sa.event.listen(self._engine, "connect", _sqlite_pragmas)
+        sa.event.listen(self._engine, "connect", _driver_autocommit)
+        sa.event.listen(self._engine, "begin", _begin_immediate)
+        self._sql = _SqliteSQL()
+        self._executor: Any = None
+        self._conn: sa.Connection | None = None
+
+    async def start(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="p402-writer")
+        self._conn = await self._run(self._engine.connect)
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        if self._conn is not None:
+            await self._run(self._conn.close)
+            self._conn = None
+        await self._run(self._engine.dispose)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    def _run(self, fn, *args):
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def write_batch(self, unique: list[LedgerEvent], values: list[tuple]) -> tuple[Seqs, Existing]:
+        return await self._run(self._write_sync, unique, values)
+
+    def _write_sync(self, unique: list[LedgerEvent], values: list[tuple]) -> tuple[Seqs, Existing]:
+        conn = self._conn
+        assert conn is not None
+        sql = self._sql
+        existing: Existing = {}
+        with conn.begin():
+            before = conn.exec_driver_sql(sql.max_seq).scalar_one()
+            count = self.insert_events(conn, values)
+            after = conn.exec_driver_sql(sql.max_seq).scalar_one()
+            if count == len(values) and after - before == count:
+                # Everything was new and took the seqs right above the old maximum:
+                # SQLite gives each new row max(rowid) + 1 (sqlite.org/autoinc.html), in
+                # insertion order, and the write lock kept every other writer out.
+                seqs: Seqs = {
+                    _EVENT_KEY(v): seq for seq, v in enumerate(values, before + 1)
+                }
+            else:  # duplicates were skipped: read the new rows back
+                seqs = {
+                    (t, e): seq
+                    for t, e, seq in conn.exec_driver_sql(sql.new_since, (before,))
+                }
+                if len(seqs) != count:  # another writer despite the lock: refuse to guess
+                    raise RuntimeError("store: events appeared that this batch did not insert")
+            inserted, inserted_values = unique, values
+            if count != len(unique):
+                inserted, inserted_values, missing = _split(unique, values, seqs)
+                existing = _select_existing_sync(conn, missing)
+            rollups = _aggregate_rollups(inserted_values, ordered=False)
+            if rollups:
+                self.upsert_rollups(conn, rollups)
+            periods = _aggregate_periods(inserted)
+            if periods:
+                self.upsert_periods(conn, periods)
+        return seqs, existing
+
+    def insert_events(self, conn, values: list[tuple]) -> int:
+        """Insert what is new; returns how many rows were inserted."""
+        return conn.exec_driver_sql(self._sql.insert, values).rowcount
+
+    def upsert_rollups(self, conn, rows: list[tuple]) -> None:
+        conn.exec_driver_sql(self._sql.rollups, rows)
+
+    def upsert_periods(self, conn, rows: list[tuple]) -> None:
+        conn.exec_driver_sql(self._sql.periods, rows)
+
+
+class _CoreOps:
+    """PostgreSQL (and in-memory SQLite): SQLAlchemy Core statements on the store's
+    async engine, executemany with insertmanyvalues (multi-row INSERT … RETURNING)."""
+
+    def __init__(self, engine) -> None:
+        dialect = engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:  # pragma: no cover - open_store refuses other URLs
+            raise ValueError(f"db: unsupported dialect {dialect!r}")
+        self._engine = engine
+        ev = S.events
+        self._insert = (
+            insert(ev)
+            .on_conflict_do_nothing(index_elements=[ev.c.tenant_id, ev.c.event_id])
+            .returning(ev.c.tenant_id, ev.c.event_id, ev.c.seq)
+        )
+        ru = S.rollups_hourly
+        ins = insert(ru)
+        self._rollups = ins.on_conflict_do_update(
+            index_elements=[ru.c[name] for name in S.ROLLUP_KEY],
+            set_={name: ru.c[name] + ins.excluded[name] for name in S.ROLLUP_SUMS},
+        )
+        bp = S.budget_periods
+        ins = insert(bp)
+        self._periods = ins.on_conflict_do_update(
+            index_elements=[bp.c.tenant_id, bp.c.budget_id, bp.c.period_start_ms],
+            set_={"committed_nanos": bp.c.committed_nanos + ins.excluded.committed_nanos},
+        )
+        self._rollup_names = (*S.ROLLUP_KEY, *S.ROLLUP_SUMS)
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def write_batch(self, unique: list[LedgerEvent], values: list[tuple]) -> tuple[Seqs, Existing]:
+        existing: Existing = {}
+        async with self._engine.begin() as conn:
+            seqs = await self.insert_events(conn, values)
+            inserted, inserted_values = unique, values
+            if len(seqs) != len(unique):
+                inserted, inserted_values, missing = _split(unique, values, seqs)
+                for i in range(0, len(missing), 500):
+                    rows = (await conn.execute(_existing_stmt(missing[i : i + 500]))).mappings()
+                    existing.update(_by_key(rows))
+                _check_found(existing, missing)
+            rollups = _aggregate_rollups(inserted_values)
+            if rollups:
+                await self.upsert_rollups(conn, rollups)
+            periods = _aggregate_periods(inserted)
+            if periods:
+                await self.upsert_periods(conn, periods)
+        return seqs, existing
+
+    async def insert_events(self, conn, values: list[tuple]) -> Seqs:
+        # In (tenant_id, event_id) order: writers in several processes then take the
+        # unique-index locks in one order and cannot deadlock on shared event ids.
+        rows = [dict(zip(EVENT_COLUMNS, v)) for v in sorted(values, key=_EVENT_KEY)]
+        result = await conn.execute(self._insert, rows)
+        return {(t, e): seq for t, e, seq in result}
+
+    async def upsert_rollups(self, conn, rows: list[tuple]) -> None:
+        names = self._rollup_names
+        await conn.execute(self._rollups, [dict(zip(names, r)) for r in rows])
+
+    async def upsert_periods(self, conn, rows: list[tuple]) -> None:
+        names = ("tenant_id", "budget_id", "period_start_ms", "committed_nanos")
+        await conn.execute(self._periods, [dict(zip(names, r)) for r in rows])
+
+
+def _by_key(rows) -> Existing:
+    out: Existing = {}
+    for row in rows:
+        led = from_row(row)
+        out[(led.tenant_id, led.event_id)] = led
+    return out
+
+
+def _check_found(existing: Existing, missing: list[tuple[str, str]]) -> None:
+    if len(existing) != len(missing):  # cannot happen unless rows vanish mid-transaction
+        raise RuntimeError("store: a conflicting event row could not be read back")
+
+
+def _select_existing_sync(conn, keys: list[tuple[str, str]]) -> Existing:
+    existing: Existing = {}
+    for i in range(0, len(keys), 500):
+        existing.update(_by_key(conn.execute(_existing_stmt(keys[i : i + 500])).mappings()))
+    _check_found(existing, keys)
+    return existing
+
+
+def _make_ops(store: Any):
+    engine = store.engine
+    url = engine.url
+    if engine.dialect.name == "sqlite" and url.database not in (None, "", ":memory:"):
+        return _SqliteThreadOps(url)
+    return _CoreOps(engine)
+
+
+_AT = {name: i for i, name in enumerate(EVENT_COLUMNS)}
+_EVENT_KEY = operator.itemgetter(_AT["tenant_id"], _AT["event_id"])
+_ROLLUP_DIMS_OF = operator.itemgetter(*[_AT[c] for c in ("tenant_id", *S.ROLLUP_DIMS)])
+_ROLLUP_SUMS_OF = operator.itemgetter(*[_AT[c] for c in S.ROLLUP_SUMS[1:]])
+_EVENT_MS = _AT["event_ms"]
+
+
+def _aggregate_rollups(values: list[tuple], *, ordered: bool = True) -> list[tuple]:
+    """One row (ROLLUP_KEY + ROLLUP_SUMS values) per rollup key of the batch, from the
+    events' row values. ``ordered`` sorts the rows: a stable lock order, so concurrent
+    writers on PostgreSQL cannot deadlock (SQLite has one writer and skips it)."""
+    groups: dict[tuple, list[tuple]] = {}
+    dims_of, sums_of, at_ms = _ROLLUP_DIMS_OF, _ROLLUP_SUMS_OF, _EVENT_MS
+    for v in values:
+        ms = v[at_ms]
+        key = dims_of(v) + (ms - ms % HOUR_MS,)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [sums_of(v)]
+        else:
+            group.append(sums_of(v))
+    # key = (tenant_id, *dims, hour_ms) → row = (tenant_id, hour_ms, *dims, events, *sums)
+    rows = [
+        (key[0], key[-1], *key[1:-1], len(group), *map(sum, zip(*group)))
+        for key, group in groups.items()
+    ]
+    if ordered:
+        rows.sort()
+    return rows
+
+
+def _aggregate_periods(inserted: list[LedgerEvent]) -> list[tuple[str, str, int, int]]:
+    agg: dict[tuple[str, str, int], int] = {}
+    for ev in inserted:
+        if ev.budget_charges and ev.cost_nanos:
+            for budget_id, period_start_ms in ev.budget_charges:
+                key = (ev.tenant_id, budget_id, int(period_start_ms))
+                agg[key] = agg.get(key, 0) + ev.cost_nanos
+    return [(t, b, p, c) for (t, b, p), c in sorted(agg.items())]
+
+
+__all__ = ["GroupCommitWriter", "WriterStats", "WriteResult"]
