@@ -63,10 +63,11 @@ cdef class BudgetBook:
     cdef tuple _budgets
     cdef dict _index           # budget_id -> index
     cdef dict _sets            # interned BudgetSets of this generation
-    # direct-mapped C cache of _sets by match bitmask (books of <= 64 budgets):
-    # a hit costs no Python int; _sets keeps the referenced sets alive
+    # direct-mapped cache of _sets by match bitmask (books of <= 64 budgets):
+    # a hit costs no Python int. _cache_sets is a list of 64 owned references
+    # (BudgetSet or None), so an entry can never outlive its set.
     cdef uint64_t _cache_mask[64]
-    cdef PyObject* _cache_set[64]
+    cdef list _cache_sets
     cdef int* _scratch         # match buffer, _n ints
     # Match index (see _build_index): bitsets of _nw words over the budgets.
     # _words[0:_nw] = every budget; per condition c (an owner dimension or a
@@ -93,6 +94,8 @@ cdef class BudgetBook:
     cdef int _release(self, BudgetSet bs, int64_t amount) except -1
     cdef int _commit(self, BudgetSet bs, int64_t cost, int64_t now_ms) except -1
     cdef int _settle(self, BudgetSet bs, int64_t held, int64_t cost, int64_t now_ms) except -1
+    # hold `amount` on every budget of bs unconditionally (restoring holds)
+    cdef int _add_held(self, BudgetSet bs, int64_t amount, int64_t now_ms) except -1
     # One pass for the engine's authorize: reserve all-or-none like _reserve and,
     # when held, write (committed, held, period_start) per budget of bs into out
     # (3 * bs.n values). 0 = blocked (nothing held, out untouched), 1 = held,

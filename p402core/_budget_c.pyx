@@ -94,6 +94,10 @@ def _check_int(field, value, lo, hi):
     return check_i64(field, value, lo, hi)
 
 
+def _check_str(field, value, required=False):
+    return check_str(field, value, required)
+
+
 cpdef tuple owners_tuple(object owners, str field="owners"):
     """Owners as the 6-tuple of str in OWNER_KEYS order ("" = absent)."""
     cdef int i
@@ -484,6 +488,9 @@ cdef class BudgetBook:
     """Counters of a set of budgets; see `_budget_py`'s docstring for the rules."""
 
     def __cinit__(self, *args, **kwargs):
+        cdef Slot* slots
+        self._cache_sets = [None] * 64
+
         self._clear_cache()
         self._words = NULL
         self._work = NULL
@@ -499,6 +506,12 @@ cdef class BudgetBook:
         self._index = {}
         self._sets = {}
         self.generation = 0
+        # A valid empty book from the start: BudgetBook.__new__ without
+        # __init__ must not leave NULL buffers for the fast paths.
+        slots = <Slot*>malloc(sizeof(Slot))
+        if slots == NULL:
+            raise MemoryError()
+        self._install((), slots)
 
     def __init__(self, budgets=()):
         self.set_budgets(budgets)
@@ -612,7 +625,7 @@ cdef class BudgetBook:
         cdef int k
         for k in range(64):
             self._cache_mask[k] = 0
-            self._cache_set[k] = NULL
+            self._cache_sets[k] = None
 
     def set_budgets(self, budgets):
         """Replace the budget set atomically; surviving ids keep their counters."""
@@ -695,7 +708,7 @@ cdef class BudgetBook:
         cdef uint64_t* work = self._work
         cdef uint64_t* req
         cdef uint64_t* ok
-        cdef object key, value, off
+        cdef object key, value, off, found
         cdef BudgetSet bs
         if self._n <= SCAN_MAX:
             # few budgets: testing each scope directly is cheaper than the
@@ -729,8 +742,8 @@ cdef class BudgetBook:
                     work[w] &= ~(req[w] & ~ok[w])
             c += 1
         mask = work[0]
-        if self._n > 64 or self._cache_set[<int>((mask * <uint64_t>0x9E3779B97F4A7C15) >> 58)] == NULL \
-                or self._cache_mask[<int>((mask * <uint64_t>0x9E3779B97F4A7C15) >> 58)] != mask:
+        slot = <int>((mask * <uint64_t>0x9E3779B97F4A7C15) >> 58)
+        if self._n > 64 or self._cache_mask[slot] != mask or self._cache_sets[slot] is None:
             for w in range(nw):
                 for i in range(64):
                     if (work[w] >> i) & 1:
@@ -739,16 +752,17 @@ cdef class BudgetBook:
         # Interned by the bitmask when the book has <= 64 budgets: first the C
         # cache (no Python int), then the dict.
         if self._n <= 64:
-            slot = <int>((mask * <uint64_t>0x9E3779B97F4A7C15) >> 58)
-            if self._cache_set[slot] != NULL and self._cache_mask[slot] == mask:
-                return <BudgetSet>self._cache_set[slot]
+            if self._cache_mask[slot] == mask:
+                found = self._cache_sets[slot]
+                if found is not None:
+                    return <BudgetSet>found
             key = mask
             bs = self._sets.get(key)
             if bs is None:
                 bs = self._interned(tuple([self._scratch[i] for i in range(n)]))
                 self._sets[key] = bs
             self._cache_mask[slot] = mask
-            self._cache_set[slot] = <PyObject*>bs
+            self._cache_sets[slot] = bs
             return bs
         return self._interned(tuple([self._scratch[i] for i in range(n)]))
 
@@ -862,6 +876,15 @@ cdef class BudgetBook:
             s.committed = _sat(s.committed + cost)
         return 0
 
+    cdef int _add_held(self, BudgetSet bs, int64_t amount, int64_t now_ms) except -1:
+        cdef int k
+        cdef Slot* s
+        for k in range(bs.n):
+            s = &self._slots[bs.idx[k]]
+            _roll(s, now_ms)
+            s.held = _sat(s.held + amount)
+        return 0
+
     cdef int _settle(self, BudgetSet bs, int64_t held, int64_t cost, int64_t now_ms) except -1:
         cdef int k
         cdef Slot* s
@@ -929,6 +952,13 @@ cdef class BudgetBook:
         cdef int64_t now
         bs = self._checked(indices, 0, &now)
         self._release(bs, self._amount("amount_nanos", amount_nanos))
+
+    def add_held(self, indices, amount_nanos, now_ms):
+        """Hold `amount_nanos` on every budget in `indices` without any limit
+        check (re-creating holds that already passed their check)."""
+        cdef int64_t now
+        bs = self._checked(indices, now_ms, &now)
+        self._add_held(bs, self._amount("amount_nanos", amount_nanos), now)
 
     def commit(self, indices, cost_nanos, now_ms):
         """Add an actual cost to the current period of every budget in `indices`."""

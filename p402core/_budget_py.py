@@ -592,6 +592,15 @@ class BudgetBook:
             s = slots[i]
             s.held = s.held - amount if s.held > amount else 0
 
+    def add_held(self, indices, amount_nanos, now_ms):
+        """Hold `amount_nanos` on every budget in `indices` without any limit
+        check (re-creating holds that already passed their check)."""
+        now_ms, amount = self._check(indices, now_ms, amount_nanos)
+        for i in indices:
+            s = self._slots[i]
+            s.roll(now_ms)
+            s.held = _sat(s.held + amount)
+
     def commit(self, indices, cost_nanos, now_ms):
         """Add an actual cost to the current period of every budget in `indices`."""
         now_ms, cost = self._check(indices, now_ms, cost_nanos, "cost_nanos")

@@ -17,6 +17,10 @@ cimport cython
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeASCII
+
+cdef extern from "Python.h":
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    void* PyUnicode_DATA(object o)
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -39,7 +43,9 @@ from p402core._prices_c cimport Catalog, ModelPrice
 import heapq
 import time
 
-from p402core._budget_c import MAX_NANOS
+from p402core._budget_c import MAX_NANOS, _check_int, _check_str
+import p402core._budget_c as _budget_module   # Python-level owners_tuple / labels_dict
+from p402core._holdrec import RecordParser, hold_record
 from p402core._enums import (
     BUDGET_CLAMPED,
     BUDGET_EXCEEDED,
@@ -176,9 +182,11 @@ cdef inline void _add(list lst, str item):
 
 # -- results --------------------------------------------------------------------
 # Results and holds reference only str, tuples, dicts of str and immutable core
-# objects, so they cannot be part of a reference cycle: @no_gc keeps them out of
-# the cyclic GC (no GC header, no traversal of a million open holds). The one
-# cycle, a hold's prev/next links, is broken explicitly (unlink, Engine dealloc).
+# objects, never each other, so they cannot be part of a reference cycle:
+# @no_gc keeps them out of the cyclic GC (no GC header, no traversal of a
+# million open holds). That is only sound because nothing here links objects
+# of these classes together (holds used to form prev/next rings, which the GC
+# could not see and which could be left dangling; see the Engine docstring).
 
 @cython.final
 @cython.no_gc
@@ -355,8 +363,13 @@ cdef Settlement _settlement(str rid, str model, str provider, tuple owners, dict
 
 @cython.final
 @cython.no_gc
+@cython.auto_pickle(False)
 cdef class _Hold:
-    """One open reservation, linked into its expiry bucket (a ring with a head)."""
+    """One open reservation. Lives in `Engine._holds` and in the dict of its
+    one-second expiry bucket (`Engine._buckets[key]`); it references no other
+    hold and nothing that references it, so it can never be part of a cycle
+    and needs no GC tracking (fields: str, a tuple and a dict of str, the
+    price and the interned BudgetSet)."""
     cdef str reservation_id
     cdef str model
     cdef str provider
@@ -367,34 +380,31 @@ cdef class _Hold:
     cdef dict labels
     cdef int64_t amount
     cdef int64_t expires_ms
+    cdef int64_t key             # expiry bucket: expires_ms // BUCKET_MS
     cdef int64_t seq
     cdef int64_t input_bytes
     cdef int input_tokens        # <= MAX_TOKENS = 10**8 fits an int
     cdef int output_tokens
-    cdef _Hold prev
-    cdef _Hold next
-
-    cdef inline void unlink(self):
-        cdef _Hold p = self.prev
-        cdef _Hold n = self.next
-        if p is not None:
-            p.next = n
-            n.prev = p
-            self.prev = None
-            self.next = None
-
-
-cdef _Hold _new_bucket():
-    cdef _Hold head = _Hold.__new__(_Hold)
-    head.prev = head
-    head.next = head
-    head.seq = -1
-    return head
 
 
 @cython.final
+@cython.no_gc_clear
+@cython.auto_pickle(False)
 cdef class Engine:
-    """Authorize → hold → record/release/expire for one tenant (see `_engine_py`)."""
+    """Authorize → hold → record/release/expire for one tenant (see `_engine_py`).
+
+    Memory safety (the cdef fast paths trust these invariants, so they are
+    structural rather than checked on every call):
+    - every typed field is set in `__cinit__` and never None afterwards:
+      `no_gc_clear` stops the cyclic GC from setting them to None when an
+      engine is part of garbage (a cycle can only pass through `_clock`, a
+      Python callable the GC clears instead), and `__cinit__` requires the
+      constructor's arguments, so no half-built Engine exists;
+    - holds reference no other hold: expiry buckets are dicts {id: hold},
+      so there is no ring to break and nothing dangles after a restore;
+    - no pickling or copying (`auto_pickle(False)`): a copy would share the
+      holds' dicts with the original.
+    """
     cdef Catalog _catalog
     cdef BudgetBook _book
     cdef RuleSet _rules
@@ -404,20 +414,23 @@ cdef class Engine:
     cdef readonly bint allow_clamp
     cdef readonly ModelPrice fallback_price
     cdef readonly str reservation_prefix
+    cdef bytes _prefix_ascii     # the prefix when ASCII (ids are built in one buffer)
     cdef dict _holds
     cdef dict _buckets
     cdef list _bucket_keys
-    cdef int64_t _last_key       # the bucket most authorizes land in
-    cdef _Hold _last_head
+    cdef int64_t _last_key       # the bucket most authorizes land in ...
+    cdef dict _last_bucket       # ... and its dict (or None)
     cdef int64_t _next_id
     cdef bint _foreign_ids       # ids not from this counter exist: check collisions
     cdef int64_t _seq
     cdef list _settled           # ring of the last SETTLED_MEMORY settled ids
     cdef int _settled_pos
 
-    def __init__(self, catalog, *, budgets=(), rules=(), estimator=None, clock=None,
-                 hold_ttl_seconds=900, allow_clamp=False, fallback_price=None,
-                 reservation_prefix=""):
+    def __cinit__(self, catalog, *, budgets=(), rules=(), estimator=None, clock=None,
+                  hold_ttl_seconds=900, allow_clamp=False, fallback_price=None,
+                  reservation_prefix=""):
+        # All of construction happens here, not in __init__: Engine.__new__
+        # without arguments fails, so every Engine that exists is complete.
         if not isinstance(catalog, Catalog):
             raise InvalidArgument("catalog", f"must be a Catalog, not {type(catalog).__name__}")
         self._catalog = catalog
@@ -438,39 +451,21 @@ cdef class Engine:
                                   f"must be a ModelPrice or None, not {type(fallback_price).__name__}")
         self.fallback_price = fallback_price
         self.reservation_prefix = check_str("reservation_prefix", reservation_prefix, False)
+        self._prefix_ascii = (self.reservation_prefix.encode("ascii")
+                              if self.reservation_prefix.isascii() else None)
         self._reset_holds()
 
     cdef _reset_holds(self):
-        self._break_rings()
         self._holds = {}
         self._buckets = {}
         self._bucket_keys = []
         self._last_key = -1
-        self._last_head = None
+        self._last_bucket = None
         self._next_id = 0
         self._foreign_ids = False
         self._seq = 0
         self._settled = [None] * C_SETTLED_MEMORY
         self._settled_pos = 0
-
-    def __dealloc__(self):
-        self._break_rings()
-
-    cdef void _break_rings(self):
-        # break the expiry buckets' prev/next rings (holds are not GC-tracked,
-        # so nothing else would ever free a ring)
-        cdef _Hold head, h, nxt
-        if self._buckets:
-            for ob in self._buckets.values():
-                head = <_Hold>ob
-                h = head.next
-                while h is not None and h is not head:
-                    nxt = h.next
-                    h.prev = None
-                    h.next = None
-                    h = nxt
-                head.prev = None
-                head.next = None
 
     # -- configuration ----------------------------------------------------------
 
@@ -728,13 +723,17 @@ cdef class Engine:
         return lo
 
     cdef str _new_id(self):
+        # prefix + decimal counter written straight into one new str (an ASCII
+        # prefix, the usual case); otherwise the prefix is concatenated
         cdef str rid
         cdef char buf[24]
-        cdef int n, i
+        cdef int n
+        cdef Py_ssize_t plen
         cdef uint64_t v
+        cdef bytes prefix = self._prefix_ascii
+        cdef char* out
         while True:
             self._next_id += 1
-            # decimal digits by hand: no Python int, no format machinery
             v = <uint64_t>self._next_id
             n = 24
             while True:
@@ -743,9 +742,14 @@ cdef class Engine:
                 v //= 10
                 if v == 0:
                     break
-            rid = PyUnicode_DecodeASCII(&buf[n], 24 - n, NULL)
-            if self.reservation_prefix:
-                rid = self.reservation_prefix + rid
+            if prefix is not None:
+                plen = len(prefix)
+                rid = <str>PyUnicode_New(plen + 24 - n, 127)
+                out = <char*>PyUnicode_DATA(rid)
+                memcpy(out, <char*>prefix, plen)
+                memcpy(out + plen, &buf[n], 24 - n)
+            else:
+                rid = self.reservation_prefix + PyUnicode_DecodeASCII(&buf[n], 24 - n, NULL)
             # the counter only grows: a generated id can only collide with one
             # a caller gave (or a restored hold had)
             if not self._foreign_ids or rid not in self._holds:
@@ -755,26 +759,35 @@ cdef class Engine:
 
     cdef int _add_hold(self, _Hold hold) except -1:
         cdef int64_t key
-        cdef _Hold head, tail
+        cdef dict bucket
         self._seq += 1
         hold.seq = self._seq
         self._holds[hold.reservation_id] = hold
         key = hold.expires_ms // BUCKET_MS
+        hold.key = key
         if key == self._last_key:
-            head = self._last_head
+            bucket = self._last_bucket
         else:
-            head = self._buckets.get(key)
-            if head is None:
-                head = _new_bucket()
-                self._buckets[key] = head
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = {}
+                self._buckets[key] = bucket
                 heapq.heappush(self._bucket_keys, key)
             self._last_key = key
-            self._last_head = head
-        tail = head.prev
-        hold.prev = tail
-        hold.next = head
-        tail.next = hold
-        head.prev = hold
+            self._last_bucket = bucket
+        bucket[hold.reservation_id] = hold
+        return 0
+
+    cdef int _unlink(self, _Hold hold) except -1:
+        # Drop the hold from its expiry bucket. An emptied bucket stays until
+        # expire() passes its second (it keeps the key heap consistent).
+        cdef dict bucket
+        if hold.key == self._last_key:
+            bucket = self._last_bucket
+        else:
+            bucket = self._buckets.get(hold.key)
+        if bucket is not None:
+            bucket.pop(hold.reservation_id, None)
         return 0
 
     cdef _Hold _take(self, object reservation_id):
@@ -785,7 +798,7 @@ cdef class Engine:
                 raise Conflict(f"reservation {rid!r} is already settled")
             raise NotFound("reservation", rid)
         cdef _Hold hold = <_Hold>found
-        hold.unlink()
+        self._unlink(hold)
         self._remember(rid)
         return hold
 
@@ -905,31 +918,34 @@ cdef class Engine:
         in expiry order."""
         cdef int64_t now = self._now() if now_ms is None else check_i64("now_ms", now_ms, 0, C_MAX_NOW)
         cdef list keys = self._bucket_keys
-        cdef int64_t key
-        cdef _Hold head, h, nxt
+        cdef int64_t key, now_key = now // BUCKET_MS
+        cdef _Hold h
+        cdef dict bucket
         cdef BudgetSet bset
-        cdef list due, out
-        if not keys or <int64_t>keys[0] > now // BUCKET_MS:
+        cdef list due, out, late
+        if not keys or <int64_t>keys[0] > now_key:
             return []
         due = []
-        while keys and <int64_t>keys[0] <= now // BUCKET_MS:
+        while keys and <int64_t>keys[0] <= now_key:
             key = keys[0]
-            head = <_Hold>self._buckets[key]
-            h = head.next
-            while h is not head:
-                nxt = h.next
-                if h.expires_ms <= now:
-                    h.unlink()
-                    due.append(h)
-                h = nxt
-            if head.next is head:
-                heapq.heappop(keys)
-                del self._buckets[key]
-                if key == self._last_key:
-                    self._last_key = -1
-                    self._last_head = None
+            bucket = <dict>self._buckets[key]
+            if key < now_key:
+                # a past second: every hold in it is due
+                due.extend(bucket.values())
+                bucket.clear()
             else:
+                # the current second: only those whose expiry has come
+                late = [ob for ob in bucket.values() if (<_Hold>ob).expires_ms <= now]
+                for ob in late:
+                    del bucket[(<_Hold>ob).reservation_id]
+                due.extend(late)
+            if bucket:
                 break  # the current second's bucket still holds later expiries
+            heapq.heappop(keys)
+            del self._buckets[key]
+            if key == self._last_key:
+                self._last_key = -1
+                self._last_bucket = None
         due.sort(key=_expiry_order)
         out = []
         for ob in due:
@@ -974,6 +990,57 @@ cdef class Engine:
         prices = {}
         return [self._hold_dict(h, prices) for h in self._sorted_holds()]
 
+    cdef dict _record_of(self, _Hold h):
+        return hold_record(h.reservation_id, h.model, h.provider, h.price, h.owners, h.labels,
+                           h.amount, h.input_tokens, h.output_tokens, h.input_bytes,
+                           h.expires_ms, self._book._current(h.bset).budget_ids,
+                           h.catalog_version)
+
+    def hold_record(self, reservation_id):
+        """One open hold as a self-contained record (see `_holdrec`); NotFound
+        when the id is not open."""
+        cdef str rid = _str("reservation_id", reservation_id, True)
+        found = self._holds.get(rid)
+        if found is None:
+            raise NotFound("reservation", rid)
+        return self._record_of(<_Hold>found)
+
+    def hold_records(self):
+        """Every open hold's record, in creation order."""
+        return [self._record_of(<_Hold>h) for h in self._sorted_holds()]
+
+    def restore_holds(self, records):
+        """Re-create holds from records: each holds its amount again on those of
+        its budgets that still exist (no limit check: it passed one when it
+        was made), committed totals untouched. Records whose reservation id is
+        already open are skipped. All-or-nothing: a bad record raises
+        InvalidArgument (`records[i].<field>`) and nothing is restored.
+        Returns the number of holds restored."""
+        cdef _Hold h
+        cdef int64_t now
+        cdef int n = 0
+        if isinstance(records, (str, bytes, dict)) or records is None:
+            raise InvalidArgument("records", "must be a list of hold records")
+        parser = RecordParser(model_price=ModelPrice, catalog=self._catalog,
+                              check_int=_check_int, check_str=_check_str,
+                              owners_tuple=_budget_module.owners_tuple,
+                              labels_dict=_budget_module.labels_dict, max_nanos=MAX_NANOS)
+        parsed = [parser.parse(i, d) for i, d in enumerate(records)]
+        now = self._now()
+        for t in parsed:
+            if t[0] in self._holds:
+                continue
+            h = _Hold.__new__(_Hold)
+            (h.reservation_id, h.model, h.provider, h.price, h.owners, h.labels, h.amount,
+             h.input_tokens, h.output_tokens, h.input_bytes, h.expires_ms) = t[:11]
+            h.catalog_version = t[12]
+            h.bset = self._book._set_for_ids(t[11])
+            self._book._add_held(h.bset, _amount(h.amount), now)
+            self._foreign_ids = True
+            self._add_hold(h)
+            n += 1
+        return n
+
     def snapshot(self):
         """Counters, open holds (with the prices they were made with), the id
         counter and the estimator's calibration, as plain data."""
@@ -986,6 +1053,7 @@ cdef class Engine:
             "next_id": self._next_id,
             "prices": [p.to_dict() for _, p in sorted(prices.values(), key=lambda x: x[0])],
             "holds": holds,
+            "rate_limits": self._rules.snapshot(),
         }
 
     def restore(self, state):
@@ -1022,6 +1090,11 @@ cdef class Engine:
             h.bset = book._set_for_ids(tuple(d["budget_ids"]))
             holds.append(h)
         estimator_state = state.get("estimator")
+        if estimator_state is not None:   # validated before anything changes
+            Estimator().restore(estimator_state)
+        rate_state = state.get("rate_limits")   # absent in older snapshots
+        if rate_state is not None:
+            self._rules.restore(rate_state)    # validates, then applies
         if estimator_state is not None:
             self._estimator.restore(estimator_state)
         self._book = book

@@ -98,6 +98,7 @@ from ._enums import (
     UnknownModel,
 )
 from ._estimate_py import Estimator
+from ._holdrec import RecordParser, hold_record
 from ._policy_py import RuleSet
 from ._prices_py import Catalog, ModelPrice
 
@@ -702,6 +703,56 @@ class Engine:
             "catalog_version": h.catalog_version,
         }
 
+    def _record_of(self, h):
+        return hold_record(h.reservation_id, h.model, h.provider, h.price, h.owners, h.labels,
+                           h.amount, h.input_tokens, h.output_tokens, h.input_bytes,
+                           h.expires_ms, self._book.current(h.bset).budget_ids,
+                           h.catalog_version)
+
+    def hold_record(self, reservation_id):
+        """One open hold as a self-contained record (see `_holdrec`); NotFound
+        when the id is not open."""
+        rid = _check_str("reservation_id", reservation_id, required=True)
+        h = self._holds.get(rid)
+        if h is None:
+            raise NotFound("reservation", rid)
+        return self._record_of(h)
+
+    def hold_records(self):
+        """Every open hold's record, in creation order."""
+        return [self._record_of(h) for h in sorted(self._holds.values(), key=lambda h: h.seq)]
+
+    def restore_holds(self, records):
+        """Re-create holds from records: each holds its amount again on those of
+        its budgets that still exist (no limit check: it passed one when it
+        was made), committed totals untouched. Records whose reservation id is
+        already open are skipped. All-or-nothing: a bad record raises
+        InvalidArgument (`records[i].<field>`) and nothing is restored.
+        Returns the number of holds restored."""
+        if isinstance(records, (str, bytes, dict)) or records is None:
+            raise InvalidArgument("records", "must be a list of hold records")
+        parser = RecordParser(model_price=ModelPrice, catalog=self._catalog,
+                              check_int=_check_int,
+                              check_str=lambda f, v, r: _check_str(f, v, required=r),
+                              owners_tuple=owners_tuple, labels_dict=labels_dict,
+                              max_nanos=MAX_NANOS)
+        parsed = [parser.parse(i, d) for i, d in enumerate(records)]
+        now = self._now()
+        book = self._book
+        n = 0
+        for t in parsed:
+            if t[0] in self._holds:
+                continue
+            h = _Hold()
+            (h.reservation_id, h.model, h.provider, h.price, h.owners, h.labels, h.amount,
+             h.input_tokens, h.output_tokens, h.input_bytes, h.expires_ms) = t[:11]
+            h.catalog_version = t[12]
+            h.bset = book.set_for_ids(t[11])
+            book.add_held(h.bset.indices, min(h.amount, MAX_NANOS + 1), now)
+            self._add_hold(h)
+            n += 1
+        return n
+
     def snapshot(self):
         """Counters, open holds (with the prices they were made with), the id
         counter and the estimator's calibration, as plain data."""
@@ -715,6 +766,7 @@ class Engine:
             "next_id": self._next_id,
             "prices": [p.to_dict() for _, p in sorted(prices.values(), key=lambda x: x[0])],
             "holds": holds,
+            "rate_limits": self._rules.snapshot(),
         }
 
     def restore(self, state):
@@ -749,6 +801,11 @@ class Engine:
             h.bset = book.set_for_ids(tuple(d["budget_ids"]))
             holds.append(h)
         estimator_state = state.get("estimator")
+        if estimator_state is not None:   # validated before anything changes
+            Estimator().restore(estimator_state)
+        rate_state = state.get("rate_limits")   # absent in older snapshots
+        if rate_state is not None:
+            self._rules.restore(rate_state)    # validates, then applies
         if estimator_state is not None:
             self._estimator.restore(estimator_state)
         self._book = book

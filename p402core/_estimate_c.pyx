@@ -4,8 +4,9 @@
 Owns `Estimator`. Same API, rules and errors as the Python twin; see its
 docstring for the ratios, the formula and the calibration rule. What is
 compiled: the estimate (two dict hits for the ratio, integer arithmetic, the
-price's C cost), the count of non-ASCII bytes in content (8 bytes at a time;
-an ASCII `str` is recognised in O(1) from CPython's flag) and the calibration
+price's C cost), the count of non-ASCII bytes in content (bytes and 1-byte-kind
+`str` 8 bytes at a word, 2-byte-kind `str` four code units a word; an ASCII
+`str` is recognised in O(1) from CPython's flag) and the calibration
 step. `_estimate` / `_estimate_content` / `_observe` are C entries for the
 engine (validated like the public methods).
 """
@@ -113,9 +114,24 @@ cdef Py_ssize_t _high_bytes(const unsigned char* p, Py_ssize_t n) noexcept nogil
     cdef Py_ssize_t i = 0, high = 0, words = n // 8, k, chunk
     cdef uint64_t word, acc = 0, any_high = 0
     cdef uint64_t ones = 0x0101010101010101ULL
-    for k in range(words):
+    cdef uint64_t w0 = 0, w1 = 0, w2 = 0, w3 = 0, t0, t1, t2, t3
+    # four independent OR chains, 32 bytes a step (all ASCII: this is the scan)
+    k = 0
+    while k + 4 <= words:
+        memcpy(&t0, p + 8 * k, 8)
+        memcpy(&t1, p + 8 * k + 8, 8)
+        memcpy(&t2, p + 8 * k + 16, 8)
+        memcpy(&t3, p + 8 * k + 24, 8)
+        w0 |= t0
+        w1 |= t1
+        w2 |= t2
+        w3 |= t3
+        k += 4
+    while k < words:
         memcpy(&word, p + 8 * k, 8)
-        any_high |= word
+        w0 |= word
+        k += 1
+    any_high = w0 | w1 | w2 | w3
     if any_high & 0x8080808080808080ULL:
         k = 0
         while k < words:
@@ -134,30 +150,52 @@ cdef Py_ssize_t _high_bytes(const unsigned char* p, Py_ssize_t n) noexcept nogil
     return high
 
 
+cdef inline Py_ssize_t _lanes16(const uint16_t* p, Py_ssize_t n, uint16_t low_bits) noexcept nogil:
+    """How many of the n UCS-2 code units are > low_bits, a power of two
+    minus one (0x7F: >= 0x80; 0x7FF: >= 0x800).
+
+    Four units per 64-bit word: the mask keeps bits [k, 15) of each lane
+    (0x7F80 / 0x7800), and adding the mask again carries into the lane's
+    bit 15 exactly when one of them is set (no carry leaves a lane); OR the
+    lane's own bit 15 and count the lanes."""
+    cdef Py_ssize_t i, k = 0, chunk, words = n // 4, count = 0
+    cdef uint64_t w, acc, m = <uint64_t>(0x7FFF & ~low_bits) * 0x0001000100010001ULL
+    cdef uint64_t top = 0x8000800080008000ULL
+    while k < words:
+        # one flag per 16-bit lane, summed in the lanes (flushed before 65535)
+        chunk = words - k if words - k < 65535 else 65535
+        acc = 0
+        for i in range(k, k + chunk):
+            memcpy(&w, p + 4 * i, 8)
+            acc += ((((w & m) + m) | w) & top) >> 15
+        count += <Py_ssize_t>((acc & 0xFFFF) + ((acc >> 16) & 0xFFFF)
+                              + ((acc >> 32) & 0xFFFF) + (acc >> 48))
+        k += chunk
+    for i in range(4 * words, n):
+        count += p[i] > low_bits
+    return count
+
+
 cdef void _utf8_counts(object s, Py_ssize_t* ascii_n, Py_ssize_t* high_n) noexcept:
     """UTF-8 size of a str split into ASCII bytes and the rest, without encoding.
 
     A code point takes 1 + (c >= 0x80) + (c >= 0x800) + (c >= 0x10000) bytes;
     lone surrogates count 3, as encode("utf-8", "surrogatepass") gives.
+    1- and 2-byte kinds are counted a word at a time (`_high_bytes`, `_lanes16`).
     """
-    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(s), i, asc = 0, total = 0
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(s), i, asc = 0, total = 0, ge80, ge800
     cdef int kind = PyUnicode_KIND(s)
-    cdef const unsigned char* p1
-    cdef const uint16_t* p2
     cdef const uint32_t* p4
     cdef unsigned int c
     if kind == 1:
-        p1 = <const unsigned char*>PyUnicode_DATA(s)
-        for i in range(n):
-            c = p1[i]
-            asc += c < 0x80
-            total += 1 + (c >= 0x80)
+        ge80 = _high_bytes(<const unsigned char*>PyUnicode_DATA(s), n)
+        asc = n - ge80
+        total = n + ge80
     elif kind == 2:
-        p2 = <const uint16_t*>PyUnicode_DATA(s)
-        for i in range(n):
-            c = p2[i]
-            asc += c < 0x80
-            total += 1 + (c >= 0x80) + (c >= 0x800)
+        ge80 = _lanes16(<const uint16_t*>PyUnicode_DATA(s), n, 0x7F)
+        ge800 = _lanes16(<const uint16_t*>PyUnicode_DATA(s), n, 0x7FF)
+        asc = n - ge80
+        total = n + ge80 + ge800
     else:
         p4 = <const uint32_t*>PyUnicode_DATA(s)
         for i in range(n):
@@ -220,7 +258,11 @@ cdef class Estimator:
         cdef long long ratio, high_ratio, tokens
         cdef bytes raw
         _check_price(price)
-        if isinstance(content, str):
+        if type(content) is bytes:     # exact types first: no isinstance walk
+            n = PyBytes_GET_SIZE(content)
+            high_n = _high_bytes(<const unsigned char*>PyBytes_AS_STRING(content), n)
+            ascii_n = n - high_n
+        elif isinstance(content, str):
             PyUnicode_READY(content)
             if PyUnicode_IS_ASCII(content):  # a flag CPython keeps: O(1)
                 ascii_n = PyUnicode_GET_LENGTH(content)
@@ -294,6 +336,8 @@ cdef class Estimator:
             cur += (target - cur) // 16
         elif target < cur:
             cur -= (cur - target + 3) // 4
+        if v is not None and cur == <long long>v:
+            return 0   # converged: the usual case once a model is calibrated
         self._ratios[price.model] = cur
         return 0
 

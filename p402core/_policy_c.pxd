@@ -31,9 +31,17 @@ cdef class RuleSet:
     cdef Py_ssize_t _n
     cdef dict _limiters                   # rule_id -> limiter (bucket state)
     cdef dict _model_cache                # reserved: model -> per-rule glob bits
+    # Evaluation memo: evaluate() reads only owners, the label keys in
+    # _label_keys, model, provider and privacy mode, and a RuleSet never
+    # changes, so equal inputs give an equal (immutable) PolicyResult.
+    cdef list _memo                       # MEMO_SLOTS entries: (key tuple, result) or None
+    cdef unsigned long long* _memo_hash   # the hash of each slot's key
+    cdef tuple _label_keys                # label keys any rule reads, sorted
 
     cdef PolicyResult _evaluate(self, tuple owners, dict labels, str model,
                                 str provider, int privacy_mode)
+    cdef PolicyResult _compute(self, tuple owners, dict labels, str model,
+                               str provider, int privacy_mode)
     cdef str _rate_check(self, PolicyResult result, tuple owners, long long tokens,
                          long long cost_nanos, long long now_ms)
     cdef int _rate_consume(self, PolicyResult result, tuple owners, long long tokens,

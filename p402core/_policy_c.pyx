@@ -13,10 +13,13 @@ Overflow: every bucket quantity is <= rate_limit x window_ms <= 2**62 (`Rule`
 enforces it), demands are clamped to the capacity before they are scaled, and
 refills are compared before they are added, so no int64 arithmetic overflows.
 """
+cimport cython
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from sys import intern
+from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.unicode cimport PyUnicode_GET_LENGTH
+from libc.stdlib cimport calloc, free
 
 from p402core._enums import (
     MAX_LABELS,
@@ -38,12 +41,17 @@ from p402core._rule import (
     labels_arg,
     owners_arg,
     parse_key,
+    parse_rate_state,
     privacy_arg,
     split_globs,
     str_arg,
 )
 
 DEFAULT_MAX_BUCKETS = 65_536
+MEMO_SLOTS = 8_192   # direct-mapped memo of evaluations per RuleSet
+cdef enum:
+    C_MEMO_SLOTS = 8192
+    C_MEMO_SHIFT = 51    # 64 - log2(C_MEMO_SLOTS)
 
 # Values of the shared enums (p402core._enums), as C constants.
 cdef enum:
@@ -142,7 +150,13 @@ cdef inline int _check_result(object result) except -1:
 # -- results ----------------------------------------------------------------------
 
 cdef class PolicyResult:
-    """The outcome of `RuleSet.evaluate`: data, never an exception. Read-only."""
+    """The outcome of `RuleSet.evaluate`: data, never an exception. Read-only.
+
+    Results are memoized per RuleSet, so one object may be returned for many
+    calls: it must never change (it has no setters)."""
+
+    def __cinit__(self, *args, **kwargs):
+        self._limiters = _EMPTY
 
     def __init__(self, decision=D_ALLOW, reasons=(), rule_ids=(), output_cap=0,
                  max_cost_nanos=0, output_cap_rule_id="", max_cost_rule_id=""):
@@ -184,9 +198,12 @@ cdef class _Globs:
 
 # -- token buckets ------------------------------------------------------------------
 
+@cython.final
+@cython.no_gc
 cdef class _Bucket:
     cdef long long level      # units x window_ms, 0..capacity
     cdef long long last_ms
+    cdef long long seq        # the limiter's consume counter at its last consume (LRU)
 
 
 cdef class _Limiter:
@@ -200,6 +217,7 @@ cdef class _Limiter:
     cdef int per_index
     cdef dict buckets
     cdef Py_ssize_t max_buckets
+    cdef long long seq        # consume counter: orders buckets by last use
 
     def __init__(self, rule, Py_ssize_t max_buckets):
         self.rule_id = rule.rule_id
@@ -260,28 +278,35 @@ cdef class _Limiter:
         cdef long long n = self.demand(tokens, cost_nanos)
         cdef object key = self.key_of(owners)
         cdef dict buckets = self.buckets
-        cdef object found = buckets.pop(key, None)   # re-inserted last: dict order is LRU
+        cdef object found = buckets.get(key)
         cdef _Bucket bucket
         cdef bint new = found is None
         if new:
             bucket = _Bucket.__new__(_Bucket)
             bucket.level = self.capacity
             bucket.last_ms = now_ms
+            buckets[key] = bucket
         else:
             bucket = <_Bucket>found
             bucket.level = self.level(bucket, now_ms)
             if now_ms > bucket.last_ms:
                 bucket.last_ms = now_ms
+        # LRU order is the consume counter, not dict order: no pop/re-insert
+        self.seq += 1
+        bucket.seq = self.seq
         if n >= self.rate:
             bucket.level = 0
         else:
             bucket.level -= n * self.window_ms
             if bucket.level < 0:
                 bucket.level = 0
-        buckets[key] = bucket
         if new and len(buckets) > self.max_buckets:
             self.evict(now_ms)
         return 0
+
+    cdef list lru(self):
+        """(key, bucket) pairs, least recently consumed first."""
+        return sorted(self.buckets.items(), key=_bucket_seq)
 
     cdef int evict(self, long long now_ms) except -1:
         cdef dict buckets = self.buckets
@@ -292,9 +317,13 @@ cdef class _Limiter:
         cdef Py_ssize_t target = self.max_buckets - self.max_buckets // 8
         cdef Py_ssize_t excess = len(buckets) - target
         if excess > 0:
-            for k in list(buckets)[:excess]:
+            for k, _ in self.lru()[:excess]:
                 del buckets[k]
         return 0
+
+
+def _bucket_seq(item):
+    return (<_Bucket>item[1]).seq
 
 
 # -- compiled rules -------------------------------------------------------------------
@@ -399,6 +428,20 @@ cdef inline str _label(dict labels, object key):
 
 # -- the rule set -------------------------------------------------------------------
 
+cdef inline bint _same(PyObject* a, object b) except -1:
+    # identity first: the common hit has the very same tuple / interned str
+    return a == <PyObject*>b or <object>a == b
+
+
+cdef inline bint _labels_same(tuple key, dict labels, tuple label_keys, Py_ssize_t nk) except -1:
+    cdef Py_ssize_t k
+    for k in range(nk):
+        if not _same(PyTuple_GET_ITEM(key, 4 + k),
+                     _label(labels, <object>PyTuple_GET_ITEM(label_keys, k))):
+            return False
+    return True
+
+
 cdef PolicyResult _make_result(int decision, tuple reasons, tuple rule_ids,
                                long long output_cap, long long max_cost,
                                str cap_id, str cost_id, tuple limiters):
@@ -420,6 +463,17 @@ cdef class RuleSet:
     Replacing the rules is building a new RuleSet (`with_rules` carries bucket
     state over); the engine swaps the reference, which is atomic.
     """
+
+    def __cinit__(self, *args, **kwargs):
+        # an empty, usable set even if __init__ never runs (RuleSet.__new__)
+        self.rules = ()
+        self._crules = ()
+        self._n = 0
+        self._limiters = {}
+        self._label_keys = ()
+        self._memo = None
+        self._memo_hash = NULL
+        self.max_buckets = DEFAULT_MAX_BUCKETS
 
     def __init__(self, rules=(), *, max_buckets=DEFAULT_MAX_BUCKETS):
         if isinstance(rules, (str, bytes)) or isinstance(rules, dict):
@@ -449,6 +503,15 @@ cdef class RuleSet:
             compiled.append(_CRule(rule, limiter))
         self._crules = tuple(compiled)
         self._n = len(compiled)
+        keys = set()
+        for crule in compiled:
+            keys.update((<_CRule>crule).label_conds[0::2])
+            keys.update((<_CRule>crule).req_labels)
+        self._label_keys = tuple(sorted(keys))
+        self._memo = None      # allocated at the first evaluation
+
+    def __dealloc__(self):
+        free(self._memo_hash)
 
     def __len__(self):
         return self._n
@@ -466,7 +529,39 @@ cdef class RuleSet:
             old = self._limiters.get(rule_id)
             if old is not None and (<_Limiter>old).key == limiter.key:
                 limiter.buckets = (<_Limiter>old).buckets
+                limiter.seq = (<_Limiter>old).seq   # the LRU order continues
         return new
+
+    # -- rate-limit state -------------------------------------------------------------
+    def snapshot(self):
+        """Rate-limit bucket state as plain data (format: `_policy_py`)."""
+        cdef _Limiter lim
+        out = {}
+        for rule_id, obj in self._limiters.items():
+            lim = <_Limiter>obj
+            out[rule_id] = {"key": list(lim.key),
+                            "buckets": [[k, (<_Bucket>b).level, (<_Bucket>b).last_ms]
+                                        for k, b in lim.lru()]}
+        return {"version": 1, "limiters": out}
+
+    def restore(self, state):
+        """Put bucket state from `snapshot()` back into the RATE_LIMIT rules
+        with the same id and limiter_key (see `_policy_py`)."""
+        cdef _Limiter lim
+        cdef _Bucket b
+        limits = {rule_id: ((<_Limiter>obj).key, (<_Limiter>obj).capacity,
+                            (<_Limiter>obj).max_buckets)
+                  for rule_id, obj in self._limiters.items()}
+        for rule_id, buckets in parse_rate_state(state, limits):
+            lim = <_Limiter>self._limiters[rule_id]
+            lim.buckets.clear()
+            for key, level, last_ms in buckets:
+                b = _Bucket.__new__(_Bucket)
+                b.level = level
+                b.last_ms = last_ms
+                lim.seq += 1
+                b.seq = lim.seq
+                lim.buckets[key] = b
 
     # -- evaluation -----------------------------------------------------------------
     cpdef PolicyResult evaluate(self, object owners, object labels, object model,
@@ -477,6 +572,50 @@ cdef class RuleSet:
 
     cdef PolicyResult _evaluate(self, tuple owners, dict labels, str model, str provider,
                                 int privacy_mode):
+        # Memo: a direct-mapped table keyed by the inputs evaluation reads.
+        # A hit costs the hash of ~10 str (their hashes are cached by CPython)
+        # and identity compares; a miss evaluates and replaces the slot.
+        cdef Py_ssize_t k, nk = PyTuple_GET_SIZE(self._label_keys)
+        cdef unsigned long long h = <unsigned long long>privacy_mode * 0x9E3779B97F4A7C15ULL
+        cdef int slot
+        cdef object entry, lv
+        cdef tuple key
+        cdef list parts
+        cdef PolicyResult result
+        for k in range(N_OWNERS):
+            h = (h ^ <unsigned long long>hash(<str>PyTuple_GET_ITEM(owners, k))) * 0x100000001B3ULL
+        h = (h ^ <unsigned long long>hash(model)) * 0x100000001B3ULL
+        h = (h ^ <unsigned long long>hash(provider)) * 0x100000001B3ULL
+        for k in range(nk):
+            lv = _label(labels, <object>PyTuple_GET_ITEM(self._label_keys, k))
+            h = (h ^ <unsigned long long>hash(lv)) * 0x100000001B3ULL
+        h ^= h >> 29
+        h *= 0xBF58476D1CE4E5B9ULL
+        slot = <int>(h >> C_MEMO_SHIFT)
+        if self._memo is None:
+            self._memo_hash = <unsigned long long*>calloc(C_MEMO_SLOTS, sizeof(unsigned long long))
+            if self._memo_hash == NULL:
+                raise MemoryError()
+            self._memo = [None] * C_MEMO_SLOTS
+        entry = self._memo[slot]
+        if entry is not None and self._memo_hash[slot] == h:
+            key = <tuple>PyTuple_GET_ITEM(<tuple>entry, 0)
+            if (_same(PyTuple_GET_ITEM(key, 0), owners)
+                    and _same(PyTuple_GET_ITEM(key, 1), model)
+                    and _same(PyTuple_GET_ITEM(key, 2), provider)
+                    and <int>(<object>PyTuple_GET_ITEM(key, 3)) == privacy_mode
+                    and _labels_same(key, labels, self._label_keys, nk)):
+                return <PolicyResult>PyTuple_GET_ITEM(<tuple>entry, 1)
+        result = self._compute(owners, labels, model, provider, privacy_mode)
+        parts = [owners, model, provider, privacy_mode]
+        for k in range(nk):
+            parts.append(_label(labels, <object>PyTuple_GET_ITEM(self._label_keys, k)))
+        self._memo[slot] = (tuple(parts), result)
+        self._memo_hash[slot] = h
+        return result
+
+    cdef PolicyResult _compute(self, tuple owners, dict labels, str model, str provider,
+                               int privacy_mode):
         cdef int decision = D_ALLOW
         cdef int severity, reason
         cdef unsigned int seen = 0

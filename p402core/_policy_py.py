@@ -70,6 +70,7 @@ from ._rule import (
     labels_arg,
     owners_arg,
     parse_key,
+    parse_rate_state,
     privacy_arg,
     split_globs,
     str_arg,
@@ -137,18 +138,19 @@ class _Globs:
 
 
 class _Bucket:
-    __slots__ = ("level", "last_ms")
+    __slots__ = ("level", "last_ms", "seq")
 
-    def __init__(self, level: int, last_ms: int):
+    def __init__(self, level: int, last_ms: int, seq: int = 0):
         self.level = level      # units x window_ms, 0..rate x window_ms
         self.last_ms = last_ms
+        self.seq = seq          # the limiter's consume counter at the last consume
 
 
 class _Limiter:
     """A RATE_LIMIT rule's parameters and its buckets {per value: _Bucket}."""
 
     __slots__ = ("rule_id", "key", "unit", "rate", "window_ms", "capacity", "per_index",
-                 "buckets", "max_buckets")
+                 "buckets", "max_buckets", "seq")
 
     def __init__(self, rule: Rule, max_buckets: int):
         self.rule_id = rule.rule_id
@@ -160,6 +162,7 @@ class _Limiter:
         self.per_index = parse_key("per", rule.per)[0] if rule.per else -1
         self.buckets: dict = {}
         self.max_buckets = max_buckets
+        self.seq = 0      # consume counter: buckets' last-use order (LRU)
 
     def demand(self, tokens: int, cost_nanos: int) -> int:
         if self.unit == _U_REQUESTS:
@@ -192,22 +195,27 @@ class _Limiter:
         n = self.demand(tokens, cost_nanos)
         key = owners[self.per_index] if self.per_index >= 0 else ""
         buckets = self.buckets
-        bucket = buckets.pop(key, None)        # re-inserted last: dict order is LRU
+        bucket = buckets.get(key)
         if bucket is None:
-            bucket = _Bucket(self.capacity, now_ms)
+            bucket = buckets[key] = _Bucket(self.capacity, now_ms)
             new = True
         else:
             bucket.level = self.level(bucket, now_ms)
             if now_ms > bucket.last_ms:
                 bucket.last_ms = now_ms
             new = False
+        self.seq += 1
+        bucket.seq = self.seq
         if n >= self.rate:
             bucket.level = 0
         else:
             bucket.level = max(bucket.level - n * self.window_ms, 0)
-        buckets[key] = bucket
         if new and len(buckets) > self.max_buckets:
             self._evict(now_ms)
+
+    def lru(self) -> list:
+        """(key, bucket) pairs, least recently consumed first."""
+        return sorted(self.buckets.items(), key=lambda kb: kb[1].seq)
 
     def _evict(self, now_ms: int) -> None:
         buckets = self.buckets
@@ -215,7 +223,7 @@ class _Limiter:
             del buckets[key]
         target = self.max_buckets - self.max_buckets // 8
         if len(buckets) > target:
-            for key in list(buckets)[: len(buckets) - target]:
+            for key, _ in self.lru()[: len(buckets) - target]:
                 del buckets[key]
 
 
@@ -324,7 +332,32 @@ class RuleSet:
             old = self._limiters.get(rule_id)
             if old is not None and old.key == limiter.key:
                 limiter.buckets = old.buckets
+                limiter.seq = old.seq   # the LRU order continues
         return new
+
+    # -- rate-limit state ---------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Rate-limit bucket state as plain data: {"version": 1, "limiters":
+        {rule_id: {"key": [rate_limit, rate_unit, window_seconds, per],
+        "buckets": [[per value, level, last_ms], ...]}}}, buckets least
+        recently used first. Levels are in unit-milliseconds (module docstring)."""
+        return {"version": 1, "limiters": {
+            rule_id: {"key": list(lim.key),
+                      "buckets": [[k, b.level, b.last_ms] for k, b in lim.lru()]}
+            for rule_id, lim in self._limiters.items()}}
+
+    def restore(self, state: Any) -> None:
+        """Put bucket state from `snapshot()` back into this set's RATE_LIMIT
+        rules with the same id and `limiter_key` (others start full, as after
+        a rule change). Validated first; nothing changes on InvalidArgument."""
+        limits = {rule_id: (lim.key, lim.capacity, lim.max_buckets)
+                  for rule_id, lim in self._limiters.items()}
+        for rule_id, buckets in parse_rate_state(state, limits):
+            limiter = self._limiters[rule_id]
+            limiter.buckets.clear()
+            for key, level, last_ms in buckets:
+                limiter.seq += 1
+                limiter.buckets[key] = _Bucket(level, last_ms, limiter.seq)
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, owners: Any, labels: Any, model: Any, provider: Any,

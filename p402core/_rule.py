@@ -428,5 +428,39 @@ def privacy_arg(value: Any) -> int:
     return int(value) or int(PrivacyMode.METADATA_ONLY)
 
 
+def parse_rate_state(state: Any, limits: dict) -> list:
+    """Validate a `RuleSet.snapshot()` against a rule set's limiters, given as
+    {rule_id: (limiter_key, capacity, max_buckets)} -> [(rule_id, [(per value,
+    level, last_ms), ...])] for the limiters whose id and key match (others
+    start full, as after a rule change). Shared by both twins."""
+    if not isinstance(state, Mapping) or state.get("version") != 1:
+        raise InvalidArgument("state", "not a RuleSet snapshot (version 1)")
+    entries = state.get("limiters", {})
+    if not isinstance(entries, Mapping):
+        raise InvalidArgument("limiters", "must be a mapping {rule_id: limiter state}")
+    out = []
+    for rule_id, entry in entries.items():
+        field = f"limiters.{rule_id}"
+        if not isinstance(entry, Mapping) or "key" not in entry or "buckets" not in entry:
+            raise InvalidArgument(field, "must be a mapping with 'key' and 'buckets'")
+        raw = entry["buckets"]
+        if not isinstance(raw, (list, tuple)):
+            raise InvalidArgument(field + ".buckets", "must be a list")
+        limit = limits.get(rule_id)
+        if limit is None or not isinstance(entry["key"], (list, tuple)) \
+                or tuple(entry["key"]) != tuple(limit[0]):
+            continue  # the rule is gone or its limit changed: its buckets start full
+        key, capacity, max_buckets = limit
+        buckets = []
+        for item in raw[max(0, len(raw) - max_buckets):]:   # keep the most recent
+            if not isinstance(item, (list, tuple)) or len(item) != 3:
+                raise InvalidArgument(field + ".buckets", "each bucket is [per value, level, last_ms]")
+            buckets.append((_str(field + ".buckets", item[0]),
+                            _int(field + ".buckets", item[1], 0, capacity),
+                            _int(field + ".buckets", item[2], 0, MAX_NANOS)))
+        out.append((rule_id, buckets))
+    return out
+
+
 def count_arg(field: str, value: Any, hi: int) -> int:
     return _int(field, value, 0, hi)

@@ -287,5 +287,18 @@ def test_high_byte_count_at_chunk_boundaries(impl, n):
     assert est.estimate_content(p, "é" * n)[0] == 2 * n             # 1-byte-kind str
 
 
+@pytest.mark.parametrize("n", [0, 3, 4, 5, 1023, 1024, 1025, 65_535 * 4 + 7])
+def test_two_byte_kind_str_counts_at_word_and_flush_boundaries(impl, n):
+    """UCS-2 strings are counted four code units per word, flushed every
+    65,535 words: every lane and the flush must count exactly."""
+    est = impl.Estimator()
+    p = mp(impl, "")  # unknown family: 1 token per non-ASCII byte
+    assert est.estimate_content(p, "日" * n)[0] == 3 * n           # >= 0x800: 3 bytes
+    assert est.estimate_content(p, "\u07ff" * n + "\u0100")[0] == 2 * n + 2   # 2 bytes
+    mixed = "a\u0080\u07ff\u0800\uffff\ud800" * (n // 6 + 1)
+    want = len(mixed.encode("utf-8", "surrogatepass")) - mixed.count("a")
+    assert est.estimate_content(p, mixed)[0] == want + est.estimate_content(p, "a" * mixed.count("a"))[0]
+
+
 def test_compiled_estimator_is_really_compiled(both):
     assert both[1].Estimator.__module__ == "p402core._estimate_c"
