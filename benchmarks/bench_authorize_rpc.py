@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 
 import grpc
@@ -112,6 +113,23 @@ async def main(quick: bool) -> None:
     print(f"  p50 {r50:.3f}x  (target <= 1.10)  {'OK' if r50 <= 1.10 else 'MISS'}")
     print(f"  p99 {r99:.3f}x  (target <= 1.25)  {'OK' if r99 <= 1.25 else 'MISS'}")
     print(f"  RPS {rr:.3f}x  (target >= 0.90)  {'OK' if rr >= 0.9 else 'MISS'}")
+    # One machine-readable line for `p402 bench` (benchmarks/report.py): the figures,
+    # their baselines, and the sequential latencies (µs) for the histogram.
+    print("BENCH_JSON " + json.dumps({
+        "bench": "authorize_rpc",
+        "figures": [
+            {"name": "Authorize p50 / Ping p50", "value": r50, "target": "<= 1.10",
+             "met": r50 <= 1.10, "measured_us": p50["authorize"] * 1e6,
+             "baseline_us": p50["ping"] * 1e6},
+            {"name": "Authorize p99 / Ping p99", "value": r99, "target": "<= 1.25",
+             "met": r99 <= 1.25, "measured_us": p99["authorize"] * 1e6,
+             "baseline_us": p99["ping"] * 1e6},
+            {"name": "Authorize RPS / Ping RPS (32 in flight)", "value": rr,
+             "target": ">= 0.90", "met": rr >= 0.9, "measured": rps["authorize"],
+             "baseline": rps["ping"]},
+        ],
+        "latencies_us": {k: [round(x * 1e6, 1) for x in v] for k, v in seq.items()},
+    }))
 
 
 if __name__ == "__main__":

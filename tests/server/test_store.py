@@ -33,8 +33,10 @@ from p402_server.store import (
     open_store,
 )
 from p402_server.store import schema as S
+from p402_server.store.canonical import GENESIS, chain_step
 from p402core._enums import OWNER_KEYS, Decision, Evidence, InvalidArgument, NotFound, Outcome
 
+HEAD_REVISION = "0002"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOUR = 3_600_000
 T0 = 1_790_000_000_000 - 1_790_000_000_000 % HOUR  # an hour boundary in 2026
@@ -108,13 +110,16 @@ def bucket(ms: int, name: str) -> int:
     return int(datetime(d.year, d.month, 1, tzinfo=timezone.utc).timestamp()) * 1000
 
 
+ENUMS = {"outcome": Outcome, "decision": Decision, "evidence": Evidence}
+
+
 def oracle_spend(events, f: EventFilter, group_by):
     groups: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(SUMS))
     for ev in events:
         if not matches(ev, f):
             continue
-        key = tuple(bucket(ev.event_ms, g) if g in ("hour", "day", "month") else int(getattr(ev, g))
-                    if g in ("outcome", "decision", "evidence") else getattr(ev, g) for g in group_by)
+        key = tuple(bucket(ev.event_ms, g) if g in ("hour", "day", "month") else ENUMS[g](getattr(ev, g)).name
+                    if g in ENUMS else getattr(ev, g) for g in group_by)
         s = groups[key]
         s[0] += 1
         for i, name in enumerate(SUMS[1:], 1):
@@ -154,11 +159,11 @@ async def test_migrations_are_idempotent(empty_store_url):
     store_url = empty_store_url
     s = await open_store(store_url)  # migrates
     try:
-        assert await s.schema_revision() == "0001"
+        assert await s.schema_revision() == HEAD_REVISION
         tid = await s.create_tenant("keep me")
         await s.migrate()
         await s.migrate()
-        assert await s.schema_revision() == "0001"
+        assert await s.schema_revision() == HEAD_REVISION
         assert (await s.get_tenant(tid)).name == "keep me"
     finally:
         await s.close()
@@ -174,7 +179,7 @@ async def test_open_without_create_does_not_migrate(empty_store_url):
     try:
         assert await s.schema_revision() is None
         await s.migrate()
-        assert await s.schema_revision() == "0001"
+        assert await s.schema_revision() == HEAD_REVISION
     finally:
         await s.close()
 
@@ -341,14 +346,19 @@ async def test_written_event_reads_back_identically(store, writer, tenant):
         revenue_nanos=11, decision=Decision.WARN, reasons=("budget.soft_limit", "policy.warned"),
         rule_ids=("r1",), budget_ids=("b1", "b2"), outcome=Outcome.EXPIRED,
         evidence=Evidence.ESTIMATED, privacy_mode=2, attempt=2, retry_of="full-0",
-        catalog_version="cat-1", duplicate_of=None, chain_hash="ab" * 32,
-        budget_charges=(("b1", T0), ("b2", 0)),
+        catalog_version="cat-1", duplicate_of="orig", chain_hash="ab" * 32,
+        budget_charges=(("b1", T0), ("b2", 0)), prompt_fingerprint="f" * 32,
+        response_fingerprint="0" * 32,
     )
     expected = ev.to_dict()
     res = await writer.write(ev)
     assert not res.duplicate and res.seq > 0
     got = await store.get_event(tenant, "full")
-    assert got.to_dict() == {**expected, "seq": res.seq}
+    # The writer owns the chain columns: a caller's chain_hash is replaced.
+    first_link = chain_step(GENESIS, LedgerEvent.from_dict(expected))
+    assert got.to_dict() == {**expected, "seq": res.seq, "chain_index": 1,
+                             "chain_hash": first_link}
+    assert (res.event.chain_index, res.event.chain_hash) == (1, first_link)
     assert LedgerEvent.from_dict(got.to_dict()) == got
 
 
@@ -364,7 +374,8 @@ async def test_writer_fills_in_times(store, tenant):
 async def test_concurrent_writes_coalesce_and_are_readable(store, writer, tenant):
     events = make_events(tenant, 300)
     results = await write_all(writer, events)
-    # 300 concurrent callers, far fewer transactions (all of them in one, typically)
+    # 300 concurrent callers, far fewer transactions (two, typically: with nothing
+    # in flight the writer sends half and converts the other half meanwhile)
     assert writer.stats.transactions <= 3
     assert writer.stats.largest_batch >= 100
     assert sorted(r.seq for r in results) == sorted(set(r.seq for r in results))
@@ -374,6 +385,27 @@ async def test_concurrent_writes_coalesce_and_are_readable(store, writer, tenant
     for ev, res in zip(events, results):  # every acknowledged seq is the stored one
         assert stored[ev.event_id].seq == res.seq == ev.seq
         assert stored[ev.event_id].cost_nanos == ev.cost_nanos
+
+
+async def test_pipelined_batches_keep_order_and_chain(store, tenant):
+    """A burst larger than 2 * PIPELINE_MIN with nothing in flight is split: the
+    first half commits while later arrivals join the second; order, seqs and the
+    chain are as if one writer had taken them one by one."""
+    from p402_server.store.writer import PIPELINE_MIN
+
+    w = GroupCommitWriter(store, max_batch=1000)
+    await w.start()
+    try:
+        events = make_events(tenant, 4 * PIPELINE_MIN)
+        results = await write_all(w, events)
+        assert w.stats.transactions >= 2
+        assert w.stats.largest_batch < len(events)
+        # chain order follows the queue order: the events were queued in list order
+        assert [r.event.chain_index for r in results] == list(range(1, len(events) + 1))
+        assert [r.seq for r in results] == sorted(r.seq for r in results)
+    finally:
+        await w.stop()
+    assert (await store.verify_chain(tenant)).count == len(events)
 
 
 async def test_max_batch_bounds_a_transaction(store, tenant):
@@ -618,6 +650,7 @@ async def test_acknowledged_writes_survive_sigkill(tmp_path):
             assert await s.get_event(tenant, event_id) is not None, event_id
         assert await s.count_events(tenant) >= len(acked)
         assert await s.recompute_budget_totals(tenant) == await s.budget_totals(tenant)
+        assert (await s.verify_chain(tenant)).ok  # a crash never leaves half a link
     finally:
         await s.close()
 
@@ -733,6 +766,49 @@ async def test_spend_from_rollups_equals_spend_from_events(store, tenant, ledger
     costs = [r.cost_nanos for r in rolled]
     assert costs == sorted(costs, reverse=True)
     assert all(r.margin_nanos == r.revenue_nanos - r.cost_nanos for r in rolled)
+
+
+DAY = 24 * HOUR
+DAILY_CASES = [
+    (EventFilter(), ["customer"]),
+    (EventFilter(), ["day", "customer"]),
+    (EventFilter(since_ms=T0 - T0 % DAY + DAY, until_ms=T0 - T0 % DAY + 2 * DAY), ["customer"]),
+    (EventFilter(owners={"customer": "c2"}), ["month"]),
+    (EventFilter(), []),
+]
+
+
+@pytest.mark.parametrize("flt,group_by", DAILY_CASES)
+async def test_spend_daily_equals_spend_from_events(store, tenant, ledger, flt, group_by):
+    """spend_daily (per customer and UTC day) answers the billing queries exactly,
+    and auto picks it for them."""
+    from p402_server.store.queries import daily_can_answer
+
+    assert daily_can_answer(flt, group_by)
+    want = oracle_spend(ledger, flt, group_by)
+    daily, _ = await store.query_spend(tenant, flt, group_by, page_size=1000, source="daily")
+    scanned, _ = await store.query_spend(tenant, flt, group_by, page_size=1000, source="events")
+    auto, _ = await store.query_spend(tenant, flt, group_by, page_size=1000)
+    assert [r.to_dict() for r in daily] == [r.to_dict() for r in scanned] == [r.to_dict() for r in auto]
+    assert as_oracle(daily, group_by) == want
+
+
+@pytest.mark.parametrize("flt,group_by", [
+    (EventFilter(), ["feature"]),
+    (EventFilter(), ["customer", "hour"]),
+    (EventFilter(owners={"feature": "chat"}), ["customer"]),
+    (EventFilter(models=("m1",)), ["customer"]),
+    (EventFilter(since_ms=T0 + HOUR), ["customer"]),
+])
+async def test_spend_daily_refuses_what_it_cannot_answer(store, tenant, ledger, flt, group_by):
+    from p402_server.store.queries import daily_can_answer
+
+    assert not daily_can_answer(flt, group_by)
+    with pytest.raises(InvalidArgument) as err:
+        await store.query_spend(tenant, flt, group_by, source="daily")
+    assert err.value.field == "source"
+    auto, _ = await store.query_spend(tenant, flt, group_by, page_size=1000)
+    assert as_oracle(auto, group_by) == oracle_spend(ledger, flt, group_by)
 
 
 @pytest.mark.parametrize("flt", [
@@ -866,6 +942,9 @@ async def test_two_writers_on_one_database_count_each_event_once(store, tenant):
     events_sum, cost_sum = await _rollup_total(store, tenant)
     assert int(events_sum) == 200 and int(cost_sum) == sum(e.cost_nanos for e in events_a)
     assert await store.budget_totals(tenant) == await store.recompute_budget_totals(tenant)
+    # Both writers extended one chain: positions 1..200, every link good.
+    assert sorted(r.event.chain_index for r in results if not r.duplicate) == list(range(1, 201))
+    assert await store.verify_chain(tenant) == (True, 200, (await store.chain_head(tenant))[1], None, "")
 
 
 async def test_a_cancelled_caller_does_not_disturb_the_batch(store, writer, tenant):
@@ -880,3 +959,424 @@ async def test_a_cancelled_caller_does_not_disturb_the_batch(store, writer, tena
     assert await store.count_events(tenant) == 10  # the cancelled one committed too
     again = await writer.write(make_events(tenant, 10)[3])  # a retry is a duplicate
     assert again.duplicate
+
+
+# -- the hash chain (canonical.py) ------------------------------------------------------
+
+
+def test_canonical_encoding_is_the_documented_one():
+    """Version 1 spelled out for a small event: a verifier in another language must
+    be able to rebuild these bytes from the module docstring alone."""
+    from p402_server.store.canonical import canonical_bytes
+
+    ev = LedgerEvent("t", "é", event_ms=5, recorded_ms=6, labels={"b": "2", "a": "1"},
+                     cost_nanos=-3, decision=Decision.DENY, reasons=("x", ""),
+                     budget_charges=(("b1", 7),), duplicate_of=None, prompt_fingerprint="ff")
+    owners = "0:," * 6
+    want = (b"p402.event.v1\n" + b"1:t," + "2:é,".encode() + b"5,6,6:record,0:,"
+            + owners.encode() + b"16:1:a,1:1,1:b,1:2,," + b"0:,0:," + b"0," * 5
+            + b"-3,0,0,0," + b"3," + b"7:1:x,0:,," + b"0:,0:," + b"10:7:2:b1,7,,,"
+            + b"0,0,0,0," + b"0:,0:," + b"~," + b"2:ff," + b"~,")
+    assert canonical_bytes(ev) == want
+    # chain_step is SHA-256(prev || canonical) in hex
+    assert chain_step(GENESIS, ev) == hashlib.sha256(bytes(32) + want).hexdigest()
+
+
+def test_canonical_encoding_ignores_storage_fields_and_content():
+    from p402_server.store.canonical import canonical_bytes
+    from p402_server.store.model import Content
+
+    a = make_events("t", 1)[0]
+    b = LedgerEvent.from_dict(a.to_dict())
+    b.seq, b.chain_index, b.chain_hash = 99, 7, "ab" * 32
+    b.contents = (Content("prompt", "secret"),)
+    assert canonical_bytes(a) == canonical_bytes(b)
+    # ...while every economic field matters, including ones that are easy to forget
+    for name, value in [("recorded_ms", 1), ("revenue_nanos", 1), ("labels", {"x": "y"}),
+                        ("budget_charges", (("z", 1),)), ("duplicate_of", ""),
+                        ("response_fingerprint", "aa"), ("attempt", 3), ("employee", "e")]:
+        c = LedgerEvent.from_dict(a.to_dict())
+        setattr(c, name, value)
+        assert canonical_bytes(c) != canonical_bytes(a), name
+    # no ambiguity between adjacent fields
+    x, y = LedgerEvent.from_dict(a.to_dict()), LedgerEvent.from_dict(a.to_dict())
+    x.customer, x.feature = "ab", "c"
+    y.customer, y.feature = "a", "bc"
+    assert canonical_bytes(x) != canonical_bytes(y)
+
+
+async def _chained(store, writer, tenant, n=12):
+    events = make_events(tenant, n)
+    for e in events:  # one by one: chain order is then event order
+        await writer.write(e)
+    return events
+
+
+async def test_chain_links_every_event_per_tenant(store, writer, tenant):
+    other = await store.create_tenant("other")
+    events = make_events(tenant, 30)
+    results = await write_all(writer, events + make_events(other, 5, prefix="o"))
+    mine = [r.event for r in results if r.event.tenant_id == tenant]
+    assert sorted(e.chain_index for e in mine) == list(range(1, 31))
+    prev = GENESIS
+    for ev in sorted(mine, key=lambda e: e.chain_index):  # the oracle: chain_step by hand
+        prev = chain_step(prev, await store.get_event(tenant, ev.event_id))
+        assert prev == ev.chain_hash
+    assert await store.chain_head(tenant) == (30, prev)
+    assert await store.verify_chain(tenant) == (True, 30, prev, None, "")
+    assert (await store.verify_chain(other)).count == 5  # its own chain, from 1
+    assert await store.chain_head(await store.create_tenant("empty")) == (0, GENESIS)
+
+
+async def test_duplicates_do_not_enter_the_chain(store, writer, tenant):
+    events = make_events(tenant, 10)
+    await write_all(writer, events[:4])
+    # a batch mixing events already in the ledger, repeats inside the batch and new ones
+    again = make_events(tenant, 10)
+    results = await write_all(writer, [again[1], again[5], again[3], again[5], again[8]])
+    assert [r.duplicate for r in results] == [True, False, True, True, False]
+    res = await store.verify_chain(tenant)
+    assert res.ok and res.count == 6
+    assert sorted(r.event.chain_index for r in results) == [2, 4, 5, 5, 6]
+
+
+async def test_chain_survives_a_failed_transaction(store, tenant, monkeypatch):
+    w = GroupCommitWriter(store)
+    await w.start()
+    try:
+        await w.write(make_events(tenant, 1, prefix="a")[0])
+        original = w._ops.write_batch
+        boom = {"on": True}
+
+        async def failing(*args):
+            if boom["on"]:
+                boom["on"] = False
+                raise RuntimeError("disk on fire")
+            return await original(*args)
+
+        monkeypatch.setattr(w._ops, "write_batch", failing)
+        with pytest.raises(RuntimeError):
+            await w.write(make_events(tenant, 1, prefix="b")[0])
+        res = await w.write(make_events(tenant, 1, prefix="c")[0])
+        assert res.event.chain_index == 2  # the failed batch did not move the head
+    finally:
+        await w.stop()
+    assert (await store.verify_chain(tenant)).ok
+
+
+async def _sql(store, sql: str, **params):
+    async with store.engine.begin() as conn:
+        await conn.execute(sa.text(sql), params)
+
+
+async def _move(store, tenant, frm: int, to: int):
+    await _sql(store, "UPDATE events SET chain_index = :to WHERE tenant_id = :t AND chain_index = :f",
+               t=tenant, f=frm, to=to)
+
+
+TAMPERING = ["modified", "modified_and_rehashed", "deleted", "deleted_and_renumbered",
+             "inserted", "inserted_unchained", "appended", "reordered"]
+
+
+@pytest.mark.parametrize("how", TAMPERING)
+async def test_verify_names_the_first_bad_position(store, writer, tenant, how):
+    await _chained(store, writer, tenant, 12)
+    assert (await store.verify_chain(tenant)).ok
+    t = tenant
+    if how == "modified":
+        await _sql(store, "UPDATE events SET cost_nanos = cost_nanos + 1 WHERE tenant_id = :t AND chain_index = 5", t=t)
+        want = 5
+    elif how == "modified_and_rehashed":  # the forger fixes the row's own hash
+        await _sql(store, "UPDATE events SET customer = 'someone-else' WHERE tenant_id = :t AND chain_index = 5", t=t)
+        ev4 = (await store.query_events(t, order="asc", page_size=4))[0][-1]
+        page = (await store.query_events(t, order="asc", page_size=5))[0]
+        await _sql(store, "UPDATE events SET chain_hash = :h WHERE tenant_id = :t AND chain_index = 5",
+                   t=t, h=chain_step(ev4.chain_hash, page[-1]))
+        want = 6  # the next link no longer fits
+    elif how == "deleted":
+        await _sql(store, "DELETE FROM events WHERE tenant_id = :t AND chain_index = 5", t=t)
+        want = 5
+    elif how == "deleted_and_renumbered":
+        await _sql(store, "DELETE FROM events WHERE tenant_id = :t AND chain_index = 5", t=t)
+        for i in range(6, 13):
+            await _move(store, t, i, i - 1)
+        want = 5
+    elif how == "inserted":  # a forged event squeezed in at position 5
+        for i in range(12, 4, -1):
+            await _move(store, t, i, i + 1)
+        forged = make_events(t, 1, prefix="forged")[0]
+        forged.recorded_ms = T0
+        ev4 = (await store.query_events(t, order="asc", page_size=4))[0][-1]
+        forged.chain_index, forged.chain_hash = 5, chain_step(ev4.chain_hash, forged)
+        from p402_server.store.model import to_row
+
+        async with store.engine.begin() as conn:
+            await conn.execute(S.events.insert().values(**to_row(forged)))
+        want = 6  # the forged row links to 4, but the old 5 (now 6) does not link to it
+    elif how == "inserted_unchained":
+        from p402_server.store.model import to_row
+
+        forged = make_events(t, 1, prefix="forged")[0]
+        forged.recorded_ms = T0
+        async with store.engine.begin() as conn:
+            await conn.execute(S.events.insert().values(**to_row(forged)))
+        want = 13
+    elif how == "appended":
+        from p402_server.store.model import to_row
+
+        forged = make_events(t, 1, prefix="forged")[0]
+        forged.recorded_ms, forged.chain_index, forged.chain_hash = T0, 13, "0" * 64
+        async with store.engine.begin() as conn:
+            await conn.execute(S.events.insert().values(**to_row(forged)))
+        want = 13
+    else:  # reordered: positions 3 and 4 swap
+        await _move(store, t, 3, -3)
+        await _move(store, t, 4, 3)
+        await _move(store, t, -3, 4)
+        want = 3
+    res = await store.verify_chain(t)
+    assert not res.ok
+    assert res.first_bad_index == want, res
+    assert res.count == want - 1 and res.reason
+    # and the same verdict from an export of the events (what `p402 verify FILE` walks)
+    if how not in ("inserted_unchained",):
+        from p402_server.store.canonical import verify_events
+
+        rows = [LedgerEvent.from_dict(e.to_dict()) async for e in store.iter_events(t)]
+        rows.sort(key=lambda e: e.chain_index)
+        assert verify_events(rows).first_bad_index == want
+
+
+async def test_verify_a_partial_export_from_its_prev_hash(store, writer, tenant):
+    from p402_server.store.canonical import verify_events
+
+    await _chained(store, writer, tenant, 10)
+    evs = [e async for e in store.iter_events(tenant)]
+    evs.sort(key=lambda e: e.chain_index)
+    res = verify_events(evs[4:], prev_hex=evs[3].chain_hash, first_index=5)
+    assert res.ok and res.count == 6 and res.head == evs[-1].chain_hash
+    assert not verify_events(evs[4:], prev_hex=evs[2].chain_hash, first_index=5).ok
+
+
+async def test_migration_chains_events_written_before_it(empty_store_url):
+    """A 0001 database with events: upgrading to 0002 gives them a valid chain."""
+    from alembic import command
+    from alembic.config import Config
+
+    from p402_server.store.engine import MIGRATIONS_DIR
+    from p402_server.store.model import to_row
+
+    s = await open_store(empty_store_url, create=False)
+    try:
+        def upgrade_to_0001(sync_conn):
+            cfg = Config()
+            cfg.set_main_option("script_location", MIGRATIONS_DIR)
+            cfg.attributes["connection"] = sync_conn
+            command.upgrade(cfg, "0001")
+
+        async with s.engine.begin() as conn:
+            await conn.run_sync(upgrade_to_0001)
+            old_columns = {c.name for c in S.events.columns} - {
+                "chain_index", "prompt_fingerprint", "response_fingerprint"}
+            from p402_server.store.model import to_values
+            from p402_server.store.writer import _aggregate_rollups
+
+            for tid, n in (("ta", 7), ("tb", 3)):
+                evs = make_events(tid, n)
+                for ev in evs:
+                    ev.recorded_ms = T0
+                    row = {k: v for k, v in to_row(ev).items() if k in old_columns}
+                    await conn.execute(sa.table("events", *[sa.column(c) for c in row]).insert().values(**row))
+                # the writer of 0001 kept hourly rollups in the same transactions
+                names = (*S.ROLLUP_KEY, *S.ROLLUP_SUMS)
+                await conn.execute(S.rollups_hourly.insert(), [
+                    dict(zip(names, r)) for r in _aggregate_rollups([to_values(e) for e in evs])])
+        await s.migrate()
+        assert await s.schema_revision() == HEAD_REVISION
+        assert await s.verify_chain("ta") == (True, 7, (await s.chain_head("ta"))[1], None, "")
+        assert (await s.verify_chain("tb")).count == 3
+        # spend_daily was filled from the hourly rollups of the old events
+        by_customer, _ = await s.query_spend("ta", None, ["customer"], source="daily")
+        scanned, _ = await s.query_spend("ta", None, ["customer"], source="events")
+        assert [r.to_dict() for r in by_customer] == [r.to_dict() for r in scanned]
+        # and the writer continues each chain where the migration left it
+        await s.create_tenant("x")  # any tenant row; events are not foreign-keyed
+        w = GroupCommitWriter(s)
+        await w.start()
+        res = await w.write(make_events("ta", 1, prefix="new")[0])
+        await w.stop()
+        assert res.event.chain_index == 8
+        assert (await s.verify_chain("ta")).count == 8
+    finally:
+        await s.close()
+
+
+# -- contents, fingerprints, settled reservations ----------------------------------------
+
+
+async def test_contents_are_written_with_their_event_only(store, writer, tenant):
+    from p402_server.store.model import Content
+
+    ev = make_events(tenant, 1)[0]
+    ev.contents = (Content("prompt", "hello ünï", mode=3, expires_ms=T0 + HOUR),
+                   Content("response", "world", mode=3))
+    res = await writer.write(ev)
+    got = await store.get_contents(tenant, ev.event_id)
+    assert [(c.kind, c.text, c.mode, c.expires_ms, c.event_id) for c in got] == [
+        ("prompt", "hello ünï", 3, T0 + HOUR, ev.event_id), ("response", "world", 3, 0, ev.event_id)]
+    assert got[0].created_ms == res.event.recorded_ms
+    assert "hello" not in json.dumps(res.event.to_dict()) and "hello" not in repr(res.event)
+    # a duplicate's content is not stored (the first event's stays)
+    dup = make_events(tenant, 1)[0]
+    dup.contents = (Content("prompt", "other text"),)
+    assert (await writer.write(dup)).duplicate
+    assert [c.text for c in await store.get_contents(tenant, ev.event_id)] == ["hello ünï", "world"]
+    # the content is in no event column and not in the chain's bytes
+    assert await store.get_contents(await store.create_tenant("b"), ev.event_id) == []
+    assert (await store.verify_chain(tenant)).ok
+
+
+async def test_purge_removes_expired_content_only(store, writer, tenant):
+    from p402_server.store.model import Content
+
+    n = await store.put_contents([
+        Content("prompt", "a", expires_ms=T0, tenant_id=tenant, event_id="e1"),
+        Content("response", "b", expires_ms=T0 + 10, tenant_id=tenant, event_id="e1"),
+        Content("prompt", "c", expires_ms=0, tenant_id=tenant, event_id="e2"),
+    ])
+    assert n == 3
+    assert await store.purge_contents(T0) == 1
+    assert [c.kind for c in await store.get_contents(tenant, "e1")] == ["response"]
+    assert await store.purge_contents(T0 + 10) == 1
+    assert await store.purge_contents(T0 + 10**9) == 0  # 0 = kept until deleted
+    assert [c.text for c in await store.get_contents(tenant, "e2")] == ["c"]
+
+
+async def test_content_validation_names_the_field(store, writer, tenant):
+    from p402_server.store.model import Content
+
+    ev = make_events(tenant, 1)[0]
+    ev.contents = (Content("prompt", "x"), Content("thoughts", "y"))
+    with pytest.raises(InvalidArgument) as err:
+        await writer.write(ev)
+    assert err.value.field == "contents[1].kind"
+    ev.contents = (Content("prompt", "x"), Content("prompt", "y"))
+    with pytest.raises(InvalidArgument) as err:
+        await writer.write(ev)
+    assert err.value.field == "contents"
+    with pytest.raises(InvalidArgument) as err:
+        await store.put_contents([Content("prompt", "x")])
+    assert err.value.field == "rows[0].event_id"
+    assert await store.count_events(tenant) == 0
+
+
+async def test_find_duplicate_by_owner_and_window(store, writer, tenant):
+    def ev(i, customer, fp, ms, resp=None):
+        return LedgerEvent(tenant, f"d{i}", event_ms=ms, customer=customer, feature="chat",
+                           prompt_fingerprint=fp, response_fingerprint=resp)
+
+    await write_all(writer, [ev(1, "c1", "aa", T0 + 100, "r1"), ev(2, "c1", "aa", T0 + 200),
+                             ev(3, "c2", "aa", T0 + 300), ev(4, "c1", "bb", T0 + 400)])
+    owners = {"customer": "c1", "feature": "chat"}
+    assert await store.find_duplicate(tenant, owners, "aa", T0) == "d1"  # the earliest
+    assert await store.find_duplicate(tenant, owners, "aa", T0 + 150) == "d2"  # window
+    assert await store.find_duplicate(tenant, owners, "aa", T0 + 250) is None
+    assert await store.find_duplicate(tenant, {"customer": "c2", "feature": "chat"}, "aa", 0) == "d3"
+    assert await store.find_duplicate(tenant, {"customer": "c1"}, "aa", 0) is None  # all owners
+    assert await store.find_duplicate(tenant, ("c1", "chat", "", "", "", ""), "bb", 0) == "d4"
+    assert await store.find_duplicate(tenant, owners, "r1", 0, field="response") == "d1"
+    assert await store.find_duplicate(await store.create_tenant("o"), owners, "aa", 0) is None
+    with pytest.raises(InvalidArgument) as err:
+        await store.find_duplicate(tenant, {"colour": "x"}, "aa", 0)
+    assert err.value.field == "owners"
+
+
+async def test_settled_reservations_batch(store, writer, tenant):
+    await write_all(writer, [
+        LedgerEvent(tenant, "r1", reservation_id="r1", kind="record"),
+        LedgerEvent(tenant, "caller-id", reservation_id="r2", kind="record"),  # own event id
+        LedgerEvent(tenant, "r3", reservation_id="r3", kind="expired"),
+        LedgerEvent(tenant, "meter-only"),
+    ])
+    other = await store.create_tenant("other")
+    await writer.write(LedgerEvent(other, "r4", reservation_id="r4"))
+    ids = ["r1", "r2", "r3", "r4", "open", ""] + [f"x{i}" for i in range(1200)]
+    assert await store.settled_reservations(tenant, ids) == {
+        "r1": "r1", "r2": "caller-id", "r3": "r3"}
+    assert await store.settled_reservations(tenant, []) == {}
+
+
+async def test_restart_skips_holds_settled_under_a_caller_event_id(tmp_path):
+    """A hold recorded with the caller's own event_id, then a crash before the hold's
+    delete was written: the restart must not hold (and later charge) it again, and
+    a retry of that Record is still answered as a duplicate."""
+    from service_harness import admin_pb2, common_pb2, meter_pb2, nanos, owners, start_service, usd
+
+    s = await start_service(f"sqlite+aiosqlite:///{tmp_path}/p.db", holds_flush_interval_seconds=3600)
+    try:
+        await s.admin.PutBudget(admin_pb2.PutBudgetRequest(budget=admin_pb2.Budget(
+            budget_id="all", limit=usd(10**9))), metadata=s.auth)
+        holds = [await s.meter.Authorize(meter_pb2.AuthorizeRequest(
+            model="gpt-4o-mini", owners=owners(customer="acme"), input_bytes=3000), metadata=s.auth)
+            for _ in range(2)]
+        await s.server.runtime.tenants[s.tenant_id].flush_holds()  # both holds on disk
+        rec = meter_pb2.RecordRequest(event_id="caller-evt", reservation_id=holds[0].reservation_id,
+                                      usage=common_pb2.Usage(input_tokens=10, output_tokens=1))
+        first = await s.meter.Record(rec, metadata=s.auth)
+        s.server.runtime.tenants[s.tenant_id]._hold_deletes.clear()  # the "crash"
+        await s.restart()
+        resp = await s.admin.ListBudgets(admin_pb2.ListBudgetsRequest(), metadata=s.auth)
+        st = next(b.status for b in resp.budgets if b.budget_id == "all")
+        assert nanos(st.committed) == nanos(first.cost)
+        assert nanos(st.held) == nanos(holds[1].estimated_cost)  # only the open one
+        retry = meter_pb2.RecordRequest(reservation_id=holds[0].reservation_id,
+                                        usage=common_pb2.Usage(input_tokens=10, output_tokens=1))
+        again = await s.meter.Record(retry, metadata=s.auth)
+        assert again.duplicate and again.event_id == "caller-evt"
+    finally:
+        await s.close()
+
+
+async def test_stream_record_batches_commits_each_batch_in_order(tmp_path):
+    import grpc
+
+    from service_harness import common_pb2, meter_pb2, start_service
+
+    s = await start_service(f"sqlite+aiosqlite:///{tmp_path}/p.db")
+
+    def rec(event_id: str, tokens: int = 100):
+        return meter_pb2.RecordRequest(
+            event_id=event_id, model="gpt-4o-mini", owners=common_pb2.Owners(customer="acme"),
+            usage=common_pb2.Usage(input_tokens=tokens, output_tokens=10))
+
+    try:
+        batches = [meter_pb2.RecordBatchRequest(records=[rec(f"s{b}-{i}") for i in range(50)])
+                   for b in range(6)]
+        # a repeat inside a batch and one of an earlier batch: duplicates, counted once
+        batches.append(meter_pb2.RecordBatchRequest(records=[rec("s0-3"), rec("new"), rec("new")]))
+
+        async def gen():
+            for b in batches:
+                yield b
+
+        out = [r async for r in s.meter.StreamRecordBatches(gen(), metadata=s.auth)]
+        assert [len(r.results) for r in out] == [50] * 6 + [3]
+        assert [r.event_id for r in out[2].results] == [f"s2-{i}" for i in range(50)]
+        assert [r.duplicate for r in out[-1].results] == [True, False, True]
+        assert out[-1].results[0].cost == out[0].results[3].cost
+        assert await s.store.count_events(s.tenant_id) == 301
+        assert (await s.store.verify_chain(s.tenant_id)).count == 301
+
+        # a bad record fails the stream with the field named, before it settles
+        async def bad():
+            yield meter_pb2.RecordBatchRequest(records=[rec("ok-1"), meter_pb2.RecordRequest(
+                event_id="no-model", usage=common_pb2.Usage(input_tokens=1))])
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in s.meter.StreamRecordBatches(bad(), metadata=s.auth):
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "records[1]." in err.value.details()
+        assert await s.store.get_event(s.tenant_id, "ok-1") is None
+    finally:
+        await s.close()

@@ -4,8 +4,10 @@ scale-out; same code, same tests). DESIGN §3, §9, §10.
 
 Modules: ``schema`` (tables), ``model`` (Python types), ``engine`` (``Store``,
 ``open_store``), ``writer`` (``GroupCommitWriter``, the only event write path),
-``queries`` (filters, page tokens, spend SQL); migrations live in
-``p402_server/migrations`` (Alembic).
+``queries`` (filters, page tokens, spend SQL), ``canonical`` (the versioned canonical
+encoding of an event and the per-tenant hash chain); migrations live in
+``p402_server/migrations`` (Alembic; 0002 adds the chain positions, fingerprints,
+contents and spend_daily).
 
 API (all coroutines unless noted; every call is scoped by ``tenant_id``)::
 
@@ -45,6 +47,25 @@ API (all coroutines unless noted; every call is scoped by ``tenant_id``)::
     # budgets on restart
     budget_totals(tenant_id) -> {(budget_id, period_start_ms): committed_nanos}
     recompute_budget_totals(tenant_id) -> same, from the events (verification)
+    settled_reservations(tenant_id, reservation_ids) -> {reservation_id: event_id}
+        # the holds an event already settled (restart: never restore those); batched
+
+    # hash chain (canonical.py): every committed event has chain_index 1, 2, … per
+    # tenant and chain_hash = SHA-256(prev hash || canonical_bytes(event)), hex
+    chain_head(tenant_id) -> (chain_index, chain_hash)      # (0, GENESIS) when empty
+    verify_chain(tenant_id) -> VerifyResult(ok, count, head, first_bad_index, reason)
+        # names the first bad position: modified, deleted, inserted, reordered
+    # canonical.canonical_bytes(ev), chain_step(prev_hex, ev) -> hex,
+    # verify_events(events, prev_hex=GENESIS, first_index=1) (an export's walk)
+
+    # contents (redacted_trace / full_trace; never read by metadata queries/exports)
+    put_contents([Content(kind, text, mode, expires_ms, created_ms, tenant_id,
+                          event_id)]) -> n                   # upsert by (t, e, kind)
+    get_contents(tenant_id, event_id) -> [Content]            # prompt, then response
+    purge_contents(now_ms=None) -> n        # deletes 0 < expires_ms <= now
+    find_duplicate(tenant_id, owners, fingerprint, since_ms, *, field="prompt")
+        -> event_id | None   # earliest event of the same six owners with that
+                             # prompt (or response) fingerprint at/after since_ms
 
     # ledger reads (flt: EventFilter | None = everything)
     get_event(tenant_id, event_id) -> LedgerEvent | None
@@ -55,10 +76,12 @@ API (all coroutines unless noted; every call is scoped by ``tenant_id``)::
     query_spend(tenant_id, flt=None, group_by=(), *, page_size=0, page_token="",
                 source="auto") -> (list[SpendRow], next_page_token)
         # group_by ⊆ customer feature workflow task department employee provider
-        # model outcome decision evidence hour day month (UTC bucket start in ms);
+        # model outcome decision evidence hour day month (UTC bucket start in ms;
+        # outcome/decision/evidence values are enum NAMES, "SUCCESS");
         # unknown → InvalidArgument "group_by". Ordered by cost desc, then groups.
-        # Reads rollups_hourly when the filter has no labels, no kinds and
-        # hour-aligned since/until; otherwise aggregates events the same way.
+        # Reads spend_daily for customer/day/month groups with at most a customer
+        # filter and day-aligned bounds; else rollups_hourly when the filter has no
+        # labels, no kinds and hour-aligned since/until; else aggregates events.
     iter_events(tenant_id, flt=None, *, batch=1000) -> async iterator, seq order
     count_events(tenant_id, flt=None) -> int
 
@@ -68,9 +91,11 @@ API (all coroutines unless noted; every call is scoped by ``tenant_id``)::
     await writer.start()
     await writer.write(event) -> WriteResult(event, seq, duplicate)   # after commit
         # event: a LedgerEvent; validated first (InvalidArgument naming the field).
-        # The writer owns it from then on: it fills seq, recorded_ms (when 0) and
-        # event_ms (when 0). On a duplicate (tenant_id, event_id), WriteResult.event is
-        # the FIRST one (the ledger's copy) and nothing is counted twice.
+        # The writer owns it from then on: it fills seq, recorded_ms (when 0),
+        # event_ms (when 0), chain_index and chain_hash, and writes its `contents`
+        # (if any) in the same transaction. On a duplicate (tenant_id, event_id),
+        # WriteResult.event is the FIRST one (the ledger's copy) and nothing is
+        # counted, chained or stored twice.
     writer.write_behind(event)        # no wait; retried on failure, never dropped silently
     await writer.flush()              # everything enqueued before the call is settled
     await writer.stop()               # flush + end; idempotent; later writes raise
@@ -93,7 +118,8 @@ names the field) and ``NotFound``.
 from __future__ import annotations
 
 from .engine import SCOPES, Store, hash_key, normalize_url, open_store
-from .model import EventFilter, KeyInfo, LedgerEvent, SpendRow, Tenant, WriteResult
+from .canonical import GENESIS, VerifyResult, canonical_bytes, chain_step, verify_events
+from .model import Content, EventFilter, KeyInfo, LedgerEvent, SpendRow, Tenant, WriteResult
 from .queries import GROUPS
 from .schema import KINDS
 from .writer import GroupCommitWriter, WriterStats
@@ -107,6 +133,12 @@ __all__ = [
     "WriterStats",
     "WriteResult",
     "LedgerEvent",
+    "Content",
+    "VerifyResult",
+    "GENESIS",
+    "canonical_bytes",
+    "chain_step",
+    "verify_events",
     "EventFilter",
     "SpendRow",
     "KeyInfo",

@@ -22,11 +22,12 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from p402core._enums import InvalidArgument, NotFound
+from p402core._enums import OWNER_KEYS, InvalidArgument, NotFound
 
 from . import queries as Q
 from . import schema as S
-from .model import EventFilter, KeyInfo, LedgerEvent, SpendRow, Tenant, from_row
+from .canonical import GENESIS, ChainVerifier, VerifyResult
+from .model import Content, EventFilter, KeyInfo, LedgerEvent, SpendRow, Tenant, from_row
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "migrations")
 
@@ -497,6 +498,177 @@ class Store:
                     totals[key] = totals.get(key, 0) + int(cost)
             after = rows[-1][0]
 
+    async def settled_reservations(
+        self, tenant_id: str, reservation_ids: Iterable[str]
+    ) -> dict[str, str]:
+        """{reservation_id: event_id} for those of ``reservation_ids`` an event in the
+        ledger settled (record, release or expiry): at restart, a hold whose event
+        committed just before a crash must not be restored and charged again. One
+        indexed query per 500 ids; the first event (lowest seq) wins."""
+        ids = sorted({r for r in reservation_ids if r})
+        ev = S.events
+        out: dict[str, str] = {}
+        async with self.engine.connect() as conn:
+            for i in range(0, len(ids), 500):
+                rows = (
+                    await conn.execute(
+                        sa.select(ev.c.reservation_id, ev.c.event_id)
+                        .where(ev.c.tenant_id == tenant_id,
+                               ev.c.reservation_id.in_(ids[i : i + 500]))
+                        .order_by(ev.c.seq.desc())
+                    )
+                ).all()
+                for rid, event_id in rows:  # descending: the first event is set last
+                    out[rid] = event_id
+        return out
+
+    # -- hash chain (canonical.py) ------------------------------------------------------
+
+    async def chain_head(self, tenant_id: str) -> tuple[int, str]:
+        """(chain_index, chain_hash) of the tenant's last chained event; (0, GENESIS)
+        for a tenant with no events."""
+        ev = S.events
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(ev.c.chain_index, ev.c.chain_hash)
+                    .where(ev.c.tenant_id == tenant_id, ev.c.chain_index.is_not(None))
+                    .order_by(ev.c.chain_index.desc())
+                    .limit(1)
+                )
+            ).first()
+        return (0, GENESIS) if row is None else (int(row[0]), row[1])
+
+    async def verify_chain(self, tenant_id: str, *, batch: int = 5000) -> VerifyResult:
+        """Walk the tenant's events by chain_index and recompute every link; names the
+        first bad position (a modified, deleted, inserted or reordered event). Events
+        without a chain position (written around the writer) fail it too."""
+        ev = S.events
+        async with self.engine.connect() as conn:
+            unchained = (
+                await conn.execute(
+                    sa.select(ev.c.event_id, ev.c.seq)
+                    .where(ev.c.tenant_id == tenant_id, ev.c.chain_index.is_(None))
+                    .order_by(ev.c.seq)
+                    .limit(1)
+                )
+            ).first()
+
+        walker = ChainVerifier()
+        after = 0
+        while True:
+            async with self.engine.connect() as conn:
+                page = (
+                    await conn.execute(
+                        sa.select(ev)
+                        .where(ev.c.tenant_id == tenant_id, ev.c.chain_index > after)
+                        .order_by(ev.c.chain_index)
+                        .limit(batch)
+                    )
+                ).mappings().all()
+            for row in page:
+                if not walker.feed(from_row(row)):
+                    return walker.result()
+            if len(page) < batch:
+                break
+            after = int(page[-1]["chain_index"])
+        result = walker.result()
+        if result.ok and unchained is not None:
+            event_id, _seq = unchained
+            return VerifyResult(False, result.count, result.head, result.count + 1,
+                                f"event {event_id!r} has no chain position (inserted "
+                                "outside the ledger's writer)")
+        return result
+
+    # -- contents (redacted_trace / full_trace) -------------------------------------------
+
+    async def put_contents(self, rows: Iterable[Content]) -> int:
+        """Upsert content rows (``Content`` with tenant_id and event_id set); returns how
+        many. The writer does this itself for ``LedgerEvent.contents``, in the event's
+        transaction; this is for content that arrives later (a streamed response)."""
+        values = []
+        for i, c in enumerate(rows):
+            if not isinstance(c, Content):
+                raise InvalidArgument(f"rows[{i}]", "must be a Content")
+            c.validate(f"rows[{i}]")
+            if not c.tenant_id or not c.event_id:
+                raise InvalidArgument(f"rows[{i}].event_id", "tenant_id and event_id are required")
+            values.append({
+                "tenant_id": c.tenant_id, "event_id": c.event_id, "kind": c.kind,
+                "mode": int(c.mode), "text": c.text,
+                "created_ms": c.created_ms or self.now_ms(), "expires_ms": c.expires_ms,
+            })
+        if not values:
+            return 0
+        ct = S.contents
+        ins = self._insert(ct)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[ct.c.tenant_id, ct.c.event_id, ct.c.kind],
+            set_={c: ins.excluded[c] for c in ("mode", "text", "created_ms", "expires_ms")},
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt, values)
+        return len(values)
+
+    async def get_contents(self, tenant_id: str, event_id: str) -> list[Content]:
+        """The event's content rows (prompt before response); [] when none is kept."""
+        ct = S.contents
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(ct).where(ct.c.tenant_id == tenant_id, ct.c.event_id == event_id)
+                )
+            ).mappings().all()
+        out = [
+            Content(kind=r["kind"], text=r["text"], mode=int(r["mode"]),
+                    expires_ms=int(r["expires_ms"]), created_ms=int(r["created_ms"]),
+                    tenant_id=r["tenant_id"], event_id=r["event_id"])
+            for r in rows
+        ]
+        return sorted(out, key=lambda c: S.CONTENT_KINDS.index(c.kind))
+
+    async def purge_contents(self, now_ms: int | None = None) -> int:
+        """Delete every content row whose retention ended (0 < expires_ms <= now);
+        returns how many. The ledger and its hash chain are untouched."""
+        now = self.now_ms() if now_ms is None else now_ms
+        ct = S.contents
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                ct.delete().where(ct.c.expires_ms > 0, ct.c.expires_ms <= now)
+            )
+        return int(res.rowcount)
+
+    async def find_duplicate(
+        self,
+        tenant_id: str,
+        owners: Mapping[str, str] | tuple,
+        fingerprint: str,
+        since_ms: int,
+        *,
+        field: str = "prompt",
+    ) -> str | None:
+        """The event_id of the earliest event of the same owners (all six dimensions
+        equal; absent = "") with this prompt (or ``field="response"``) fingerprint at
+        or after ``since_ms``, or None. Reads the (tenant_id, prompt_fingerprint) index."""
+        if field not in ("prompt", "response"):
+            raise InvalidArgument("field", "must be 'prompt' or 'response'")
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise InvalidArgument("fingerprint", "must be a non-empty str")
+        if not isinstance(since_ms, int) or since_ms < 0:
+            raise InvalidArgument("since_ms", "must be an int >= 0")
+        owner_values = _owner_tuple(owners)
+        ev = S.events
+        col = ev.c.prompt_fingerprint if field == "prompt" else ev.c.response_fingerprint
+        where = [ev.c.tenant_id == tenant_id, col == fingerprint, ev.c.event_ms >= since_ms]
+        where += [ev.c[dim] == value for dim, value in zip(OWNER_KEYS, owner_values)]
+        async with self.engine.connect() as conn:
+            return (
+                await conn.execute(
+                    sa.select(ev.c.event_id).where(*where)
+                    .order_by(ev.c.event_ms, ev.c.seq).limit(1)
+                )
+            ).scalar()
+
     # -- ledger queries ------------------------------------------------------------------
 
     async def get_event(self, tenant_id: str, event_id: str) -> LedgerEvent | None:
@@ -585,27 +757,37 @@ class Store:
     ) -> tuple[list[SpendRow], str]:
         """Spend grouped by ``group_by``, most expensive group first.
 
-        Reads rollups_hourly when it can answer exactly (no label or kind condition,
-        hour-aligned time bounds), else events; ``source`` ("auto", "rollups",
-        "events") forces one for tests and verification. Pages by offset."""
+        Reads the smallest table that answers exactly: spend_daily for customer /
+        day / month groups with at most a customer filter and day-aligned bounds,
+        else rollups_hourly (no label or kind condition, hour-aligned bounds), else
+        events; ``source`` ("auto", "daily", "rollups", "events") forces one for tests
+        and verification (InvalidArgument "source" when it cannot answer). Pages by
+        offset."""
         flt = flt or EventFilter()
         groups = Q.check_group_by(group_by)
         size = Q.page_size_of(page_size)
         offset = Q.decode_token(page_token, "s") or 0
         if source == "auto":
-            from_rollups = Q.rollups_can_answer(flt)
+            if Q.daily_can_answer(flt, groups):
+                source = "daily"
+            elif Q.rollups_can_answer(flt):
+                source = "rollups"
+            else:
+                source = "events"
         elif source == "rollups":
             if not Q.rollups_can_answer(flt):
                 raise InvalidArgument(
                     "source", "rollups cannot answer label/kind filters or unaligned hours"
                 )
-            from_rollups = True
-        elif source == "events":
-            from_rollups = False
-        else:
-            raise InvalidArgument("source", "must be 'auto', 'rollups' or 'events'")
+        elif source == "daily":
+            if not Q.daily_can_answer(flt, groups):
+                raise InvalidArgument(
+                    "source", "spend_daily answers customer/day/month groups and "
+                    "customer filters on whole UTC days only")
+        elif source != "events":
+            raise InvalidArgument("source", "must be 'auto', 'daily', 'rollups' or 'events'")
         stmt = Q.spend_select(
-            self.dialect, tenant_id, flt, groups, from_rollups=from_rollups,
+            self.dialect, tenant_id, flt, groups, source=source,
             limit=size + 1, offset=offset,
         )
         async with self.engine.connect() as conn:
@@ -613,6 +795,21 @@ class Store:
         more = len(rows) > size
         out = Q.spend_rows(rows[:size], groups)
         return out, Q.encode_token("s", offset + size) if more else ""
+
+
+def _owner_tuple(owners) -> tuple[str, ...]:
+    if isinstance(owners, Mapping):
+        unknown = [k for k in owners if k not in OWNER_KEYS]
+        if unknown:
+            raise InvalidArgument("owners", f"unknown owner dimension {unknown[0]!r}")
+        values = tuple(owners.get(dim) or "" for dim in OWNER_KEYS)
+    elif isinstance(owners, (tuple, list)) and len(owners) == len(OWNER_KEYS):
+        values = tuple(v or "" for v in owners)
+    else:
+        raise InvalidArgument("owners", "a mapping of owner dimensions or a 6-tuple")
+    if any(type(v) is not str for v in values):
+        raise InvalidArgument("owners", "values must be str")
+    return values
 
 
 def _check_scopes(scopes) -> frozenset[str]:

@@ -23,7 +23,7 @@ from p402core._enums import (
     PrivacyMode,
 )
 
-from .schema import KINDS
+from .schema import CONTENT_KINDS, KINDS
 
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
@@ -48,6 +48,7 @@ _INT_FIELDS = (
     "evidence",
     "privacy_mode",
     "attempt",
+    "chain_index",
 )
 _STR_FIELDS = (
     "tenant_id",
@@ -62,6 +63,37 @@ _STR_FIELDS = (
 )
 
 
+class Content(NamedTuple):
+    """A prompt or response kept under redacted_trace / full_trace (DESIGN §8): one
+    row of the ``contents`` table, written in the same transaction as its event.
+
+    On ``LedgerEvent.contents`` the writer fills ``tenant_id`` and ``event_id`` from
+    the event (leave them ""), and ``created_ms`` from its recorded_ms when 0.
+    ``expires_ms`` 0 = kept until deleted; else ``purge_contents(now)`` removes it
+    once ``expires_ms <= now``. ``mode`` is the PrivacyMode it was kept under."""
+
+    kind: str
+    text: str
+    mode: int = 0
+    expires_ms: int = 0
+    created_ms: int = 0
+    tenant_id: str = ""
+    event_id: str = ""
+
+    def validate(self, field: str = "contents") -> None:
+        if self.kind not in CONTENT_KINDS:
+            raise InvalidArgument(f"{field}.kind", f"must be one of {', '.join(CONTENT_KINDS)}")
+        if type(self.text) is not str:
+            raise InvalidArgument(f"{field}.text", "must be a str")
+        for name in ("mode", "expires_ms", "created_ms"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= INT64_MAX:
+                raise InvalidArgument(f"{field}.{name}", "must be an int >= 0")
+        for name in ("tenant_id", "event_id"):
+            if type(getattr(self, name)) is not str:
+                raise InvalidArgument(f"{field}.{name}", "must be a str")
+
+
 @dataclass(slots=True)
 class LedgerEvent:
     """One economic event as the ledger stores it (DESIGN §3); one events row.
@@ -71,6 +103,12 @@ class LedgerEvent:
     ``budget_charges`` lists ``(budget_id, period_start_ms)`` the cost was committed
     to: the writer adds ``cost_nanos`` to each in budget_periods in the same
     transaction as the event.
+
+    ``chain_index`` / ``chain_hash`` are the event's place in its tenant's hash chain
+    (canonical.py); the writer assigns both at commit (whatever the caller set).
+    ``contents`` is not a column: ``Content`` rows the writer puts in the contents
+    table in the event's transaction (only when the event is new). It is left out of
+    ``to_dict``, ``repr`` and equality, so content never reaches logs or exports.
     """
 
     tenant_id: str
@@ -111,6 +149,10 @@ class LedgerEvent:
     chain_hash: str | None = None
     budget_charges: tuple[tuple[str, int], ...] = ()
     seq: int = 0
+    chain_index: int = 0
+    prompt_fingerprint: str | None = None
+    response_fingerprint: str | None = None
+    contents: tuple[Content, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def owners(self) -> dict[str, str]:
@@ -121,6 +163,8 @@ class LedgerEvent:
         """JSON-ready dict of every field (tuples become lists)."""
         out: dict[str, Any] = {}
         for f in fields(self):
+            if f.name == "contents":  # never: content stays out of logs and exports
+                continue
             value = getattr(self, f.name)
             if f.name == "labels":
                 value = dict(value)
@@ -145,6 +189,8 @@ class LedgerEvent:
                 value = tuple((str(b), int(p)) for b, p in value)
             elif key == "labels":
                 value = dict(value)
+            elif key == "contents":
+                value = tuple(c if isinstance(c, Content) else Content(**c) for c in value)
             kw[key] = value
         return cls(**kw)
 
@@ -167,6 +213,9 @@ class LedgerEvent:
             and self.event_ms >= 0
             and type(self.duplicate_of) in _OPT_STR
             and type(self.chain_hash) in _OPT_STR
+            and type(self.prompt_fingerprint) in _OPT_STR
+            and type(self.response_fingerprint) in _OPT_STR
+            and not self.contents
             and type(self.labels) is dict
             and len(self.labels) <= MAX_LABELS
             and _STR_ONLY.issuperset(map(type, self.labels))
@@ -198,9 +247,25 @@ class LedgerEvent:
                 raise InvalidArgument(name, "out of int64 range")
         if self.event_ms < 0:
             raise InvalidArgument("event_ms", "must be >= 0")
-        for name in ("duplicate_of", "chain_hash"):
-            if type(getattr(self, name)) not in _OPT_STR:
+        for name in ("duplicate_of", "chain_hash", "prompt_fingerprint", "response_fingerprint"):
+            value = getattr(self, name)
+            if type(value) not in _OPT_STR:
                 raise InvalidArgument(name, "must be a str or None")
+            if value is not None and len(value) > MAX_STRING:
+                raise InvalidArgument(name, f"longer than {MAX_STRING} characters")
+        if not isinstance(self.contents, (tuple, list)):
+            raise InvalidArgument("contents", "must be a tuple of Content")
+        for i, c in enumerate(self.contents):
+            if not isinstance(c, Content):
+                raise InvalidArgument(f"contents[{i}]", "must be a Content")
+            c.validate(f"contents[{i}]")
+            if c.event_id and c.event_id != self.event_id:
+                raise InvalidArgument(f"contents[{i}].event_id", "must be the event's (or empty)")
+            if c.tenant_id and c.tenant_id != self.tenant_id:
+                raise InvalidArgument(f"contents[{i}].tenant_id", "must be the event's (or empty)")
+        kinds = [c.kind for c in self.contents]
+        if len(set(kinds)) != len(kinds):
+            raise InvalidArgument("contents", "at most one content per kind")
         if not isinstance(self.labels, dict):
             raise InvalidArgument("labels", "must be a dict of str to str")
         if len(self.labels) > MAX_LABELS:
@@ -306,8 +371,11 @@ PLAIN_COLUMNS = (
     "retry_of",
     "catalog_version",
     "duplicate_of",
-    "chain_hash",
+    "prompt_fingerprint",
+    "response_fingerprint",
 )
+# Assigned by the writer at commit; last, so it can append them to the other values.
+CHAIN_COLUMNS = ("chain_index", "chain_hash")
 EVENT_COLUMNS = (
     *PLAIN_COLUMNS,
     "labels",
@@ -315,11 +383,18 @@ EVENT_COLUMNS = (
     "rule_ids",
     "budget_ids",
     "budget_charges",
+    *CHAIN_COLUMNS,
 )
 
 
 def to_values(ev: LedgerEvent) -> tuple:
-    """The events-row values of an event, in ``EVENT_COLUMNS`` order (without seq).
+    """The events-row values of an event, in ``EVENT_COLUMNS`` order (without seq);
+    a chain_index of 0 (not chained yet) is NULL."""
+    return unchained_values(ev) + (ev.chain_index or None, ev.chain_hash)
+
+
+def unchained_values(ev: LedgerEvent) -> tuple:
+    """``to_values`` without the trailing CHAIN_COLUMNS (the writer appends them).
 
     Written out by hand: it runs once per event on the write path."""
     dumps = _cached_json
@@ -356,7 +431,8 @@ def to_values(ev: LedgerEvent) -> tuple:
         ev.retry_of,
         ev.catalog_version,
         ev.duplicate_of,
-        ev.chain_hash,
+        ev.prompt_fingerprint,
+        ev.response_fingerprint,
         _labels_json(ev.labels) if ev.labels else "{}",
         dumps(ev.reasons) if ev.reasons else "[]",
         dumps(ev.rule_ids) if ev.rule_ids else "[]",
@@ -402,6 +478,8 @@ def from_row(row: Mapping[str, Any]) -> LedgerEvent:
     """A LedgerEvent from an events row mapping (as selected by the store)."""
     kw = {name: row[name] for name in PLAIN_COLUMNS}
     kw["seq"] = int(row["seq"])
+    kw["chain_index"] = int(row["chain_index"] or 0)
+    kw["chain_hash"] = row["chain_hash"]
     kw["labels"] = _loads(row["labels"])
     kw["reasons"] = tuple(_loads(row["reasons"]))
     kw["rule_ids"] = tuple(_loads(row["rule_ids"]))
@@ -452,7 +530,8 @@ class SpendRow:
     """One group of a spend query: the group's values and its sums.
 
     ``group`` maps each group_by name to its value (``day``/``hour``/``month`` to the
-    bucket's start in Unix ms, UTC). ``margin_nanos`` = revenue − cost.
+    bucket's start in Unix ms, UTC; ``outcome``/``decision``/``evidence`` to the enum
+    member's name, e.g. "SUCCESS"). ``margin_nanos`` = revenue − cost.
     """
 
     group: dict[str, Any]
@@ -514,6 +593,9 @@ class WriteResult(NamedTuple):
 
 __all__ = [
     "LedgerEvent",
+    "Content",
+    "CHAIN_COLUMNS",
+    "unchained_values",
     "EventFilter",
     "SpendRow",
     "KeyInfo",

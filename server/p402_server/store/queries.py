@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from p402core._enums import OWNER_KEYS, InvalidArgument
+from p402core._enums import OWNER_KEYS, Decision, Evidence, InvalidArgument, Outcome
 
 from . import schema as S
 from .model import EventFilter, SpendRow
@@ -31,6 +31,19 @@ MAX_PAGE_SIZE = 1000
 # What a spend query may group by.
 TIME_GROUPS = ("hour", "day", "month")
 GROUPS = (*OWNER_KEYS, "provider", "model", "outcome", "decision", "evidence", *TIME_GROUPS)
+
+# Group values of these are the enum's NAME ("ALLOW", "SUCCESS", "REPORTED"), as on the
+# wire and in the CLI: one name for one concept. A number no enum member has (a newer
+# server's value in an older reader) stays its decimal text.
+ENUM_GROUPS = {"outcome": Outcome, "decision": Decision, "evidence": Evidence}
+
+
+def _enum_name(cls, value) -> str:
+    try:
+        return cls(int(value)).name
+    except ValueError:
+        return str(int(value))
+
 
 SPEND_SUMS = (
     "events",
@@ -131,6 +144,29 @@ def event_conditions(dialect: str, tenant_id: str, flt: EventFilter):
     return conditions(S.events, dialect, tenant_id, flt, time_col="event_ms")
 
 
+# What spend_daily keeps: the customer and the UTC day.
+DAILY_GROUPS = frozenset({"customer", "day", "month"})
+
+
+def daily_can_answer(flt: EventFilter, group_by) -> bool:
+    """True when spend_daily (per tenant, UTC day and customer) gives exactly what
+    events would: grouping by customer/day/month only, filtering by nothing but
+    day-aligned time bounds and the customer."""
+    return (
+        DAILY_GROUPS.issuperset(group_by)
+        and not flt.labels
+        and not flt.kinds
+        and not flt.models
+        and not flt.providers
+        and not flt.outcomes
+        and not flt.decisions
+        and not flt.evidences
+        and all(dim == "customer" for dim in flt.owners)
+        and flt.since_ms % DAY_MS == 0
+        and flt.until_ms % DAY_MS == 0
+    )
+
+
 def rollups_can_answer(flt: EventFilter) -> bool:
     """True when rollups_hourly gives exactly what events would (see module docstring)."""
     return (
@@ -163,14 +199,18 @@ def _month_start(dialect: str, ms):
     return sa.cast(sa.extract("epoch", sa.func.date_trunc("month", ts)) * _lit(1000), sa.BigInteger)
 
 
-def _group_expr(name: str, table: sa.Table, dialect: str, from_rollups: bool):
+_TIME_COL = {"events": "event_ms", "rollups": "hour_ms", "daily": "day_ms"}
+_TABLE = {"events": S.events, "rollups": S.rollups_hourly, "daily": S.spend_daily}
+
+
+def _group_expr(name: str, table: sa.Table, dialect: str, source: str):
     c = table.c
     if name in TIME_GROUPS:
-        ms = c.hour_ms if from_rollups else c.event_ms
+        ms = c[_TIME_COL[source]]
         if name == "hour":
-            return ms if from_rollups else ms - ms % _lit(HOUR_MS)
+            return ms if source == "rollups" else ms - ms % _lit(HOUR_MS)
         if name == "day":
-            return ms - ms % _lit(DAY_MS)
+            return ms if source == "daily" else ms - ms % _lit(DAY_MS)
         return _month_start(dialect, ms)
     return c[name]
 
@@ -195,21 +235,21 @@ def spend_select(
     flt: EventFilter,
     group_by: list[str],
     *,
-    from_rollups: bool,
+    source: str,
     limit: int | None,
     offset: int,
 ):
-    """SELECT group values and sums, ordered by cost desc then the groups."""
+    """SELECT group values and sums, ordered by cost desc then the groups. ``source``:
+    "events", "rollups" (rollups_hourly) or "daily" (spend_daily); the caller checked
+    that the table can answer (rollups_can_answer / daily_can_answer)."""
     flt.validate()
-    if from_rollups:
-        table = S.rollups_hourly
-        where = conditions(table, dialect, tenant_id, flt, time_col="hour_ms")
-        sums = [sa.func.sum(table.c[name]) for name in SPEND_SUMS]
-    else:
-        table = S.events
-        where = conditions(table, dialect, tenant_id, flt, time_col="event_ms")
+    table = _TABLE[source]
+    where = conditions(table, dialect, tenant_id, flt, time_col=_TIME_COL[source])
+    if source == "events":
         sums = [sa.func.count()] + [sa.func.sum(table.c[name]) for name in SPEND_SUMS[1:]]
-    groups = [_group_expr(g, table, dialect, from_rollups).label(f"g_{g}") for g in group_by]
+    else:
+        sums = [sa.func.sum(table.c[name]) for name in SPEND_SUMS]
+    groups = [_group_expr(g, table, dialect, source).label(f"g_{g}") for g in group_by]
     sums = [s.label(name) for s, name in zip(sums, SPEND_SUMS)]
     stmt = sa.select(*groups, *sums).select_from(table).where(*where)
     n = len(groups)
@@ -230,8 +270,12 @@ def spend_rows(result_rows, group_by: list[str]) -> list[SpendRow]:
     for row in result_rows:
         group: dict[str, Any] = {}
         for name, value in zip(group_by, row[:n]):
-            group[name] = int(value) if name in TIME_GROUPS or name in (
-                "outcome", "decision", "evidence") else value
+            if name in TIME_GROUPS:
+                group[name] = int(value)
+            elif name in ENUM_GROUPS:
+                group[name] = _enum_name(ENUM_GROUPS[name], value)
+            else:
+                group[name] = value
         # PostgreSQL's sum(bigint) is numeric (Decimal); int() is exact.
         sums = [int(v or 0) for v in row[n:]]
         if sums[0] == 0:  # the no-group aggregate over nothing
@@ -250,6 +294,7 @@ __all__ = [
     "decode_token",
     "event_conditions",
     "rollups_can_answer",
+    "daily_can_answer",
     "spend_select",
     "spend_rows",
     "check_group_by",

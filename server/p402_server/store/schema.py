@@ -138,10 +138,27 @@ events = sa.Table(
     _str("catalog_version"),
     sa.Column("duplicate_of", sa.String(), nullable=True),
     sa.Column("chain_hash", sa.String(), nullable=True),
+    # Migration 0002: the event's position in its tenant's hash chain (1, 2, …; the
+    # writer assigns it with chain_hash; canonical.py) and the content fingerprints
+    # (hex, salted; fingerprint_only and above) that find_duplicate looks up.
+    sa.Column("chain_index", sa.BigInteger(), nullable=True),
+    sa.Column("prompt_fingerprint", sa.String(), nullable=True),
+    sa.Column("response_fingerprint", sa.String(), nullable=True),
     sa.UniqueConstraint("tenant_id", "event_id"),
     sa.Index(None, "tenant_id", "event_ms"),
     sa.Index(None, "tenant_id", "customer", "event_ms"),
     sa.Index(None, "tenant_id", "reservation_id"),
+    # One event per chain position (a second writer cannot fork the chain), and the
+    # head lookup (ORDER BY chain_index DESC LIMIT 1).
+    sa.Index("uq_events_tenant_id_chain_index", "tenant_id", "chain_index", unique=True),
+    # Partial: events without fingerprints (metadata_only, the default) cost nothing.
+    sa.Index(
+        None,
+        "tenant_id",
+        "prompt_fingerprint",
+        sqlite_where=sa.text("prompt_fingerprint IS NOT NULL"),
+        postgresql_where=sa.text("prompt_fingerprint IS NOT NULL"),
+    ),
 )
 
 # The dimensions of an hourly rollup row, after tenant_id and hour_ms.
@@ -175,6 +192,48 @@ rollups_hourly = sa.Table(
     sa.UniqueConstraint(*ROLLUP_KEY, name="uq_rollups_hourly_key"),
 )
 
+# Daily spend per customer (migration 0002): the billing question ("what did each
+# customer cost this month") must not scan one hourly rollup row per (customer,
+# feature, model, …) combination, which at realistic cardinality is close to one per
+# event. Same sums, one row per (tenant, UTC day, customer); written by the writer in
+# the same transaction as the events and hourly rollups.
+SPEND_DAILY_KEY = ("tenant_id", "day_ms", "customer")
+
+spend_daily = sa.Table(
+    "spend_daily",
+    metadata,
+    sa.Column("tenant_id", sa.String(), nullable=False),
+    sa.Column("day_ms", sa.BigInteger(), nullable=False),
+    _str("customer"),
+    *[_int(name) for name in ROLLUP_SUMS],
+    # The key is the primary key and, on SQLite, the table is WITHOUT ROWID: a month's
+    # rows are one sequential range of the key's b-tree, sums included (no row
+    # lookup per index entry).
+    sa.PrimaryKeyConstraint(*SPEND_DAILY_KEY, name="pk_spend_daily"),
+    sqlite_with_rowid=False,
+)
+
+# Content kinds (column `kind` of contents).
+CONTENT_KINDS = ("prompt", "response")
+
+# Prompts and responses kept under redacted_trace / full_trace (DESIGN §8): their own
+# table with their own retention, so metadata queries and exports never read them and
+# a purge never touches the ledger (or its hash chain). Migration 0002.
+contents = sa.Table(
+    "contents",
+    metadata,
+    sa.Column("tenant_id", sa.String(), primary_key=True),
+    sa.Column("event_id", sa.String(), primary_key=True),
+    sa.Column("kind", sa.String(), primary_key=True),
+    # The privacy mode it was kept under (PrivacyMode value).
+    _enum("mode"),
+    sa.Column("text", sa.Text(), nullable=False),
+    sa.Column("created_ms", sa.BigInteger(), nullable=False),
+    # 0 = no expiry; purge_contents(now) deletes rows with 0 < expires_ms <= now.
+    sa.Column("expires_ms", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Index(None, "expires_ms"),
+)
+
 budget_periods = sa.Table(
     "budget_periods",
     metadata,
@@ -204,7 +263,11 @@ __all__ = [
     "rollups_hourly",
     "budget_periods",
     "holds",
+    "contents",
+    "spend_daily",
+    "SPEND_DAILY_KEY",
     "KINDS",
+    "CONTENT_KINDS",
     "ROLLUP_DIMS",
     "ROLLUP_SUMS",
     "ROLLUP_KEY",

@@ -8,8 +8,21 @@ transaction that
 1. inserts the batch's new events (``INSERT … ON CONFLICT (tenant_id, event_id) DO
    NOTHING``) and learns their ``seq``,
 2. upserts the hourly rollups of the events really inserted, aggregated in Python
-   first (one row per key per batch: ``x = x + excluded.x``), and
-3. upserts ``budget_periods`` from their ``budget_charges``.
+   first (one row per key per batch: ``x = x + excluded.x``), and from those the
+   daily spend per customer (``spend_daily``),
+3. upserts ``budget_periods`` from their ``budget_charges``,
+4. puts the new events' ``contents`` (if any) in the contents table,
+
+and gives every new event its place in its tenant's hash chain (canonical.py):
+``chain_index`` = the tenant's head index + 1 and ``chain_hash`` = SHA-256(head hash
+|| canonical bytes), in batch order. The canonical bytes are built when the batch
+forms (off the transaction); only the SHA-256 steps run inside it. The head of each
+tenant is read inside the transaction, after its write lock: on SQLite ``BEGIN
+IMMEDIATE`` serialises every writer, and the writer keeps the heads in memory as long
+as ``max(seq)`` shows nobody else committed since its own last batch; on PostgreSQL a
+per-tenant ``pg_advisory_xact_lock(hashtext(tenant_id))`` (taken in tenant order)
+serialises the writers of a tenant across processes, and the head is read under it.
+A unique (tenant_id, chain_index) index makes a forked chain impossible regardless.
 
 Transactions run one at a time and in queue order; the next batch forms (and is
 converted) while the previous one commits.
@@ -41,6 +54,7 @@ lost silently.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import operator
 import time
@@ -50,11 +64,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import schema as S
-from .model import EVENT_COLUMNS, LedgerEvent, WriteResult, from_row, to_values
+from .canonical import canonical_bytes
+from .model import EVENT_COLUMNS, LedgerEvent, WriteResult, from_row, unchained_values
 
 log = logging.getLogger("p402.store.writer")
 
 HOUR_MS = 3_600_000
+# A batch of at least twice this many, with no transaction in flight, is split in two
+# so that two transactions overlap (see _loop_forever).
+PIPELINE_MIN = 64
 
 
 @dataclass
@@ -126,6 +144,8 @@ class GroupCommitWriter:
         self._epoch = _Epoch()
         self._epochs: list[_Epoch] = [self._epoch]
         self._wakeup: asyncio.Event | None = None
+        # Set while the loop waits for arrivals during a commit (see _loop_forever).
+        self._arrival: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -191,6 +211,9 @@ class GroupCommitWriter:
         epoch.outstanding += 1  # _enqueue, inlined: this runs once per Record
         self._queue.append(_Item(event, fut, epoch))
         self._wakeup.set()  # type: ignore[union-attr]
+        arrival = self._arrival
+        if arrival is not None and not arrival.done():
+            arrival.set_result(None)
         return await fut
 
     def write_behind(self, event: LedgerEvent) -> None:
@@ -208,6 +231,9 @@ class GroupCommitWriter:
         self._queue.append(item)
         assert self._wakeup is not None
         self._wakeup.set()
+        arrival = self._arrival
+        if arrival is not None and not arrival.done():
+            arrival.set_result(None)
 
     def _settle(self, item: _Item) -> None:
         ep = item.epoch
@@ -244,15 +270,39 @@ class GroupCommitWriter:
         inflight: asyncio.Future | None = None  # the transaction on its way to disk
         while True:
             if queue:
+                max_batch = self.max_batch
                 if inflight is None:
                     await self._gather_window()
-                take = min(len(queue), self.max_batch)
+                    take = min(len(queue), max_batch)
+                    if take >= 2 * PIPELINE_MIN:
+                        # Nothing is on its way to disk: send half now and convert the
+                        # other half while it commits. Two transactions in the pipe
+                        # overlap the database's work (which releases the GIL) with
+                        # the Python work of the next batch and its callers.
+                        take = (take + 1) // 2
+                else:
+                    take = min(len(queue), max_batch)
                 batch = _Batch(self.store.now_ms())
                 batch.add(queue[:take])
                 del queue[:take]
                 if inflight is not None:
-                    # This batch was formed and converted while the previous one was
-                    # committing; transactions still run one at a time, in order.
+                    # Keep adding (and converting) arrivals to this batch while the
+                    # previous one commits; transactions still run one at a time, in
+                    # order.
+                    while not inflight.done() and len(batch.items) < max_batch:
+                        if not queue:
+                            # One plain future, resolved by the next write() or by the
+                            # commit, whichever comes first (no task per wait).
+                            arrival = self._loop.create_future()
+                            self._arrival = arrival
+                            inflight.add_done_callback(
+                                lambda _f, a=arrival: a.done() or a.set_result(None))
+                            await arrival
+                            self._arrival = None
+                        room = max_batch - len(batch.items)
+                        if queue and room > 0:
+                            batch.add(queue[:room])
+                            del queue[:room]
                     await inflight
                 inflight = asyncio.ensure_future(self._commit_batch(batch))
                 continue
@@ -348,13 +398,15 @@ class GroupCommitWriter:
         if batch.error is not None:
             raise batch.error
         unique, slot = batch.unique, batch.slot
-        seqs, existing = await self._ops.write_batch(unique, batch.values)
+        seqs, existing, links = await self._ops.write_batch(unique, batch.values, batch.canon)
 
         inserted = 0
         for ev in unique:
-            seq = seqs.get((ev.tenant_id, ev.event_id))
+            key = (ev.tenant_id, ev.event_id)
+            seq = seqs.get(key)
             if seq is not None:
                 ev.seq = seq
+                ev.chain_index, ev.chain_hash = links[key]
                 inserted += 1
         self.stats.events += inserted
         self.stats.duplicates += len(slot) - inserted
@@ -378,21 +430,22 @@ class _Batch:
     """The items of one transaction, deduplicated by (tenant_id, event_id) and turned
     into row values as they are added (possibly while the previous batch commits)."""
 
-    __slots__ = ("now", "items", "unique", "slot", "values", "first_of", "error")
+    __slots__ = ("now", "items", "unique", "slot", "values", "canon", "first_of", "error")
 
     def __init__(self, now_ms: int):
         self.now = now_ms
         self.items: list[_Item] = []
         self.unique: list[LedgerEvent] = []
         self.slot: list[int] = []  # per item: index into `unique`
-        self.values: list[tuple] = []  # per unique event
+        self.values: list[tuple] = []  # per unique event, without the chain columns
+        self.canon: list[bytes] = []  # per unique event: canonical_bytes
         self.first_of: dict[tuple[str, str], int] = {}
         self.error: Exception | None = None
 
     def add(self, items: list[_Item]) -> None:
         self.items.extend(items)
-        now, first_of, unique, slot, values = (
-            self.now, self.first_of, self.unique, self.slot, self.values)
+        now, first_of, unique, slot, values, canon = (
+            self.now, self.first_of, self.unique, self.slot, self.values, self.canon)
         try:
             for item in items:
                 ev = item.event
@@ -405,7 +458,8 @@ class _Batch:
                 if idx is None:
                     idx = first_of[key] = len(unique)
                     unique.append(ev)
-                    values.append(to_values(ev))
+                    values.append(unchained_values(ev))
+                    canon.append(canonical_bytes(ev))
                 slot.append(idx)
         except Exception as exc:  # validated events cannot fail here; if one does,
             self.error = exc  # the whole batch fails like a failed transaction
@@ -413,6 +467,64 @@ class _Batch:
 
 Seqs = dict[tuple[str, str], int]
 Existing = dict[tuple[str, str], LedgerEvent]
+# (tenant_id, event_id) -> (chain_index, chain_hash) of each event the batch inserted
+Links = dict[tuple[str, str], tuple[int, str]]
+# tenant_id -> (head chain hash as 32 raw bytes, head chain_index); GENESIS = (0*32, 0)
+Heads = dict[str, tuple[bytes, int]]
+
+_GENESIS_HEAD = (bytes(32), 0)
+_sha256 = hashlib.sha256
+
+
+def _chain(
+    unique: list[LedgerEvent], values: list[tuple], canon: list[bytes], heads: Heads,
+    keep: list[int] | None = None,
+) -> tuple[list[tuple], Links, Heads]:
+    """Chain the events at positions ``keep`` (default: all) in order: their full row
+    values (chain columns appended), their links, and the tenants' new heads. ``heads``
+    must hold every tenant of those events; it is not modified."""
+    new_heads: Heads = {}
+    rows: list[tuple] = []
+    links: Links = {}
+    positions = range(len(unique)) if keep is None else keep
+    for i in positions:
+        tenant = unique[i].tenant_id
+        prev, index = new_heads.get(tenant) or heads[tenant]
+        prev = _sha256(prev + canon[i]).digest()
+        index += 1
+        new_heads[tenant] = (prev, index)
+        h = prev.hex()
+        rows.append(values[i] + (index, h))
+        links[(tenant, unique[i].event_id)] = (index, h)
+    return rows, links, new_heads
+
+
+_HEAD_SQL = (
+    "SELECT chain_index, chain_hash FROM events WHERE tenant_id = {p} "
+    "AND chain_index IS NOT NULL ORDER BY chain_index DESC LIMIT 1"
+)
+
+
+def _head_of(row) -> tuple[bytes, int]:
+    if row is None:
+        return _GENESIS_HEAD
+    index, h = row
+    return bytes.fromhex(h), int(index)
+
+
+def _content_rows(inserted: list[LedgerEvent]) -> list[tuple]:
+    """contents rows (tenant_id, event_id, kind, mode, text, created_ms, expires_ms) of
+    the new events that carry content."""
+    rows = []
+    for ev in inserted:
+        if ev.contents:
+            for c in ev.contents:
+                rows.append((ev.tenant_id, ev.event_id, c.kind, int(c.mode), c.text,
+                             c.created_ms or ev.recorded_ms, c.expires_ms))
+    return rows
+
+
+CONTENT_COLUMNS = ("tenant_id", "event_id", "kind", "mode", "text", "created_ms", "expires_ms")
 
 
 def _split(
@@ -450,7 +562,8 @@ class _SqliteSQL:
             "ON CONFLICT (tenant_id, event_id) DO NOTHING"
         )
         self.max_seq = "SELECT coalesce(max(seq), 0) FROM events"
-        self.new_since = "SELECT tenant_id, event_id, seq FROM events WHERE seq > ?"
+        self.undo = "DELETE FROM events WHERE seq > ?"
+        self.head = _HEAD_SQL.format(p="?")
         key, sums = S.ROLLUP_KEY, S.ROLLUP_SUMS
         self.rollups = (
             f"INSERT INTO rollups_hourly ({', '.join((*key, *sums))}) "
@@ -458,10 +571,24 @@ class _SqliteSQL:
             f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
             + ", ".join(f"{c} = rollups_hourly.{c} + excluded.{c}" for c in sums)
         )
+        dkey = S.SPEND_DAILY_KEY
+        self.daily = (
+            f"INSERT INTO spend_daily ({', '.join((*dkey, *sums))}) "
+            f"VALUES ({', '.join('?' * (len(dkey) + len(sums)))}) "
+            f"ON CONFLICT ({', '.join(dkey)}) DO UPDATE SET "
+            + ", ".join(f"{c} = spend_daily.{c} + excluded.{c}" for c in sums)
+        )
         self.periods = (
             "INSERT INTO budget_periods (tenant_id, budget_id, period_start_ms, committed_nanos) "
             "VALUES (?, ?, ?, ?) ON CONFLICT (tenant_id, budget_id, period_start_ms) DO UPDATE "
             "SET committed_nanos = budget_periods.committed_nanos + excluded.committed_nanos"
+        )
+        self.contents = (
+            f"INSERT INTO contents ({', '.join(CONTENT_COLUMNS)}) VALUES "
+            f"({', '.join('?' * len(CONTENT_COLUMNS))}) "
+            "ON CONFLICT (tenant_id, event_id, kind) DO UPDATE SET mode = excluded.mode, "
+            "text = excluded.text, created_ms = excluded.created_ms, "
+            "expires_ms = excluded.expires_ms"
         )
 
 
@@ -485,9 +612,15 @@ class _SqliteThreadOps:
 
     Inside BEGIN IMMEDIATE (the write lock held throughout), events go in with one
     ``executemany`` of INSERT … ON CONFLICT DO NOTHING (measured cheaper than a
-    multi-row INSERT … RETURNING). The new seqs follow from max(seq) before and after
-    when every event was new; otherwise they are read back as the rows above the
-    previous max(seq), and an event not among them was a duplicate."""
+    multi-row INSERT … RETURNING), chained on the assumption that every event is new.
+    When every event was new, the new seqs follow from max(seq) before and after.
+    When some were already in the table (a retry the server had forgotten: rare), the
+    rows just inserted are deleted again (they are exactly those above the previous
+    max(seq)), the existing events are read, and only the new ones are chained and
+    inserted, in the same transaction.
+
+    Chain heads are cached per tenant; the cache holds while max(seq) at the start of
+    a batch is what this writer left after its previous one (nobody else wrote)."""
 
     def __init__(self, url: sa.engine.URL) -> None:
         from .engine import _sqlite_pragmas
@@ -499,6 +632,8 @@ class _SqliteThreadOps:
         self._sql = _SqliteSQL()
         self._executor: Any = None
         self._conn: sa.Connection | None = None
+        self._heads: Heads = {}
+        self._last_seq = -1  # max(seq) after this writer's last commit
 
     async def start(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -519,47 +654,71 @@ class _SqliteThreadOps:
     def _run(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def write_batch(self, unique: list[LedgerEvent], values: list[tuple]) -> tuple[Seqs, Existing]:
-        return await self._run(self._write_sync, unique, values)
+    async def write_batch(
+        self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes]
+    ) -> tuple[Seqs, Existing, Links]:
+        return await self._run(self._write_sync, unique, values, canon)
 
-    def _write_sync(self, unique: list[LedgerEvent], values: list[tuple]) -> tuple[Seqs, Existing]:
+    def _heads_for(self, conn, unique: list[LedgerEvent]) -> Heads:
+        heads = self._heads
+        for ev in unique:
+            t = ev.tenant_id
+            if t not in heads:
+                heads[t] = _head_of(conn.exec_driver_sql(self._sql.head, (t,)).first())
+        return heads
+
+    def _write_sync(
+        self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes]
+    ) -> tuple[Seqs, Existing, Links]:
         conn = self._conn
         assert conn is not None
         sql = self._sql
         existing: Existing = {}
         with conn.begin():
             before = conn.exec_driver_sql(sql.max_seq).scalar_one()
-            count = self.insert_events(conn, values)
-            after = conn.exec_driver_sql(sql.max_seq).scalar_one()
-            if count == len(values) and after - before == count:
-                # Everything was new and took the seqs right above the old maximum:
-                # SQLite gives each new row max(rowid) + 1 (sqlite.org/autoinc.html), in
-                # insertion order, and the write lock kept every other writer out.
-                seqs: Seqs = {
-                    _EVENT_KEY(v): seq for seq, v in enumerate(values, before + 1)
-                }
-            else:  # duplicates were skipped: read the new rows back
-                seqs = {
-                    (t, e): seq
-                    for t, e, seq in conn.exec_driver_sql(sql.new_since, (before,))
-                }
-                if len(seqs) != count:  # another writer despite the lock: refuse to guess
+            if before != self._last_seq:  # another writer committed: heads may be stale
+                self._heads.clear()
+            heads = self._heads_for(conn, unique)
+            rows, links, new_heads = _chain(unique, values, canon, heads)
+            count = self.insert_events(conn, rows)
+            inserted, inserted_rows = unique, rows
+            if count != len(rows):
+                # Some were already in the ledger: undo, and chain only the new ones.
+                conn.exec_driver_sql(sql.undo, (before,))
+                keys = [(ev.tenant_id, ev.event_id) for ev in unique]
+                existing = _select_existing_sync(conn, keys, check=False)
+                keep = [i for i, k in enumerate(keys) if k not in existing]
+                rows, links, new_heads = _chain(unique, values, canon, heads, keep)
+                inserted = [unique[i] for i in keep]
+                inserted_rows = rows
+                count = self.insert_events(conn, rows) if rows else 0
+                if count != len(rows):
                     raise RuntimeError("store: events appeared that this batch did not insert")
-            inserted, inserted_values = unique, values
-            if count != len(unique):
-                inserted, inserted_values, missing = _split(unique, values, seqs)
-                existing = _select_existing_sync(conn, missing)
-            rollups = _aggregate_rollups(inserted_values, ordered=False)
-            if rollups:
+            after = conn.exec_driver_sql(sql.max_seq).scalar_one()
+            if after - before != count:  # another writer despite the lock: refuse to guess
+                raise RuntimeError("store: events appeared that this batch did not insert")
+            # Every new row took max(rowid) + 1 in insertion order (sqlite.org/autoinc.html)
+            # and the write lock kept every other writer out.
+            seqs: Seqs = {(ev.tenant_id, ev.event_id): seq
+                          for seq, ev in enumerate(inserted, before + 1)}
+            if inserted_rows:
+                rollups = _aggregate_rollups(inserted_rows, ordered=False)
                 self.upsert_rollups(conn, rollups)
-            periods = _aggregate_periods(inserted)
-            if periods:
-                self.upsert_periods(conn, periods)
-        return seqs, existing
+                conn.exec_driver_sql(sql.daily, _aggregate_daily(rollups, ordered=False))
+                periods = _aggregate_periods(inserted)
+                if periods:
+                    self.upsert_periods(conn, periods)
+                contents = _content_rows(inserted)
+                if contents:
+                    conn.exec_driver_sql(sql.contents, contents)
+        # Committed: only now do the cached heads move.
+        self._heads.update(new_heads)
+        self._last_seq = after
+        return seqs, existing, links
 
-    def insert_events(self, conn, values: list[tuple]) -> int:
+    def insert_events(self, conn, rows: list[tuple]) -> int:
         """Insert what is new; returns how many rows were inserted."""
-        return conn.exec_driver_sql(self._sql.insert, values).rowcount
+        return conn.exec_driver_sql(self._sql.insert, rows).rowcount
 
     def upsert_rollups(self, conn, rows: list[tuple]) -> None:
         conn.exec_driver_sql(self._sql.rollups, rows)
@@ -570,7 +729,12 @@ class _SqliteThreadOps:
 
 class _CoreOps:
     """PostgreSQL (and in-memory SQLite): SQLAlchemy Core statements on the store's
-    async engine, executemany with insertmanyvalues (multi-row INSERT … RETURNING)."""
+    async engine, executemany with insertmanyvalues (multi-row INSERT … RETURNING).
+
+    Per batch, in one transaction: the advisory lock of each tenant in the batch (in
+    tenant order: no deadlock between processes), then which events are already in
+    the ledger (under the lock nobody else can add one for these tenants), the
+    tenants' chain heads, and the inserts of the new events, chained."""
 
     def __init__(self, engine) -> None:
         dialect = engine.dialect.name
@@ -581,23 +745,39 @@ class _CoreOps:
         else:  # pragma: no cover - open_store refuses other URLs
             raise ValueError(f"db: unsupported dialect {dialect!r}")
         self._engine = engine
+        self._pg = dialect == "postgresql"
         ev = S.events
         self._insert = (
             insert(ev)
             .on_conflict_do_nothing(index_elements=[ev.c.tenant_id, ev.c.event_id])
             .returning(ev.c.tenant_id, ev.c.event_id, ev.c.seq)
         )
+        self._lock = sa.text("SELECT pg_advisory_xact_lock(hashtext(:t))")
+        self._head = sa.text(_HEAD_SQL.format(p=":t"))
         ru = S.rollups_hourly
         ins = insert(ru)
         self._rollups = ins.on_conflict_do_update(
             index_elements=[ru.c[name] for name in S.ROLLUP_KEY],
             set_={name: ru.c[name] + ins.excluded[name] for name in S.ROLLUP_SUMS},
         )
+        sd = S.spend_daily
+        ins = insert(sd)
+        self._daily = ins.on_conflict_do_update(
+            index_elements=[sd.c[name] for name in S.SPEND_DAILY_KEY],
+            set_={name: sd.c[name] + ins.excluded[name] for name in S.ROLLUP_SUMS},
+        )
+        self._daily_names = (*S.SPEND_DAILY_KEY, *S.ROLLUP_SUMS)
         bp = S.budget_periods
         ins = insert(bp)
         self._periods = ins.on_conflict_do_update(
             index_elements=[bp.c.tenant_id, bp.c.budget_id, bp.c.period_start_ms],
             set_={"committed_nanos": bp.c.committed_nanos + ins.excluded.committed_nanos},
+        )
+        ct = S.contents
+        ins = insert(ct)
+        self._contents = ins.on_conflict_do_update(
+            index_elements=[ct.c.tenant_id, ct.c.event_id, ct.c.kind],
+            set_={c: ins.excluded[c] for c in ("mode", "text", "created_ms", "expires_ms")},
         )
         self._rollup_names = (*S.ROLLUP_KEY, *S.ROLLUP_SUMS)
 
@@ -607,30 +787,44 @@ class _CoreOps:
     async def close(self) -> None:
         pass
 
-    async def write_batch(self, unique: list[LedgerEvent], values: list[tuple]) -> tuple[Seqs, Existing]:
+    async def write_batch(
+        self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes]
+    ) -> tuple[Seqs, Existing, Links]:
         existing: Existing = {}
+        tenants = sorted({ev.tenant_id for ev in unique})
         async with self._engine.begin() as conn:
-            seqs = await self.insert_events(conn, values)
-            inserted, inserted_values = unique, values
-            if len(seqs) != len(unique):
-                inserted, inserted_values, missing = _split(unique, values, seqs)
-                for i in range(0, len(missing), 500):
-                    rows = (await conn.execute(_existing_stmt(missing[i : i + 500]))).mappings()
-                    existing.update(_by_key(rows))
-                _check_found(existing, missing)
-            rollups = _aggregate_rollups(inserted_values)
-            if rollups:
+            heads: Heads = {}
+            for t in tenants:
+                if self._pg:
+                    await conn.execute(self._lock, {"t": t})
+                heads[t] = _head_of((await conn.execute(self._head, {"t": t})).first())
+            keys = [(ev.tenant_id, ev.event_id) for ev in unique]
+            for i in range(0, len(keys), 500):
+                rows = (await conn.execute(_existing_stmt(keys[i : i + 500]))).mappings()
+                existing.update(_by_key(rows))
+            keep = [i for i, k in enumerate(keys) if k not in existing] if existing else None
+            rows, links, _ = _chain(unique, values, canon, heads, keep)
+            inserted = unique if keep is None else [unique[i] for i in keep]
+            seqs = await self.insert_events(conn, rows) if rows else {}
+            if len(seqs) != len(rows):  # cannot happen under the tenant locks
+                raise RuntimeError("store: an event appeared that this batch did not insert")
+            if rows:
+                rollups = _aggregate_rollups(rows)
                 await self.upsert_rollups(conn, rollups)
-            periods = _aggregate_periods(inserted)
-            if periods:
-                await self.upsert_periods(conn, periods)
-        return seqs, existing
+                names = self._daily_names
+                await conn.execute(
+                    self._daily, [dict(zip(names, r)) for r in _aggregate_daily(rollups)])
+                periods = _aggregate_periods(inserted)
+                if periods:
+                    await self.upsert_periods(conn, periods)
+                contents = _content_rows(inserted)
+                if contents:
+                    await conn.execute(
+                        self._contents, [dict(zip(CONTENT_COLUMNS, r)) for r in contents])
+        return seqs, existing, links
 
-    async def insert_events(self, conn, values: list[tuple]) -> Seqs:
-        # In (tenant_id, event_id) order: writers in several processes then take the
-        # unique-index locks in one order and cannot deadlock on shared event ids.
-        rows = [dict(zip(EVENT_COLUMNS, v)) for v in sorted(values, key=_EVENT_KEY)]
-        result = await conn.execute(self._insert, rows)
+    async def insert_events(self, conn, rows: list[tuple]) -> Seqs:
+        result = await conn.execute(self._insert, [dict(zip(EVENT_COLUMNS, v)) for v in rows])
         return {(t, e): seq for t, e, seq in result}
 
     async def upsert_rollups(self, conn, rows: list[tuple]) -> None:
@@ -650,16 +844,12 @@ def _by_key(rows) -> Existing:
     return out
 
 
-def _check_found(existing: Existing, missing: list[tuple[str, str]]) -> None:
-    if len(existing) != len(missing):  # cannot happen unless rows vanish mid-transaction
-        raise RuntimeError("store: a conflicting event row could not be read back")
-
-
-def _select_existing_sync(conn, keys: list[tuple[str, str]]) -> Existing:
+def _select_existing_sync(conn, keys: list[tuple[str, str]], *, check: bool = True) -> Existing:
     existing: Existing = {}
     for i in range(0, len(keys), 500):
         existing.update(_by_key(conn.execute(_existing_stmt(keys[i : i + 500])).mappings()))
-    _check_found(existing, keys)
+    if check and len(existing) != len(keys):
+        raise RuntimeError("store: a conflicting event row could not be read back")
     return existing
 
 
@@ -697,6 +887,31 @@ def _aggregate_rollups(values: list[tuple], *, ordered: bool = True) -> list[tup
         (key[0], key[-1], *key[1:-1], len(group), *map(sum, zip(*group)))
         for key, group in groups.items()
     ]
+    if ordered:
+        rows.sort()
+    return rows
+
+
+_N_ROLLUP_DIMS = len(S.ROLLUP_DIMS)
+DAY_MS = 86_400_000
+assert S.ROLLUP_DIMS[0] == "customer"  # _aggregate_daily reads it at position 2
+
+
+def _aggregate_daily(rollups: list[tuple], *, ordered: bool = True) -> list[tuple]:
+    """spend_daily rows (tenant_id, day_ms, customer, *sums) from a batch's hourly
+    rollup rows (tenant_id, hour_ms, *dims, *sums); sorted for the lock order."""
+    first_sum = 2 + _N_ROLLUP_DIMS
+    days: dict[tuple, list[int]] = {}
+    for r in rollups:
+        hour = r[1]
+        key = (r[0], hour - hour % DAY_MS, r[2])
+        acc = days.get(key)
+        if acc is None:
+            days[key] = list(r[first_sum:])
+        else:
+            for i, v in enumerate(r[first_sum:]):
+                acc[i] += v
+    rows = [(*k, *v) for k, v in days.items()]
     if ordered:
         rows.sort()
     return rows
