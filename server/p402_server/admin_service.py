@@ -20,6 +20,15 @@ from .auth import ADMIN, READ, KeyCache
 from .errors import not_found, unary
 from .runtime import Runtime, _LRU
 
+# Gateways of signed reports (issue 4).
+import time
+
+from p402core import Conflict
+
+from . import privacy as _privacy
+from . import signing
+from .runtime import new_ulid
+
 log = logging.getLogger("p402.server.admin")
 
 MAX_IMPORT_BYTES = 64 * 1024 * 1024
@@ -232,6 +241,79 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             await self.store.put_settings(key.tenant_id, new)
             rt.swap_settings(new)
         return convert.settings_to_proto(new)
+
+    # --- gateways (signed reports, privacy mode private_gateway; signing.py) -------
+    # Kept in the tenant's settings under "secrets" (sealed; never returned again).
+
+    @unary(ADMIN)
+    async def RegisterGateway(self, request, context, key):
+        prior = self._replayed(key, "RegisterGateway", request.request_id)
+        if prior is not None:
+            return prior
+        gateway_id = convert.check_str(request.gateway_id, "gateway_id")
+        convert.check_str(request.name, "name")
+        rt = await self._rt(key)
+        async with rt.admin_lock:
+            settings = _copy_settings(rt.settings)
+            gateways = settings[_privacy.SECRETS].setdefault("gateways", {})
+            if not gateway_id:
+                gateway_id = "gw_" + new_ulid()
+            if gateway_id in gateways:
+                raise Conflict(f"gateway {gateway_id!r} already exists (revoke it and "
+                               "register a new id to rotate its secret)")
+            secret = signing.new_gateway_secret()
+            gateways[gateway_id] = {"name": request.name, "secret": signing.seal(secret),
+                                    "created_ms": time.time_ns() // 1_000_000,
+                                    "revoked_ms": 0}
+            await self.store.put_settings(key.tenant_id, settings)
+            rt.swap_settings(settings)
+        log.info("tenant %s: gateway %s registered", key.tenant_id, gateway_id)
+        resp = admin_pb2.RegisterGatewayResponse(
+            gateway=_gateway_proto(gateway_id, gateways[gateway_id]), secret=secret.hex())
+        self._remember(key, "RegisterGateway", request.request_id, resp)
+        return resp
+
+    @unary(READ)
+    async def ListGateways(self, request, context, key):
+        rt = await self._rt(key)
+        gateways = (rt.settings.get(_privacy.SECRETS) or {}).get("gateways") or {}
+        ids = sorted(gateways)
+        page, token = convert.offset_page(ids, request.page_size, request.page_token)
+        resp = admin_pb2.ListGatewaysResponse(next_page_token=token)
+        for gid in page:
+            resp.gateways.append(_gateway_proto(gid, gateways[gid]))
+        return resp
+
+    @unary(ADMIN)
+    async def RevokeGateway(self, request, context, key):
+        gateway_id = convert.check_str(request.gateway_id, "gateway_id", required=True)
+        rt = await self._rt(key)
+        async with rt.admin_lock:
+            settings = _copy_settings(rt.settings)
+            gw = settings[_privacy.SECRETS].get("gateways", {}).get(gateway_id)
+            if gw is None:
+                raise not_found("gateway_id", "gateway", gateway_id)
+            if not gw.get("revoked_ms"):
+                gw["revoked_ms"] = time.time_ns() // 1_000_000
+                await self.store.put_settings(key.tenant_id, settings)
+                rt.swap_settings(settings)
+        log.info("tenant %s: gateway %s revoked", key.tenant_id, gateway_id)
+        return _gateway_proto(gateway_id, gw)
+
+
+def _copy_settings(settings: dict) -> dict:
+    """A deep enough copy to change the gateways without touching the live dict."""
+    out = dict(settings)
+    secrets = dict(out.get(_privacy.SECRETS) or {})
+    secrets["gateways"] = {k: dict(v) for k, v in (secrets.get("gateways") or {}).items()}
+    out[_privacy.SECRETS] = secrets
+    return out
+
+
+def _gateway_proto(gateway_id: str, gw: dict) -> admin_pb2.Gateway:
+    return admin_pb2.Gateway(gateway_id=gateway_id, name=gw.get("name", ""),
+                             create_time_ms=gw.get("created_ms", 0),
+                             revoke_time_ms=gw.get("revoked_ms") or 0)
 
 
 __all__ = ["AdminService"]

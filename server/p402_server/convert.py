@@ -29,6 +29,7 @@ from p402core import (
     RateUnit,
 )
 
+from . import privacy as _privacy
 from .store.model import EventFilter, LedgerEvent, SpendRow
 
 NANOS_PER_UNIT = 1_000_000_000
@@ -352,6 +353,13 @@ def event_to_proto(ev: LedgerEvent, out=None) -> meter_pb2.Event:
     e.catalog_version = ev.catalog_version
     e.duplicate_of = ev.duplicate_of or ""
     e.chain_hash = ev.chain_hash or ""
+    # Evidence fields (issue 4): chain position, fingerprints, the budget charges
+    # the chain covers. Never content: it is not on a LedgerEvent read back.
+    e.chain_index = ev.chain_index or 0
+    e.prompt_fingerprint = ev.prompt_fingerprint or ""
+    e.response_fingerprint = ev.response_fingerprint or ""
+    for budget_id, start_ms in ev.budget_charges:
+        e.budget_charges.add(budget_id=budget_id, period_start_time_ms=start_ms)
     return e
 
 
@@ -599,19 +607,30 @@ SETTINGS_DEFAULTS = {
     "fallback_input_pico_per_token": 0,
     "fallback_output_pico_per_token": 0,
 }
+# Privacy settings (privacy.py owns their meaning and validation).
+SETTINGS_DEFAULTS.update(_privacy.PRIVACY_DEFAULTS)
 SETTINGS_FIELDS = tuple(SETTINGS_DEFAULTS)
 
 
 def settings_with_defaults(stored: dict | None) -> dict:
     out = dict(SETTINGS_DEFAULTS)
     for k, v in (stored or {}).items():
-        if k in out:
+        # The tenant's secrets ride along in the stored dict (never on the wire).
+        if k in out or k == _privacy.SECRETS:
             out[k] = v
     return out
 
 
 def settings_to_proto(s: dict) -> admin_pb2.Settings:
-    return admin_pb2.Settings(**{k: s[k] for k in SETTINGS_FIELDS})
+    # Secrets are never exported; the evidence key's public half is.
+    msg = admin_pb2.Settings(**{k: s[k] for k in SETTINGS_FIELDS})
+    key = (s.get(_privacy.SECRETS) or {}).get("evidence_key")
+    if key:
+        from .evidence import public_key_hex
+        from .signing import unseal
+
+        msg.evidence_public_key = public_key_hex(unseal(key))
+    return msg
 
 
 def settings_update(current: dict, msg, mask: Sequence[str]) -> dict:
@@ -622,7 +641,9 @@ def settings_update(current: dict, msg, mask: Sequence[str]) -> dict:
     names = list(mask) or list(SETTINGS_FIELDS)
     out = dict(current)
     for name in names:
-        out[name] = getattr(msg, name)
+        value = getattr(msg, name)
+        # Repeated fields (allowed_privacy_modes, redacted_trace_fields) as lists.
+        out[name] = value if isinstance(value, (int, str, bool)) else list(value)
     f = "settings."
     out["default_privacy_mode"] = check_enum(
         out["default_privacy_mode"], _PRIVACY, f + "default_privacy_mode", "PrivacyMode",
@@ -636,7 +657,7 @@ def settings_update(current: dict, msg, mask: Sequence[str]) -> dict:
               high=10**10)
     out["allow_clamp"] = bool(out["allow_clamp"])
     out["allow_unknown_models"] = bool(out["allow_unknown_models"])
-    return out
+    return _privacy.validate_settings(out, f)
 
 
 # --- pagination over in-memory listings (admin lists are small) -------------------

@@ -17,6 +17,16 @@ from p402.v1 import meter_pb2, meter_pb2_grpc
 from p402core import InvalidArgument
 
 from . import convert
+# Privacy and evidence (issue 4).
+import json
+import time
+
+import sqlalchemy as sa
+
+from . import evidence, signing
+from . import privacy as _privacy
+from .store import schema
+from .store.canonical import GENESIS
 from .auth import ANY, METER, READ
 from .errors import unary, streaming
 from .runtime import Runtime
@@ -31,6 +41,7 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
         self.auth = auth
         self.max_batch_records = max_batch_records
         self._implementation = runtime.core.IMPLEMENTATION
+        self._nonces = signing.NonceCache()  # signed reports' replay memory
 
     @unary(METER)
     async def Authorize(self, request, context, key):
@@ -40,7 +51,24 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
     @unary(METER)
     async def Record(self, request, context, key):
         rt = self.runtime.tenants.get(key.tenant_id) or await self.runtime.get(key.tenant_id)
-        return await rt.record(request)
+        attested = self._attest(rt, context, "Record", request, (request,))
+        return await rt.record(request, attested=attested)
+
+    # --- signed reports (privacy mode private_gateway; signing.py) ------------------
+
+    def _attest(self, rt, context, method: str, message, records) -> bool:
+        """Verify the call's signature when it carries one or a record needs one
+        (private_gateway); True = verified. Raises before anything is settled."""
+        headers = signing.call_headers(context)
+        if signing.SIGNATURE_HEADER not in headers and not any(
+                rt.privacy.resolve(r.privacy_mode) == _privacy.PRIVATE_GATEWAY
+                for r in records):
+            return False
+        secrets = rt.settings.get(_privacy.SECRETS) or {}
+        signing.verify_call(headers, method, message, tenant_id=rt.tenant_id,
+                            gateways=secrets.get("gateways") or {},
+                            skew_seconds=rt.privacy.skew_seconds, nonces=self._nonces)
+        return True
 
     @unary(METER)
     async def RecordBatch(self, request, context, key):
@@ -50,18 +78,53 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
         rt = self.runtime.tenants.get(key.tenant_id) or await self.runtime.get(key.tenant_id)
         # Validate every record first: a bad one fails the call before anything settles.
         parsed = [convert.validate_record(r, f"records[{i}].") for i, r in enumerate(records)]
-        # One awaited write per record; the group-commit writer coalesces them into
-        # one transaction. Settling stays in request order (tasks start in order and
-        # settle before their first await).
-        tasks = [asyncio.ensure_future(rt.record(r, f"records[{i}].", parsed[i]))
-                 for i, r in enumerate(records)]
+        attested = self._attest(rt, context, "RecordBatch", request, records)
+        return meter_pb2.RecordBatchResponse(
+            results=await _record_all(rt, records, parsed, attested))
+
+    @streaming(METER)
+    async def StreamRecordBatches(self, request_iterator, context, key):
+        """RecordBatch over one stream: each batch is validated whole and settled in
+        arrival order; the next batches settle while earlier ones commit (group
+        commit), and responses go out in request order."""
+        rt = self.runtime.tenants.get(key.tenant_id) or await self.runtime.get(key.tenant_id)
+        pending: asyncio.Queue = asyncio.Queue(maxsize=16)
+        done = object()
+        loop = asyncio.get_running_loop()
+
+        async def reader():
+            try:
+                async for request in request_iterator:
+                    records = request.records
+                    if len(records) > self.max_batch_records:
+                        raise InvalidArgument(
+                            "records", f"at most {self.max_batch_records} per batch")
+                    parsed = [convert.validate_record(r, f"records[{i}].")
+                              for i, r in enumerate(records)]
+                    # Signed per call, not per message, like StreamRecords.
+                    if any(rt.privacy.resolve(r.privacy_mode) == _privacy.PRIVATE_GATEWAY
+                           for r in records):
+                        raise signing.stream_refused()
+                    await pending.put(loop.create_task(
+                        _record_all(rt, records, parsed, False)))
+            finally:
+                await pending.put(done)
+
+        feeder = loop.create_task(reader())
         try:
-            results = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            raise
-        return meter_pb2.RecordBatchResponse(results=results)
+            while True:
+                fut = await pending.get()
+                if fut is done:
+                    break
+                yield meter_pb2.RecordBatchResponse(results=await fut)
+            await feeder
+        finally:
+            if not feeder.done():
+                feeder.cancel()
+            while not pending.empty():
+                fut = pending.get_nowait()
+                if fut is not done:
+                    fut.cancel()
 
     @streaming(METER)
     async def StreamRecords(self, request_iterator, context, key):
@@ -74,6 +137,10 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
         async def reader():
             try:
                 async for r in request_iterator:
+                    # A stream is signed per call, not per message: signed reports
+                    # go through Record or RecordBatch (meter.proto).
+                    if rt.privacy.resolve(r.privacy_mode) == _privacy.PRIVATE_GATEWAY:
+                        raise signing.stream_refused()
                     await pending.put(asyncio.ensure_future(rt.record(r)))
             finally:
                 await pending.put(done)
@@ -131,13 +198,84 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
     @streaming(READ)
     async def ExportEvents(self, request, context, key):
         flt = convert.filter_from_proto(request.filter)
+        rt = self.runtime.tenants.get(key.tenant_id) or await self.runtime.get(key.tenant_id)
+        # Each event carries the chain hash before it, so even a filtered export
+        # verifies on its own; the call ends with the signed digest (evidence.py).
+        digest = evidence.DigestBuilder(key.tenant_id, flt.since_ms, flt.until_ms)
+        prev_index, prev_hash = 0, ""
         async for ev in self.store.iter_events(key.tenant_id, flt):
-            yield convert.event_to_proto(ev)
+            e = convert.event_to_proto(ev)
+            index = ev.chain_index or 0
+            if index:
+                if index == 1:
+                    e.prev_chain_hash = GENESIS
+                elif index == prev_index + 1:
+                    e.prev_chain_hash = prev_hash
+                else:
+                    e.prev_chain_hash = await self._chain_hash_at(key.tenant_id, index - 1)
+                prev_index, prev_hash = index, e.chain_hash
+            digest.add(index, e.chain_hash, ev.event_ms, ev.catalog_version)
+            yield e
+        private = signing.unseal((rt.settings.get(_privacy.SECRETS) or {})["evidence_key"])
+        signed = digest.finish(private, time.time_ns() // 1_000_000)
+        context.set_trailing_metadata(
+            ((evidence.DIGEST_HEADER, json.dumps(signed, sort_keys=True)),))
+
+    async def _chain_hash_at(self, tenant_id: str, chain_index: int) -> str:
+        """The chain hash at a position (a filtered export's gap), "" if none."""
+        q = (sa.select(schema.events.c.chain_hash)
+             .where(schema.events.c.tenant_id == tenant_id,
+                    schema.events.c.chain_index == chain_index))
+        async with self.store.engine.connect() as conn:
+            return (await conn.execute(q)).scalar() or ""
 
     @unary(ANY)
     async def Ping(self, request, context, key):
         return meter_pb2.PingResponse(tenant=key.tenant_id,
                                       implementation=self._implementation)
+
+
+async def _record_all(rt, records, parsed, attested: bool) -> list:
+    """Every record of a batch through ``rt.record``, responses in request order.
+
+    One task per record, all started before any is awaited: each settles in the
+    engine in request order (before its first await) and then waits on the group
+    commit, so the whole batch shares one transaction. One counter and one future
+    instead of gather()'s per-child bookkeeping; a failure is raised once every
+    record has finished (the first in request order), and cancelling the call
+    cancels them all."""
+    if not records:
+        return []
+    loop = asyncio.get_running_loop()
+    create = loop.create_task
+    record = rt.record
+    tasks = [create(record(r, f"records[{i}].", parsed[i], attested=attested))
+             for i, r in enumerate(records)]
+    left = len(tasks)
+    all_done = loop.create_future()
+
+    def one_done(_task) -> None:
+        nonlocal left
+        left -= 1
+        if not left and not all_done.done():
+            all_done.set_result(None)
+
+    for t in tasks:
+        t.add_done_callback(one_done)
+    try:
+        await all_done
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+    failure = None
+    for t in tasks:  # retrieve every exception (no "never retrieved" warnings)
+        exc = t.exception()
+        if exc is not None and failure is None:
+            failure = exc
+    if failure is not None:
+        raise failure
+    return [t.result() for t in tasks]
 
 
 __all__ = ["MeterService"]

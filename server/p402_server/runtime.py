@@ -73,6 +73,14 @@ from .config import ServerConfig
 from .errors import ServiceError
 from .store.model import LedgerEvent
 
+# Privacy and evidence (issue 4): privacy.py and evidence.py own the rules.
+from p402.v1 import meter_pb2
+from p402core import POLICY_PRIVACY_MODE_NOT_ALLOWED, PrivacyMode
+
+from . import privacy as _privacy
+from .evidence import evidence_for
+from .store.model import Content
+
 log = logging.getLogger("p402.server.runtime")
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -149,6 +157,12 @@ class TenantRuntime:
         self._hold_upserts: dict[str, tuple] = {}
         self._hold_deletes: set[str] = set()
         self.admin_lock = asyncio.Lock()
+        # Privacy and evidence (issue 4; privacy.py): the tenant's modes, salt and
+        # duplicate memory; per open hold, what its Authorize left for the Record
+        # (mode, prompt fingerprint, prompt text when the mode keeps it).
+        self.privacy = _privacy.TenantPrivacy(tenant_id, settings, core)
+        self.privacy.set_rules(rules)
+        self._hold_privacy: dict[str, tuple] = {}
 
     # --- engine construction -----------------------------------------------------
 
@@ -177,20 +191,20 @@ class TenantRuntime:
         """Open holds from the store, then committed totals from the ledger."""
         rows = await self.store.load_holds(self.tenant_id)
         # A hold settled just before a crash can still be in the holds table (they are
-        # written behind): drop those the ledger already has an event for.
-        live = []
-        for row in rows:
-            if await self._settled_in_ledger(row[0]) is None:
-                live.append(row)
-            else:
-                self._hold_deletes.add(row[0])
-        rows = live
+        # written behind): drop those the ledger already has an event for (one batch
+        # query), or they would be held, and then charged at expiry, a second time.
+        settled = await self.store.settled_reservations(self.tenant_id, [r[0] for r in rows])
+        self._hold_deletes.update(settled)
+        rows = [row for row in rows if row[0] not in settled]
         if rows:
-            restored = _restore_holds(self.engine, rows)
-            for rid, meta in restored.items():
-                if meta:
-                    self._hold_meta[rid] = meta
-            log.info("tenant %s: restored %d open holds", self.tenant_id, len(restored))
+            # Each stored hold's data is {"hold": <an Engine.hold_records() record>,
+            # "meta": [...] | null}; restore_holds re-holds the amounts on the budgets
+            # that still exist (all or nothing).
+            n = self._restore_hold_records([data["hold"] for _rid, _exp, data in rows])
+            for rid, _exp, data in rows:
+                if data.get("meta"):
+                    self._hold_meta[rid] = tuple(data["meta"])
+            log.info("tenant %s: restored %d open holds", self.tenant_id, n)
         totals = await self.store.budget_totals(self.tenant_id)
         now = _now_ms()
         for (budget_id, period_start_ms), nanos in totals.items():
@@ -205,6 +219,9 @@ class TenantRuntime:
     def authorize(self, req):
         """AuthorizeRequest -> AuthorizeResponse, in memory (never awaits)."""
         args = convert.authorize_args(req, self.settings["default_privacy_mode"])
+        mode = self.privacy.resolve(req.privacy_mode)
+        if not self.privacy.allowed(mode):
+            return self._deny_privacy(req, args, mode)
         rid = args["reservation_id"]
         # A retried Authorize (same caller reservation id, or same request_id) gets
         # the first answer back instead of a second hold.
@@ -216,6 +233,12 @@ class TenantRuntime:
                 raise Conflict(f"reservation {rid!r} was already settled")
         a = self.engine.authorize(req.model, **args)
         resp = convert.authorization_to_proto(a)
+        if mode != _privacy.METADATA_ONLY and a.reservation_id and req.content:
+            # Hashed (and, where the mode keeps text, held) in memory for the Record;
+            # metadata_only keeps nothing, the content was only measured.
+            kept = self.privacy.keep(mode, req.content, None)
+            self._hold_privacy[a.reservation_id] = (
+                kept.prompt_fingerprint, req.content if kept.texts else None)
         if a.decision == Decision.DENY:
             self._write_denied(req, a, args)
         else:
@@ -233,6 +256,76 @@ class TenantRuntime:
         elif req.request_id:
             self._authorizations.put("\0" + req.request_id, resp)
         return resp
+
+    def _deny_privacy(self, req, args, mode: int):
+        """Authorize under a privacy mode the tenant does not allow: DENY (data, not
+        an error), written behind as a denied event like any other DENY."""
+        resp = meter_pb2.AuthorizeResponse(
+            decision=int(Decision.DENY), reasons=[POLICY_PRIVACY_MODE_NOT_ALLOWED],
+            model=req.model, provider=req.provider)
+        convert.set_money(resp.estimated_cost, 0)
+        ev = LedgerEvent(
+            tenant_id=self.tenant_id, event_id="den_" + new_ulid(), event_ms=_now_ms(),
+            kind="denied",
+            **dict(zip(("customer", "feature", "workflow", "task", "department",
+                        "employee"), args["owners"])),
+            labels=args["labels"] or {}, provider=req.provider, model=req.model,
+            decision=int(Decision.DENY), reasons=(POLICY_PRIVACY_MODE_NOT_ALLOWED,),
+            outcome=int(Outcome.DENIED), evidence=int(Evidence.ESTIMATED),
+            privacy_mode=mode, attempt=req.attempt, retry_of=req.retry_of)
+        self.writer.write_behind(ev)
+        return resp
+
+    def _check_record_privacy(self, req, mode: int, field: str) -> None:
+        """Refuse a Record whose mode the tenant does not allow (before settling)."""
+        if not self.privacy.allowed(mode):
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED, "PRIVACY_MODE_NOT_ALLOWED",
+                f"privacy mode {PrivacyMode(mode).name.lower()} is not allowed for this "
+                f"tenant ({POLICY_PRIVACY_MODE_NOT_ALLOWED})", field=field + "privacy_mode",
+                metadata={"reason_code": POLICY_PRIVACY_MODE_NOT_ALLOWED})
+        for name in ("prompt", "response"):
+            if len(getattr(req, name)) > _privacy.MAX_CONTENT_CHARS:
+                raise InvalidArgument(field + name, "larger than 64 MiB")
+
+    def _apply_privacy(self, ev: LedgerEvent, req, mode: int, attested: bool) -> None:
+        """Fingerprints, duplicate_of, kept content and evidence of a Record's event
+        (privacy.py, evidence.py). The Record's text is dropped here for
+        metadata_only: it never reaches the store or a log line."""
+        ev.privacy_mode = mode
+        held = self._hold_privacy.pop(ev.reservation_id, None) if ev.reservation_id else None
+        prompt = req.prompt or (held[1] if held else None)
+        kept = self.privacy.keep(mode, prompt, req.response or None,
+                                 prompt_fp=held[0] if held else None)
+        ev.prompt_fingerprint = kept.prompt_fingerprint
+        ev.response_fingerprint = kept.response_fingerprint
+        if kept.texts:
+            expires = ev.event_ms + self.privacy.retention_ms
+            ev.contents = tuple(Content(kind=k, text=t, mode=mode, expires_ms=expires)
+                                for k, t in kept.texts)
+        ev.evidence = evidence_for(ev.evidence, attested=attested,
+                                   fingerprinted=kept.prompt_fingerprint is not None
+                                   or kept.response_fingerprint is not None)
+
+    async def _mark_duplicate(self, ev: LedgerEvent) -> None:
+        """duplicate_of: the earlier event with this prompt fingerprint and owner
+        within the tenant's window (memory first, then the store)."""
+        fp = ev.prompt_fingerprint
+        if not fp:
+            return
+        owners = (ev.customer, ev.feature, ev.workflow, ev.task, ev.department,
+                  ev.employee)
+        key = self.privacy.owner_key(owners)
+        now = ev.event_ms or _now_ms()
+        first = self.privacy.recent_duplicate(key, fp, now)
+        find = getattr(self.store, "find_duplicate", None)
+        if first is None and find is not None:
+            first = await find(self.tenant_id, owners, fp,
+                               max(0, now - self.privacy.window_ms))
+        if first is not None and first != ev.event_id:
+            ev.duplicate_of = first
+        else:
+            self.privacy.remember(key, fp, ev.event_id, now)
 
     def _write_denied(self, req, a, args) -> None:
         owners = args["owners"]
@@ -259,10 +352,14 @@ class TenantRuntime:
         )
         self.writer.write_behind(ev)
 
-    async def record(self, req, field: str = "", parsed: tuple | None = None):
+    async def record(self, req, field: str = "", parsed: tuple | None = None, *,
+                     attested: bool = False):
         """RecordRequest -> RecordResponse, after the event's commit. `parsed` is
-        convert.validate_record's result when the caller validated already."""
+        convert.validate_record's result when the caller validated already;
+        `attested`: the call's signature was verified (meter_service)."""
         owners, labels, usage, revenue = parsed or convert.validate_record(req, field)
+        mode = self.privacy.resolve(req.privacy_mode)
+        self._check_record_privacy(req, mode, field)
         rid = req.reservation_id
         event_id = req.event_id or rid or "evt_" + new_ulid()
         known = self._events.get(event_id)
@@ -291,6 +388,15 @@ class TenantRuntime:
             raise
         ev = self._event_from_settlement(s, event_id, "record", req, owners, labels,
                                          revenue)
+        if mode != _privacy.METADATA_ONLY or attested:
+            self._apply_privacy(ev, req, mode, attested)
+            await self._mark_duplicate(ev)
+        elif ev.reservation_id:
+            self._hold_privacy.pop(ev.reservation_id, None)
+        if req.usage_estimated:
+            # The caller's estimate, not the provider's report (meter.proto): a
+            # signature or a fingerprint vouches for who sent it, not for the usage.
+            ev.evidence = int(Evidence.ESTIMATED)
         return await self._commit(ev, s)
 
     async def _commit(self, ev: LedgerEvent, s):
@@ -332,6 +438,10 @@ class TenantRuntime:
         reservation id as event_id, so one primary-key read finds them.
         """
         ev = await self.store.get_event(self.tenant_id, rid)
+        if ev is None or ev.reservation_id != rid:
+            # Settled by a Record that brought its own event_id: find it by reservation.
+            first = (await self.store.settled_reservations(self.tenant_id, [rid])).get(rid)
+            ev = None if first is None else await self.store.get_event(self.tenant_id, first)
         if ev is not None and ev.reservation_id == rid:
             self._remember(ev)
             return ev
@@ -437,6 +547,7 @@ class TenantRuntime:
                 if known is None:
                     raise
             else:
+                self._hold_privacy.pop(reservation_id, None)
                 ev = self._event_from_settlement(s, reservation_id, "released")
                 self._remember(ev)
                 res = await self.writer.write(ev)
@@ -458,16 +569,38 @@ class TenantRuntime:
             prior = self._by_reservation.get(s.reservation_id)
             if prior is not None:  # already settled by an event (cannot normally happen)
                 continue
+            self._hold_privacy.pop(s.reservation_id, None)  # content dies with the hold
             ev = self._event_from_settlement(s, s.reservation_id, "expired")
             self._remember(ev)
             self.writer.write_behind(ev)
         return len(settled)
 
+    def _restore_hold_records(self, records: list) -> int:
+        try:
+            return self.engine.restore_holds(records)
+        except InvalidArgument:
+            # All or nothing refused the lot: keep every good hold, drop (loudly) the
+            # unreadable ones rather than refuse to serve the tenant.
+            n = 0
+            for rec in records:
+                try:
+                    n += self.engine.restore_holds([rec])
+                except InvalidArgument as exc:
+                    log.error("tenant %s: stored hold %r not restored (%s)", self.tenant_id,
+                              rec.get("reservation_id") if isinstance(rec, dict) else rec, exc)
+            return n
+
     async def flush_holds(self, *, everything: bool = False) -> None:
         """Write behind the open holds that changed since the last flush
         (`everything`: all open holds, from an engine snapshot; for shutdown)."""
         if everything:
-            rows = _snapshot_rows(self.engine.snapshot(), self._hold_meta)
+            metas = self._hold_meta
+            rows = []
+            for rec in self.engine.hold_records():
+                rid = rec["reservation_id"]
+                meta = metas.get(rid)
+                rows.append((rid, rec["expires_ms"],
+                             {"hold": rec, "meta": list(meta) if meta else None}))
             self._hold_upserts = {}
         else:
             pending, self._hold_upserts = self._hold_upserts, {}
@@ -497,6 +630,7 @@ class TenantRuntime:
     def swap_rules(self, rules: dict) -> None:
         self.engine.set_rules(tuple(rules.values()))
         self.rules = rules
+        self.privacy.set_rules(rules.values())
 
     def swap_prices(self, price_specs: dict) -> None:
         catalog = _catalog_for(self.core, list(price_specs.values()))
@@ -507,6 +641,7 @@ class TenantRuntime:
     def swap_settings(self, settings: dict) -> None:
         old = self.engine
         self.settings = settings
+        self.privacy.reconfigure(settings, self.rules.values())
         engine = self._new_engine()
         engine.restore(old.snapshot())
         self.engine = engine
@@ -514,11 +649,12 @@ class TenantRuntime:
 
 # --- hold persistence: open holds <-> store rows ----------------------------------
 #
-# A stored hold's data is {"hold": <one entry of Engine.snapshot()["holds"], with
-# "price" the ModelPrice.to_dict() itself instead of an index>, "meta": [decision,
+# A stored hold's data is {"hold": <a hold record, p402core/_holdrec.py: what
+# Engine.hold_records() returns and Engine.restore_holds() takes>, "meta": [decision,
 # reasons, rule_ids, privacy_mode, attempt, retry_of] or null}. Holds are captured
-# from the Authorization when they are made (so the write-behind never walks the
-# engine's holds) and put back with Engine.restore at start.
+# from the Authorization when they are made (so the periodic write-behind never walks
+# the engine's holds; _captured_row builds the same record), written whole from
+# Engine.hold_records() at shutdown, and put back with Engine.restore_holds at start.
 
 # id(ModelPrice) -> (the price, its to_dict()), so the hold write-behind converts
 # each price once (the entry keeps the price alive, so its id is not reused).
@@ -555,51 +691,6 @@ def _captured_row(rid: str, captured: tuple, meta) -> tuple:
         "catalog_version": a.catalog_version,
     }
     return rid, a.expires_ms, {"hold": hold, "meta": list(meta) if meta else None}
-
-
-def _snapshot_rows(snap: dict, metas: dict) -> list[tuple]:
-    prices = snap.get("prices", [])
-    rows = []
-    for h in snap.get("holds", ()):
-        h = dict(h)
-        h["price"] = prices[h["price"]]
-        meta = metas.get(h["reservation_id"])
-        rows.append((h["reservation_id"], int(h["expires_ms"]),
-                     {"hold": h, "meta": list(meta) if meta else None}))
-    return rows
-
-
-def _restore_holds(engine, rows) -> dict:
-    """Put stored holds back into a fresh engine; returns {rid: meta or None}."""
-    snap = engine.snapshot()
-    prices: dict[str, int] = {}
-    price_list = []
-    holds = []
-    out = {}
-    for rid, _expires, data in rows:
-        h = dict(data["hold"])
-        key = _json_key(h["price"])
-        if key not in prices:
-            prices[key] = len(price_list)
-            price_list.append(h["price"])
-        h["price"] = prices[key]
-        holds.append(h)
-        m = data.get("meta")
-        out[rid] = tuple(m) if m else None
-    # The holds' amounts are held on their budgets again (those that still exist).
-    counters = snap["budgets"]["counters"]
-    for h in holds:
-        h["budget_ids"] = [b for b in h["budget_ids"] if b in counters]
-        for b in h["budget_ids"]:
-            counters[b]["held_nanos"] += h["amount_nanos"]
-    snap["prices"] = price_list
-    snap["holds"] = holds
-    engine.restore(snap)
-    return out
-
-
-def _json_key(d: dict) -> str:
-    return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
 class Runtime:
@@ -642,6 +733,12 @@ class Runtime:
     async def _build(self, tenant_id: str) -> TenantRuntime:
         core, store = self.core, self.store
         settings = convert.settings_with_defaults(await store.get_settings(tenant_id))
+        if _privacy.SECRETS not in settings:
+            # A tenant's secrets are made on its first use (privacy.py): fingerprint
+            # salt and evidence key, persisted before anything can use them.
+            stored = await store.get_settings(tenant_id)
+            stored[_privacy.SECRETS] = settings[_privacy.SECRETS] = _privacy.new_secrets()
+            await store.put_settings(tenant_id, stored)
         budgets = [core.Budget.from_dict(spec)
                    for spec in (await store.list_budgets(tenant_id)).values()]
         rules = [core.Rule.from_dict(spec)
@@ -680,6 +777,25 @@ class Runtime:
                 except Exception:
                     log.exception("tenant %s: writing open holds failed; will retry",
                                   rt.tenant_id)
+            if now >= self._next_purge:
+                await self._purge_contents(now)
+
+    # Kept content past its retention (privacy.py) is purged every this many seconds.
+    CONTENT_PURGE_INTERVAL_SECONDS = 60.0
+    _next_purge = 0.0
+
+    async def _purge_contents(self, now: float) -> None:
+        self._next_purge = now + self.CONTENT_PURGE_INTERVAL_SECONDS
+        purge = getattr(self.store, "purge_contents", None)
+        if purge is None:
+            return
+        try:
+            n = await purge(_now_ms())
+        except Exception:
+            log.exception("purging expired content failed; will retry")
+            return
+        if n:
+            log.info("purged %d expired content row(s)", n)
 
     async def stop(self) -> None:
         """Stop the background task and write every open hold (shutdown)."""
