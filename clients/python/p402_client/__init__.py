@@ -14,22 +14,42 @@ dataclass (see `p402_client.types`); money is an int of nano-USD everywhere.
             p402.record(auth.reservation_id, input_tokens=310, output_tokens=118)
 
 Errors are `P402Error` subclasses with `.code`, `.reason` and `.field`.
+
+Metering helpers (each module's docstring has the exact rules):
+- `p402.meter(model, …)` / `meter(client, model, …)`: one call as a (sync or async)
+  context manager — authorize on enter (DENY raises `BudgetDenied` /
+  `PolicyDenied`), record or release on exit, error outcomes from exceptions.
+- `Recorder` / `AsyncRecorder`: background batched recording, fail-closed or
+  fail-open.
+- `p402_client.openai.wrap_openai(openai_client, p402, owners=…)`: the official
+  OpenAI SDK, metered (streaming included).
+- `p402_client.integrations.litellm.P402Callback`: a LiteLLM callback.
+- `GatewaySigner` / `P402Client(..., gateway_id=…, gateway_secret=…)`: signed
+  reports of a tenant's own gateway (privacy mode private_gateway; evidence
+  ATTESTED). `register_gateway()` returns the secret once.
 """
 from __future__ import annotations
 
 from .client import AsyncP402Client, P402Client, __version__
 from .errors import (
+    BudgetDenied,
     DeadlineExceeded,
+    Denied,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     P402Error,
     PermissionDenied,
+    PolicyDenied,
+    RecorderFull,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
 from .ids import new_ulid
+from .meter import AsyncMeter, Meter, meter
+from .recorder import AsyncRecorder, Recorder, RecorderMetrics
+from .signing import GatewaySigner
 from .types import (
     ApiKey,
     Authorization,
@@ -41,6 +61,7 @@ from .types import (
     Enforcement,
     Event,
     Evidence,
+    Gateway,
     Outcome,
     Owners,
     Page,
@@ -52,6 +73,7 @@ from .types import (
     PrivacyMode,
     RateUnit,
     RecordResult,
+    RegisteredGateway,
     ReleaseResult,
     Scope,
     Settings,
@@ -73,6 +95,17 @@ __all__ = [
     "ResourceExhausted",
     "Unavailable",
     "DeadlineExceeded",
+    "Denied",
+    "BudgetDenied",
+    "PolicyDenied",
+    "RecorderFull",
+    "meter",
+    "Meter",
+    "AsyncMeter",
+    "Recorder",
+    "AsyncRecorder",
+    "RecorderMetrics",
+    "GatewaySigner",
     "new_ulid",
     "format_usd",
     "ApiKey",
@@ -85,6 +118,7 @@ __all__ = [
     "Enforcement",
     "Event",
     "Evidence",
+    "Gateway",
     "Outcome",
     "Owners",
     "Page",
@@ -96,6 +130,7 @@ __all__ = [
     "PrivacyMode",
     "RateUnit",
     "RecordResult",
+    "RegisteredGateway",
     "ReleaseResult",
     "Scope",
     "Settings",

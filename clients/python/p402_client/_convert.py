@@ -32,6 +32,7 @@ from .types import (
     Enforcement,
     Event,
     Evidence,
+    Gateway,
     Outcome,
     Owners,
     Period,
@@ -42,6 +43,7 @@ from .types import (
     PrivacyMode,
     RateUnit,
     RecordResult,
+    RegisteredGateway,
     ReleaseResult,
     Scope,
     Settings,
@@ -195,7 +197,7 @@ RECORD_FIELDS = frozenset({
     "event_id", "reservation_id", "model", "provider", "owners", "labels",
     "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens",
     "reasoning_tokens", "outcome", "input_bytes", "revenue_nanos", "attempt",
-    "retry_of", "event_time_ms", "privacy_mode",
+    "retry_of", "event_time_ms", "privacy_mode", "usage_estimated",
 })
 
 
@@ -206,8 +208,15 @@ def record_request(reservation_id: str = "", *, event_id: str, model: str = "",
                    reasoning_tokens: int = 0, outcome: Any = Outcome.SUCCESS,
                    input_bytes: int = -1, revenue_nanos: int = 0, attempt: int = 0,
                    retry_of: str = "", event_time_ms: Any = 0, privacy_mode: Any = None,
+                   usage_estimated: bool = False,
                    prefix: str = "") -> meter_pb2.RecordRequest:
-    """A RecordRequest; `prefix` ("records[3].") makes field names precise in batches."""
+    """A RecordRequest; `prefix` ("records[3].") makes field names precise in batches.
+
+    `usage_estimated=True`: the usage is the caller's estimate, not the provider's
+    report (the event's evidence is then ESTIMATED, not REPORTED)."""
+    if not isinstance(usage_estimated, bool):
+        raise InvalidArgument(prefix + "usage_estimated",
+                              f"must be a bool, got {type(usage_estimated).__name__}")
     reservation_id = check_str(prefix + "reservation_id", reservation_id)
     model = check_str(prefix + "model", model)
     if not reservation_id and not model:
@@ -238,6 +247,7 @@ def record_request(reservation_id: str = "", *, event_id: str, model: str = "",
         event_time_ms=time_ms(prefix + "event_time_ms", event_time_ms),
         privacy_mode=(0 if privacy_mode is None else
                       check_enum(prefix + "privacy_mode", PrivacyMode, privacy_mode).number),
+        usage_estimated=usage_estimated,
     )
     if check_int(prefix + "revenue", revenue_nanos):
         req.revenue.CopyFrom(to_money(revenue_nanos))
@@ -486,6 +496,15 @@ def api_key(pb: admin_pb2.ApiKey) -> ApiKey:
 
 def created_key(pb: admin_pb2.CreateKeyResponse) -> CreatedKey:
     return CreatedKey(key=api_key(pb.key), api_key=pb.api_key)
+
+
+def gateway(pb: admin_pb2.Gateway) -> Gateway:
+    return Gateway(gateway_id=pb.gateway_id, name=pb.name,
+                   create_time_ms=pb.create_time_ms, revoke_time_ms=pb.revoke_time_ms)
+
+
+def registered_gateway(pb: admin_pb2.RegisterGatewayResponse) -> RegisteredGateway:
+    return RegisteredGateway(gateway=gateway(pb.gateway), secret=pb.secret)
 
 
 def budget(pb: admin_pb2.Budget) -> Budget:

@@ -23,7 +23,16 @@ import asyncio
 import os
 import random
 import time
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 
 import grpc
 
@@ -32,23 +41,29 @@ from p402.v1 import admin_pb2, admin_pb2_grpc, meter_pb2, meter_pb2_grpc
 from . import _convert as cv
 from .errors import InvalidArgument, from_rpc_error
 from .ids import new_ulid
+from .signing import GatewaySigner
 from .types import (
     ApiKey,
     Authorization,
     Budget,
     CreatedKey,
     Event,
+    Gateway,
     Page,
     Ping,
     PolicyRule,
     Price,
     PriceImport,
     RecordResult,
+    RegisteredGateway,
     ReleaseResult,
     Scope,
     Settings,
     SpendRow,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .meter import AsyncMeter, Meter
 
 __version__ = "0.1.0"
 
@@ -73,7 +88,9 @@ class _Common:
                  stream_timeout: float | None = 600.0,
                  credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, Any]] = (),
-                 interceptors: Sequence[Any] = ()):
+                 interceptors: Sequence[Any] = (), fail_open: bool = False,
+                 gateway_id: str | None = None, gateway_secret: str | bytes | None = None,
+                 signer: GatewaySigner | None = None):
         if not isinstance(target, str) or not target:
             raise InvalidArgument("target", "is required (HOST:PORT)")
         api_key = os.environ.get("P402_API_KEY", "") if api_key is None else api_key
@@ -92,6 +109,33 @@ class _Common:
         self._options = list(_CHANNEL_OPTIONS) + list(options)
         self._interceptors = list(interceptors)
         self._metadata = (("authorization", f"Bearer {api_key}"),)
+        # The metering helpers' default when P402 cannot be reached (see
+        # p402_client.meter): False = fail-closed. authorize()/record() themselves
+        # always raise; only meter(), wrap_openai() and the integrations read this.
+        self.fail_open = bool(fail_open)
+        # Signed reports (privacy mode private_gateway; p402_client.signing): every
+        # Record and RecordBatch, each attempt signed afresh.
+        if signer is not None and (gateway_id or gateway_secret):
+            raise InvalidArgument("signer", "give a signer or gateway_id and "
+                                            "gateway_secret, not both")
+        if signer is None and (gateway_id or gateway_secret):
+            if not gateway_secret:
+                raise InvalidArgument("gateway_secret", "is required with gateway_id")
+            signer = GatewaySigner(gateway_id or "", gateway_secret)
+        if signer is not None and not isinstance(signer, GatewaySigner):
+            raise InvalidArgument("signer", f"must be a GatewaySigner, got "
+                                            f"{type(signer).__name__}")
+        self.signer: GatewaySigner | None = signer
+
+    def _call_metadata(self, method: Callable, request: Any) -> tuple:
+        """The call's metadata: the API key, plus the signature of a Record or
+        RecordBatch when the client signs (fresh per attempt: nonces are single-use)."""
+        if self.signer is not None:
+            if method is self._meter.Record:
+                return self._metadata + self.signer.metadata("Record", request)
+            if method is self._meter.RecordBatch:
+                return self._metadata + self.signer.metadata("RecordBatch", request)
+        return self._metadata
 
     def _delay(self, attempt: int) -> float:
         # Full jitter (AWS architecture blog): spreads retries of many gateways.
@@ -146,6 +190,13 @@ class _Common:
                                           request_id=new_ulid())
 
     @staticmethod
+    def _register_gateway_req(gateway_id: str, name: str
+                              ) -> admin_pb2.RegisterGatewayRequest:
+        return admin_pb2.RegisterGatewayRequest(
+            gateway_id=cv.check_str("gateway_id", gateway_id),
+            name=cv.check_str("name", name), request_id=new_ulid())
+
+    @staticmethod
     def _import_req(data: Any, format: str) -> admin_pb2.ImportPricesRequest:
         if isinstance(data, os.PathLike):
             with open(data, "rb") as fh:
@@ -167,6 +218,11 @@ class P402Client(_Common):
     ...                           input_bytes=1200, max_output_tokens=256)
     ...     if auth.allowed:
     ...         p402.record(auth.reservation_id, input_tokens=300, output_tokens=120)
+
+    A tenant's own gateway (privacy mode private_gateway) signs its reports: pass
+    `gateway_id=` and `gateway_secret=` (from `register_gateway`), or a
+    `signer=GatewaySigner(...)`; every Record and RecordBatch is then signed and,
+    once verified, committed with evidence ATTESTED (p402_client.signing).
     """
 
     def __init__(self, target: str, api_key: str | None = None, **kw: Any):
@@ -193,7 +249,8 @@ class P402Client(_Common):
         attempt = 0
         while True:
             try:
-                return method(request, timeout=self.timeout, metadata=self._metadata)
+                return method(request, timeout=self.timeout,
+                              metadata=self._call_metadata(method, request))
             except grpc.RpcError as err:
                 if idempotent and attempt < self.retries and err.code() in RETRYABLE:
                     time.sleep(self._delay(attempt))
@@ -218,8 +275,10 @@ class P402Client(_Common):
 
         Usage as keyword ints (input_tokens, output_tokens, cached_input_tokens,
         cache_write_tokens, reasoning_tokens); outcome as Outcome or str;
-        revenue_nanos; event_id (a ULID is made when absent, so retries are safe).
-        Returns once the event is durably committed.
+        revenue_nanos; event_id (a ULID is made when absent, so retries are safe);
+        usage_estimated=True when the usage is an estimate, not the provider's
+        report (evidence ESTIMATED). Returns once the event is durably committed.
+        Signed (x-p402-signature) when the client has a gateway signer.
         """
         return cv.record_result(self._call(self._meter.Record,
                                            self._record_req(reservation_id, kw)))
@@ -282,6 +341,18 @@ class P402Client(_Common):
             finally:
                 call.cancel()  # a consumer that stops early frees the stream now
 
+    def meter(self, model: str, **kw: Any) -> "Meter":
+        """One metered call as a context manager: authorize on enter, record (or
+        release) on exit. See `p402_client.meter` for the exact rule.
+
+        >>> with p402.meter("gpt-4o-mini", owners={"customer": "acme"}) as m:
+        ...     reply = call_provider(max_tokens=m.output_token_cap)
+        ...     m.set_usage(input_tokens=310, output_tokens=118)
+        """
+        from .meter import Meter
+
+        return Meter(self, model, **kw)
+
     def ping(self) -> Ping:
         """Authenticated no-op: the key's tenant and the server's core implementation."""
         return cv.ping(self._call(self._meter.Ping, meter_pb2.PingRequest()))
@@ -303,6 +374,28 @@ class P402Client(_Common):
         req = admin_pb2.RevokeKeyRequest(key_id=cv.check_str("key_id", key_id,
                                                               required=True))
         return cv.api_key(self._call(self._admin.RevokeKey, req).key)
+
+    def register_gateway(self, gateway_id: str = "", *, name: str = ""
+                         ) -> RegisteredGateway:
+        """A gateway that signs its reports (private_gateway); `.secret` (hex) is
+        returned this once. Empty `gateway_id`: the server assigns one. Retried
+        safely (the request_id makes the server answer a retry with the first
+        result, the same secret)."""
+        return cv.registered_gateway(self._call(self._admin.RegisterGateway,
+                                                self._register_gateway_req(gateway_id,
+                                                                           name)))
+
+    def list_gateways(self, *, page_size: int = 0, page_token: str = ""
+                      ) -> Page[Gateway]:
+        resp = self._call(self._admin.ListGateways, admin_pb2.ListGatewaysRequest(
+            **cv.page_args(page_size, page_token)))
+        return Page(tuple(cv.gateway(g) for g in resp.gateways), resp.next_page_token)
+
+    def revoke_gateway(self, gateway_id: str) -> Gateway:
+        """Its reports are refused from now on (GATEWAY_UNKNOWN)."""
+        req = admin_pb2.RevokeGatewayRequest(
+            gateway_id=cv.check_str("gateway_id", gateway_id, required=True))
+        return cv.gateway(self._call(self._admin.RevokeGateway, req))
 
     def put_budget(self, budget_id: str, *, limit_nanos: int, **kw: Any) -> Budget:
         """Create or replace a budget. Keywords: period, soft_limit_nanos,
@@ -407,7 +500,7 @@ class AsyncP402Client(_Common):
         while True:
             try:
                 return await method(request, timeout=self.timeout,
-                                    metadata=self._metadata)
+                                    metadata=self._call_metadata(method, request))
             except grpc.RpcError as err:
                 if idempotent and attempt < self.retries and err.code() in RETRYABLE:
                     await asyncio.sleep(self._delay(attempt))
@@ -477,6 +570,12 @@ class AsyncP402Client(_Common):
             finally:
                 call.cancel()  # a consumer that stops early frees the stream now
 
+    def meter(self, model: str, **kw: Any) -> "AsyncMeter":
+        """See P402Client.meter; use with `async with`."""
+        from .meter import AsyncMeter
+
+        return AsyncMeter(self, model, **kw)
+
     async def ping(self) -> Ping:
         return cv.ping(await self._call(self._meter.Ping, meter_pb2.PingRequest()))
 
@@ -497,6 +596,23 @@ class AsyncP402Client(_Common):
         req = admin_pb2.RevokeKeyRequest(key_id=cv.check_str("key_id", key_id,
                                                               required=True))
         return cv.api_key((await self._call(self._admin.RevokeKey, req)).key)
+
+    async def register_gateway(self, gateway_id: str = "", *, name: str = ""
+                               ) -> RegisteredGateway:
+        """See P402Client.register_gateway."""
+        return cv.registered_gateway(await self._call(
+            self._admin.RegisterGateway, self._register_gateway_req(gateway_id, name)))
+
+    async def list_gateways(self, *, page_size: int = 0, page_token: str = ""
+                            ) -> Page[Gateway]:
+        resp = await self._call(self._admin.ListGateways, admin_pb2.ListGatewaysRequest(
+            **cv.page_args(page_size, page_token)))
+        return Page(tuple(cv.gateway(g) for g in resp.gateways), resp.next_page_token)
+
+    async def revoke_gateway(self, gateway_id: str) -> Gateway:
+        req = admin_pb2.RevokeGatewayRequest(
+            gateway_id=cv.check_str("gateway_id", gateway_id, required=True))
+        return cv.gateway(await self._call(self._admin.RevokeGateway, req))
 
     async def put_budget(self, budget_id: str, *, limit_nanos: int, **kw: Any) -> Budget:
         req = admin_pb2.PutBudgetRequest(budget=cv.budget_pb(budget_id,

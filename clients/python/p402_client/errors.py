@@ -76,6 +76,46 @@ class DeadlineExceeded(P402Error, TimeoutError):
     """The call did not finish within its deadline (after the client's retries)."""
 
 
+class Denied(P402Error):
+    """Authorize answered DENY; raised by the metering helpers (`meter`, `wrap_openai`),
+    never by `authorize()` itself, where a DENY is data.
+
+    `authorization` is the full answer, `reasons` its stable reason codes
+    (`budget.exceeded`, `policy.rate_limited`, …), `retry_after_ms` the server's hint
+    on a rate-limit denial (0 otherwise).
+    """
+
+    def __init__(self, authorization: Any):
+        self.authorization = authorization
+        self.reasons: tuple[str, ...] = tuple(authorization.reasons)
+        self.rule_ids: tuple[str, ...] = tuple(authorization.rule_ids)
+        self.retry_after_ms: int = int(authorization.retry_after_ms)
+        super().__init__(f"denied: {', '.join(self.reasons) or 'no reason given'}"
+                         f" (model {authorization.model or '?'})",
+                         reason=self.reasons[0] if self.reasons else "DENIED")
+
+
+class BudgetDenied(Denied):
+    """DENY because a budget cannot fit the call (`budget.exceeded` among the reasons)."""
+
+
+class PolicyDenied(Denied):
+    """DENY by a policy rule, a rate limit or an unpriced model (no budget reason)."""
+
+
+def denial(authorization: Any) -> Denied:
+    """The typed exception for a DENY: BudgetDenied when a budget refused, else
+    PolicyDenied (a budget reason wins: raising the budget is what unblocks it)."""
+    if any(r.startswith("budget.") for r in authorization.reasons):
+        return BudgetDenied(authorization)
+    return PolicyDenied(authorization)
+
+
+class RecorderFull(ResourceExhausted):
+    """The background recorder's bounded queue stayed full for its put timeout
+    (fail-closed): the service is not keeping up or cannot be reached."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[P402Error]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
@@ -148,5 +188,10 @@ __all__ = [
     "ResourceExhausted",
     "Unavailable",
     "DeadlineExceeded",
+    "Denied",
+    "BudgetDenied",
+    "PolicyDenied",
+    "RecorderFull",
+    "denial",
     "from_rpc_error",
 ]

@@ -420,6 +420,30 @@ class CreatedKey(_Plain):
 
 
 @dataclass(frozen=True, slots=True)
+class Gateway(_Plain):
+    """A gateway that signs its reports (privacy mode private_gateway); never its
+    secret."""
+
+    gateway_id: str
+    name: str
+    create_time_ms: int
+    revoke_time_ms: int
+
+    @property
+    def active(self) -> bool:
+        return self.revoke_time_ms == 0
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredGateway(_Plain):
+    """A new gateway: `secret` (hex, the HMAC-SHA256 key) is shown this once; hand
+    it to `P402Client(..., gateway_id=…, gateway_secret=…)` on the gateway."""
+
+    gateway: Gateway
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Budget(_Plain):
     budget_id: str
     scope: dict[str, str]
@@ -539,6 +563,8 @@ __all__ = [
     "SpendRow",
     "ApiKey",
     "CreatedKey",
+    "Gateway",
+    "RegisteredGateway",
     "Budget",
     "PolicyRule",
     "Price",
