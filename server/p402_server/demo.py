@@ -287,8 +287,49 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
-def run(*, db: str | None, listen: str, keep_running: bool, seed: int, out: Any) -> int:
-    """Run the tour; returns the exit code."""
+async def _run_workflows(db: str | None, listen: str, names: list[str], out: Any,
+                         results: list | None = None) -> int:
+    """The vertical workflows (demo_workflows.py), each on a tenant of its own, on
+    one server started here like the tour's."""
+    from .demo_workflows import Context, run_workflow
+    from .server import create_server
+    from .store import open_store
+
+    tmpdir = None
+    if db is None:
+        tmpdir = tempfile.mkdtemp(prefix="p402-demo-")
+        db = f"sqlite+aiosqlite:///{tmpdir}/demo.db"
+    store = await open_store(db)
+    server = None
+    try:
+        server, port = create_server(listen, store=store)
+        await server.start()
+        host = _host_port(listen)[0] or "127.0.0.1"
+        ctx = Context(store=store, target=f"{host}:{port}", out=out)
+        out.print(f"[bold]P402 demo workflows[/bold]: server on {ctx.target}, ledger {db}")
+        for name in names:
+            out.print()
+            res = await run_workflow(name, ctx)
+            if results is not None:
+                results.append(res)
+        return 0
+    finally:
+        if server is not None:
+            await server.stop(2.0)
+        await store.close()
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def run(*, db: str | None, listen: str, keep_running: bool, seed: int, out: Any,
+        workflow: str | None = None) -> int:
+    """Run the tour, or with `workflow` ("support", "code-review", "extraction",
+    "finance" or "all") the vertical workflows; returns the exit code."""
+    if workflow:
+        from .demo_workflows import WORKFLOWS
+
+        names = list(WORKFLOWS) if workflow == "all" else [workflow]
+        return asyncio.run(_run_workflows(db, listen, names, out))
     return asyncio.run(_run(db, listen, keep_running, seed, out))
 
 

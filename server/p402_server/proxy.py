@@ -1,0 +1,747 @@
+"""`p402 proxy`: an OpenAI-compatible HTTP endpoint that meters every call it forwards.
+
+Owns the HTTP side of metering OpenAI-style traffic (aiohttp): the caller's P402 key
+and owners from headers, Authorize before the upstream call, the output cap written
+into the forwarded request, the upstream key substituted for the caller's, usage read
+back (from the last stream chunk when streaming) and recorded, and OpenAI-style
+errors for denials. Nothing here prices or decides: the P402 server does.
+
+Endpoints: POST /v1/chat/completions (JSON and SSE), /v1/responses (JSON and SSE),
+/v1/embeddings (metered); GET /v1/models (passed through for a valid P402 key). Any
+other path answers 404: the proxy never forwards traffic it cannot meter.
+
+The caller
+- `Authorization: Bearer p402_…` — a P402 key with the `meter` scope; the tenant comes
+  from it. It is never sent upstream: the upstream gets the key of the proxy's own
+  configuration (`--upstream-key-env`, default OPENAI_API_KEY).
+- Owners from `x-p402-customer`, `x-p402-feature`, `x-p402-workflow`, `x-p402-task`,
+  `x-p402-department`, `x-p402-employee`; labels from `x-p402-label-<key>`; retries
+  attributed with `x-p402-attempt` and `x-p402-retry-of`. Header names are
+  case-insensitive; a label key is lower-cased (HTTP does not keep case). Owners are
+  never read from the request body (callers could dodge attribution).
+
+How P402 is reached (a choice): always through the P402 Python client (gRPC), either
+to a running server (`--target`) or to a server started inside the proxy's process on
+a loopback port (`--db`, embedded). One code path means the proxy gets exactly the
+server's key checks, tenant isolation, idempotent retries, group-commit durability
+and error mapping; embedded mode costs one loopback RPC (well under a millisecond
+against an LLM call of hundreds of milliseconds) instead of a second, divergent
+implementation on the runtime's internals.
+
+Per call
+1. Authorize(model, owners, labels, input_bytes = UTF-8 bytes of the prompt text,
+   max_output_tokens = the request's cap) with the caller's key.
+2. DENY: 402 (a budget reason), 429 with Retry-After (policy.rate_limited only), else
+   403; body `{"error": {"message", "type", "code", "param": null}}` with `code` the
+   first reason code, plus `"p402": {decision, reasons, rule_ids, …}`.
+3. ALLOW/WARN: the granted `output_token_cap` is written into the forwarded body
+   (`max_completion_tokens`/`max_tokens` for chat — whichever the caller used, else
+   `max_tokens` — and `max_output_tokens` for responses), so the call cannot spend
+   past its reservation. Streaming chat gets `stream_options.include_usage = true`;
+   the usage chunk (and the `"usage": null` of the other chunks) are stripped again
+   when the caller had not asked for them.
+4. Record with the upstream's usage: SUCCESS; an upstream HTTP error: PROVIDER_ERROR
+   with zero usage, the upstream's status and body passed through; no answer in time:
+   TIMEOUT (504); unreachable: PROVIDER_ERROR (502). A caller that disconnects
+   mid-stream: CANCELLED, with the estimate's input tokens and the output tokens
+   streamed so far (one per content chunk, at least ceil(bytes / 4): never less
+   than what the caller received). A stream that ends without usage (an upstream
+   that ignores include_usage) records the same estimate with SUCCESS.
+5. A Record that fails (P402 unreachable) does not fail the caller's call, which the
+   provider has already served: it is logged, and the reservation expires and is
+   committed at its estimate (spend is never under-counted).
+
+Response headers: `x-p402-reservation-id`, `x-p402-decision`, and on non-streamed
+answers `x-p402-event-id` and `x-p402-cost-nanos`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+log = logging.getLogger("p402.proxy")
+
+OWNER_HEADERS = ("customer", "feature", "workflow", "task", "department", "employee")
+LABEL_PREFIX = "x-p402-label-"
+METERED = {"chat/completions": "chat", "responses": "responses", "embeddings": "embeddings"}
+# Caller headers worth forwarding upstream (everything else, notably Authorization
+# and x-p402-*, stays here).
+FORWARD_HEADERS = ("accept", "openai-beta", "openai-organization", "openai-project",
+                   "idempotency-key", "x-request-id", "user-agent")
+# Upstream response headers passed back (hop-by-hop and length headers are not).
+PASS_BACK_HEADERS = ("retry-after", "x-request-id", "openai-processing-ms",
+                     "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+                     "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
+                     "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+MAX_BODY_BYTES = 32 * 1024 * 1024
+PING_CACHE_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """What the proxy forwards to and how (CLI flags of `p402 proxy`)."""
+
+    upstream: str  # base URL, e.g. https://api.openai.com/v1 ("/v1" added if absent)
+    upstream_key: str = ""  # the key sent upstream ("" sends none)
+    provider: str = "openai"  # provider name given to Authorize (price lookup)
+    upstream_timeout: float = 600.0  # seconds for a whole upstream answer
+    connect_timeout: float = 10.0
+
+    @property
+    def upstream_base(self) -> str:
+        base = self.upstream.rstrip("/")
+        return base if base.endswith("/v1") else base + "/v1"
+
+
+class ProxyError(Exception):
+    """An answer the proxy gives itself, OpenAI-style (status, type, code, param)."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None,
+                 extra: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.param, self.headers, self.extra = param, headers or {}, extra
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {"error": {"message": self.message, "type": self.type,
+                                          "code": self.code, "param": self.param}}
+        if self.extra:
+            body["p402"] = self.extra
+        return web.json_response(body, status=self.status, headers=self.headers)
+
+
+# ------------------------------------------------------------------ the P402 side
+
+
+class ClientMeter:
+    """P402 through `AsyncP402Client`, one client per caller key (bounded LRU).
+
+    gRPC channels to one target share their connections (gRPC's global subchannel
+    pool), so a client per key costs little; the LRU bounds them for proxies that
+    see many keys.
+    """
+
+    def __init__(self, target: str, *, timeout: float = 5.0, max_keys: int = 256):
+        self.target = target
+        self.timeout = timeout
+        self.max_keys = max_keys
+        self._clients: OrderedDict[str, Any] = OrderedDict()
+        self._pinged: dict[str, float] = {}
+
+    def client(self, api_key: str):
+        from p402_client import AsyncP402Client
+
+        c = self._clients.get(api_key)
+        if c is not None:
+            self._clients.move_to_end(api_key)
+            return c
+        # retries=0 on Authorize would skip the client-made reservation id; keep the
+        # client's default retries: a retried Authorize is idempotent.
+        c = AsyncP402Client(self.target, api_key=api_key, timeout=self.timeout)
+        self._clients[api_key] = c
+        if len(self._clients) > self.max_keys:
+            _old_key, old = self._clients.popitem(last=False)
+            self._pinged.pop(_old_key, None)
+            asyncio.ensure_future(old.close())
+        return c
+
+    async def check_key(self, api_key: str) -> None:
+        """Raise the client's error unless the key is valid (cached a minute)."""
+        now = time.monotonic()
+        if self._pinged.get(api_key, 0.0) > now:
+            return
+        await self.client(api_key).ping()
+        self._pinged[api_key] = now + PING_CACHE_SECONDS
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), OrderedDict()
+        for c in clients:
+            await c.close()
+
+
+def _p402_error(exc: Exception) -> ProxyError:
+    """A P402 client error as the HTTP answer the caller gets."""
+    from p402_client import errors as e
+
+    msg = getattr(exc, "message", str(exc))
+    if isinstance(exc, e.Unauthenticated):
+        return ProxyError(401, f"P402: {msg}", "invalid_request_error", "invalid_api_key")
+    if isinstance(exc, e.PermissionDenied):
+        return ProxyError(403, f"P402: {msg}", "permission_denied", "permission_denied")
+    if isinstance(exc, e.InvalidArgument):
+        return ProxyError(400, f"P402: {msg}", "invalid_request_error", "invalid_argument",
+                          param=getattr(exc, "field", None) or None)
+    if isinstance(exc, e.ResourceExhausted):
+        return ProxyError(429, f"P402: {msg}", "rate_limit_error", "p402_overloaded",
+                          headers={"Retry-After": "1"})
+    # Fail closed: without a decision, no spend.
+    return ProxyError(503, f"P402 metering unavailable: {msg}", "server_error",
+                      "p402_unavailable")
+
+
+# ------------------------------------------------------------------ request reading
+
+
+def _text_of(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(_text_of(p) for p in content)
+    if isinstance(content, dict):
+        if isinstance(content.get("text"), str):
+            return content["text"]
+        if "content" in content:
+            return _text_of(content["content"])
+        if isinstance(content.get("arguments"), str):  # tool calls carry JSON text
+            return content["arguments"]
+        if isinstance(content.get("output"), str):
+            return content["output"]
+    return ""
+
+
+def prompt_bytes(kind: str, body: dict) -> int:
+    """UTF-8 bytes of the prompt text of an OpenAI request (what Authorize prices)."""
+    if kind == "chat":
+        return sum(len(_text_of(m.get("content")).encode()) +
+                   sum(len(_text_of(t.get("function"))) for t in m.get("tool_calls") or ()
+                       if isinstance(t, dict))
+                   for m in body.get("messages") or () if isinstance(m, dict))
+    if kind == "responses":
+        n = len(_text_of(body.get("instructions")).encode())
+        inp = body.get("input")
+        if isinstance(inp, str):
+            return n + len(inp.encode())
+        return n + sum(len(_text_of(item).encode()) for item in inp or ())
+    inp = body.get("input")
+    items = inp if isinstance(inp, list) else [inp]
+    total = 0
+    for item in items:
+        if isinstance(item, str):
+            total += len(item.encode())
+        elif isinstance(item, int):
+            total += 4  # one token id
+        elif isinstance(item, list):
+            total += 4 * len(item)
+    return total
+
+
+def requested_cap(kind: str, body: dict) -> tuple[str, int]:
+    """(the body field that carries the output cap, its value or 0)."""
+    names = {"chat": ("max_completion_tokens", "max_tokens"),
+             "responses": ("max_output_tokens",)}.get(kind, ())
+    for name in names:
+        v = body.get(name)
+        if v is not None:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ProxyError(400, f"{name} must be a positive integer",
+                                 "invalid_request_error", "invalid_value", param=name)
+            return name, v
+    return (names[-1] if kind == "chat" else names[0]) if names else "", 0
+
+
+def owners_from_headers(headers) -> tuple[dict[str, str], dict[str, str]]:
+    owners, labels = {}, {}
+    for name, value in headers.items():
+        low = name.lower()
+        if low.startswith(LABEL_PREFIX):
+            key = low[len(LABEL_PREFIX):]
+            if not key:
+                raise ProxyError(400, "a label header needs a key: x-p402-label-<key>",
+                                 "invalid_request_error", "invalid_header", param=name)
+            labels[key] = value
+        elif low.startswith("x-p402-") and low[7:] in OWNER_HEADERS:
+            owners[low[7:]] = value
+    return owners, labels
+
+
+def _int_header(headers, name: str) -> int:
+    v = headers.get(name)
+    if v is None or v == "":
+        return 0
+    if not v.isdigit():
+        raise ProxyError(400, f"{name} must be a non-negative integer",
+                         "invalid_request_error", "invalid_header", param=name)
+    return int(v)
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+def usage_from(kind: str, usage: Any) -> dict[str, int] | None:
+    """OpenAI usage -> P402 Record keywords (cached/cache-write within input and
+    reasoning within output, as both P402 and OpenAI count them)."""
+    if not isinstance(usage, dict):
+        return None
+    if kind == "responses":
+        inp, out = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
+        idet = usage.get("input_tokens_details") or {}
+        odet = usage.get("output_tokens_details") or {}
+    else:
+        inp, out = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+        idet = usage.get("prompt_tokens_details") or {}
+        odet = usage.get("completion_tokens_details") or {}
+    cached = min(_int(idet.get("cached_tokens")), inp) if isinstance(idet, dict) else 0
+    write = (min(_int(idet.get("cache_write_tokens")), inp - cached)
+             if isinstance(idet, dict) else 0)
+    reasoning = min(_int(odet.get("reasoning_tokens")), out) if isinstance(odet, dict) else 0
+    return {"input_tokens": inp, "cached_input_tokens": cached, "cache_write_tokens": write,
+            "output_tokens": out, "reasoning_tokens": reasoning}
+
+
+def denial(auth: Any) -> ProxyError:
+    """The HTTP answer to a DENY decision."""
+    reasons = tuple(auth.reasons)
+    extra = {"decision": "DENY", "reasons": list(reasons), "rule_ids": list(auth.rule_ids),
+             "estimated_cost_nanos": auth.estimated_cost_nanos}
+    text = ", ".join(reasons) or "denied"
+    budget = [r for r in reasons if r.startswith("budget.")]
+    if budget:
+        return ProxyError(402, f"P402 budget denied this call ({text})",
+                          "insufficient_quota", budget[0], extra=extra)
+    if "policy.rate_limited" in reasons:
+        headers = {}
+        ms = getattr(auth, "retry_after_ms", 0) or 0
+        if ms >= 0:  # -1: the call can never fit the limit: no point in retrying
+            headers["Retry-After"] = str(max(1, math.ceil(ms / 1000)))
+        extra["retry_after_ms"] = ms
+        return ProxyError(429, f"P402 rate limit ({text})", "rate_limit_error",
+                          "policy.rate_limited", headers=headers, extra=extra)
+    return ProxyError(403, f"P402 policy denied this call ({text})", "permission_denied",
+                      reasons[0] if reasons else "policy.denied", extra=extra)
+
+
+# ------------------------------------------------------------------ the proxy
+
+
+class Proxy:
+    """The aiohttp application's handlers and the upstream session."""
+
+    def __init__(self, config: ProxyConfig, meter: ClientMeter):
+        self.config = config
+        self.meter = meter
+        self._session: aiohttp.ClientSession | None = None
+
+    async def on_startup(self, _app: web.Application) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout),
+            auto_decompress=True)
+
+    async def on_cleanup(self, _app: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
+        await self.meter.close()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.router.add_post("/v1/{endpoint:chat/completions|responses|embeddings}",
+                            self.metered)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.models)
+        app.router.add_route("*", "/{tail:.*}", self.not_found)
+        app.on_startup.append(self.on_startup)
+        app.on_cleanup.append(self.on_cleanup)
+        return app
+
+    # --- helpers -------------------------------------------------------------
+
+    @staticmethod
+    def _caller_key(request: web.Request) -> str:
+        auth = request.headers.get("Authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not key.startswith("p402_"):
+            raise ProxyError(401, "this endpoint takes a P402 API key: "
+                             "Authorization: Bearer p402_…", "invalid_request_error",
+                             "invalid_api_key")
+        return key
+
+    def _upstream_headers(self, request: web.Request) -> dict[str, str]:
+        headers = {k: request.headers[k] for k in FORWARD_HEADERS if k in request.headers}
+        headers["Content-Type"] = "application/json"
+        if self.config.upstream_key:
+            headers["Authorization"] = f"Bearer {self.config.upstream_key}"
+        return headers
+
+    @staticmethod
+    def _pass_back(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+        return {k: upstream.headers[k] for k in PASS_BACK_HEADERS if k in upstream.headers}
+
+    async def _record(self, client, rid: str, *, outcome: str, usage: dict | None,
+                      input_bytes: int, estimated: bool = False):
+        # usage None (an error before any usage) or `estimated` (the reservation's
+        # estimate stands in): not a provider report, so evidence ESTIMATED.
+        try:
+            return await client.record(rid, outcome=outcome, input_bytes=input_bytes,
+                                       usage_estimated=estimated or usage is None,
+                                       **(usage or {}))
+        except Exception as exc:  # noqa: BLE001 - the caller's call is already served
+            log.error("record of reservation %s failed (%s); it will expire and be "
+                      "committed at its estimate", rid, exc)
+            return None
+
+    # --- handlers ------------------------------------------------------------
+
+    async def not_found(self, request: web.Request) -> web.StreamResponse:
+        return ProxyError(404, f"{request.method} {request.path} is not served by the P402 "
+                          "proxy (metered: /v1/chat/completions, /v1/responses, "
+                          "/v1/embeddings; /v1/models)", "invalid_request_error",
+                          "unknown_url").response()
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        try:
+            key = self._caller_key(request)
+            try:
+                await self.meter.check_key(key)
+            except Exception as exc:  # noqa: BLE001 - mapped to an HTTP answer
+                raise _p402_error(exc) from None
+            url = self.config.upstream_base + request.path[len("/v1"):]
+            try:
+                async with self._session.get(
+                        url, headers=self._upstream_headers(request),
+                        timeout=aiohttp.ClientTimeout(total=self.config.upstream_timeout)
+                ) as up:
+                    body = await up.read()
+                    return web.Response(body=body, status=up.status,
+                                        content_type=up.content_type,
+                                        headers=self._pass_back(up))
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise ProxyError(502, f"upstream unreachable: {exc!r}", "server_error",
+                                 "upstream_unreachable") from None
+        except ProxyError as err:
+            return err.response()
+
+    async def metered(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._metered(request)
+        except ProxyError as err:
+            return err.response()
+
+    async def _metered(self, request: web.Request) -> web.StreamResponse:
+        kind = METERED[request.match_info["endpoint"]]
+        key = self._caller_key(request)
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            raise ProxyError(400, "the request body is not JSON", "invalid_request_error",
+                             "invalid_json") from None
+        if not isinstance(body, dict):
+            raise ProxyError(400, "the request body must be a JSON object",
+                             "invalid_request_error", "invalid_json")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ProxyError(400, "model is required", "invalid_request_error",
+                             "missing_model", param="model")
+        owners, labels = owners_from_headers(request.headers)
+        attempt = _int_header(request.headers, "x-p402-attempt")
+        retry_of = request.headers.get("x-p402-retry-of", "")
+        cap_field, cap = requested_cap(kind, body)
+        nbytes = prompt_bytes(kind, body)
+        client = self.meter.client(key)
+        try:
+            auth = await client.authorize(
+                model, provider=self.config.provider, owners=owners, labels=labels or None,
+                input_bytes=nbytes, max_output_tokens=cap, attempt=attempt,
+                retry_of=retry_of)
+        except ProxyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - P402 client errors -> HTTP
+            raise _p402_error(exc) from None
+        if not auth.allowed:
+            raise denial(auth)
+        meta = {"x-p402-reservation-id": auth.reservation_id,
+                "x-p402-decision": auth.decision.name}
+        if auth.reasons:
+            meta["x-p402-reasons"] = ",".join(auth.reasons)
+
+        out = dict(body)
+        if cap_field and auth.output_token_cap > 0:
+            out[cap_field] = min(cap, auth.output_token_cap) if cap else auth.output_token_cap
+        stream = bool(body.get("stream")) and kind != "embeddings"
+        caller_wants_usage = True
+        if stream and kind == "chat":
+            so = body.get("stream_options")
+            caller_wants_usage = bool(isinstance(so, dict) and so.get("include_usage"))
+            out["stream_options"] = {**(so if isinstance(so, dict) else {}),
+                                     "include_usage": True}
+
+        url = self.config.upstream_base + "/" + request.match_info["endpoint"]
+        timeout = aiohttp.ClientTimeout(total=self.config.upstream_timeout)
+        try:
+            up = await self._session.post(url, data=json.dumps(out).encode(),
+                                          headers=self._upstream_headers(request),
+                                          timeout=timeout)
+        except asyncio.TimeoutError:
+            await self._record(client, auth.reservation_id, outcome="TIMEOUT", usage=None,
+                               input_bytes=nbytes)
+            raise ProxyError(504, "the upstream did not answer in time", "server_error",
+                             "upstream_timeout") from None
+        except aiohttp.ClientError as exc:
+            await self._record(client, auth.reservation_id, outcome="PROVIDER_ERROR",
+                               usage=None, input_bytes=nbytes)
+            raise ProxyError(502, f"upstream unreachable: {exc}", "server_error",
+                             "upstream_unreachable") from None
+        try:
+            if up.status >= 400 or not stream:
+                return await self._whole(request, up, kind, client, auth, nbytes, meta)
+            return await self._stream(request, up, kind, client, auth, nbytes, meta,
+                                      caller_wants_usage)
+        finally:
+            up.release()
+
+    async def _whole(self, request, up, kind, client, auth, nbytes, meta):
+        """A non-streamed answer (or any upstream error): read, record, answer."""
+        rid = auth.reservation_id
+        try:
+            raw = await up.read()
+        except asyncio.TimeoutError:
+            await self._record(client, rid, outcome="TIMEOUT", usage=None, input_bytes=nbytes)
+            raise ProxyError(504, "the upstream did not answer in time", "server_error",
+                             "upstream_timeout") from None
+        except aiohttp.ClientError as exc:
+            await self._record(client, rid, outcome="PROVIDER_ERROR", usage=None,
+                               input_bytes=nbytes)
+            raise ProxyError(502, f"upstream failed mid-answer: {exc}", "server_error",
+                             "upstream_unreachable") from None
+        headers = {**self._pass_back(up), **meta}
+        if up.status >= 400:
+            # The provider refused or failed: nothing was generated; pass it through.
+            await self._record(client, rid, outcome="PROVIDER_ERROR", usage=None,
+                               input_bytes=nbytes)
+            return web.Response(body=raw, status=up.status, headers=headers,
+                                content_type=up.content_type or "application/json")
+        try:
+            usage = usage_from(kind, json.loads(raw).get("usage"))
+        except (ValueError, AttributeError):
+            usage = None
+        estimated = usage is None
+        if usage is None:
+            log.warning("upstream answer to %s had no usage; recording the estimate", rid)
+            usage = {"input_tokens": auth.estimated_input_tokens,
+                     "output_tokens": 0 if kind == "embeddings"
+                     else auth.estimated_output_tokens}
+        res = await self._record(client, rid, outcome="SUCCESS", usage=usage,
+                                 input_bytes=nbytes, estimated=estimated)
+        if res is not None:
+            headers["x-p402-event-id"] = res.event_id
+            headers["x-p402-cost-nanos"] = str(res.cost_nanos)
+        return web.Response(body=raw, status=up.status, headers=headers,
+                            content_type=up.content_type or "application/json")
+
+    async def _stream(self, request, up, kind, client, auth, nbytes, meta, wants_usage):
+        """Relay SSE; read usage from the final chunk/event; record at the end."""
+        rid = auth.reservation_id
+        resp = web.StreamResponse(status=up.status, headers={
+            **self._pass_back(up), **meta, "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache"})
+        usage: dict | None = None
+        chunks = out_bytes = 0  # content streamed to the caller so far
+        outcome = "SUCCESS"
+        try:
+            await resp.prepare(request)
+            async for event in _sse_events(up.content):
+                data = event.get("data")
+                payload = None
+                if data is not None and data != "[DONE]":
+                    try:
+                        payload = json.loads(data)
+                    except ValueError:
+                        payload = None
+                if isinstance(payload, dict):
+                    if kind == "chat":
+                        if payload.get("usage"):
+                            usage = usage_from(kind, payload["usage"])
+                        for ch in payload.get("choices") or ():
+                            text = (ch.get("delta") or {}).get("content") or ""
+                            if text:
+                                chunks += 1
+                                out_bytes += len(text.encode())
+                        if not wants_usage:
+                            if not payload.get("choices") and "usage" in payload:
+                                continue  # the usage chunk the caller did not ask for
+                            if "usage" in payload and payload["usage"] is None:
+                                del payload["usage"]
+                                event = {**event, "data": json.dumps(
+                                    payload, separators=(",", ":"))}
+                    else:
+                        t = payload.get("type", "")
+                        if t == "response.output_text.delta":
+                            chunks += 1
+                            out_bytes += len((payload.get("delta") or "").encode())
+                        elif t in ("response.completed", "response.incomplete",
+                                   "response.failed"):
+                            usage = usage_from(kind, (payload.get("response") or {})
+                                               .get("usage"))
+                            if t == "response.failed":
+                                outcome = "PROVIDER_ERROR"
+                await resp.write(_sse_frame(event))
+            await resp.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            # The caller went away: charge what was streamed to it.
+            if usage is None:
+                outcome = "CANCELLED"
+        except asyncio.CancelledError:
+            if usage is None:
+                outcome = "CANCELLED"
+            await self._record(client, rid, outcome=outcome,
+                               usage=usage or self._streamed_usage(auth, chunks, out_bytes),
+                               input_bytes=nbytes, estimated=usage is None)
+            raise
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            # The upstream broke mid-stream: tell the caller in-band (the status line
+            # is long gone), the way OpenAI reports a streaming error.
+            timed_out = isinstance(exc, asyncio.TimeoutError)
+            outcome = "TIMEOUT" if timed_out else "PROVIDER_ERROR"
+            log.warning("upstream stream for %s broke: %r", rid, exc)
+            await _send_stream_error(resp, kind, "upstream_timeout" if timed_out
+                                     else "upstream_stream_broken",
+                                     "the upstream stream ended before its end")
+        estimated = usage is None
+        if usage is None:
+            if outcome == "SUCCESS":
+                log.warning("stream for %s ended without usage; recording the estimate", rid)
+            usage = self._streamed_usage(auth, chunks, out_bytes)
+        await self._record(client, rid, outcome=outcome, usage=usage, input_bytes=nbytes,
+                           estimated=estimated)
+        return resp
+
+    @staticmethod
+    def _streamed_usage(auth, chunks: int, out_bytes: int) -> dict[str, int]:
+        # One token per content chunk (OpenAI streams about one per chunk), never fewer
+        # than ceil(bytes / 4): what the caller received is never under-counted.
+        return {"input_tokens": auth.estimated_input_tokens,
+                "output_tokens": max(chunks, -(-out_bytes // 4))}
+
+
+async def _sse_events(content: aiohttp.StreamReader):
+    """Parse an SSE byte stream into events: {"event"?, "data"?, "id"?, …} (the data
+    lines joined with "\\n"), one per blank-line-terminated block."""
+    fields: dict[str, str] = {}
+    async for raw in content:
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:
+            if fields:
+                yield fields
+                fields = {}
+            continue
+        if line.startswith(":"):
+            continue  # an SSE comment (keep-alive)
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "data" and "data" in fields:
+            fields["data"] += "\n" + value
+        else:
+            fields[name] = value
+    if fields:
+        yield fields
+
+
+async def _send_stream_error(resp: web.StreamResponse, kind: str, code: str,
+                             message: str) -> None:
+    err = {"message": message, "type": "server_error", "code": code, "param": None}
+    event: dict[str, str] = {}
+    payload: dict[str, Any] = {"error": err}
+    if kind == "responses":
+        event["event"] = "error"
+        payload.update(type="error", code=code, message=message, param=None)
+    event["data"] = json.dumps(payload, separators=(",", ":"))
+    try:
+        await resp.write(_sse_frame(event))
+        await resp.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        pass  # the caller is gone too
+
+
+def _sse_frame(event: dict[str, str]) -> bytes:
+    lines = []
+    for name, value in event.items():
+        if name == "data":
+            lines += [f"data: {v}" for v in value.split("\n")]
+        else:
+            lines.append(f"{name}: {value}")
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+# ------------------------------------------------------------------ running it
+
+
+async def start_proxy(config: ProxyConfig, target: str, listen: str, *,
+                      p402_timeout: float = 5.0) -> tuple[web.AppRunner, int]:
+    """Start the proxy on `listen` ("host:port", port 0 picks one) -> (runner, port).
+    Stop it with `await runner.cleanup()`."""
+    proxy = Proxy(config, ClientMeter(target, timeout=p402_timeout))
+    runner = web.AppRunner(proxy.app(), access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    host, _, port = listen.rpartition(":")
+    site = web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port))
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
+async def serve_proxy(config: ProxyConfig, listen: str, *, target: str | None = None,
+                      db: str | None = None, ready=None,
+                      stop_event: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop_event`). With `db`, a P402 server runs in
+    this process on a loopback port (embedded); else `target` is a running server.
+    `ready(port)` is called once the proxy accepts calls."""
+    import signal
+
+    stop_event = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop_event.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    store = server = None
+    try:
+        if db:
+            from .server import create_server
+            from .store import open_store
+
+            store = await open_store(db)
+            server, p402_port = create_server("127.0.0.1:0", store=store)
+            await server.start()
+            target = f"127.0.0.1:{p402_port}"
+            log.info("embedded P402 server on %s", target)
+        if not target:
+            raise ValueError("target: a P402 server (--target) or a ledger (--db) is required")
+        runner, port = await start_proxy(config, target, listen)
+        try:
+            log.info("p402 proxy on %s -> %s (P402 at %s)", listen, config.upstream_base,
+                     target)
+            if ready is not None:
+                ready(port)
+            await stop_event.wait()
+        finally:
+            await runner.cleanup()
+    finally:
+        if server is not None:
+            await server.stop(2.0)
+        if store is not None:
+            await store.close()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def upstream_key_from_env(var: str) -> str:
+    return os.environ.get(var, "")
+
+
+__all__ = ["ProxyConfig", "Proxy", "ClientMeter", "start_proxy", "serve_proxy",
+           "prompt_bytes", "usage_from", "denial", "owners_from_headers"]
