@@ -295,7 +295,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=os.environ.get("P402_LOG_LEVEL", "INFO"),
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
                    help="logging level (default INFO)")
+    # -- dashboard (p402_server.dashboard) --
+    p.add_argument("--http", default=os.environ.get("P402_HTTP") or None,
+                   metavar="HOST:PORT",
+                   help="also serve the ledger dashboard at http://HOST:PORT/dashboard/ "
+                        "(env P402_HTTP; off by default)")
+    p.add_argument("--http-secure-cookies", action="store_true",
+                   default=os.environ.get("P402_HTTP_SECURE_COOKIES", "") in ("1", "true"),
+                   help="mark dashboard cookies Secure even over plain http (use behind "
+                        "a TLS-terminating proxy; env P402_HTTP_SECURE_COOKIES=1)")
+    # -- Envoy ext_authz (p402_server.envoy) --
+    p.add_argument("--ext-authz", action="store_true",
+                   help="also serve Envoy's envoy.service.auth.v3.Authorization/Check on "
+                        "the same port (needs the `envoy` extra: xds-protos)")
+    p.add_argument("--ext-authz-provider", default="",
+                   help="provider for price lookup when the route names none")
+    p.add_argument("--ext-authz-strip-authorization", action="store_true",
+                   help="remove the caller's authorization header before the upstream")
     p.set_defaults(func=cmd_serve)
+
+    # proxy (p402_server.proxy)
+    p = sub.add_parser("proxy", help="an OpenAI-compatible endpoint that meters every call",
+                       **_fmt("Serve the OpenAI API (/v1/chat/completions, /v1/responses, "
+                              "/v1/embeddings, /v1/models) in front of an upstream: callers "
+                              "authenticate with a P402 meter key, owners come from "
+                              "x-p402-* headers, every call is authorized and recorded.",
+                              "OPENAI_API_KEY=sk-… p402 proxy --upstream "
+                              "https://api.openai.com/v1 --listen 127.0.0.1:8402 "
+                              "--target 127.0.0.1:4020"))
+    p.add_argument("--upstream", required=True, metavar="URL",
+                   help="the OpenAI-compatible base URL to forward to (…/v1)")
+    p.add_argument("--listen", default=os.environ.get("P402_PROXY_LISTEN", "127.0.0.1:8402"),
+                   help="HOST:PORT to listen on (env P402_PROXY_LISTEN; default "
+                        "127.0.0.1:8402)")
+    p.add_argument("--upstream-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the upstream's API key (default "
+                        "OPENAI_API_KEY); callers' keys are never forwarded")
+    p.add_argument("--provider", default="openai",
+                   help="provider name for price lookup (default openai)")
+    p.add_argument("--upstream-timeout", type=float, default=600.0,
+                   help="seconds for a whole upstream answer (default 600)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--target", default=None,
+                   help="a running P402 server HOST:PORT (env P402_TARGET; default "
+                        f"{DEFAULT_TARGET})")
+    g.add_argument("--db", default=None,
+                   help="embedded: run a P402 server in this process on this ledger")
+    p.add_argument("--log-level", default=os.environ.get("P402_LOG_LEVEL", "INFO"),
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
+                   help="logging level (default INFO)")
+    p.set_defaults(func=cmd_proxy)
 
     # init
     p = sub.add_parser("init", help="create a tenant and its first admin key", **_fmt(
@@ -485,14 +534,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_spend)
 
     # export
-    p = sub.add_parser("export", help="export events as CSV or JSONL", **_fmt(
-        "Every matching event in ledger order, as CSV or JSON lines.",
-        "p402 export --format csv --since 30d --output events.csv"))
-    p.add_argument("--format", default="csv", choices=("csv", "jsonl"), type=str.lower)
+    p = sub.add_parser("export", help="export events as CSV, JSONL or FinOps FOCUS",
+                       **_fmt(
+        "Every matching event in ledger order: every economic field, the hash chain "
+        "(chain_index, prev_chain_hash, chain_hash) and no content. The export ends "
+        "with a digest signed by the tenant's evidence key: the last line of a JSONL "
+        "file ({\"digest\": ...}); for CSV and FOCUS files a sidecar FILE.digest.json "
+        "(on stdout with --digest: a trailing '# digest {...}' line). Check it with "
+        "`p402 verify --file`.",
+        "p402 export --format focus --since 30d --output events.csv"))
+    p.add_argument("--format", default="csv", choices=("csv", "jsonl", "focus"),
+                   type=str.lower)
     p.add_argument("--output", "-o", default="-", help="file to write (default stdout)")
+    p.add_argument("--digest", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the signed digest (default: yes to a file, no to stdout)")
     _filters(p)
     _remote(p)
     p.set_defaults(func=cmd_export)
+
+    # verify
+    p = sub.add_parser("verify", help="check the ledger's hash chain or an export",
+                       **_fmt(
+        "Check the hash chain of every tenant in a database (--db), or of an export "
+        "file and its signed digest (--file). Names the first bad position. Exit 0 "
+        "intact, 1 broken, 2 bad input.",
+        "p402 verify --file events.jsonl"))
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--db", help="SQLAlchemy URL of a P402 database")
+    g.add_argument("--file", help="an export file (csv, jsonl or focus)")
+    p.add_argument("--tenant", help="only this tenant (with --db)")
+    p.add_argument("--public-key", help="hex Ed25519 key the digest must be signed by "
+                                        "(Settings.evidence_public_key); default: the "
+                                        "key named in the digest")
+    _json_flag(p)
+    p.set_defaults(func=cmd_verify)
+
+    # contents
+    contents = sub.add_parser("contents", help="kept prompts and responses", **_fmt(
+        "Content kept under redacted_trace / full_trace lives in its own table with a "
+        "retention period; the server purges it in the background.",
+        "p402 contents purge --db sqlite:///p402.db"))
+    cs = contents.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                 parser_class=_Parser)
+    p = cs.add_parser("purge", help="delete content past its retention now", **_fmt(
+        "Delete every kept prompt/response whose retention has passed.",
+        "p402 contents purge --db sqlite:///p402.db"))
+    p.add_argument("--db", default=os.environ.get("P402_DB", DEFAULT_DB),
+                   help=f"SQLAlchemy URL (env P402_DB; default {DEFAULT_DB})")
+    _json_flag(p)
+    p.set_defaults(func=cmd_contents_purge)
 
     # settings
     settings = sub.add_parser("settings", help="tenant settings", **_fmt(
@@ -547,6 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-running", action="store_true",
                    help="keep serving after the tour, until Ctrl-C")
     p.add_argument("--seed", type=int, default=402, help="random seed (default 402)")
+    p.add_argument("--workflow", default=None,
+                   choices=("support", "code-review", "extraction", "finance", "all"),
+                   help="run a vertical workflow (p402_server.demo_workflows) instead "
+                        "of the tour")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -573,9 +667,59 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     kwargs: dict[str, Any] = {}
     if args.max_concurrent_rpcs is not None:
         kwargs["max_concurrent_rpcs"] = args.max_concurrent_rpcs
+    if args.http:  # the dashboard, in the same process and loop
+        _listen_check("--http", args.http)
+        from .dashboard import DashboardConfig
+
+        kwargs["http"] = args.http
+        kwargs["dashboard_config"] = DashboardConfig(
+            secure_cookies=True if args.http_secure_cookies else None)
+    if args.ext_authz:  # Envoy ext_authz on the same port (p402_server.envoy)
+        try:
+            from .envoy import EnvoyConfig
+        except ImportError as exc:
+            raise UsageError("--ext-authz", f"needs xds-protos (pip install "
+                             f"'p402[envoy]'): {exc}") from None
+        kwargs["ext_authz"] = EnvoyConfig(
+            provider=args.ext_authz_provider,
+            strip_authorization=args.ext_authz_strip_authorization)
     logging.getLogger("p402.cli").info("p402 serve: starting (db %s, listen %s)",
                                        _redact_url(args.db), args.listen)
     server.run(args.db, args.listen, **kwargs)
+    return 0
+
+
+def cmd_proxy(args: argparse.Namespace, out: Output) -> int:
+    """`p402 proxy` (p402_server.proxy)."""
+    _listen_check("--listen", args.listen)
+    if not args.upstream.startswith(("http://", "https://")):
+        raise UsageError("--upstream", f"{args.upstream!r} is not an http(s) URL")
+    if args.upstream_timeout <= 0:
+        raise UsageError("--upstream-timeout", "must be > 0 seconds")
+    upstream_key = os.environ.get(args.upstream_key_env, "")
+    target = None if args.db else (args.target or os.environ.get("P402_TARGET",
+                                                                  DEFAULT_TARGET))
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    from .proxy import ProxyConfig, serve_proxy
+
+    if not upstream_key:  # a local upstream (vLLM, Ollama) may take none
+        logging.getLogger("p402.cli").warning(
+            "p402 proxy: $%s is empty; forwarding without an upstream key",
+            args.upstream_key_env)
+    config = ProxyConfig(upstream=args.upstream, upstream_key=upstream_key,
+                         provider=args.provider, upstream_timeout=args.upstream_timeout)
+    logging.getLogger("p402.cli").info(
+        "p402 proxy: %s -> %s (P402 %s)", args.listen, config.upstream_base,
+        f"embedded on {_redact_url(args.db)}" if args.db else target)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve_proxy(config, args.listen, target=target, db=args.db))
+    else:
+        uvloop.run(serve_proxy(config, args.listen, target=target, db=args.db))
     return 0
 
 
@@ -1086,8 +1230,20 @@ def _count_estimate(p402: Any, filters: dict[str, Any]) -> int | None:
 
 
 def cmd_export(args: argparse.Namespace, out: Output) -> int:
+    """ExportEvents -> rows (evidence.py formats), then the signed digest the server
+    sends in the call's trailing metadata."""
+    import grpc
+    from p402.v1 import meter_pb2, meter_pb2_grpc
+    from p402_client import _convert
+
+    from .evidence import DIGEST_HEADER, ExportWriter, event_row
+
     filters = _filter_kwargs(args)
+    if not args.api_key:
+        raise UsageError("--api-key", "is required (or set P402_API_KEY)")
     to_file = args.output not in ("-", "")
+    with_digest = to_file if args.digest is None else args.digest
+    sidecar = to_file and args.format in ("csv", "focus")
     if to_file:
         try:
             fh = open(args.output, "w", encoding="utf-8", newline="")
@@ -1096,10 +1252,9 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
     else:
         fh = sys.stdout
     count = 0
+    progress = task = None
     try:
         with _client(args) as p402:
-            progress = None
-            task = None
             if to_file:
                 from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
                                            TextColumn, TimeElapsedColumn)
@@ -1110,33 +1265,119 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
                                     console=out.err, transient=False)
                 progress.start()
                 task = progress.add_task("export", total=total)
+        writer = ExportWriter(fh, args.format)
+        req = meter_pb2.ExportEventsRequest(filter=_convert.event_filter(**filters))
+        with grpc.insecure_channel(args.target) as channel:
+            call = meter_pb2_grpc.MeterServiceStub(channel).ExportEvents(
+                req, metadata=(("authorization", f"Bearer {args.api_key}"),))
             try:
-                writer = None
-                for event in p402.export(**filters):
-                    if args.format == "jsonl":
-                        fh.write(json.dumps(_event_dict(event), ensure_ascii=False) + "\n")
-                    else:
-                        row = event.to_flat()
-                        if writer is None:
-                            writer = csv.DictWriter(fh, fieldnames=list(row))
-                            writer.writeheader()
-                        writer.writerow({k: _csv_value(v) for k, v in row.items()})
+                for pb in call:
+                    writer.row(event_row(pb))
                     count += 1
                     if progress is not None and count % 256 == 0:
                         progress.update(task, completed=count)
-                if writer is None and args.format == "csv":
-                    fh.write(",".join(_export_header()) + "\r\n")
-            finally:
-                if progress is not None:
-                    progress.update(task, completed=count, total=count)
-                    progress.stop()
+                trailing = dict(call.trailing_metadata() or ())
+            except grpc.RpcError as err:
+                from p402_client.errors import from_rpc_error
+
+                raise from_rpc_error(err) from None
+        digest = json.loads(trailing[DIGEST_HEADER]) if DIGEST_HEADER in trailing else None
+        if with_digest and digest is not None:
+            if sidecar:
+                with open(args.output + ".digest.json", "w", encoding="utf-8") as dfh:
+                    json.dump(digest, dfh, sort_keys=True, indent=2)
+                    dfh.write("\n")
+            else:
+                writer.digest(digest)
     finally:
+        if progress is not None:
+            progress.update(task, completed=count, total=count)
+            progress.stop()
         if to_file:
             fh.close()
         else:
             fh.flush()
     if to_file:
         out.err.print(f"Exported {count} event(s) to {args.output}.")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, out: Output) -> int:
+    """Exit 0 when the chain (and digest) hold, 1 when broken, 2 on bad input."""
+    from .evidence import BadInput, read_export, verify_rows
+
+    if args.file:
+        try:
+            fmt, rows, digest = read_export(args.file)
+            sidecar = args.file + ".digest.json"
+            if digest is None and os.path.exists(sidecar):
+                with open(sidecar, encoding="utf-8") as fh:
+                    digest = json.load(fh)
+            v = verify_rows(rows, digest, public_key=args.public_key, fmt=fmt)
+        except BadInput as exc:
+            raise UsageError("--file", str(exc)) from None
+        except ValueError as exc:
+            raise UsageError("--file", f"unreadable digest: {exc}") from None
+        result = {"ok": v.ok, "file": args.file, "format": v.fmt, "count": v.count,
+                  "head": v.head, "first_bad_row": v.bad_row, "reason": v.reason,
+                  "signed_by": v.signed_by}
+        if args.json:
+            out.json(result)
+        elif v.ok:
+            out.print(f"OK: {v.count} event(s), chain and signed digest intact "
+                      f"(head {v.head[:16]}…, signed by {v.signed_by[:16]}…)",
+                      markup=False)
+        else:
+            where = f" at row {v.bad_row}" if v.bad_row else ""
+            out.print(f"BROKEN{where}: {v.reason}", markup=False)
+        return 0 if v.ok else 1
+    results = _run_store(args.db, _verify_db(args.db, args.tenant))
+    if args.json:
+        out.json(results)
+    else:
+        for r in results:
+            if r["ok"]:
+                out.print(f"OK: tenant {r['tenant_id']}: {r['count']} event(s), chain "
+                          f"intact (head {r['head'][:16]}…)", markup=False)
+            else:
+                out.print(f"BROKEN: tenant {r['tenant_id']} at chain_index "
+                          f"{r['first_bad_index']}: {r['reason']}", markup=False)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+async def _verify_db(db: str, tenant: str | None) -> list[dict[str, Any]]:
+    from .store import open_store
+
+    store = await open_store(db, create=False)
+    try:
+        tenants = [tenant] if tenant else [t.tenant_id for t in await store.list_tenants()]
+        if tenant and await store.get_tenant(tenant) is None:
+            raise UsageError("--tenant", f"no tenant {tenant!r} in the database")
+        out = []
+        for t in tenants:
+            r = await store.verify_chain(t)
+            out.append({"tenant_id": t, "ok": r.ok, "count": r.count, "head": r.head,
+                        "first_bad_index": r.first_bad_index, "reason": r.reason})
+        return out
+    finally:
+        await store.close()
+
+
+def cmd_contents_purge(args: argparse.Namespace, out: Output) -> int:
+    async def purge() -> int:
+        from .store import open_store
+
+        store = await open_store(args.db, create=False)
+        try:
+            return await store.purge_contents(time.time_ns() // 1_000_000)
+        finally:
+            await store.close()
+
+    n = _run_store(args.db, purge())
+    if args.json:
+        out.json({"purged": n})
+    else:
+        out.print(f"Purged {n} content row(s) past their retention.")
     return 0
 
 
@@ -1227,16 +1468,32 @@ def cmd_bench(args: argparse.Namespace, out: Output) -> int:
         proc = subprocess.Popen(argv, cwd=root.parent, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         assert proc.stdout is not None
+        lines = []
         for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            lines.append(line)
+            if not line.startswith("BENCH_JSON "):  # machine-readable, for the report
+                sys.stdout.write(line)
+                sys.stdout.flush()
         proc.wait()
         elapsed = time.monotonic() - started
-        results.append((script.name, proc.returncode, elapsed))
+        results.append((script.name, proc.returncode, elapsed, lines))
     out.table("Benchmarks", ["script", "status", ("seconds", "right")],
               ([n, "ok" if rc == 0 else f"failed (exit {rc})", f"{s:.1f}"]
-               for n, rc, s in results))
-    return 0 if all(rc == 0 for _, rc, _ in results) else 1
+               for n, rc, s, _ in results))
+    # The Markdown report and latency histogram (benchmarks/report.py, issue 6).
+    report_py = root / "report.py"
+    if report_py.exists():
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("p402_bench_report", report_py)
+        report = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = report  # dataclasses resolve the module by name
+        spec.loader.exec_module(report)
+        path = report.write_report(
+            [report.Result(n, rc, sec, lines) for n, rc, sec, lines in results],
+            quick=args.quick, out_dir=root / "reports")
+        out.print(f"report: {path}", markup=False)
+    return 0 if all(rc == 0 for _, rc, _, _ in results) else 1
 
 
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
@@ -1249,8 +1506,10 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
     _listen_check("--listen", listen)
     from . import demo
 
+    if args.workflow and args.keep_running:
+        raise UsageError("--keep-running", "is for the tour, not --workflow")
     return demo.run(db=args.db, listen=listen, keep_running=args.keep_running,
-                    seed=args.seed, out=out)
+                    seed=args.seed, out=out, workflow=args.workflow)
 
 
 # ------------------------------------------------------------------ entry point

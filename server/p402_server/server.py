@@ -6,9 +6,10 @@ the store, serve until SIGTERM/SIGINT, shut down gracefully), `run(…)` (the sa
 under uvloop when installed) and `init_tenant(store, name)` (a tenant and its first
 admin key, for `p402 init`).
 
-Registered services: p402.v1.MeterService, p402.v1.AdminService, the standard
-grpc.health.v1.Health (SERVING after start, NOT_SERVING once shutdown begins) and
-server reflection (so grpcurl works). `max_concurrent_rpcs` is gRPC's
+Registered services: p402.v1.MeterService, p402.v1.AdminService (and, with
+`ext_authz`, envoy.service.auth.v3.Authorization), the standard
+grpc.health.v1.Health (each of them SERVING after start, NOT_SERVING once shutdown
+begins) and server reflection listing them all (so grpcurl works). `max_concurrent_rpcs` is gRPC's
 `maximum_concurrent_rpcs`: past it, calls fail fast with RESOURCE_EXHAUSTED.
 
 Shutdown (`stop(grace)`): health NOT_SERVING; stop accepting calls and let in-flight
@@ -32,6 +33,7 @@ from .auth import KeyCache
 from .config import ServerConfig
 from .meter_service import MeterService
 from .runtime import Runtime
+from .signing import warn_if_unsealed
 from .store import GroupCommitWriter, open_store
 
 log = logging.getLogger("p402.server")
@@ -59,13 +61,20 @@ class P402Server:
         self.config = config
         self._own_writer = own_writer
         self._stopped = False
+        # The HTTP dashboard (`--http`), when asked for; see p402_server.dashboard.
+        self.dashboard = None
+        # The gRPC services with a health status (create_server adds Envoy's).
+        self.service_names: tuple[str, ...] = SERVICE_NAMES
+        self.http_port = 0
 
     async def start(self) -> None:
         if self._own_writer:
             await self.writer.start()
         await self.runtime.start()
         await self.grpc_server.start()
-        for name in ("", *SERVICE_NAMES):
+        if self.dashboard is not None:
+            self.http_port = await self.dashboard.start()
+        for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("p402 serving on port %d (%s core)", self.port,
                  self.runtime.core.IMPLEMENTATION)
@@ -78,6 +87,8 @@ class P402Server:
         grace = self.config.grace_seconds if grace is None else grace
         log.info("p402 shutting down (grace %.1fs)", grace)
         await self.health.enter_graceful_shutdown()
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         await self.grpc_server.stop(grace)
         await self.runtime.stop()
         if self._own_writer:
@@ -90,12 +101,17 @@ class P402Server:
 
 def create_server(address: str, *, store, config: ServerConfig | None = None,
                   max_concurrent_rpcs: int | None = None, writer=None,
-                  core=None) -> tuple[P402Server, int]:
+                  core=None, http: str | None = None,
+                  dashboard_config=None, ext_authz=None) -> tuple[P402Server, int]:
     """Build the server on `address` ("host:port"; port 0 picks one) -> (server, port).
 
     `writer` defaults to a new GroupCommitWriter over `store`, started and stopped
     with the server. `core` is a p402core implementation (`p402core.load(...)`),
-    default the one `P402_NO_EXTENSIONS` selects.
+    default the one `P402_NO_EXTENSIONS` selects. `http` ("host:port"), when given,
+    also serves the ledger dashboard there (same loop, store, runtime and key
+    cache; `dashboard_config` a `DashboardConfig`); its port is `server.http_port`
+    once started. `ext_authz` (True or an `envoy.EnvoyConfig`) also serves Envoy's
+    envoy.service.auth.v3.Authorization/Check on the same port (needs xds-protos).
     """
     config = config or ServerConfig()
     if max_concurrent_rpcs is not None:
@@ -119,16 +135,32 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
     meter_pb2_grpc.add_MeterServiceServicer_to_server(
         MeterService(runtime, auth, max_batch_records=config.max_batch_records), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(runtime, auth), server)
+    services = SERVICE_NAMES
+    if ext_authz:  # Envoy ext_authz (p402_server.envoy), same runtime and key cache
+        from . import envoy
+
+        envoy.add_to_server(server, runtime, auth,
+                            ext_authz if isinstance(ext_authz, envoy.EnvoyConfig) else None)
+        services = (*services, envoy.SERVICE_NAME)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Every served service is listed by reflection and has a health status.
     reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(address)
     if not port:
         raise OSError(f"p402: cannot listen on {address!r}")
-    return P402Server(server, port=port, store=store, writer=writer, runtime=runtime,
+    p402 = P402Server(server, port=port, store=store, writer=writer, runtime=runtime,
                       auth=auth, health_servicer=health_servicer, config=config,
-                      own_writer=own_writer), port
+                      own_writer=own_writer)
+    p402.service_names = services
+    if http:
+        from .dashboard import Dashboard, DashboardServer
+
+        p402.dashboard = DashboardServer(
+            Dashboard(store=store, runtime=runtime, auth=auth, config=dashboard_config),
+            http)
+    return p402, port
 
 
 def _asdict(config: ServerConfig) -> dict:
@@ -145,12 +177,14 @@ async def init_tenant(store, name: str) -> tuple[str, str]:
 
 async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
                 max_concurrent_rpcs: int | None = None, ready=None,
-                stop_event: asyncio.Event | None = None) -> None:
+                stop_event: asyncio.Event | None = None, http: str | None = None,
+                dashboard_config=None, ext_authz=None) -> None:
     """Serve until SIGTERM/SIGINT (or `stop_event`), then shut down gracefully.
 
     `ready`, if given, is called with the bound port once the server accepts calls.
     """
     config = config or ServerConfig.from_env()
+    warn_if_unsealed()  # once, at start: tenant secrets stored unsealed? (signing.py)
     stop_event = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed = []
@@ -165,7 +199,9 @@ async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
         store = await open_store(db_url)
         try:
             server, port = create_server(listen, store=store, config=config,
-                                         max_concurrent_rpcs=max_concurrent_rpcs)
+                                         max_concurrent_rpcs=max_concurrent_rpcs,
+                                         http=http, dashboard_config=dashboard_config,
+                                         ext_authz=ext_authz)
             await server.start()
             try:
                 log.info("p402 listening on %s (port %d), ledger %s", listen, port,
