@@ -1,0 +1,324 @@
+"""Hostile input (issue 6): hypothesis drives every RPC of a live `p402 serve`.
+
+Requests are generated from the protobuf descriptors themselves (so a new field is
+fuzzed without touching this file): extreme and negative int64/int32 (negative
+money, out-of-range nanos, huge token counts), wrong enum numbers, unicode and
+oversized strings, huge maps and repeated fields, nested messages, bad page tokens,
+garbage bytes; plus raw bytes that are not a valid protobuf at all.
+
+Each case must get a clear status: OK, or INVALID_ARGUMENT naming the field
+(google.rpc.ErrorInfo metadata "field"), or a precise domain code (NOT_FOUND,
+FAILED_PRECONDITION, ALREADY_EXISTS, RESOURCE_EXHAUSTED, UNAUTHENTICATED for a
+signed-report rule) — never UNKNOWN or INTERNAL. The server never crashes, its RSS
+stays bounded, and a rejected case leaves the ledger as it was (its count of
+settled events and its chain head).
+
+Normal CI: P402_FUZZ_EXAMPLES (default 2500) cases spread over the RPCs. The long
+run (`pytest -m slow`) runs 100,000+ (P402_FUZZ_LONG_EXAMPLES).
+"""
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+from google.protobuf.descriptor import FieldDescriptor as FD
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from hypothesis import HealthCheck, given, settings, strategies as st
+from p402.v1 import admin_pb2, common_pb2, meter_pb2
+
+from tests.proof.harness import MODEL, ServerProcess, bearer, sqlite_url
+from tests.proof.harness import _init_tenant  # noqa: PLC2701
+
+METHODS = (
+    [("p402.v1.MeterService", m) for m in meter_pb2.DESCRIPTOR.services_by_name["MeterService"].methods]
+    + [("p402.v1.AdminService", m) for m in admin_pb2.DESCRIPTOR.services_by_name["AdminService"].methods]
+)
+NORMAL = int(os.environ.get("P402_FUZZ_EXAMPLES", "2500"))
+LONG = int(os.environ.get("P402_FUZZ_LONG_EXAMPLES", "100000"))
+RSS_LIMIT_KB = int(os.environ.get("P402_FUZZ_RSS_LIMIT_MB", "600")) * 1024
+
+ALLOWED = {
+    grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED,
+}
+I64 = (-(2**63), 2**63 - 1)
+I32 = (-(2**31), 2**31 - 1)
+SPECIAL_STR = ["", " ", "\x00", "a" * 300, "x" * 70_000, "🙂" * 50, "p402_", "../../etc",
+               "%s%n", "' OR 1=1 --", "\u202e", "gpt-4o-mini", "openai", "*", "customer",
+               "label.", "AAAA", "eyJzZXEiOi0xfQ", "bm90LWEtdG9rZW4=", "-1", "9" * 40]
+
+
+def _repeated(f) -> bool:
+    # protobuf >= 6 has is_repeated; older runtimes only the label.
+    rep = getattr(f, "is_repeated", None)
+    return rep if rep is not None else f.label == FD.LABEL_REPEATED
+
+
+def _ints(lo: int, hi: int):
+    edges = [lo, hi, 0, 1, -1, lo + 1, hi - 1, 10**9, -(10**9), 999_999_999, 1_000_000_000]
+    return st.one_of(st.sampled_from([e for e in edges if lo <= e <= hi]),
+                     st.integers(lo, hi), st.integers(-1000, 1000))
+
+
+_STR = st.one_of(st.sampled_from(SPECIAL_STR), st.text(max_size=40))
+_KEYS = st.one_of(st.sampled_from(["customer", "feature", "label.team", "", "model",
+                                   "hold_ttl_seconds", "allow_clamp", "x" * 200]), st.text(max_size=12))
+
+
+def _scalar(f):
+    t = f.type
+    if t in (FD.TYPE_INT64, FD.TYPE_SINT64, FD.TYPE_SFIXED64):
+        return _ints(*I64)
+    if t in (FD.TYPE_INT32, FD.TYPE_SINT32, FD.TYPE_SFIXED32):
+        return _ints(*I32)
+    if t in (FD.TYPE_UINT64, FD.TYPE_FIXED64):
+        return st.integers(0, 2**64 - 1)
+    if t in (FD.TYPE_UINT32, FD.TYPE_FIXED32):
+        return st.integers(0, 2**32 - 1)
+    if t == FD.TYPE_BOOL:
+        return st.booleans()
+    if t in (FD.TYPE_DOUBLE, FD.TYPE_FLOAT):
+        return st.floats(allow_nan=True, allow_infinity=True, width=32)
+    if t == FD.TYPE_ENUM:  # wrong numbers too: proto3 enums are open
+        return st.one_of(st.sampled_from([v.number for v in f.enum_type.values]),
+                         st.integers(-3, 50), st.sampled_from(list(I32)))
+    if t == FD.TYPE_BYTES:
+        return st.one_of(st.binary(max_size=200), st.sampled_from(
+            [b"", b"{}", b"[]", b'{"m": {"input_cost_per_token": -1}}', b"\xff" * 1000,
+             b'{"x": {"input_cost_per_token": 1e308, "output_cost_per_token": "NaN"}}']))
+    if t == FD.TYPE_STRING:
+        if f.name == "model" or f.name == "models":
+            return st.one_of(st.just(MODEL), _STR)
+        return _STR
+    raise AssertionError(f"unhandled field type {t} of {f.full_name}")
+
+
+def message(desc, depth: int = 0):
+    """A strategy of dicts of field values for message descriptor `desc`."""
+    fields = {}
+    for f in desc.fields:
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            kf, vf = f.message_type.fields_by_name["key"], f.message_type.fields_by_name["value"]
+            if vf.message_type is not None:
+                continue
+            small = st.dictionaries(_KEYS if kf.type == FD.TYPE_STRING else _scalar(kf),
+                                    _scalar(vf), max_size=6)
+            huge = st.integers(200, 3000).map(
+                lambda n: {f"k{i}": "v" * (i % 7) for i in range(n)})
+            fields[f.name] = st.one_of(small, small, huge)
+            continue
+        if f.message_type is not None:
+            if depth >= 3:
+                continue
+            sub = st.deferred(lambda d=f.message_type: message(d, depth + 1))
+        else:
+            sub = _scalar(f)
+        if _repeated(f):
+            fields[f.name] = st.one_of(st.lists(sub, max_size=4),
+                                       st.lists(sub, min_size=50, max_size=60)
+                                       if f.message_type is None else st.lists(sub, max_size=8))
+        else:
+            fields[f.name] = sub
+    return st.fixed_dictionaries({}, optional=fields)
+
+
+def build(cls, values: dict):
+    """Fill a message from generated values (skipping what protobuf itself refuses)."""
+    m = cls()
+    _fill(m, values)
+    return m
+
+
+def _fill(m, values: dict) -> None:
+    for name, value in values.items():
+        f = m.DESCRIPTOR.fields_by_name[name]
+        try:
+            if f.message_type is not None and f.message_type.GetOptions().map_entry:
+                getattr(m, name).update(value)
+            elif f.message_type is not None and _repeated(f):
+                for v in value:
+                    _fill(getattr(m, name).add(), v)
+            elif f.message_type is not None:
+                _fill(getattr(m, name), value)
+                getattr(m, name).SetInParent()
+            elif _repeated(f):
+                getattr(m, name).extend(value)
+            else:
+                setattr(m, name, value)
+        except (ValueError, TypeError):
+            pass  # a value protobuf itself cannot hold (e.g. an int out of range)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    import asyncio
+
+    tmp = tmp_path_factory.mktemp("fuzz")
+    url = sqlite_url(tmp / "ledger.db")
+    tenant, key = asyncio.run(_init_tenant(url, "fuzz"))
+    srv = ServerProcess(url, log_path=tmp / "serve.log").start()
+    ch = grpc.insecure_channel(srv.target, options=[
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    state = {"srv": srv, "ch": ch, "key": key, "tenant": tenant, "cases": 0, "codes": {},
+             "rss": [srv.rss_kb()]}
+    yield state
+    ch.close()
+    assert srv.alive(), "the server died under fuzzing"
+    assert srv.stop() == 0
+    print(f"\nfuzz: {state['cases']} cases, codes {state['codes']}, RSS KiB "
+          f"{state['rss'][0]} -> max {max(state['rss'])}")
+
+
+def _invoke(ch, service: str, method, request, md):
+    path = f"/{service}/{method.name}"
+    ser = lambda m: m.SerializeToString()  # noqa: E731
+    out_cls = _cls(method.output_type)
+    if method.client_streaming and method.server_streaming:
+        fn = ch.stream_stream(path, request_serializer=ser,
+                              response_deserializer=out_cls.FromString)
+        return list(fn(iter(request), metadata=md, timeout=30))
+    if method.server_streaming:
+        fn = ch.unary_stream(path, request_serializer=ser,
+                             response_deserializer=out_cls.FromString)
+        return list(fn(request, metadata=md, timeout=30))
+    fn = ch.unary_unary(path, request_serializer=ser, response_deserializer=out_cls.FromString)
+    return fn(request, metadata=md, timeout=30)
+
+
+def _cls(desc):
+    for mod in (meter_pb2, admin_pb2, common_pb2):
+        if desc.name in mod.DESCRIPTOR.message_types_by_name and \
+                mod.DESCRIPTOR.message_types_by_name[desc.name] is desc:
+            return getattr(mod, desc.name)
+    raise AssertionError(desc.full_name)
+
+
+def _settled(live) -> tuple:
+    """(count of settled events, head chain hash): what a rejected call must not move.
+    Denied and expired events are left out: OK Authorizes of earlier cases write
+    those behind, at their own moment."""
+    ch = live["ch"]
+    md = bearer(live["key"])
+    q = ch.unary_unary("/p402.v1.MeterService/Query",
+                       request_serializer=lambda m: m.SerializeToString(),
+                       response_deserializer=meter_pb2.QueryResponse.FromString)
+    keep = [o for o in common_pb2.Outcome.values() if o not in (
+        common_pb2.OUTCOME_UNSPECIFIED, common_pb2.OUTCOME_DENIED, common_pb2.OUTCOME_EXPIRED)]
+    r = q(meter_pb2.QueryRequest(group_by=["outcome"], filter=meter_pb2.EventFilter(
+        outcomes=keep)), metadata=md, timeout=30)
+    r2 = q(meter_pb2.QueryRequest(page_size=1, filter=meter_pb2.EventFilter(outcomes=keep)),
+           metadata=md, timeout=30)
+    return sum(x.event_count for x in r.rows), [e.chain_hash for e in r2.events]
+
+
+def _check_case(live, service, method, request) -> None:
+    before = _settled(live)
+    try:
+        _invoke(live["ch"], service, method, request, bearer(live["key"]))
+        code, err = grpc.StatusCode.OK, None
+    except grpc.RpcError as exc:
+        code, err = exc.code(), exc
+    live["cases"] += 1
+    live["codes"][code.name] = live["codes"].get(code.name, 0) + 1
+    assert live["srv"].alive(), f"server died on {method.name}: {request!r:.500}"
+    assert code in ALLOWED, (method.name, code, err and err.details(), f"{request!r:.800}")
+    if code != grpc.StatusCode.OK:
+        details = err.details() or ""
+        assert details, (method.name, code)
+        status = rpc_status.from_call(err)
+        info = None
+        for d in (status.details if status else ()):
+            if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                d.Unpack(info)
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            assert info is not None and info.metadata.get("field"), (
+                method.name, details, info)
+        assert _settled(live) == before, f"rejected {method.name} changed the ledger"
+    if live["cases"] % 200 == 0:
+        live["rss"].append(live["srv"].rss_kb())
+        assert live["rss"][-1] < RSS_LIMIT_KB, live["rss"]
+
+
+def _fuzz(method_index: int, examples: int):
+    service, method = METHODS[method_index]
+    in_cls = _cls(method.input_type)
+    strat = message(in_cls.DESCRIPTOR)
+    if method.client_streaming:
+        strat = st.lists(strat, max_size=3)
+
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(values=strat)
+    def run(live, values):
+        if method.client_streaming:
+            request = [build(in_cls, v) for v in values]
+        else:
+            request = build(in_cls, values)
+        _check_case(live, service, method, request)
+
+    return run
+
+
+IDS = [f"{s.rsplit('.', 1)[-1]}.{m.name}" for s, m in METHODS]
+
+
+@pytest.mark.parametrize("i", range(len(METHODS)), ids=IDS)
+def test_fuzz_every_rpc(live, i):
+    _fuzz(i, max(20, NORMAL // len(METHODS)))(live)
+
+
+UNARY = [i for i, (_s, m) in enumerate(METHODS)
+         if not (m.client_streaming or m.server_streaming)]
+
+
+@pytest.mark.parametrize("i", UNARY, ids=[IDS[i] for i in UNARY])
+def test_garbage_bytes_never_crash_or_write(live, i):
+    """Bytes that are no protobuf: never a crash, never a ledger change."""
+    service, method = METHODS[i]
+    path = f"/{service}/{method.name}"
+    fn = live["ch"].unary_unary(path, request_serializer=None, response_deserializer=None)
+    before = _settled(live)
+    for blob in GARBAGE:
+        with pytest.raises(grpc.RpcError):
+            fn(blob, metadata=bearer(live["key"]), timeout=10)
+        assert live["srv"].alive()
+    assert _settled(live) == before
+
+
+GARBAGE = (b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x08" + b"\xff" * 11,
+           b"\x12\x05abc", bytes(range(256)))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: grpc.aio's own deserializer raises DecodeError before the servicer runs: the "
+    "client gets UNKNOWN 'Unexpected <class DecodeError>' and the server logs an ERROR "
+    "traceback per request (fix: a lenient request_deserializer in server.py mapped to "
+    "INVALID_ARGUMENT field 'request')"))
+@pytest.mark.parametrize("i", UNARY[:1], ids=[IDS[i] for i in UNARY[:1]])
+def test_garbage_bytes_are_invalid_argument(live, i):
+    """Bytes that are no protobuf: INVALID_ARGUMENT, like any other bad input."""
+    service, method = METHODS[i]
+    path = f"/{service}/{method.name}"
+    fn = live["ch"].unary_unary(path, request_serializer=None, response_deserializer=None)
+    before = _settled(live)
+    for blob in GARBAGE:
+        try:
+            fn(blob, metadata=bearer(live["key"]), timeout=10)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            code = exc.code()
+        # A request that cannot be parsed is the client's fault.
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method.name, code)
+        assert live["srv"].alive()
+    assert _settled(live) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("i", range(len(METHODS)), ids=IDS)
+def test_fuzz_every_rpc_long(live, i):
+    _fuzz(i, max(100, LONG // len(METHODS)))(live)
