@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -152,6 +153,69 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, method: s
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+class MalformedRequest:
+    """Stands in for a request whose bytes are not a valid message.
+
+    grpc.aio decodes a request before any servicer code runs, and a DecodeError
+    there reaches the client as UNKNOWN with an ERROR traceback in the server's log
+    (one per request: a bad client could flood it). `LenientDecoding` hands this
+    marker to the servicer instead, and the wrappers below turn it into
+    INVALID_ARGUMENT through the one mapping, like any other bad input.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _malformed(request: MalformedRequest) -> InvalidArgument:
+    return InvalidArgument("request", f"not a valid protobuf message ({request.error})")
+
+
+def _lenient(deserializer: Callable) -> Callable:
+    def decode(data: bytes):
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return MalformedRequest(str(exc) or "undecodable bytes")
+
+    return decode
+
+
+class LenientDecoding(grpc.aio.ServerInterceptor):
+    """Swaps the request deserializer of P402's own methods for a lenient one.
+
+    The swapped handler is built once per method and reused, so a call pays one
+    dict lookup here.
+    """
+
+    def __init__(self, prefix: str = "/p402.v1."):
+        self._prefix = prefix
+        self._handlers: dict = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.request_deserializer is None \
+                or not method.startswith(self._prefix):
+            return handler
+        cached = self._handlers.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, handler._replace(
+                request_deserializer=_lenient(handler.request_deserializer)))
+            self._handlers[method] = cached
+        return cached[1]
+
+
+async def _checked(requests):
+    # Client-streamed requests: a malformed one ends the call with INVALID_ARGUMENT.
+    async for request in requests:
+        if type(request) is MalformedRequest:
+            raise _malformed(request)
+        yield request
+
+
 # `unary` / `streaming` wrap servicer methods `async def m(self, request, context,
 # principal)`; `self.auth` is the server's KeyCache (p402_server.auth). They stay
 # thin because every call goes through them (the Ping benchmark measures them).
@@ -164,6 +228,8 @@ def unary(scopes: frozenset, name: str | None = None) -> Callable:
         @functools.wraps(fn)
         async def wrapper(self, request, context):
             try:
+                if type(request) is MalformedRequest:
+                    raise _malformed(request)
                 principal = await self.auth.authenticate(context, scopes, method, required)
                 return await fn(self, request, context, principal)
             except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -186,6 +252,10 @@ def streaming(scopes: frozenset, name: str | None = None) -> Callable:
         @functools.wraps(fn)
         async def wrapper(self, request, context):
             try:
+                if type(request) is MalformedRequest:
+                    raise _malformed(request)
+                if hasattr(request, "__aiter__"):
+                    request = _checked(request)
                 principal = await self.auth.authenticate(context, scopes, method, required)
                 async for item in fn(self, request, context, principal):
                     yield item
@@ -211,6 +281,8 @@ __all__ = [
     "DOMAIN",
     "ServiceError",
     "Overloaded",
+    "MalformedRequest",
+    "LenientDecoding",
     "invalid",
     "unauthenticated",
     "permission_denied",

@@ -163,6 +163,9 @@ class TenantRuntime:
         self.privacy = _privacy.TenantPrivacy(tenant_id, settings, core)
         self.privacy.set_rules(rules)
         self._hold_privacy: dict[str, tuple] = {}
+        # Scale-out (issue 7; leases.py): the process's LeaseManager when leasing is
+        # on (Runtime._build attaches it), else None: the engine owns whole budgets.
+        self.leases = None
 
     # --- engine construction -----------------------------------------------------
 
@@ -189,7 +192,10 @@ class TenantRuntime:
 
     async def restore(self) -> None:
         """Open holds from the store, then committed totals from the ledger."""
-        rows = await self.store.load_holds(self.tenant_id)
+        # Scale-out (leases.py): the holds table is shared by every process on the
+        # ledger and says nothing of which one made a hold, so a leased engine
+        # adopts none (another process would settle or expire it a second time).
+        rows = [] if self.leases is not None else await self.store.load_holds(self.tenant_id)
         # A hold settled just before a crash can still be in the holds table (they are
         # written behind): drop those the ledger already has an event for (one batch
         # query), or they would be held, and then charged at expiry, a second time.
@@ -231,7 +237,12 @@ class TenantRuntime:
                 return prior
             if rid and rid in self._by_reservation:
                 raise Conflict(f"reservation {rid!r} was already settled")
+        leases = self.leases
+        if leases is not None:  # scale-out: past a lease deadline, spend nothing
+            leases.check(self)
         a = self.engine.authorize(req.model, **args)
+        if leases is not None and a.decision == Decision.DENY:
+            leases.denied(self)  # top the lease up now, not at the next tick
         resp = convert.authorization_to_proto(a)
         if mode != _privacy.METADATA_ONLY and a.reservation_id and req.content:
             # Hashed (and, where the mode keeps text, held) in memory for the Record;
@@ -420,6 +431,8 @@ class TenantRuntime:
             # The ledger already had this event_id (a retry the memory had forgotten,
             # e.g. after a restart): undo the engine's second count.
             self._compensate(s)
+        elif self.leases is not None:  # scale-out: acked cost may be reported as used
+            self.leases.committed(self, first)
         self._remember(first)
         return convert.record_response(first, res.duplicate, self._statuses(first.budget_ids))
 
@@ -626,6 +639,8 @@ class TenantRuntime:
     def swap_budgets(self, budgets: dict) -> None:
         self.engine.set_budgets(tuple(budgets.values()))
         self.budgets = budgets
+        if self.leases is not None:  # scale-out: new HARD budgets start unleased (0)
+            self.leases.budgets_changed(self)
 
     def swap_rules(self, rules: dict) -> None:
         self.engine.set_rules(tuple(rules.values()))
@@ -696,10 +711,12 @@ def _captured_row(rid: str, captured: tuple, meta) -> tuple:
 class Runtime:
     """Every tenant's runtime of one server, and the background task."""
 
-    def __init__(self, store, writer, config: ServerConfig, core=None):
+    def __init__(self, store, writer, config: ServerConfig, core=None, leases=None):
         self.store = store
         self.writer = writer
         self.config = config
+        # Scale-out (issue 7): a leases.LeaseManager, or None (single process).
+        self.leases = leases
         self.core = core or p402core.load(p402core.IMPLEMENTATION)
         self._tenants: dict[str, TenantRuntime] = {}
         self._building: dict[str, asyncio.Future] = {}
@@ -747,7 +764,11 @@ class Runtime:
         rt = TenantRuntime(tenant_id, core=core, store=store, writer=self.writer,
                            config=self.config, settings=settings, budgets=budgets,
                            rules=rules, price_specs=prices)
+        if self.leases is not None:  # scale-out: budgets are leased, never owned
+            rt.leases = self.leases
         await rt.restore()
+        if self.leases is not None:
+            await self.leases.attach(rt)
         log.info("tenant %s: engine ready (%s core, %d budgets, %d rules, catalog %s)",
                  tenant_id, core.IMPLEMENTATION, len(budgets), len(rules),
                  rt.catalog.version)

@@ -31,6 +31,7 @@ from p402.v1 import admin_pb2, admin_pb2_grpc, meter_pb2, meter_pb2_grpc
 from .admin_service import AdminService
 from .auth import KeyCache
 from .config import ServerConfig
+from .errors import LenientDecoding
 from .meter_service import MeterService
 from .runtime import Runtime
 from .signing import warn_if_unsealed
@@ -93,6 +94,8 @@ class P402Server:
         await self.runtime.stop()
         if self._own_writer:
             await self.writer.stop()
+        if self.runtime.leases is not None:  # scale-out: after the writer drained
+            await self.runtime.leases.close()
         log.info("p402 stopped")
 
     async def wait_for_termination(self) -> None:
@@ -102,7 +105,8 @@ class P402Server:
 def create_server(address: str, *, store, config: ServerConfig | None = None,
                   max_concurrent_rpcs: int | None = None, writer=None,
                   core=None, http: str | None = None,
-                  dashboard_config=None, ext_authz=None) -> tuple[P402Server, int]:
+                  dashboard_config=None, ext_authz=None,
+                  leases: bool = False, reuse_port: bool = False) -> tuple[P402Server, int]:
     """Build the server on `address` ("host:port"; port 0 picks one) -> (server, port).
 
     `writer` defaults to a new GroupCommitWriter over `store`, started and stopped
@@ -112,6 +116,9 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
     cache; `dashboard_config` a `DashboardConfig`); its port is `server.http_port`
     once started. `ext_authz` (True or an `envoy.EnvoyConfig`) also serves Envoy's
     envoy.service.auth.v3.Authorization/Check on the same port (needs xds-protos).
+    `leases`: HARD budgets are leased from the store in slices (leases.py; several
+    processes or replicas on one ledger); `reuse_port`: bind with SO_REUSEPORT
+    (workers.py: several processes sharing one port).
     """
     config = config or ServerConfig()
     if max_concurrent_rpcs is not None:
@@ -120,16 +127,22 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
     if own_writer:
         writer = GroupCommitWriter(store, max_batch=config.writer_max_batch,
                                    max_delay_ms=config.writer_max_delay_ms)
-    runtime = Runtime(store, writer, config, core=core)
+    lease_manager = None
+    if leases:
+        from .leases import LeaseManager
+
+        lease_manager = LeaseManager(store)
+    runtime = Runtime(store, writer, config, core=core, leases=lease_manager)
     auth = KeyCache(store, revalidate_seconds=config.auth_revalidate_seconds,
                     negative_seconds=config.auth_negative_seconds,
                     max_entries=config.auth_cache_entries)
     server = grpc.aio.server(
+        interceptors=[LenientDecoding()],  # undecodable bytes -> INVALID_ARGUMENT
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     meter_pb2_grpc.add_MeterServiceServicer_to_server(
@@ -178,7 +191,8 @@ async def init_tenant(store, name: str) -> tuple[str, str]:
 async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
                 max_concurrent_rpcs: int | None = None, ready=None,
                 stop_event: asyncio.Event | None = None, http: str | None = None,
-                dashboard_config=None, ext_authz=None) -> None:
+                dashboard_config=None, ext_authz=None, leases: bool = False,
+                reuse_port: bool = False) -> None:
     """Serve until SIGTERM/SIGINT (or `stop_event`), then shut down gracefully.
 
     `ready`, if given, is called with the bound port once the server accepts calls.
@@ -201,7 +215,8 @@ async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
             server, port = create_server(listen, store=store, config=config,
                                          max_concurrent_rpcs=max_concurrent_rpcs,
                                          http=http, dashboard_config=dashboard_config,
-                                         ext_authz=ext_authz)
+                                         ext_authz=ext_authz, leases=leases,
+                                         reuse_port=reuse_port)
             await server.start()
             try:
                 log.info("p402 listening on %s (port %d), ledger %s", listen, port,
