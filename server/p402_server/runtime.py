@@ -85,6 +85,10 @@ log = logging.getLogger("p402.server.runtime")
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
+# A Record named a reservation this server does not hold and the ledger never
+# settled: metered without a hold (see TenantRuntime.record).
+RESERVATION_UNKNOWN = "reservation.unknown"
+
 
 def new_ulid() -> str:
     """A ULID: 48-bit Unix ms + 80 random bits, 26 Crockford base32 chars; sortable."""
@@ -379,26 +383,43 @@ class TenantRuntime:
         if known is not None:
             return await self._replay(known)
         outcome = req.outcome or Outcome.SUCCESS
+
+        def settle(reservation_id: str):
+            try:
+                return self.engine.record(
+                    reservation_id, model=req.model, provider=req.provider,
+                    owners=owners, labels=labels, input_tokens=usage[0],
+                    cached_input_tokens=usage[1], cache_write_tokens=usage[2],
+                    output_tokens=usage[3], reasoning_tokens=usage[4], outcome=outcome,
+                    input_bytes=req.input_bytes if req.input_bytes else -1,
+                )
+            except InvalidArgument as exc:
+                raise InvalidArgument(field + exc.field, exc.message) from None
+            except UnknownModel as exc:
+                raise InvalidArgument(field + "model", str(exc)) from None
+
+        unknown_hold = False
         try:
-            s = self.engine.record(
-                rid, model=req.model, provider=req.provider, owners=owners, labels=labels,
-                input_tokens=usage[0], cached_input_tokens=usage[1],
-                cache_write_tokens=usage[2], output_tokens=usage[3],
-                reasoning_tokens=usage[4], outcome=outcome,
-                input_bytes=req.input_bytes if req.input_bytes else -1,
-            )
-        except InvalidArgument as exc:
-            raise InvalidArgument(field + exc.field, exc.message) from None
-        except UnknownModel as exc:
-            raise InvalidArgument(field + "model", str(exc)) from None
-        except (NotFound, Conflict):
+            s = settle(rid)
+        except (NotFound, Conflict) as exc:
             if rid:
                 first = await self._settled_in_ledger(rid)
                 if first is not None:
                     return await self._replay(first)
-            raise
+            if not (rid and isinstance(exc, NotFound) and req.model):
+                raise
+            # A reservation nobody here knows and the ledger never settled: its hold
+            # was authorized inside the write-behind window before a crash (or by a
+            # process whose holds are gone). The call happened and the provider
+            # charged it, so it is metered without a hold — never lost — and the
+            # event says so (reason reservation.unknown, the caller's reservation id).
+            s = settle("")
+            unknown_hold = True
         ev = self._event_from_settlement(s, event_id, "record", req, owners, labels,
                                          revenue)
+        if unknown_hold:
+            ev.reservation_id = rid
+            ev.reasons = (*ev.reasons, RESERVATION_UNKNOWN)
         if mode != _privacy.METADATA_ONLY or attested:
             self._apply_privacy(ev, req, mode, attested)
             await self._mark_duplicate(ev)

@@ -513,3 +513,27 @@ def test_sigterm_stops_the_server_process(tmp_path):
     log = "".join(lines) + rest
     assert proc.returncode == 0, log
     assert "shutting down" in log and "p402 stopped" in log
+
+
+async def test_record_of_an_unknown_reservation_is_metered_not_lost(svc):
+    # A hold authorized just before a crash (inside the holds' write-behind window) is
+    # gone after the restart; the gateway's Record must still meter the call.
+    await put_budget(svc, "all", 10**12)
+    req = meter_pb2.RecordRequest(reservation_id="r-lost-1", model=MODEL,
+                                  owners=common_pb2.Owners(customer="acme"),
+                                  usage=usage(1000, 100))
+    r = await svc.meter.Record(req, metadata=svc.auth)
+    assert not r.duplicate
+    cost = 1000 * 150_000 // 1000 + 100 * 600_000 // 1000  # nano-USD
+    assert r.cost.units * 10**9 + r.cost.nanos == cost
+    again = await svc.meter.Record(req, metadata=svc.auth)
+    assert again.duplicate and again.event_id == r.event_id
+    (ev,) = [e for e in await events(svc) if e.event_id == r.event_id]
+    assert ev.reservation_id == "r-lost-1"
+    assert "reservation.unknown" in ev.reasons
+    assert (await budget_status(svc, "all")).committed.nanos == cost
+    # Without a model there is nothing to price: still NOT_FOUND, naming the field.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await svc.meter.Record(meter_pb2.RecordRequest(reservation_id="r-lost-2"),
+                               metadata=svc.auth)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND

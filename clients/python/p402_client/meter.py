@@ -267,12 +267,13 @@ class _MeterBase:
             kw["retry_of"] = a["retry_of"]
         if isinstance(a.get("input_bytes"), int) and a["input_bytes"] >= 0:
             kw["input_bytes"] = a["input_bytes"]
-        if self.fail_open:
-            # No reservation: a meter-only event must say what and whose it was.
-            kw["model"] = self.model
-            for name in ("provider", "owners", "labels", "privacy_mode"):
-                if a.get(name):
-                    kw[name] = a[name]
+        # Always say what and whose the call was: a meter-only event (fail-open) needs
+        # it, and so does the server when the hold is gone (authorized just before a
+        # crash), so it can still meter the call instead of answering NOT_FOUND.
+        kw["model"] = self.model
+        for name in ("provider", "owners", "labels", "privacy_mode"):
+            if a.get(name):
+                kw[name] = a[name]
         return kw
 
     def _exit_plan(self, exc: BaseException | None) -> tuple[str, dict[str, Any]]:
