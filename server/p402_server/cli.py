@@ -312,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="provider for price lookup when the route names none")
     p.add_argument("--ext-authz-strip-authorization", action="store_true",
                    help="remove the caller's authorization header before the upstream")
+    # -- scale-out (p402_server.leases, p402_server.workers; issue 7) --
+    p.add_argument("--lease", choices=("on", "off"),
+                   default=os.environ.get("P402_LEASE") or None,
+                   help="lease HARD budgets from the store in slices (needed when several "
+                        "processes or replicas share one ledger; env P402_LEASE; default "
+                        "off, on with --workers > 1)")
+    p.add_argument("--workers", type=int,
+                   default=int(os.environ.get("P402_WORKERS") or 1),
+                   help="worker processes sharing the port with SO_REUSEPORT, each with "
+                        "its own leases (env P402_WORKERS; default 1)")
     p.set_defaults(func=cmd_serve)
 
     # proxy (p402_server.proxy)
@@ -683,8 +693,18 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
         kwargs["ext_authz"] = EnvoyConfig(
             provider=args.ext_authz_provider,
             strip_authorization=args.ext_authz_strip_authorization)
+    # Scale-out (issue 7): leases on/off, and --workers N (workers.py).
+    if args.workers < 1:
+        raise UsageError("--workers", "must be >= 1")
+    if args.workers > 1 and args.lease == "off":
+        raise UsageError("--lease", "several workers share budgets: leases must be on")
+    kwargs["leases"] = args.lease == "on" or args.workers > 1
     logging.getLogger("p402.cli").info("p402 serve: starting (db %s, listen %s)",
                                        _redact_url(args.db), args.listen)
+    if args.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(args.workers, args.db, args.listen, **kwargs)
     server.run(args.db, args.listen, **kwargs)
     return 0
 

@@ -406,7 +406,10 @@ class TenantRuntime:
                 first = await self._settled_in_ledger(rid)
                 if first is not None:
                     return await self._replay(first)
-            if not (rid and isinstance(exc, NotFound) and req.model):
+            # With leases (several processes), another process may still hold it and
+            # would charge it again at expiry: there, NOT_FOUND stands.
+            if not (rid and isinstance(exc, NotFound) and req.model
+                    and self.leases is None):
                 raise
             # A reservation nobody here knows and the ledger never settled: its hold
             # was authorized inside the write-behind window before a crash (or by a

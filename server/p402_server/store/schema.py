@@ -252,8 +252,39 @@ holds = sa.Table(
     sa.Column("data", sa.Text(), nullable=False),
 )
 
+# Migration 0003 (issue 7, scale-out; p402_server/leases.py owns every statement on
+# these two): per budget and period, how much headroom is leased out to processes,
+# and each process's lease (epoch-fenced).
+budget_allocations = sa.Table(
+    "budget_allocations",
+    metadata,
+    sa.Column("tenant_id", sa.String(), primary_key=True),
+    sa.Column("budget_id", sa.String(), primary_key=True),
+    sa.Column("period_start_ms", sa.BigInteger(), primary_key=True),
+    sa.Column("limit_nanos", sa.BigInteger(), nullable=False),
+    sa.Column("committed_nanos", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("leased_nanos", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("epoch", sa.BigInteger(), nullable=False, server_default="0"),
+)
+
+budget_leases = sa.Table(
+    "budget_leases",
+    metadata,
+    sa.Column("tenant_id", sa.String(), primary_key=True),
+    sa.Column("budget_id", sa.String(), primary_key=True),
+    sa.Column("period_start_ms", sa.BigInteger(), primary_key=True),
+    sa.Column("holder_id", sa.String(), primary_key=True),
+    sa.Column("epoch", sa.BigInteger(), nullable=False),
+    sa.Column("granted_nanos", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("used_nanos", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("expires_ms", sa.BigInteger(), nullable=False),
+    sa.Index(None, "tenant_id", "expires_ms"),
+)
+
 __all__ = [
     "metadata",
+    "budget_allocations",
+    "budget_leases",
     "tenants",
     "api_keys",
     "budgets",

@@ -1,0 +1,559 @@
+"""Leased budget slices: several processes, one HARD limit, no overspend (issue 7).
+
+Owns `LeaseConfig` (the knobs), `LeaseStore` (every SQL statement on the two lease
+tables, through the store's SQLAlchemy engine) and `LeaseManager` (one per server
+process: its holder id, the per-tenant lease state, the background top-up / reclaim
+task). runtime.py calls it at four points only: after a tenant's engine is restored
+(`attach`), on every Authorize (`check`, a couple of integer compares), after a Record
+commit is acknowledged (`committed`) and after a budget swap (`budgets_changed`).
+server.py returns the unused slices on shutdown (`close`), after the writer drained.
+
+Model (DESIGN §6 "Scale-out"; REFERENCES "Distributed budgets")
+- A process never owns a whole HARD budget: it owns a lease, a slice of the
+  budget's headroom, spent locally through the core's `Engine.set_lease` (the
+  core's check becomes committed + held + amount <= base + lease, in microseconds,
+  no I/O). SOFT budgets are not leased (they never deny).
+- Tables (migration 0003): `budget_allocations` (tenant_id, budget_id,
+  period_start_ms) -> limit_nanos, committed_nanos, leased_nanos, epoch; and
+  `budget_leases` (tenant_id, budget_id, period_start_ms, holder_id) -> epoch,
+  granted_nanos (cumulative grants of this lease), used_nanos (of those, what the
+  holder reported as committed AND acknowledged by the ledger), expires_ms.
+- Invariant: leased_nanos = Σ over lease rows (granted − used). committed_nanos is
+  refreshed from the ledger's `budget_periods` (what the writer commits in the same
+  transaction as every event) on every lease statement. A slice is taken with ONE
+  conditional statement:
+      UPDATE budget_allocations SET leased = leased − :acked + :slice, committed = L
+      WHERE … AND L + leased − :acked + :slice <= limit_nanos RETURNING …
+  (L: the budget_periods subquery). PostgreSQL rechecks the condition after the row
+  lock (read committed), so concurrent takers can never pass the limit together;
+  SQLite serialises writers (one writer at a time, WAL) the same way.
+  Why it is safe: a holder's spend not yet acknowledged by the ledger (held, in
+  flight) is inside its (granted − used); an acknowledged cost is in L, and is
+  removed from (granted − used) only after that acknowledgement ("used" is reported
+  only from acked commits). A cost reported late is counted twice for a while:
+  conservative, never optimistic. So L + leased bounds every process's committed +
+  held + in-flight, and a take keeps it <= limit.
+- Slice size: min(max_slice, headroom // (2 × live holders)), at least 1 nano
+  while headroom remains: slices shrink geometrically as the budget nears its
+  limit, and the last nanos are taken exactly. The background task (every
+  `interval_seconds`) tops a lease up when its unused part falls under half a
+  slice, and renews its expiry; a DENY for budget.exceeded wakes it at once. The
+  Authorize that was denied is not retried (Authorize never awaits the store): near
+  the limit a process can deny while a peer still holds unused headroom; it never
+  allows past the limit.
+- Epochs and expiry: a lease row carries the allocation's epoch when it was
+  created; every renewal is `… WHERE holder_id = :me AND epoch = :e AND expires_ms >
+  now`. A lease that expired is reclaimed by any live process `reclaim_grace_seconds`
+  after its expiry (its row deleted, its granted − used removed from leased,
+  allocation epoch + 1), so a slow process that wakes up finds its renewal fenced
+  (0 rows) and starts a new lease; locally it stops spending at its own deadline
+  (expiry − `safety_seconds`, on the monotonic clock), checked on every Authorize.
+- Crash: a SIGKILLed process's lease stays counted in leased until it expires and
+  the grace passes: a crash delays headroom, never creates it. The grace is the
+  longest hold TTL, so a hold the dead process made has expired before its share
+  is reclaimed. Its in-flight ledger transactions either committed (in L) or died
+  with the connection.
+- Shutdown (`close`, after the writer has drained): the unused part of every lease
+  is returned and the row is set to expire now; what stays (open holds, which are
+  written to the holds table) is reclaimed after the grace.
+- Costs that enter the ledger without an acknowledged Record (the expiry sweep's
+  EXPIRED events, written behind) are never reported as used: they stay counted in
+  the lease until it is returned or reclaimed (conservative).
+- Period rollover: the core re-bases a lease on the new period keeping its size;
+  `check` fences every lease to 0 at the first Authorize past the period end and the
+  background task takes fresh slices from the new period's allocation.
+
+Not implemented (documented): rate limits and other policy state are per process
+(each process enforces its rules' limits on its own traffic: a rate of R per
+process is N×R across N processes; slicing them like budgets would need a store
+round trip per window). A Record for a reservation made by another process: if the
+ledger has it, the first result (exactly once); else runtime.record meters it
+without a hold (reason reservation.unknown), charged to THIS process's lease, while
+the maker's hold stays held there until it expires; adopting the foreign hold from
+the holds table (settling it where it is) is not done. With
+leases on, an engine restores no stored holds at start-up (runtime.restore): the
+holds table does not say which process made a hold, and a second process would
+expire it a second time. So a restarted process answers NotFound for the holds of
+its previous life; their amounts stay counted in that life's lease until it is
+reclaimed, and the rows stay in the holds table. The benchmark (benchmarks/
+bench_workers.py) is not written yet.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from p402core import Enforcement, InvalidArgument
+
+from .store import schema as S
+
+log = logging.getLogger("p402.server.leases")
+
+ENV_PREFIX = "P402_LEASE_"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseConfig:
+    """Lease knobs; `from_env` reads P402_LEASE_<FIELD> (e.g. P402_LEASE_TTL_SECONDS)."""
+
+    # A lease lives this long without renewal (renewed every tick).
+    ttl_seconds: float = 10.0
+    # The holder stops spending this long before the store would let it expire.
+    safety_seconds: float = 2.0
+    # An expired lease is reclaimed this long after its expiry (>= the longest
+    # hold TTL in use, so the dead holder's holds have expired by then).
+    reclaim_grace_seconds: float = 300.0
+    # Background tick: top-ups, renewals, reclaims.
+    interval_seconds: float = 0.05
+    # Largest slice, as a fraction (1/N) of the limit: limit // max_slice_divisor.
+    max_slice_divisor: int = 20
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise InvalidArgument(f.name, f"must be a number > 0, not {v!r}")
+        if self.safety_seconds >= self.ttl_seconds:
+            raise InvalidArgument("safety_seconds", "must be < ttl_seconds")
+
+    @classmethod
+    def from_env(cls, environ=None) -> "LeaseConfig":
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw:
+                kind = int if f.type in ("int", int) else float
+                try:
+                    values[f.name] = kind(raw)
+                except ValueError:
+                    raise InvalidArgument(
+                        f.name, f"{ENV_PREFIX + f.name.upper()}={raw!r} is not a {kind.__name__}"
+                    ) from None
+        return cls(**values)
+
+
+class _NoRoom(Exception):
+    """The conditional take found no room (internal: rolls the transaction back)."""
+
+
+class Fenced(Exception):
+    """This holder's lease row is gone or of another epoch (reclaimed)."""
+
+
+class LeaseStore:
+    """The lease SQL (module docstring), on the store's AsyncEngine."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.postgres = engine.dialect.name == "postgresql"
+
+    def _insert(self, table):
+        if self.postgres:
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        return insert(table)
+
+    @staticmethod
+    def _ledger_committed(tenant_id, budget_id, period_start_ms):
+        bp = S.budget_periods
+        return sa.func.coalesce(
+            sa.select(bp.c.committed_nanos)
+            .where(bp.c.tenant_id == tenant_id, bp.c.budget_id == budget_id,
+                   bp.c.period_start_ms == period_start_ms)
+            .scalar_subquery(), 0)
+
+    async def read(self, tenant_id, budget_id, period_start_ms, now_ms):
+        """(limit, ledger committed, leased, live holders) for sizing a slice."""
+        a, l = S.budget_allocations, S.budget_leases
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(
+                sa.select(a.c.limit_nanos, a.c.leased_nanos,
+                          self._ledger_committed(tenant_id, budget_id, period_start_ms))
+                .where(a.c.tenant_id == tenant_id, a.c.budget_id == budget_id,
+                       a.c.period_start_ms == period_start_ms))).first()
+            holders = (await conn.execute(
+                sa.select(sa.func.count()).select_from(l)
+                .where(l.c.tenant_id == tenant_id, l.c.budget_id == budget_id,
+                       l.c.period_start_ms == period_start_ms,
+                       l.c.expires_ms > now_ms))).scalar()
+        if row is None:
+            return None
+        return int(row[0]), int(row[2]), int(row[1]), int(holders or 0)
+
+    async def open(self, tenant_id, budget_id, period_start_ms, limit_nanos, holder_id,
+                   expires_ms) -> int:
+        """Create the allocation (if new) and this holder's empty lease -> its epoch."""
+        a, l = S.budget_allocations, S.budget_leases
+        async with self.engine.begin() as conn:
+            await conn.execute(self._insert(a).values(
+                tenant_id=tenant_id, budget_id=budget_id, period_start_ms=period_start_ms,
+                limit_nanos=limit_nanos, committed_nanos=0, leased_nanos=0, epoch=0,
+            ).on_conflict_do_nothing())
+            epoch = (await conn.execute(
+                sa.select(a.c.epoch).where(a.c.tenant_id == tenant_id,
+                                           a.c.budget_id == budget_id,
+                                           a.c.period_start_ms == period_start_ms))).scalar()
+            await conn.execute(self._insert(l).values(
+                tenant_id=tenant_id, budget_id=budget_id, period_start_ms=period_start_ms,
+                holder_id=holder_id, epoch=epoch, granted_nanos=0, used_nanos=0,
+                expires_ms=expires_ms))
+        return int(epoch)
+
+    async def take(self, tenant_id, budget_id, period_start_ms, limit_nanos, holder_id,
+                   epoch, slice_nanos, acked_nanos, expires_ms, now_ms) -> bool:
+        """Renew this lease (epoch-fenced), report `acked_nanos` as used and take
+        `slice_nanos` if it fits under the limit. True: taken; False: renewed and
+        reported, but no room for the slice. Raises Fenced."""
+        a, l = S.budget_allocations, S.budget_leases
+        key = (a.c.tenant_id == tenant_id, a.c.budget_id == budget_id,
+               a.c.period_start_ms == period_start_ms)
+        lkey = (l.c.tenant_id == tenant_id, l.c.budget_id == budget_id,
+                l.c.period_start_ms == period_start_ms, l.c.holder_id == holder_id)
+        ledger = self._ledger_committed(tenant_id, budget_id, period_start_ms)
+        for grant in ((slice_nanos, 0) if slice_nanos else (0,)):
+            try:
+                async with self.engine.begin() as conn:
+                    # The lease row first: it is the fence (and, on PostgreSQL, locks it).
+                    got = (await conn.execute(
+                        l.update().where(*lkey, l.c.epoch == epoch, l.c.expires_ms > now_ms)
+                        .values(granted_nanos=l.c.granted_nanos + grant,
+                                used_nanos=l.c.used_nanos + acked_nanos,
+                                expires_ms=expires_ms)
+                        .returning(l.c.epoch))).first()
+                    if got is None:
+                        raise Fenced(budget_id)
+                    new_leased = a.c.leased_nanos - acked_nanos + grant
+                    # The one conditional statement: the condition is rechecked after
+                    # the row lock, so two takers can never both pass the limit.
+                    cond = [*key]
+                    if grant:
+                        cond.append(ledger + new_leased <= limit_nanos)
+                    done = (await conn.execute(
+                        a.update().where(*cond)
+                        .values(leased_nanos=new_leased, committed_nanos=ledger,
+                                limit_nanos=limit_nanos)
+                        .returning(a.c.leased_nanos))).first()
+                    if done is None:
+                        raise _NoRoom  # rolls the lease row's update back too
+                return bool(grant)
+            except _NoRoom:
+                continue  # no room for the slice: retry as a pure renewal
+        return False
+
+    async def give_back(self, tenant_id, budget_id, period_start_ms, holder_id, epoch,
+                        unused_nanos, acked_nanos, now_ms) -> None:
+        """Return `unused_nanos`, report `acked_nanos`, and let the row expire now."""
+        a, l = S.budget_allocations, S.budget_leases
+        async with self.engine.begin() as conn:
+            got = (await conn.execute(
+                l.update().where(l.c.tenant_id == tenant_id, l.c.budget_id == budget_id,
+                                 l.c.period_start_ms == period_start_ms,
+                                 l.c.holder_id == holder_id, l.c.epoch == epoch)
+                .values(granted_nanos=l.c.granted_nanos - unused_nanos,
+                        used_nanos=l.c.used_nanos + acked_nanos, expires_ms=now_ms)
+                .returning(l.c.epoch))).first()
+            if got is None:
+                return  # reclaimed meanwhile: its whole share is already gone
+            await conn.execute(
+                a.update().where(a.c.tenant_id == tenant_id, a.c.budget_id == budget_id,
+                                 a.c.period_start_ms == period_start_ms)
+                .values(leased_nanos=a.c.leased_nanos - unused_nanos - acked_nanos))
+
+    async def reclaim(self, tenant_id, before_ms) -> int:
+        """Reclaim every lease of the tenant that expired before `before_ms`."""
+        a, l = S.budget_allocations, S.budget_leases
+        n = 0
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                sa.select(l.c.budget_id, l.c.period_start_ms, l.c.holder_id, l.c.epoch)
+                .where(l.c.tenant_id == tenant_id, l.c.expires_ms < before_ms))).all()
+        for budget_id, period_start_ms, holder_id, epoch in rows:
+            async with self.engine.begin() as conn:
+                gone = (await conn.execute(
+                    l.delete().where(l.c.tenant_id == tenant_id, l.c.budget_id == budget_id,
+                                     l.c.period_start_ms == period_start_ms,
+                                     l.c.holder_id == holder_id, l.c.epoch == epoch,
+                                     l.c.expires_ms < before_ms)
+                    .returning(l.c.granted_nanos, l.c.used_nanos))).first()
+                if gone is None:
+                    continue  # renewed or reclaimed by another process meanwhile
+                await conn.execute(
+                    a.update().where(a.c.tenant_id == tenant_id, a.c.budget_id == budget_id,
+                                     a.c.period_start_ms == period_start_ms)
+                    .values(leased_nanos=a.c.leased_nanos - (gone[0] - gone[1]),
+                            epoch=a.c.epoch + 1))
+                n += 1
+        return n
+
+
+class _Lease:
+    """This process's lease on one budget of one tenant."""
+
+    __slots__ = ("budget_id", "period_start_ms", "period_end_ms", "limit_nanos", "epoch",
+                 "acked", "slice", "open", "deadline", "parked", "row")
+
+    def __init__(self, budget_id):
+        self.budget_id = budget_id
+        self.period_start_ms = -1
+        self.period_end_ms = -1
+        self.limit_nanos = 0
+        self.epoch = -1
+        self.acked = 0          # acknowledged committed cost not yet reported
+        self.slice = 0          # the last slice size asked for (low-water mark / 2)
+        self.open = False       # a lease row exists in the store
+        self.deadline = 0.0     # monotonic: stop spending past this
+        self.parked = 0         # unused grant set aside while fenced locally
+        self.row = ""           # holder_id/<n>: each new lease row has its own key
+
+
+class _TenantLeases:
+    def __init__(self, rt):
+        self.rt = rt
+        self.leases: dict[str, _Lease] = {}
+        # Cheapest possible Authorize check: the earliest local deadline and period end.
+        self.deadline = 0.0
+        self.boundary_ms = 0
+
+
+class LeaseManager:
+    """This process's leases, for every tenant it serves (module docstring)."""
+
+    def __init__(self, store, config: LeaseConfig | None = None, holder_id: str | None = None):
+        self.config = config or LeaseConfig.from_env()
+        self.db = LeaseStore(store.engine)
+        self.holder_id = holder_id or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self._tenants: dict[str, _TenantLeases] = {}
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self.round_trips = 0   # store transactions issued (benchmarks: decisions per trip)
+        self._rows = 0
+
+    # --- runtime hooks --------------------------------------------------------------
+
+    async def attach(self, rt) -> None:
+        """A tenant's engine was just built: fence every HARD budget to a zero lease,
+        then take the first slices (the engine never owns a whole budget)."""
+        tl = _TenantLeases(rt)
+        self._tenants[rt.tenant_id] = tl
+        self._sync_budgets(tl)
+        await self._tick_tenant(tl)
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="p402-leases")
+
+    def check(self, rt) -> None:
+        """Every Authorize: past a local deadline or a period end, spend nothing more
+        until the background task has renewed (two compares when all is well)."""
+        tl = self._tenants.get(rt.tenant_id)
+        if tl is None:
+            return
+        if time.monotonic() >= tl.deadline or _now_ms() >= tl.boundary_ms:
+            self._fence_expired(tl)
+
+    def denied(self, rt) -> None:
+        """A budget DENY: top up now rather than at the next tick."""
+        self._wake.set()
+
+    def committed(self, rt, ev) -> None:
+        """A Record's event was acknowledged by the ledger: its cost may now be
+        reported as used (module docstring)."""
+        tl = self._tenants.get(rt.tenant_id)
+        if tl is None or not ev.cost_nanos:
+            return
+        for budget_id, period_start_ms in ev.budget_charges:
+            lease = tl.leases.get(budget_id)
+            if lease is not None and lease.period_start_ms == period_start_ms:
+                lease.acked += ev.cost_nanos
+
+    def budgets_changed(self, rt) -> None:
+        """After an admin budget swap: new HARD budgets start at a zero lease."""
+        tl = self._tenants.get(rt.tenant_id)
+        if tl is not None:
+            self._sync_budgets(tl)
+            self._wake.set()
+
+    async def close(self) -> None:
+        """Stop the task; return every unused slice (call after the writer drained)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        now = _now_ms()
+        for tl in list(self._tenants.values()):
+            engine = tl.rt.engine
+            status = {d["budget_id"]: d for d in engine.lease_status()}
+            for lease in tl.leases.values():
+                if not lease.open:
+                    continue
+                unused = max(0, status.get(lease.budget_id, {}).get("unused_nanos", 0))
+                engine.set_lease(lease.budget_id, 0)
+                try:
+                    await self.db.give_back(tl.rt.tenant_id, lease.budget_id,
+                                            lease.period_start_ms, lease.row,
+                                            lease.epoch, unused, lease.acked, now)
+                    lease.acked = 0
+                    lease.open = False
+                except Exception:
+                    log.exception("tenant %s: returning lease on %s failed (it will be "
+                                  "reclaimed after it expires)", tl.rt.tenant_id,
+                                  lease.budget_id)
+
+    # --- internals ------------------------------------------------------------------
+
+    def _sync_budgets(self, tl: _TenantLeases) -> None:
+        engine = tl.rt.engine
+        hard = {bid for bid, b in tl.rt.budgets.items()
+                if int(b.enforcement) == int(Enforcement.HARD)}
+        for bid in hard - tl.leases.keys():
+            engine.set_lease(bid, 0)
+            tl.leases[bid] = _Lease(bid)
+        for bid in tl.leases.keys() - hard:
+            del tl.leases[bid]  # deleted or now SOFT: its row expires and is reclaimed
+        self._recompute(tl)
+
+    def _fence_expired(self, tl: _TenantLeases) -> None:
+        mono, now = time.monotonic(), _now_ms()
+        engine = tl.rt.engine
+        status = {d["budget_id"]: d for d in engine.lease_status()}
+        for lease in tl.leases.values():
+            if not lease.open:
+                continue
+            if now >= lease.period_end_ms:
+                engine.set_lease(lease.budget_id, 0)  # that period's grant is over
+                lease.open = False
+            elif mono >= lease.deadline:
+                # Set the unused part aside: spendable again only once renewed under
+                # the same epoch (it is still counted as leased in the store).
+                st = status.get(lease.budget_id)
+                lease.parked += max(0, st["unused_nanos"]) if st else 0
+                engine.set_lease(lease.budget_id, 0)
+                lease.deadline = float("inf")
+        self._recompute(tl)
+        self._wake.set()
+
+    def _recompute(self, tl: _TenantLeases) -> None:
+        live = [l for l in tl.leases.values() if l.open]
+        tl.deadline = min((l.deadline for l in live), default=float("inf"))
+        tl.boundary_ms = min((l.period_end_ms for l in live), default=2**62)
+
+    async def _loop(self) -> None:
+        cfg = self.config
+        next_reclaim = 0.0
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), cfg.interval_seconds)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            for tl in list(self._tenants.values()):
+                try:
+                    await self._tick_tenant(tl)
+                except Exception:
+                    log.exception("tenant %s: lease top-up failed; will retry",
+                                  tl.rt.tenant_id)
+            if time.monotonic() >= next_reclaim:
+                next_reclaim = time.monotonic() + 1.0
+                before = _now_ms() - int(cfg.reclaim_grace_seconds * 1000)
+                for tl in list(self._tenants.values()):
+                    try:
+                        n = await self.db.reclaim(tl.rt.tenant_id, before)
+                        self.round_trips += 1
+                        if n:
+                            log.warning("tenant %s: reclaimed %d expired lease(s)",
+                                        tl.rt.tenant_id, n)
+                    except Exception:
+                        log.exception("tenant %s: reclaiming leases failed", tl.rt.tenant_id)
+
+    async def _tick_tenant(self, tl: _TenantLeases) -> None:
+        rt, cfg = tl.rt, self.config
+        core = rt.core
+        for lease in list(tl.leases.values()):
+            b = rt.budgets.get(lease.budget_id)
+            if b is None:
+                continue
+            sent = time.monotonic()
+            now = _now_ms()
+            start, end = core.period_bounds(b.period, now)
+            if lease.open and start != lease.period_start_ms:
+                # New period: the old lease ends (its unused part is reclaimed later).
+                rt.engine.set_lease(lease.budget_id, 0)
+                lease.open = False
+            expires = now + int(cfg.ttl_seconds * 1000)
+            if not lease.open:
+                lease.period_start_ms, lease.period_end_ms = start, end
+                lease.limit_nanos = b.limit_nanos
+                lease.acked = 0
+                lease.parked = 0
+                # A fresh row key each time: an old row of ours may still be waiting
+                # to be reclaimed (expired, or fenced).
+                self._rows += 1
+                lease.row = f"{self.holder_id}/{self._rows}"
+                lease.epoch = await self.db.open(rt.tenant_id, lease.budget_id, start,
+                                                 b.limit_nanos, lease.row, expires)
+                self.round_trips += 1
+                lease.open = True
+                lease.deadline = sent + cfg.ttl_seconds - cfg.safety_seconds
+                rt.engine.set_lease(lease.budget_id, 0)
+            status = {d["budget_id"]: d for d in rt.engine.lease_status()}
+            st = status.get(lease.budget_id)
+            unused = st["unused_nanos"] if st else 0
+            renew_due = sent >= lease.deadline - (cfg.ttl_seconds - cfg.safety_seconds) / 2
+            need = unused <= lease.slice // 2 or unused <= 0
+            if not need and not renew_due and not lease.acked:
+                continue
+            slice_nanos = 0
+            if need:
+                facts = await self.db.read(rt.tenant_id, lease.budget_id, start, now)
+                self.round_trips += 1
+                if facts is not None:
+                    limit, ledger, leased, holders = facts
+                    headroom = min(limit, b.limit_nanos) - ledger - leased + lease.acked
+                    if headroom > 0:
+                        slice_nanos = min(max(1, b.limit_nanos // cfg.max_slice_divisor),
+                                          max(1, headroom // (2 * max(1, holders))))
+            acked = lease.acked
+            try:
+                taken = await self.db.take(rt.tenant_id, lease.budget_id, start,
+                                           b.limit_nanos, lease.row, lease.epoch,
+                                           slice_nanos, acked, expires, now)
+                self.round_trips += 1
+            except Fenced:
+                log.warning("tenant %s: lease on %s was reclaimed; starting a new one",
+                            rt.tenant_id, lease.budget_id)
+                rt.engine.set_lease(lease.budget_id, 0)
+                lease.open = False
+                lease.acked = 0
+                lease.parked = 0
+                self._recompute(tl)
+                continue
+            lease.acked -= acked
+            lease.deadline = sent + cfg.ttl_seconds - cfg.safety_seconds
+            if taken or lease.parked:
+                if taken:
+                    lease.slice = slice_nanos
+                # Re-read: Authorizes ran while we awaited; grant on top of what is
+                # unused now (set_lease re-bases at the current committed + held).
+                st = {d["budget_id"]: d for d in rt.engine.lease_status()}.get(lease.budget_id)
+                rt.engine.set_lease(lease.budget_id,
+                                    max(0, st["unused_nanos"] if st else 0) + lease.parked
+                                    + (slice_nanos if taken else 0))
+                lease.parked = 0
+        self._recompute(tl)
+
+
+__all__ = ["LeaseConfig", "LeaseManager", "LeaseStore", "Fenced"]
