@@ -89,6 +89,23 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # settled: metered without a hold (see TenantRuntime.record).
 RESERVATION_UNKNOWN = "reservation.unknown"
 
+# Reservation-id prefixes of the engines this process built: an id carrying one was
+# issued here, so if no engine of its tenant holds it, it was not lost in a crash.
+_ISSUED_PREFIXES: set[str] = set()
+
+
+def _issue_prefix() -> str:
+    # Unique per engine instance so reservation ids never repeat across restarts
+    # or rebuilds (they double as default event ids).
+    prefix = f"rsv_{new_ulid()}_"
+    _ISSUED_PREFIXES.add(prefix)
+    return prefix
+
+
+def _issued_here(reservation_id: str) -> bool:
+    head, sep, _ = reservation_id.rpartition("_")
+    return bool(sep) and head + "_" in _ISSUED_PREFIXES
+
 
 def new_ulid() -> str:
     """A ULID: 48-bit Unix ms + 80 random bits, 26 Crockford base32 chars; sortable."""
@@ -189,9 +206,7 @@ class TenantRuntime:
             hold_ttl_seconds=s["hold_ttl_seconds"],
             allow_clamp=s["allow_clamp"],
             fallback_price=fallback,
-            # Unique per engine instance so reservation ids never repeat across
-            # restarts or rebuilds (they double as default event ids).
-            reservation_prefix=f"rsv_{new_ulid()}_",
+            reservation_prefix=_issue_prefix(),
         )
 
     async def restore(self) -> None:
@@ -408,8 +423,10 @@ class TenantRuntime:
                     return await self._replay(first)
             # With leases (several processes), another process may still hold it and
             # would charge it again at expiry: there, NOT_FOUND stands.
+            # Nor for an id this process issued: such a hold is open, settled, or
+            # another tenant's — never lost in a crash.
             if not (rid and isinstance(exc, NotFound) and req.model
-                    and self.leases is None):
+                    and self.leases is None and not _issued_here(rid)):
                 raise
             # A reservation nobody here knows and the ledger never settled: its hold
             # was authorized inside the write-behind window before a crash (or by a
