@@ -236,46 +236,11 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
 
 
 async def _record_all(rt, records, parsed, attested: bool) -> list:
-    """Every record of a batch through ``rt.record``, responses in request order.
-
-    One task per record, all started before any is awaited: each settles in the
-    engine in request order (before its first await) and then waits on the group
-    commit, so the whole batch shares one transaction. One counter and one future
-    instead of gather()'s per-child bookkeeping; a failure is raised once every
-    record has finished (the first in request order), and cancelling the call
-    cancels them all."""
+    """Every record of a batch, responses in request order (TenantRuntime.record_batch:
+    settled in the engine in request order, committed through one write_many)."""
     if not records:
         return []
-    loop = asyncio.get_running_loop()
-    create = loop.create_task
-    record = rt.record
-    tasks = [create(record(r, f"records[{i}].", parsed[i], attested=attested))
-             for i, r in enumerate(records)]
-    left = len(tasks)
-    all_done = loop.create_future()
-
-    def one_done(_task) -> None:
-        nonlocal left
-        left -= 1
-        if not left and not all_done.done():
-            all_done.set_result(None)
-
-    for t in tasks:
-        t.add_done_callback(one_done)
-    try:
-        await all_done
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        raise
-    failure = None
-    for t in tasks:  # retrieve every exception (no "never retrieved" warnings)
-        exc = t.exception()
-        if exc is not None and failure is None:
-            failure = exc
-    if failure is not None:
-        raise failure
-    return [t.result() for t in tasks]
+    return await rt.record_batch(records, parsed, attested=attested)
 
 
 __all__ = ["MeterService"]

@@ -106,6 +106,9 @@ def _issued_here(reservation_id: str) -> bool:
     head, sep, _ = reservation_id.rpartition("_")
     return bool(sep) and head + "_" in _ISSUED_PREFIXES
 
+# TenantRuntime._begin_record's outcomes.
+_EVENT, _KNOWN, _UNSETTLED = "event", "known", "unsettled"
+
 
 def new_ulid() -> str:
     """A ULID: 48-bit Unix ms + 80 random bits, 26 Crockford base32 chars; sortable."""
@@ -387,6 +390,88 @@ class TenantRuntime:
         """RecordRequest -> RecordResponse, after the event's commit. `parsed` is
         convert.validate_record's result when the caller validated already;
         `attested`: the call's signature was verified (meter_service)."""
+        step, a, b = self._begin_record(req, field, parsed, attested)
+        if step is _KNOWN:
+            return await self._replay(a)
+        if step is _UNSETTLED:
+            return await self._record_unsettled(req, field, parsed, attested, a, b)
+        if a.prompt_fingerprint:
+            await self._mark_duplicate(a)
+        return await self._commit(a, b)
+
+    async def record_batch(self, records, parsed: list, *, attested: bool = False) -> list:
+        """Every Record of a batch (RecordBatch, StreamRecordBatches), responses in
+        request order, each after its commit; `parsed` is convert.validate_record's
+        result per record.
+
+        The engine settles every record synchronously, in request order, and the
+        batch's events go to the writer in ONE `write_many` call (one future for the
+        batch, not a task and a future per record): the same results as `record` per
+        record, at a fraction of the event-loop work. A record that needs the store
+        before it can settle (a reservation the engine no longer holds) or that
+        repeats an event not yet acknowledged goes through the per-record path, as
+        its own task. A failure is raised once every record has finished (the first
+        in request order); cancelling the call cancels them all."""
+        n = len(records)
+        out: list = [None] * n
+        failures: list = []  # (index, exception)
+        events: list = []
+        settled: list = []
+        slots: list[int] = []
+        tasks: list = []  # (index, task)
+        create = asyncio.get_running_loop().create_task
+        begin = self._begin_record
+        for i, req in enumerate(records):
+            field = f"records[{i}]."
+            try:
+                step, a, b = begin(req, field, parsed[i], attested)
+            except Exception as exc:
+                failures.append((i, exc))
+                continue
+            if step is _EVENT:
+                events.append(a)
+                settled.append(b)
+                slots.append(i)
+            elif step is _KNOWN and a.seq:  # acknowledged: answered from memory
+                out[i] = convert.record_response(a, True, self._statuses(a.budget_ids))
+            elif step is _KNOWN:
+                tasks.append((i, create(self._replay(a))))
+            else:
+                tasks.append((i, create(self._record_unsettled(
+                    req, field, parsed[i], attested, a, b))))
+        try:
+            for i, ev in zip(slots, events):  # duplicate_of, in request order
+                if ev.prompt_fingerprint:
+                    try:
+                        await self._mark_duplicate(ev)  # may read the store
+                    except Exception as exc:
+                        # Settled all the same: committed, so the ledger matches the
+                        # engine; the call fails and a retry is answered from it.
+                        failures.append((i, exc))
+            if events:
+                failures.extend(await self._commit_many(events, settled, slots, out))
+            for i, task in tasks:
+                try:
+                    out[i] = await task
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    failures.append((i, exc))
+        except BaseException:
+            for _i, task in tasks:
+                task.cancel()
+            raise
+        if failures:
+            raise min(failures, key=lambda f: f[0])[1]
+        return out
+
+    def _begin_record(self, req, field: str, parsed, attested: bool) -> tuple:
+        """The part of a Record that never awaits: checks, idempotency memory, the
+        engine's settlement and the event. Returns (_EVENT, event, settlement): to
+        commit (its duplicate_of still to mark when it has a prompt fingerprint);
+        (_KNOWN, event, None): an event_id or reservation already settled; or
+        (_UNSETTLED, exception, event_id): the engine does not hold the named
+        reservation, the ledger decides (`_record_unsettled`)."""
         owners, labels, usage, revenue = parsed or convert.validate_record(req, field)
         mode = self.privacy.resolve(req.privacy_mode)
         self._check_record_privacy(req, mode, field)
@@ -396,63 +481,85 @@ class TenantRuntime:
         if known is None and rid:
             known = self._by_reservation.get(rid)
         if known is not None:
-            return await self._replay(known)
-        outcome = req.outcome or Outcome.SUCCESS
-
-        def settle(reservation_id: str):
-            try:
-                return self.engine.record(
-                    reservation_id, model=req.model, provider=req.provider,
-                    owners=owners, labels=labels, input_tokens=usage[0],
-                    cached_input_tokens=usage[1], cache_write_tokens=usage[2],
-                    output_tokens=usage[3], reasoning_tokens=usage[4], outcome=outcome,
-                    input_bytes=req.input_bytes if req.input_bytes else -1,
-                )
-            except InvalidArgument as exc:
-                raise InvalidArgument(field + exc.field, exc.message) from None
-            except UnknownModel as exc:
-                raise InvalidArgument(field + "model", str(exc)) from None
-
-        unknown_hold = False
+            return _KNOWN, known, None
         try:
-            s = settle(rid)
+            s = self._settle(req, field, rid, owners, labels, usage)
         except (NotFound, Conflict) as exc:
-            if rid:
-                first = await self._settled_in_ledger(rid)
-                if first is not None:
-                    return await self._replay(first)
-            # With leases (several processes), another process may still hold it and
-            # would charge it again at expiry: there, NOT_FOUND stands.
-            # Nor for an id this process issued: such a hold is open, settled, or
-            # another tenant's — never lost in a crash.
-            if not (rid and isinstance(exc, NotFound) and req.model
-                    and self.leases is None and not _issued_here(rid)):
+            if not rid:
                 raise
-            # A reservation nobody here knows and the ledger never settled: its hold
-            # was authorized inside the write-behind window before a crash (or by a
-            # process whose holds are gone). The call happened and the provider
-            # charged it, so it is metered without a hold — never lost — and the
-            # event says so (reason reservation.unknown, the caller's reservation id).
-            s = settle("")
-            unknown_hold = True
+            return _UNSETTLED, exc, event_id
+        ev = self._record_event(req, s, event_id, owners, labels, revenue, mode,
+                                attested, False)
+        # Remembered now, so a repeat later in the same batch is answered from it.
+        self._remember(ev)
+        return _EVENT, ev, s
+
+    async def _record_unsettled(self, req, field: str, parsed, attested: bool,
+                                exc: Exception, event_id: str):
+        """A Record of a reservation the engine does not hold (NotFound/Conflict)."""
+        rid = req.reservation_id
+        first = await self._settled_in_ledger(rid)
+        if first is not None:
+            return await self._replay(first)
+        # With leases (several processes), another process may still hold it and
+        # would charge it again at expiry: there, NOT_FOUND stands. Nor for an id
+        # this process issued: such a hold is open, settled, or another tenant's —
+        # never lost in a crash.
+        if not (isinstance(exc, NotFound) and req.model and self.leases is None
+                and not _issued_here(rid)):
+            raise exc
+        # A reservation nobody here knows and the ledger never settled: its hold
+        # was authorized inside the write-behind window before a crash (or by a
+        # process whose holds are gone). The call happened and the provider
+        # charged it, so it is metered without a hold — never lost — and the
+        # event says so (reason reservation.unknown, the caller's reservation id).
+        owners, labels, usage, revenue = parsed or convert.validate_record(req, field)
+        mode = self.privacy.resolve(req.privacy_mode)
+        s = self._settle(req, field, "", owners, labels, usage)
+        ev = self._record_event(req, s, event_id, owners, labels, revenue, mode,
+                                attested, True)
+        self._remember(ev)
+        if ev.prompt_fingerprint:
+            await self._mark_duplicate(ev)
+        return await self._commit(ev, s)
+
+    def _settle(self, req, field: str, reservation_id: str, owners, labels, usage):
+        """engine.record for a Record; errors name the request's field."""
+        try:
+            return self.engine.record(
+                reservation_id, model=req.model, provider=req.provider,
+                owners=owners, labels=labels, input_tokens=usage[0],
+                cached_input_tokens=usage[1], cache_write_tokens=usage[2],
+                output_tokens=usage[3], reasoning_tokens=usage[4],
+                outcome=req.outcome or Outcome.SUCCESS,
+                input_bytes=req.input_bytes if req.input_bytes else -1,
+            )
+        except InvalidArgument as exc:
+            raise InvalidArgument(field + exc.field, exc.message) from None
+        except UnknownModel as exc:
+            raise InvalidArgument(field + "model", str(exc)) from None
+
+    def _record_event(self, req, s, event_id: str, owners, labels, revenue: int,
+                      mode: int, attested: bool, unknown_hold: bool) -> LedgerEvent:
+        """A Record's LedgerEvent from its settlement, privacy applied (all but
+        duplicate_of, which `_mark_duplicate` sets)."""
         ev = self._event_from_settlement(s, event_id, "record", req, owners, labels,
                                          revenue)
         if unknown_hold:
-            ev.reservation_id = rid
+            ev.reservation_id = req.reservation_id
             ev.reasons = (*ev.reasons, RESERVATION_UNKNOWN)
         if mode != _privacy.METADATA_ONLY or attested:
             self._apply_privacy(ev, req, mode, attested)
-            await self._mark_duplicate(ev)
         elif ev.reservation_id:
             self._hold_privacy.pop(ev.reservation_id, None)
         if req.usage_estimated:
             # The caller's estimate, not the provider's report (meter.proto): a
             # signature or a fingerprint vouches for who sent it, not for the usage.
             ev.evidence = int(Evidence.ESTIMATED)
-        return await self._commit(ev, s)
+        return ev
 
     async def _commit(self, ev: LedgerEvent, s):
-        self._remember(ev)
+        # (ev is remembered already: _begin_record, _record_unsettled)
         try:
             res = await self.writer.write(ev)
         except asyncio.CancelledError:
@@ -461,12 +568,46 @@ class TenantRuntime:
             self.writer.write_behind(ev)
             raise
         except Exception as exc:
-            self.writer.write_behind(ev)
-            log.warning("tenant %s: event %s not committed (%s); queued behind",
-                        self.tenant_id, ev.event_id, exc)
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "LEDGER_UNAVAILABLE",
-                               "the ledger did not commit the event; retry with the "
-                               "same event_id") from exc
+            raise self._not_committed(ev, exc) from exc
+        return self._committed(res, s)
+
+    async def _commit_many(self, events: list, settled: list, slots: list[int],
+                           out: list) -> list:
+        """`_commit` for a batch's events in one `write_many`: each response into
+        out[slot]; returns the failures as (slot, exception)."""
+        try:
+            results = await self.writer.write_many(events, return_exceptions=True)
+        except asyncio.CancelledError:
+            for ev in events:  # as _commit: the engine counted them, the ledger must
+                self.writer.write_behind(ev)
+            raise
+        except Exception as exc:  # refused before anything was queued
+            return [(i, self._not_committed(ev, exc))
+                    for i, ev in zip(slots, events)]
+        failures = []
+        committed = self._committed
+        for i, ev, s, res in zip(slots, events, settled, results):
+            if isinstance(res, BaseException):
+                failures.append((i, self._not_committed(ev, res)))
+            else:
+                out[i] = committed(res, s)
+        return failures
+
+    def _not_committed(self, ev: LedgerEvent, exc: BaseException) -> ServiceError:
+        """The write of a settled event failed: queue it behind (the engine counted
+        it) and tell the caller to retry."""
+        self.writer.write_behind(ev)
+        log.warning("tenant %s: event %s not committed (%s); queued behind",
+                    self.tenant_id, ev.event_id, exc)
+        err = ServiceError(grpc.StatusCode.UNAVAILABLE, "LEDGER_UNAVAILABLE",
+                           "the ledger did not commit the event; retry with the "
+                           "same event_id")
+        err.__cause__ = exc
+        return err
+
+    def _committed(self, res, s):
+        """The response to a committed Record (undoing the engine's second count of
+        an event_id the ledger already had)."""
         first = res.event
         if res.duplicate:
             # The ledger already had this event_id (a retry the memory had forgotten,

@@ -44,6 +44,9 @@ table inserts nothing and touches no rollup or budget row; its caller gets the F
 event back (``WriteResult.duplicate``). ``write()`` resolves only after the commit
 (with SQLite ``synchronous=FULL``: on disk). A failed transaction fails every awaited
 write in it with the exception; nothing in it is acknowledged (it rolled back).
+``write_many()`` queues a caller's events together (a RecordBatch: one future for
+the lot, not one per event) and answers them together, once every transaction
+holding them has finished.
 
 ``write_behind()`` is for events off the response path (denied, expired): the caller
 does not wait. If its transaction fails, the event is retried on its own
@@ -107,6 +110,43 @@ class _Item:
         self.epoch = epoch
         self.attempts = 0
         self.due = 0.0
+
+
+class _Group:
+    """The shared answer of one ``write_many``: a result (or exception) per event,
+    and one future resolved when the last of them is in."""
+
+    __slots__ = ("results", "left", "future")
+
+    def __init__(self, n: int, future: asyncio.Future):
+        self.results: list = [None] * n
+        self.left = n
+        self.future = future
+
+
+class _Member:
+    """An event's place in a ``_Group``; stands in for its ``_Item.future`` (the
+    writer only calls done(), set_result() and set_exception() on it)."""
+
+    __slots__ = ("group", "index", "_done")
+
+    def __init__(self, group: _Group, index: int):
+        self.group = group
+        self.index = index
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result) -> None:
+        self._done = True
+        group = self.group
+        group.results[self.index] = result
+        group.left -= 1
+        if not group.left and not group.future.done():
+            group.future.set_result(None)
+
+    set_exception = set_result  # the exception takes the event's place
 
 
 class GroupCommitWriter:
@@ -215,6 +255,38 @@ class GroupCommitWriter:
         if arrival is not None and not arrival.done():
             arrival.set_result(None)
         return await fut
+
+    async def write_many(self, events: list[LedgerEvent], *,
+                         return_exceptions: bool = False) -> list[WriteResult]:
+        """``write()`` for several events at once: queued together, in order, and
+        answered together (one future for the lot instead of one per event) once
+        every transaction holding them has finished; one WriteResult per event, in
+        order. The events may span two transactions: with ``return_exceptions`` a
+        failed transaction's events get its exception in their place (the others
+        their results), else the first failure is raised once all have finished.
+        Every event is validated before any is queued."""
+        if self._task is None or self._stopping or self._stopped:
+            self._check_running()
+        for event in events:
+            event.validate()
+        if not events:
+            return []
+        group = _Group(len(events), self._loop.create_future())
+        epoch = self._epoch
+        epoch.outstanding += len(events)
+        self._queue.extend([_Item(event, _Member(group, i), epoch)
+                            for i, event in enumerate(events)])
+        self._wakeup.set()  # type: ignore[union-attr]
+        arrival = self._arrival
+        if arrival is not None and not arrival.done():
+            arrival.set_result(None)
+        await group.future
+        results = group.results
+        if not return_exceptions:
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        return results
 
     def write_behind(self, event: LedgerEvent) -> None:
         """Queue ``event`` without waiting (validation errors still raise here)."""
