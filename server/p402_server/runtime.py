@@ -276,9 +276,13 @@ class TenantRuntime:
             self._write_denied(req, a, args)
         else:
             rid = a.reservation_id
-            self._hold_upserts[rid] = (a, args["owners"], args["labels"],
-                                       args["input_bytes"], args["content"], self.catalog,
-                                       self.engine)
+            # The hold keeps the prompt's size, never the prompt: content sent with
+            # Authorize is measured here and not kept until the holds' flush.
+            content = args["content"]
+            input_bytes = (args["input_bytes"] if content is None
+                           else len(content.encode("utf-8", "surrogatepass")))
+            self._hold_upserts[rid] = (a, args["owners"], args["labels"], input_bytes,
+                                       self.catalog, self.engine)
             if (a.decision != Decision.ALLOW or req.attempt or req.retry_of
                     or args["privacy_mode"] != self.settings["default_privacy_mode"]):
                 self._hold_meta[rid] = (int(a.decision), tuple(a.reasons),
@@ -859,7 +863,7 @@ _PRICE_DICTS: dict = {}
 
 
 def _captured_row(rid: str, captured: tuple, meta) -> tuple:
-    a, owners, labels, input_bytes, content, catalog, engine = captured
+    a, owners, labels, input_bytes, catalog, engine = captured
     try:
         price = catalog.lookup(a.model, a.provider)
     except LookupError:  # unknown model allowed at the fallback price
@@ -870,8 +874,6 @@ def _captured_row(rid: str, captured: tuple, meta) -> tuple:
             _PRICE_DICTS.clear()
         entry = _PRICE_DICTS[id(price)] = (price, price.to_dict())
     price_dict = entry[1]
-    if content is not None:
-        input_bytes = len(content.encode("utf-8", "surrogatepass"))
     hold = {
         "reservation_id": rid,
         "model": a.model,
