@@ -488,10 +488,10 @@ def leasing_cost(cfg: dict, logdir: Path) -> dict:
             far.update(trips=r1 - r0, trips_per_s=(r1 - r0) / (t1 - t0))
             far.pop("marks")
             # near: K estimates of headroom, walked to exhaustion, then held there.
-            # Estimates probed on the far tenant (same catalog, same request mix): the
-            # near budget must exist before any worker builds the near tenant's engine
-            # (a worker that built it earlier does not see a later PutBudget made on
-            # its peer: see the report of this benchmark).
+            # Estimates probed on the far tenant (same catalog, same request mix), and
+            # the near budget made before any worker builds the near tenant's engine,
+            # so the walk measures leasing, not the config poll (a worker that built
+            # it earlier learns of a later PutBudget within `config_poll_seconds`).
             mean_est, min_est = asyncio.run(probe_estimates(srv.target, far_key))
             limit = cfg["near_k"] * mean_est
             asyncio.run(setup_budget(srv.target, near_key, limit))

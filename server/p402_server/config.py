@@ -32,6 +32,10 @@ class ServerConfig:
     # Background work of the tenant runtime.
     expire_interval_seconds: float = 1.0
     holds_flush_interval_seconds: float = 0.25
+    # Scale-out (leases on): how often a process reads the config versions of the
+    # tenants it serves, so an admin change made through another process sharing
+    # the store reaches its engine within about this long.
+    config_poll_seconds: float = 1.0
     # Group-commit writer.
     writer_max_batch: int = 1000
     writer_max_delay_ms: float = 2.0

@@ -268,7 +268,7 @@ class ExtAuthzService(external_auth_pb2_grpc.AuthorizationServicer):
             info = await self.auth.authenticate(_KeyContext(key), METER, "Check", "meter")
             rt = (self.runtime.tenants.get(info.tenant_id)
                   or await self.runtime.get(info.tenant_id))
-            resp = rt.authorize(req)
+            resp = await rt.authorize_exact(req)
         except ServiceError as exc:
             raise _service_error(exc) from None
         except InvalidArgument as exc:

@@ -37,10 +37,14 @@ Model (DESIGN §6 "Scale-out"; REFERENCES "Distributed budgets")
   while headroom remains: slices shrink geometrically as the budget nears its
   limit, and the last nanos are taken exactly. The background task (every
   `interval_seconds`) tops a lease up when its unused part falls under half a
-  slice, and renews its expiry; a DENY for budget.exceeded wakes it at once. The
-  Authorize that was denied is not retried (Authorize never awaits the store): near
-  the limit a process can deny while a peer still holds unused headroom; it never
-  allows past the limit.
+  slice, and renews its expiry; a DENY for budget.exceeded wakes it at once.
+- The very end (`take_exact`, from runtime.authorize_exact): an Authorize that only
+  a leased budget denies takes exactly what it misses from the store (the same
+  conditional statement) and is decided again: the last nanos of a budget are
+  spent request by request, one store round trip each, and an Authorize awaits
+  the store only then. Near the limit a process can still deny while a peer holds
+  unused headroom in its slice (until that peer's lease is returned or runs out);
+  it never allows past the limit.
 - Epochs and expiry: a lease row carries the allocation's epoch when it was
   created; every renewal is `… WHERE holder_id = :me AND epoch = :e AND expires_ms >
   now`. A lease that expired is reclaimed by any live process `reclaim_grace_seconds`
@@ -63,20 +67,25 @@ Model (DESIGN §6 "Scale-out"; REFERENCES "Distributed budgets")
   `check` fences every lease to 0 at the first Authorize past the period end and the
   background task takes fresh slices from the new period's allocation.
 
+Settling another process's reservation (runtime.TenantRuntime._adopt; migration
+0005): a Record or Release for a reservation this process did not make and the
+ledger has not settled claims its settlement in the store (hold_claims: one INSERT,
+exactly one claimant wins), restores the maker's saved hold into this engine and
+settles it here, charged to THIS process's lease. The maker keeps its copy held
+(counted in its lease: conservative) until it expires, when its own claim fails
+and it charges nothing. A retried Record carries the same event_id (or none: the
+reservation id), so if the maker settles its copy too, the ledger's event_id
+de-duplication answers the first event and the maker undoes its count. What is
+not covered: a second, different settlement of one reservation (a Release on one
+process, then a Record with a new event_id on the maker) is settled twice. With
+leases on, an engine restores no stored holds at start-up (runtime.restore): the
+holds table does not say which process made a hold; a restarted process adopts
+the holds of its previous life one by one when they are recorded or released.
+
 Not implemented (documented): rate limits and other policy state are per process
 (each process enforces its rules' limits on its own traffic: a rate of R per
 process is N×R across N processes; slicing them like budgets would need a store
-round trip per window). A Record for a reservation made by another process: if the
-ledger has it, the first result (exactly once); else runtime.record meters it
-without a hold (reason reservation.unknown), charged to THIS process's lease, while
-the maker's hold stays held there until it expires; adopting the foreign hold from
-the holds table (settling it where it is) is not done. With
-leases on, an engine restores no stored holds at start-up (runtime.restore): the
-holds table does not say which process made a hold, and a second process would
-expire it a second time. So a restarted process answers NotFound for the holds of
-its previous life; their amounts stay counted in that life's lease until it is
-reclaimed, and the rows stay in the holds table. The benchmark (benchmarks/
-bench_workers.py) is not written yet.
+round trip per window).
 """
 from __future__ import annotations
 
@@ -97,6 +106,8 @@ from .store import schema as S
 log = logging.getLogger("p402.server.leases")
 
 ENV_PREFIX = "P402_LEASE_"
+# Settlement claims (hold_claims, runtime.TenantRuntime._adopt) are kept this long.
+CLAIMS_KEPT_SECONDS = 86_400.0
 
 
 def _now_ms() -> int:
@@ -303,7 +314,7 @@ class _Lease:
     """This process's lease on one budget of one tenant."""
 
     __slots__ = ("budget_id", "period_start_ms", "period_end_ms", "limit_nanos", "epoch",
-                 "acked", "slice", "open", "deadline", "parked", "row")
+                 "acked", "slice", "open", "deadline", "parked", "row", "returning")
 
     def __init__(self, budget_id):
         self.budget_id = budget_id
@@ -317,6 +328,7 @@ class _Lease:
         self.deadline = 0.0     # monotonic: stop spending past this
         self.parked = 0         # unused grant set aside while fenced locally
         self.row = ""           # holder_id/<n>: each new lease row has its own key
+        self.returning = -1     # >= 0: limit lowered; give this unused grant back
 
 
 class _TenantLeases:
@@ -326,6 +338,8 @@ class _TenantLeases:
         # Cheapest possible Authorize check: the earliest local deadline and period end.
         self.deadline = 0.0
         self.boundary_ms = 0
+        # budget_id -> asyncio.Lock: one exact take at a time (take_exact).
+        self.locks: dict[str, asyncio.Lock] = {}
 
 
 class LeaseManager:
@@ -334,11 +348,13 @@ class LeaseManager:
     def __init__(self, store, config: LeaseConfig | None = None, holder_id: str | None = None):
         self.config = config or LeaseConfig.from_env()
         self.db = LeaseStore(store.engine)
+        self.store = store
         self.holder_id = holder_id or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._tenants: dict[str, _TenantLeases] = {}
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self.round_trips = 0   # store transactions issued (benchmarks: decisions per trip)
+        self.exact_takes = 0   # of those, per-request takes at the very end (take_exact)
         self._rows = 0
 
     # --- runtime hooks --------------------------------------------------------------
@@ -365,6 +381,64 @@ class LeaseManager:
     def denied(self, rt) -> None:
         """A budget DENY: top up now rather than at the next tick."""
         self._wake.set()
+
+    async def take_exact(self, rt, a) -> bool:
+        """The very end of a budget (runtime.authorize_exact): Authorization `a` was
+        denied because a leased budget's local slice cannot cover it. For each such
+        budget take exactly the missing nanos from the store (the one conditional
+        statement: never past the limit) and add them to the lease. One take per
+        budget at a time (concurrent Authorizes queue, then re-check what is
+        missing). True if anything was granted."""
+        tl = self._tenants.get(rt.tenant_id)
+        if tl is None:
+            return False
+        need_total = a.estimated_cost_nanos
+        granted = False
+        for st in a.budgets:
+            lease = tl.leases.get(st.budget_id)
+            if lease is None or not lease.open:
+                continue
+            lock = tl.locks.get(st.budget_id)
+            if lock is None:
+                lock = tl.locks[st.budget_id] = asyncio.Lock()
+            async with lock:
+                if (not lease.open or lease.returning >= 0
+                        or time.monotonic() >= lease.deadline):
+                    continue
+                missing = need_total - self._unused(rt, st.budget_id)
+                if missing <= 0:
+                    granted = True  # a queued take before us covered it
+                    continue
+                b = rt.budgets.get(lease.budget_id)
+                if b is None:
+                    continue
+                now = _now_ms()
+                try:
+                    # acked_nanos=0: only the background tick reports use (never
+                    # reported twice); this renews and grants.
+                    taken = await self.db.take(
+                        rt.tenant_id, lease.budget_id, lease.period_start_ms,
+                        b.limit_nanos, lease.row, lease.epoch, missing, 0,
+                        now + int(self.config.ttl_seconds * 1000), now)
+                except Fenced:
+                    self._wake.set()  # the tick starts a new lease
+                    continue
+                finally:
+                    self.round_trips += 1
+                    self.exact_takes += 1
+                if taken and lease.open:
+                    # Re-read after the await: grant on top of what is unused now.
+                    rt.engine.set_lease(lease.budget_id,
+                                        max(0, self._unused(rt, lease.budget_id)) + missing)
+                    granted = True
+        return granted
+
+    @staticmethod
+    def _unused(rt, budget_id: str) -> int:
+        for d in rt.engine.lease_status():
+            if d["budget_id"] == budget_id:
+                return d["unused_nanos"]
+        return 0
 
     def committed(self, rt, ev) -> None:
         """A Record's event was acknowledged by the ledger: its cost may now be
@@ -422,6 +496,18 @@ class LeaseManager:
         for bid in hard - tl.leases.keys():
             engine.set_lease(bid, 0)
             tl.leases[bid] = _Lease(bid)
+        status = None
+        for bid in hard & tl.leases.keys():
+            lease = tl.leases[bid]
+            if lease.open and tl.rt.budgets[bid].limit_nanos < lease.limit_nanos:
+                # A lowered limit: stop spending the slice leased under the old one;
+                # the tick gives its unused part back and leases anew under the new.
+                if status is None:
+                    status = {d["budget_id"]: d for d in engine.lease_status()}
+                st = status.get(bid)
+                lease.returning = max(0, st["unused_nanos"] if st else 0) + lease.parked
+                lease.parked = 0
+                engine.set_lease(bid, 0)
         for bid in tl.leases.keys() - hard:
             del tl.leases[bid]  # deleted or now SOFT: its row expires and is reclaimed
         self._recompute(tl)
@@ -453,7 +539,7 @@ class LeaseManager:
 
     async def _loop(self) -> None:
         cfg = self.config
-        next_reclaim = 0.0
+        next_reclaim = next_prune = 0.0
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), cfg.interval_seconds)
@@ -466,6 +552,13 @@ class LeaseManager:
                 except Exception:
                     log.exception("tenant %s: lease top-up failed; will retry",
                                   tl.rt.tenant_id)
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + 60.0
+                try:  # settlement claims (runtime._adopt) outlive their events by far
+                    await self.store.prune_hold_claims(
+                        _now_ms() - int(CLAIMS_KEPT_SECONDS * 1000))
+                except Exception:
+                    log.exception("pruning old hold claims failed; will retry")
             if time.monotonic() >= next_reclaim:
                 next_reclaim = time.monotonic() + 1.0
                 before = _now_ms() - int(cfg.reclaim_grace_seconds * 1000)
@@ -489,6 +582,16 @@ class LeaseManager:
             sent = time.monotonic()
             now = _now_ms()
             start, end = core.period_bounds(b.period, now)
+            if lease.open and lease.returning >= 0:
+                try:
+                    await self.db.give_back(rt.tenant_id, lease.budget_id,
+                                            lease.period_start_ms, lease.row, lease.epoch,
+                                            lease.returning, lease.acked, now)
+                finally:
+                    self.round_trips += 1
+                lease.returning = -1
+                lease.acked = 0
+                lease.open = False  # a new lease row, under the new limit, below
             if lease.open and start != lease.period_start_ms:
                 # New period: the old lease ends (its unused part is reclaimed later).
                 rt.engine.set_lease(lease.budget_id, 0)
@@ -499,6 +602,7 @@ class LeaseManager:
                 lease.limit_nanos = b.limit_nanos
                 lease.acked = 0
                 lease.parked = 0
+                lease.returning = -1
                 # A fresh row key each time: an old row of ours may still be waiting
                 # to be reclaimed (expired, or fenced).
                 self._rows += 1

@@ -46,7 +46,7 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
     @unary(METER)
     async def Authorize(self, request, context, key):
         rt = self.runtime.tenants.get(key.tenant_id) or await self.runtime.get(key.tenant_id)
-        return rt.authorize(request)
+        return await rt.authorize_exact(request)
 
     @unary(METER)
     async def Record(self, request, context, key):

@@ -13,6 +13,14 @@ Engine life cycle
   catalog atomically (`set_budgets`/`set_rules`/`set_catalog`; counters kept by id).
   A settings change builds a new engine from the old one's snapshot (counters,
   holds and calibration carry over; rate-limit buckets start full).
+- Scale-out (leases on: several processes on one store): every admin write bumps the
+  tenant's config version in the store, in its own transaction. A process remembers
+  the version each engine's config was read at (read before the config) and polls
+  the versions of its tenants every `config_poll_seconds` (one query); a tenant whose
+  version moved is reloaded (`TenantRuntime.reload_config`: re-read as at build,
+  swap only what differs). So an admin change made through one process reaches the
+  others within about one poll; a new HARD budget starts there at a zero lease
+  (deny until leased, never overspend).
 
 Decisions and events
 - `authorize` never awaits: a decision is made in memory and answered. A DENY is
@@ -39,11 +47,18 @@ Idempotency (DESIGN §3: a repeated Record returns the first result)
 - A Record of a reservation that was already settled by an earlier event (a record
   with another event_id, a release, an expiry) returns that first event,
   duplicate=True.
+- Scale-out (leases on): a Record or Release of a reservation another process made
+  claims its settlement in the store and settles the maker's saved hold here
+  (`_adopt`); holds that expire here are claimed before their EXPIRED event is
+  written (`_expire_claimed`): one settlement per reservation (leases.py explains).
+  An Authorize that only a leased budget denies takes the missing nanos from the
+  store and is decided again (`authorize_exact`).
 
 Background (one task per server): every `expire_interval_seconds` `engine.expire()`
 for every tenant (EXPIRED events written behind); every
 `holds_flush_interval_seconds` the changed open holds are written behind
-(`store.save_holds`, batched upserts and deletes), and all of them at shutdown.
+(`store.save_holds`, batched upserts and deletes), and all of them at shutdown; with
+leases on, every `config_poll_seconds` the config poll (`Runtime.sync_config`).
 """
 from __future__ import annotations
 
@@ -59,6 +74,7 @@ import grpc
 
 import p402core
 from p402core import (
+    BUDGET_EXCEEDED,
     Conflict,
     Decision,
     Evidence,
@@ -88,6 +104,12 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # A Record named a reservation this server does not hold and the ledger never
 # settled: metered without a hold (see TenantRuntime.record).
 RESERVATION_UNKNOWN = "reservation.unknown"
+# Scale-out: a Record or Release settled here a hold another process made (its saved
+# hold, claimed in the store: TenantRuntime._adopt).
+RESERVATION_ADOPTED = "reservation.adopted"
+# A claim whose settling event is not in the ledger this long after it was made is
+# taken over (its claimant died between the claim and the commit).
+CLAIM_STALE_SECONDS = 60.0
 
 # Reservation-id prefixes of the engines this process built: an id carrying one was
 # issued here, so if no engine of its tenant holds it, it was not lost in a crash.
@@ -165,6 +187,7 @@ class TenantRuntime:
         self.rules = {r.rule_id: r for r in rules}
         self.price_specs = {s["model"]: s for s in price_specs}
         self.catalog = _catalog_for(core, list(self.price_specs.values()))
+        self._prefixes: set[str] = set()  # reservation-id prefixes of our engines
         self.engine = self._new_engine()
         # Idempotency memory: event_id -> LedgerEvent (seq 0 until acknowledged) and
         # reservation_id -> the event that settled it.
@@ -187,11 +210,28 @@ class TenantRuntime:
         self.privacy = _privacy.TenantPrivacy(tenant_id, settings, core)
         self.privacy.set_rules(rules)
         self._hold_privacy: dict[str, tuple] = {}
+        # Scale-out: holds expired here whose settlement is still to be claimed in the
+        # store (reservation id -> the engine's Settlement; `_expire_claimed`).
+        self._expiring: dict[str, object] = {}
         # Scale-out (issue 7; leases.py): the process's LeaseManager when leasing is
         # on (Runtime._build attaches it), else None: the engine owns whole budgets.
         self.leases = None
 
     # --- engine construction -----------------------------------------------------
+
+    def _new_prefix(self) -> str:
+        prefix = _issue_prefix()
+        self._prefixes.add(prefix)
+        return prefix
+
+    def _issued_here(self, reservation_id: str) -> bool:
+        """Was `reservation_id` issued by this process? With leases, by this tenant's
+        engines in this server only: another server (a peer process, or in tests one
+        in the same process) may have made it, and then it can be adopted."""
+        if self.leases is None:
+            return _issued_here(reservation_id)
+        head, sep, _ = reservation_id.rpartition("_")
+        return bool(sep) and head + "_" in self._prefixes
 
     def _new_engine(self):
         s = self.settings
@@ -209,7 +249,7 @@ class TenantRuntime:
             hold_ttl_seconds=s["hold_ttl_seconds"],
             allow_clamp=s["allow_clamp"],
             fallback_price=fallback,
-            reservation_prefix=_issue_prefix(),
+            reservation_prefix=self._new_prefix(),
         )
 
     async def restore(self) -> None:
@@ -244,8 +284,29 @@ class TenantRuntime:
 
     # --- decisions ---------------------------------------------------------------
 
-    def authorize(self, req):
-        """AuthorizeRequest -> AuthorizeResponse, in memory (never awaits)."""
+    async def authorize_exact(self, req):
+        """`authorize`, and with leases, at the very end of a budget: when only a
+        leased budget denied (its local slice is spent), take exactly what this
+        request needs from the store (LeaseManager.take_exact: one conditional
+        statement that cannot pass the limit) and decide again. Awaits the store only
+        on such a DENY; otherwise the same as `authorize`."""
+        leases = self.leases
+        if leases is None:
+            return self.authorize(req)
+        denied: list = []
+        resp = self.authorize(req, exact=denied)
+        if resp is not None:
+            return resp
+        await leases.take_exact(self, denied[0])
+        return self.authorize(req)
+
+    def authorize(self, req, exact: list | None = None):
+        """AuthorizeRequest -> AuthorizeResponse, in memory (never awaits).
+
+        `exact` (a list; `authorize_exact`): when a leased budget alone denies, the
+        engine's Authorization is appended to it and None returned, with no side
+        effect (nothing held, nothing written): the caller may take exactly what
+        is missing from the store and call again."""
         args = convert.authorize_args(req, self.settings["default_privacy_mode"])
         mode = self.privacy.resolve(req.privacy_mode)
         if not self.privacy.allowed(mode):
@@ -265,6 +326,9 @@ class TenantRuntime:
         a = self.engine.authorize(req.model, **args)
         if leases is not None and a.decision == Decision.DENY:
             leases.denied(self)  # top the lease up now, not at the next tick
+            if exact is not None and BUDGET_EXCEEDED in a.reasons:
+                exact.append(a)
+                return None
         resp = convert.authorization_to_proto(a)
         if mode != _privacy.METADATA_ONLY and a.reservation_id and req.content:
             # Hashed (and, where the mode keeps text, held) in memory for the Record;
@@ -505,19 +569,42 @@ class TenantRuntime:
         first = await self._settled_in_ledger(rid)
         if first is not None:
             return await self._replay(first)
-        # With leases (several processes), another process may still hold it and
-        # would charge it again at expiry: there, NOT_FOUND stands. Nor for an id
-        # this process issued: such a hold is open, settled, or another tenant's —
-        # never lost in a crash.
-        if not (isinstance(exc, NotFound) and req.model and self.leases is None
-                and not _issued_here(rid)):
+        if rid in self._expiring:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "RESERVATION_SETTLING",
+                               f"reservation {rid!r} expired and is being settled; "
+                               "retry with the same event_id")
+        # Not for an id this process issued: such a hold is open, settled, or
+        # another tenant's — never lost in a crash.
+        if not (isinstance(exc, NotFound) and req.model and not self._issued_here(rid)):
             raise exc
+        owners, labels, usage, revenue = parsed or convert.validate_record(req, field)
+        if self.leases is not None:
+            # Scale-out: another process may have made it (a gateway that retried its
+            # Record elsewhere). Claim its settlement; if its hold was saved, settle it
+            # here as if it were ours. Without a saved hold, only a Record that names
+            # its owners can be metered: else NOT_FOUND stands, unclaimed (the maker
+            # may not have written it yet; a retry can adopt it).
+            named = bool(owners) and any(owners)
+            adopted = await self._adopt(rid, need_hold=not named)
+            if isinstance(adopted, LedgerEvent):
+                return await self._replay(adopted)
+            if not adopted and not named:
+                raise exc
+            if adopted:
+                mode = self.privacy.resolve(req.privacy_mode)
+                s = self._settle(req, field, rid, owners, labels, usage)
+                ev = self._record_event(req, s, event_id, owners, labels, revenue, mode,
+                                        attested, False)
+                ev.reasons = (*ev.reasons, RESERVATION_ADOPTED)
+                self._remember(ev)
+                if ev.prompt_fingerprint:
+                    await self._mark_duplicate(ev)
+                return await self._commit(ev, s)
         # A reservation nobody here knows and the ledger never settled: its hold
         # was authorized inside the write-behind window before a crash (or by a
         # process whose holds are gone). The call happened and the provider
         # charged it, so it is metered without a hold — never lost — and the
         # event says so (reason reservation.unknown, the caller's reservation id).
-        owners, labels, usage, revenue = parsed or convert.validate_record(req, field)
         mode = self.privacy.resolve(req.privacy_mode)
         s = self._settle(req, field, "", owners, labels, usage)
         ev = self._record_event(req, s, event_id, owners, labels, revenue, mode,
@@ -526,6 +613,41 @@ class TenantRuntime:
         if ev.prompt_fingerprint:
             await self._mark_duplicate(ev)
         return await self._commit(ev, s)
+
+    async def _adopt(self, rid: str, need_hold: bool = False):
+        """Scale-out: take over the settlement of reservation `rid`, which this
+        process did not make and the ledger has not settled (migration 0005).
+
+        Claims it in the store (exactly one claimant settles a reservation; its maker
+        finds the claim at expiry and charges nothing, `_expire_claimed`). Returns the
+        ledger's event when another claimant settled it meanwhile; True when the maker's saved hold was restored into this engine (settle it
+        by its id, as if it were ours), False when none was saved (the maker did not
+        flush it before the call, or died first): the caller meters without a hold.
+        Raises UNAVAILABLE when another claimant is settling it right now (its
+        event is not in the ledger yet): a retry with the same ids is answered from
+        the ledger. A claim older than CLAIM_STALE_SECONDS whose event never came
+        (its claimant died) is taken over. `need_hold`: claim only when a saved hold
+        exists (a Release has nothing to settle without one)."""
+        hold = await self.store.get_hold(self.tenant_id, rid)
+        if hold is None and need_hold:
+            return False
+        stale = _now_ms() - int(CLAIM_STALE_SECONDS * 1000)
+        won = await self.store.claim_holds(self.tenant_id, [rid], self.leases.holder_id,
+                                           stale_before_ms=stale)
+        if rid not in won:
+            first = await self._settled_in_ledger(rid)
+            if first is not None:
+                return first
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "RESERVATION_SETTLING",
+                               f"reservation {rid!r} is being settled by another "
+                               "process; retry with the same event_id")
+        if hold is None:
+            return False
+        if self._restore_hold_records([hold["hold"]]) != 1:
+            return False  # unreadable (logged): metered without it
+        if hold.get("meta"):
+            self._hold_meta[rid] = tuple(hold["meta"])
+        return True
 
     def _settle(self, req, field: str, reservation_id: str, owners, labels, usage):
         """engine.record for a Record; errors name the request's field."""
@@ -655,7 +777,7 @@ class TenantRuntime:
             if self._hold_upserts.pop(rid, None) is None:
                 self._hold_deletes.add(rid)  # (else never written: nothing to delete)
 
-    def _compensate(self, s) -> None:
+    def _compensate(self, s, why: str = "settled an event_id already in the ledger") -> None:
         cost = s.cost_nanos
         if not cost or not s.budget_ids:
             return
@@ -666,8 +788,8 @@ class TenantRuntime:
                 if start == st.period_start_ms:
                     self.engine.set_committed(st.budget_id, start,
                                               max(0, st.committed_nanos - cost))
-        log.warning("tenant %s: reservation %r settled an event_id already in the ledger; "
-                    "engine counters corrected", self.tenant_id, s.reservation_id)
+        log.warning("tenant %s: reservation %r %s; engine counters corrected",
+                    self.tenant_id, s.reservation_id, why)
 
     def _period_start(self, budget_id: str, at_ms: int) -> int:
         b = self.budgets.get(budget_id)
@@ -741,11 +863,12 @@ class TenantRuntime:
         if known is None:
             try:
                 s = self.engine.release(reservation_id)
-            except (NotFound, Conflict):
+            except (NotFound, Conflict) as exc:
                 known = await self._settled_in_ledger(reservation_id)
                 if known is None:
-                    raise
-            else:
+                    s = await self._release_adopted(reservation_id, exc)
+                    known = s if isinstance(s, LedgerEvent) else None
+            if known is None:
                 self._hold_privacy.pop(reservation_id, None)
                 ev = self._event_from_settlement(s, reservation_id, "released")
                 self._remember(ev)
@@ -759,6 +882,20 @@ class TenantRuntime:
             known = (await self.writer.write(known)).event
         return known.event_id, self._statuses(known.budget_ids)
 
+    async def _release_adopted(self, rid: str, exc: Exception):
+        """Scale-out: Release of a hold another process made and saved (`_adopt`):
+        the engine's Settlement, or the ledger's event when another claimant settled
+        it meanwhile. Anything else re-raises `exc`."""
+        if (self.leases is None or not isinstance(exc, NotFound) or self._issued_here(rid)
+                or rid in self._expiring):
+            raise exc
+        adopted = await self._adopt(rid, need_hold=True)
+        if isinstance(adopted, LedgerEvent):
+            return adopted
+        if not adopted:
+            raise exc
+        return self.engine.release(rid)
+
     # --- background --------------------------------------------------------------
 
     def expire(self, now_ms: int | None = None) -> int:
@@ -768,11 +905,46 @@ class TenantRuntime:
             prior = self._by_reservation.get(s.reservation_id)
             if prior is not None:  # already settled by an event (cannot normally happen)
                 continue
-            self._hold_privacy.pop(s.reservation_id, None)  # content dies with the hold
-            ev = self._event_from_settlement(s, s.reservation_id, "expired")
-            self._remember(ev)
-            self.writer.write_behind(ev)
+            if self.leases is not None:
+                # Scale-out: another process may have settled this hold (a Record
+                # retried there, `_adopt`); the store's claim decides, at the next
+                # flush (`_expire_claimed`).
+                self._expiring[s.reservation_id] = s
+                continue
+            self._write_expired(s)
         return len(settled)
+
+    def _write_expired(self, s) -> None:
+        self._hold_privacy.pop(s.reservation_id, None)  # content dies with the hold
+        ev = self._event_from_settlement(s, s.reservation_id, "expired")
+        self._remember(ev)
+        self.writer.write_behind(ev)
+
+    async def _expire_claimed(self) -> None:
+        """Scale-out: claim the settlement of the holds that expired here (one store
+        statement). Claimed: the EXPIRED event is written behind. Claimed before by
+        another process: it settled the hold (its event is in the ledger), so the
+        estimate the engine committed at expiry is taken back and nothing is written.
+        On a store error they stay pending (the engine counted them: conservative)."""
+        pending, self._expiring = self._expiring, {}
+        if not pending:
+            return
+        try:
+            won = await self.store.claim_holds(self.tenant_id, list(pending),
+                                               self.leases.holder_id)
+        except BaseException:
+            for rid, s in pending.items():
+                self._expiring.setdefault(rid, s)
+            raise
+        for rid, s in pending.items():
+            if rid in won:
+                self._write_expired(s)
+                continue
+            self._hold_privacy.pop(rid, None)
+            self._hold_meta.pop(rid, None)
+            if self._hold_upserts.pop(rid, None) is None:
+                self._hold_deletes.add(rid)
+            self._compensate(s, "was settled by another process before it expired here")
 
     def _restore_hold_records(self, records: list) -> int:
         try:
@@ -791,7 +963,19 @@ class TenantRuntime:
 
     async def flush_holds(self, *, everything: bool = False) -> None:
         """Write behind the open holds that changed since the last flush
-        (`everything`: all open holds, from an engine snapshot; for shutdown)."""
+        (`everything`: all open holds, from an engine snapshot; for shutdown), and,
+        with leases, settle the holds that expired (`_expire_claimed`)."""
+        if self._expiring:
+            try:
+                await self._expire_claimed()
+            except Exception:
+                log.exception("tenant %s: claiming expired holds failed; will retry",
+                              self.tenant_id)
+        if everything and self.leases is not None:
+            # Scale-out: nobody restores a leased engine's holds wholesale, and a hold
+            # another process settled would be written back: the pending changes
+            # (every hold not yet written) are enough for adoption elsewhere.
+            everything = False
         if everything:
             metas = self._hold_meta
             rows = []
@@ -846,6 +1030,58 @@ class TenantRuntime:
         engine = self._new_engine()
         engine.restore(old.snapshot())
         self.engine = engine
+
+    # --- config sync (scale-out: another process on the store changed the config) ---
+
+    async def reload_config(self) -> tuple[str, ...]:
+        """Re-read budgets, policy rules, prices and settings from the store, as
+        Runtime._build does, and swap in (with the swap_* methods above) only what
+        differs from what the engine runs. Returns what was swapped, of "budgets",
+        "rules", "prices", "settings": () when nothing differed (e.g. this process's
+        own admin change, already applied). Everything is read and loaded before
+        anything is swapped: on an error (store unreachable, a spec that does not
+        load) it raises with nothing changed, and the caller retries later."""
+        core, store, tenant_id = self.core, self.store, self.tenant_id
+        async with self.admin_lock:
+            settings = convert.settings_with_defaults(await store.get_settings(tenant_id))
+            budgets = [core.Budget.from_dict(spec)
+                       for spec in (await store.list_budgets(tenant_id)).values()]
+            rules = [core.Rule.from_dict(spec)
+                     for spec in (await store.list_policies(tenant_id)).values()]
+            prices = list((await store.list_prices(tenant_id)).values())
+            if _privacy.SECRETS not in settings and _privacy.SECRETS in self.settings:
+                # Never drop a salt or key this engine uses (_build stores them first,
+                # so this is only a store written around the runtime).
+                settings[_privacy.SECRETS] = self.settings[_privacy.SECRETS]
+            swapped = []
+            budgets = {b.budget_id: b for b in budgets}
+            if _canonical(budgets) != _canonical(self.budgets):
+                self.swap_budgets(budgets)
+                swapped.append("budgets")
+            rules = {r.rule_id: r for r in rules}
+            if _canonical(rules) != _canonical(self.rules):
+                self.swap_rules(rules)
+                swapped.append("rules")
+            price_specs = {spec["model"]: spec for spec in prices}
+            if _canonical(price_specs) != _canonical(self.price_specs):
+                self.swap_prices(price_specs)
+                swapped.append("prices")
+            # Last: swap_settings rebuilds the engine from the one above (its budgets,
+            # rules, catalog, counters, holds and leases all carry over).
+            if _canonical(settings) != _canonical(self.settings):
+                self.swap_settings(settings)
+                swapped.append("settings")
+        if swapped:
+            log.info("tenant %s: config reloaded from the store (%s)", tenant_id,
+                     ", ".join(swapped))
+        return tuple(swapped)
+
+
+def _canonical(config: dict) -> str:
+    """A config dict (id -> core object, or plain JSON values) as comparable text:
+    objects by their to_dict(), the form the store keeps; tuples equal lists."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"),
+                      default=lambda o: o.to_dict() if hasattr(o, "to_dict") else repr(o))
 
 
 # --- hold persistence: open holds <-> store rows ----------------------------------
@@ -905,6 +1141,10 @@ class Runtime:
         self._tenants: dict[str, TenantRuntime] = {}
         self._building: dict[str, asyncio.Future] = {}
         self._task: asyncio.Task | None = None
+        # Per built tenant, the store's config version its engine's config was read
+        # at (read before the config, so a change racing a build or a reload is seen
+        # by the next poll; sync_config).
+        self._config_versions: dict[str, int] = {}
 
     @property
     def tenants(self) -> dict[str, TenantRuntime]:
@@ -933,6 +1173,8 @@ class Runtime:
 
     async def _build(self, tenant_id: str) -> TenantRuntime:
         core, store = self.core, self.store
+        # Before the config: a change committed while we load is newer than this.
+        version = (await store.config_versions([tenant_id])).get(tenant_id, 0)
         settings = convert.settings_with_defaults(await store.get_settings(tenant_id))
         if _privacy.SECRETS not in settings:
             # A tenant's secrets are made on its first use (privacy.py): fingerprint
@@ -953,6 +1195,7 @@ class Runtime:
         await rt.restore()
         if self.leases is not None:
             await self.leases.attach(rt)
+        self._config_versions[tenant_id] = version
         log.info("tenant %s: engine ready (%s core, %d budgets, %d rules, catalog %s)",
                  tenant_id, core.IMPLEMENTATION, len(budgets), len(rules),
                  rt.catalog.version)
@@ -965,9 +1208,14 @@ class Runtime:
     async def _background(self) -> None:
         cfg = self.config
         next_expire = time.monotonic() + cfg.expire_interval_seconds
+        # Processes share a store's config (and its admin changes) only with leases
+        # on (several workers or replicas); a lone process applied every change itself.
+        poll = self.leases is not None
+        next_poll = time.monotonic() + cfg.config_poll_seconds
+        tick = min(cfg.holds_flush_interval_seconds, cfg.expire_interval_seconds,
+                   cfg.config_poll_seconds if poll else float("inf"))
         while True:
-            await asyncio.sleep(min(cfg.holds_flush_interval_seconds,
-                                    cfg.expire_interval_seconds))
+            await asyncio.sleep(tick)
             now = time.monotonic()
             if now >= next_expire:
                 next_expire = now + cfg.expire_interval_seconds
@@ -982,8 +1230,41 @@ class Runtime:
                 except Exception:
                     log.exception("tenant %s: writing open holds failed; will retry",
                                   rt.tenant_id)
+            if poll and now >= next_poll:
+                next_poll = now + cfg.config_poll_seconds
+                try:
+                    await self.sync_config()
+                except Exception:
+                    log.exception("reading config versions failed; will retry")
             if now >= self._next_purge:
                 await self._purge_contents(now)
+
+    async def sync_config(self) -> list[str]:
+        """One config poll (scale-out; `_background` runs it every
+        `config_poll_seconds` when leases are on): read the config versions of every
+        built tenant in one query and reload (TenantRuntime.reload_config) each whose
+        version moved since its engine's config was read. Returns the tenants
+        reloaded. A reload that fails is logged and retried at the next poll; the
+        tenant keeps serving with the config it has (never dropped)."""
+        tenants = dict(self._tenants)
+        if not tenants:
+            return []
+        versions = await self.store.config_versions(tenants)
+        reloaded = []
+        for tenant_id, rt in tenants.items():
+            version = versions.get(tenant_id)
+            if version is None or version == self._config_versions.get(tenant_id):
+                continue  # unchanged (or the tenant row is gone: keep what we have)
+            try:
+                await rt.reload_config()
+            except Exception:
+                log.exception("tenant %s: reloading its config failed; will retry",
+                              tenant_id)
+                continue
+            if self._tenants.get(tenant_id) is rt:  # not rebuilt meanwhile
+                self._config_versions[tenant_id] = version
+            reloaded.append(tenant_id)
+        return reloaded
 
     # Kept content past its retention (privacy.py) is purged every this many seconds.
     CONTENT_PURGE_INTERVAL_SECONDS = 60.0

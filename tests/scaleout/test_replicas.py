@@ -107,7 +107,8 @@ async def _storm(pg_url, replicas):
                 period=common_pb2.PERIOD_TOTAL,
                 enforcement=common_pb2.ENFORCEMENT_HARD)), metadata=md, timeout=30)
         # Admin changes persist, then swap the engine of the replica that took them;
-        # the others build their engines from the store on their first call.
+        # the others build their engines from the store on their first call (or, had
+        # they built them already, reload within config_poll_seconds).
 
         acked: dict[str, int] = {}      # event_id -> cost answered
         stats = {"allow": 0, "deny": 0, "unavailable": 0, "samples": 0, "killed": 0,

@@ -39,6 +39,10 @@ API (all coroutines unless noted; every call is scoped by ``tenant_id``)::
     delete_budget(tenant_id, budget_id) -> bool ; list_budgets(tenant_id) -> {id: spec}
     put_policy / get_policy / delete_policy / list_policies     (policy_id)
     put_price / get_price / delete_price / list_prices           (model)
+    config_versions(tenant_ids) -> {tenant_id: int}
+        # every put/delete above and put_settings bump the tenant's config version
+        # in their own transaction (a delete that found nothing does not); one read
+        # tells a process sharing the store which tenants' engines are stale
 
     # holds: write-behind of the engine's open reservations
     save_holds(tenant_id, upserts=[(reservation_id, expires_ms, data)], deletes=[rid])

@@ -3,7 +3,8 @@ the event write path (which is ``writer.GroupCommitWriter``'s).
 
 Owns URL handling (``open_store``), connection setup (SQLite pragmas on every
 connection), migrations (``migrate``), tenants, API keys, per-tenant config (budgets,
-policies, prices, settings), write-behind holds, budget totals and the ledger queries.
+policies, prices, settings, and the tenant's config version that every write of them
+bumps in its own transaction), write-behind holds, budget totals and the ledger queries.
 """
 from __future__ import annotations
 
@@ -212,16 +213,38 @@ class Store:
         return tenant.settings
 
     async def put_settings(self, tenant_id: str, settings: Mapping[str, Any]) -> None:
-        """Replace the tenant's settings (a JSON-serialisable mapping)."""
+        """Replace the tenant's settings (a JSON-serialisable mapping); bumps the
+        tenant's config version in the same statement."""
         if not isinstance(settings, Mapping):
             raise InvalidArgument("settings", "must be a mapping")
         text = json.dumps(dict(settings), sort_keys=True)
+        t = S.tenants
         async with self.engine.begin() as conn:
             res = await conn.execute(
-                S.tenants.update().where(S.tenants.c.tenant_id == tenant_id).values(settings=text)
+                t.update().where(t.c.tenant_id == tenant_id)
+                .values(settings=text, config_version=t.c.config_version + 1)
             )
         if res.rowcount != 1:
             raise NotFound("tenant", tenant_id)
+
+    async def config_versions(self, tenant_ids: Iterable[str]) -> dict[str, int]:
+        """{tenant_id: config version} for those of ``tenant_ids`` that exist. The
+        version moves with every committed write of the tenant's budgets, policies,
+        prices or settings (scale-out: how a process learns its engine is stale).
+        One primary-key query per 500 ids."""
+        ids = sorted(set(tenant_ids))
+        t = S.tenants
+        out: dict[str, int] = {}
+        async with self.engine.connect() as conn:
+            for i in range(0, len(ids), 500):
+                rows = (
+                    await conn.execute(
+                        sa.select(t.c.tenant_id, t.c.config_version)
+                        .where(t.c.tenant_id.in_(ids[i : i + 500]))
+                    )
+                ).all()
+                out.update((tid, int(v)) for tid, v in rows)
+        return out
 
     # -- API keys --------------------------------------------------------------------
 
@@ -361,7 +384,8 @@ class Store:
             set_={"spec": ins.excluded.spec, "updated_ms": ins.excluded.updated_ms},
         )
         async with self.engine.begin() as conn:
-            await self._require_tenant(conn, tenant_id)
+            if not await self._bump_config_version(conn, tenant_id):
+                raise NotFound("tenant", tenant_id)
             await conn.execute(stmt)
 
     async def _get_spec(self, table, tenant_id: str, ident: str) -> dict[str, Any] | None:
@@ -374,10 +398,27 @@ class Store:
         return None if text is None else json.loads(text)
 
     async def _delete_spec(self, table, tenant_id: str, ident: str) -> bool:
-        async with self.engine.begin() as conn:
-            res = await conn.execute(
-                table.delete().where(table.c.tenant_id == tenant_id, table.c.id == ident)
-            )
+        try:
+            async with self.engine.begin() as conn:
+                await self._bump_config_version(conn, tenant_id)
+                res = await conn.execute(
+                    table.delete().where(table.c.tenant_id == tenant_id, table.c.id == ident)
+                )
+                if res.rowcount != 1:
+                    raise _Unchanged  # rolls the bump back: nothing was deleted
+        except _Unchanged:
+            return False
+        return True
+
+    async def _bump_config_version(self, conn, tenant_id: str) -> bool:
+        """config_version + 1 in the caller's transaction; False for an unknown tenant.
+        Every config write bumps FIRST, so on PostgreSQL concurrent writers of one
+        tenant lock its tenants row before any config row (one order, no deadlock)."""
+        t = S.tenants
+        res = await conn.execute(
+            t.update().where(t.c.tenant_id == tenant_id)
+            .values(config_version=t.c.config_version + 1)
+        )
         return res.rowcount == 1
 
     async def _list_specs(self, table, tenant_id: str) -> dict[str, dict[str, Any]]:
@@ -453,6 +494,80 @@ class Store:
                 )
             ).all()
         return [(rid, int(exp), json.loads(data)) for rid, exp, data in rows]
+
+    async def get_hold(self, tenant_id: str, reservation_id: str) -> dict[str, Any] | None:
+        """The saved hold ``reservation_id`` (its data, as ``save_holds`` took it), or None."""
+        h = S.holds
+        async with self.engine.connect() as conn:
+            data = (
+                await conn.execute(
+                    sa.select(h.c.data).where(
+                        h.c.tenant_id == tenant_id, h.c.reservation_id == reservation_id
+                    )
+                )
+            ).scalar()
+        return None if data is None else json.loads(data)
+
+    async def claim_holds(
+        self,
+        tenant_id: str,
+        reservation_ids: Iterable[str],
+        holder_id: str = "",
+        stale_before_ms: int | None = None,
+    ) -> set[str]:
+        """Claim the settlement of reservations (scale-out: several processes on one
+        ledger; migration 0005). Returns the ids THIS call claimed (a row inserted into
+        hold_claims); an id claimed before is not returned: its settlement belongs to
+        that claimant. With ``stale_before_ms``, a claim made before it is taken over
+        (its claimant died before committing the settling event). The saved hold is
+        left in place: the settling event's commit deletes it (runtime.flush_holds), so
+        a claimant that dies first leaves it for the takeover. One statement per 500
+        ids."""
+        ids = sorted({r for r in reservation_ids if r})
+        if not ids:
+            return set()
+        c = S.hold_claims
+        now = time.time_ns() // 1_000_000
+        won: set[str] = set()
+        async with self.engine.begin() as conn:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                rows = (
+                    await conn.execute(
+                        self._insert(c)
+                        .values([
+                            {"tenant_id": tenant_id, "reservation_id": rid,
+                             "claimed_ms": now, "holder_id": holder_id}
+                            for rid in chunk
+                        ])
+                        .on_conflict_do_nothing()
+                        .returning(c.c.reservation_id)
+                    )
+                ).all()
+                won.update(r[0] for r in rows)
+            lost = [rid for rid in ids if rid not in won]
+            if lost and stale_before_ms is not None:
+                for i in range(0, len(lost), 500):
+                    rows = (
+                        await conn.execute(
+                            c.update()
+                            .where(c.c.tenant_id == tenant_id,
+                                   c.c.reservation_id.in_(lost[i : i + 500]),
+                                   c.c.claimed_ms < int(stale_before_ms))
+                            .values(claimed_ms=now, holder_id=holder_id)
+                            .returning(c.c.reservation_id)
+                        )
+                    ).all()
+                    won.update(r[0] for r in rows)
+        return won
+
+    async def prune_hold_claims(self, before_ms: int) -> int:
+        """Delete claims made before ``before_ms`` (their settlements are long in the
+        ledger, where a later Record finds them first)."""
+        c = S.hold_claims
+        async with self.engine.begin() as conn:
+            res = await conn.execute(c.delete().where(c.c.claimed_ms < int(before_ms)))
+        return int(res.rowcount or 0)
 
     # -- budget totals -----------------------------------------------------------------
 
@@ -795,6 +910,10 @@ class Store:
         more = len(rows) > size
         out = Q.spend_rows(rows[:size], groups)
         return out, Q.encode_token("s", offset + size) if more else ""
+
+
+class _Unchanged(Exception):
+    """A config delete found nothing to delete (internal: rolls its transaction back)."""
 
 
 def _owner_tuple(owners) -> tuple[str, ...]:

@@ -51,6 +51,10 @@ tenants = sa.Table(
     sa.Column("name", sa.String(), nullable=False),
     sa.Column("created_ms", sa.BigInteger(), nullable=False),
     sa.Column("settings", sa.Text(), nullable=False, server_default="{}"),
+    # Migration 0004 (issue 7, scale-out): bumped in the same transaction as every
+    # write of the tenant's budgets, policies, prices or settings (engine.py), so a
+    # process sharing the store sees with one cheap read that its engine is stale.
+    sa.Column("config_version", sa.BigInteger(), nullable=False, server_default="0"),
 )
 
 api_keys = sa.Table(
@@ -281,6 +285,19 @@ budget_leases = sa.Table(
     sa.Index(None, "tenant_id", "expires_ms"),
 )
 
+# Migration 0005 (issue 7, scale-out): one row per reservation whose settlement was
+# claimed (an expiry, or a Record/Release of a hold another process made); the
+# primary key makes the claim atomic (store/engine.py `claim_holds`).
+hold_claims = sa.Table(
+    "hold_claims",
+    metadata,
+    sa.Column("tenant_id", sa.String(), primary_key=True),
+    sa.Column("reservation_id", sa.String(), primary_key=True),
+    sa.Column("claimed_ms", sa.BigInteger(), nullable=False),
+    sa.Column("holder_id", sa.String(), nullable=False, server_default=""),
+    sa.Index(None, "claimed_ms"),
+)
+
 __all__ = [
     "metadata",
     "budget_allocations",
@@ -294,6 +311,7 @@ __all__ = [
     "rollups_hourly",
     "budget_periods",
     "holds",
+    "hold_claims",
     "contents",
     "spend_daily",
     "SPEND_DAILY_KEY",
