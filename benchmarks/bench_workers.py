@@ -44,6 +44,7 @@ import multiprocessing as mp
 import os
 import platform
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -357,6 +358,145 @@ def drive(target, key, *, procs, channels, in_flight, warmup, duration, on_windo
             "client_cpu": sum(r["cpu"] for r in res), "marks": marks}
 
 
+# ---------------------------------------------------------------- h2load driver
+
+
+H2LOAD_MISSING = ("h2load not found on PATH (Debian: apt-get install nghttp2-client)")
+
+
+def representative_request():
+    """The request of the mix with the median input size (h2load repeats one body)."""
+    mix = sorted(requests(), key=lambda r: r.input_bytes)
+    return mix[len(mix) // 2]
+
+
+def grpc_frame(msg) -> bytes:
+    """One gRPC length-prefixed message: flag 0 (uncompressed), big-endian uint32
+    length, then the serialized protobuf."""
+    body = msg.SerializeToString()
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+def h2load_argv(target: str, key: str, body: Path, conns: int, streams: int, *,
+                n: int | None = None, seconds: int | None = None,
+                threads: int = 1) -> list[str]:
+    """h2load POSTing `body` (a framed AuthorizeRequest) as gRPC over h2c (prior
+    knowledge: h2load's default for http:// URIs)."""
+    count = ["-n", str(n)] if n is not None else ["-D", str(seconds)]
+    return ["h2load", *count, "-c", str(conns), "-m", str(streams), "-t", str(threads),
+            "-d", str(body), "-H", "content-type: application/grpc",
+            "-H", "te: trailers", "-H", f"authorization: Bearer {key}",
+            f"http://{target}/p402.v1.MeterService/Authorize"]
+
+
+def parse_h2load(out: str) -> dict:
+    """The numbers of h2load's summary: req/s, requests by fate, HTTP status classes,
+    mean time per request (µs). Raises if the summary is missing."""
+    import re
+
+    m = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
+    r = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    s = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if not (m and r and s):
+        raise RuntimeError("h2load printed no summary:\n" + out[-2000:])
+    t = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\b", out)
+    mean_us = None
+    if t:
+        mean_us = float(t.group(1)) * {"us": 1, "ms": 1e3, "s": 1e6}[t.group(2)]
+    secs = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+    total, started, done, ok, failed, errored, timeout = map(int, r.groups())
+    s2, s3, s4, s5 = map(int, s.groups())
+    return {"seconds": secs, "rps": float(m.group(3)), "total": total, "done": done,
+            "succeeded": ok, "failed": failed, "errored": errored, "timeout": timeout,
+            "2xx": s2, "3xx": s3, "4xx": s4, "5xx": s5, "mean_us": mean_us}
+
+
+def run_h2load(argv: list[str], log: Path, timeout: float) -> dict:
+    """Run h2load; -> its parsed summary plus `cpu` (its own user + system seconds,
+    from wait4's rusage) and `wall`. Killed past `timeout` seconds."""
+    t0 = time.perf_counter()
+    with open(log, "ab") as fh:
+        fh.write(("\n$ " + " ".join(argv) + "\n").encode())
+        fh.flush()
+        start = fh.tell()
+        p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            p.kill()
+            pid, status, ru = os.wait4(p.pid, 0)
+            break
+        time.sleep(0.02)
+    p.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    wall = time.perf_counter() - t0
+    with open(log, "rb") as fh:
+        fh.seek(start)
+        out = fh.read().decode("utf-8", "replace")
+    if p.returncode != 0:
+        raise RuntimeError(f"h2load exited with {p.returncode}:\n{out[-2000:]}")
+    res = parse_h2load(out)
+    res.update(cpu=ru.ru_utime + ru.ru_stime, wall=wall)
+    return res
+
+
+async def _count_holds(db_url: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(db_url.replace("+asyncpg", "", 1), timeout=5)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM holds")
+    finally:
+        await conn.close()
+
+
+def flushed_holds(db_url: str, cap_s: float = 20.0) -> int:
+    """The number of holds rows once the workers' write-behind has caught up (holds
+    are flushed every `holds_flush_interval_seconds`, 0.25 s): the count once it has
+    not moved for three reads 0.3 s apart (or after `cap_s`)."""
+    deadline = time.monotonic() + cap_s
+    last, same = -1, 0
+    while time.monotonic() < deadline:
+        n = asyncio.run(_count_holds(db_url))
+        same = same + 1 if n == last else 0
+        if same >= 2:
+            return n
+        last = n
+        time.sleep(0.3)
+    return last
+
+
+async def check_allows(target: str, key: str, n: int = 4, wait_s: float = 0.0) -> list[int]:
+    """`n` Authorizes with the Python client (the representative request and the first
+    of the mix), each on its own connection; raises unless every one is ALLOW (a DENY
+    is retried for up to `wait_s` seconds: a HARD budget new to a worker denies until
+    its first lease slice arrives). -> the estimates (nanos)."""
+    import grpc
+    from p402.v1 import common_pb2, meter_pb2_grpc
+
+    md = (("authorization", f"Bearer {key}"),)
+    reqs = [representative_request()] + requests()[:n - 1]
+    ests = []
+    deadline = time.monotonic() + wait_s
+    for req in reqs:
+        while True:
+            async with grpc.aio.insecure_channel(
+                    target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                r = await meter_pb2_grpc.MeterServiceStub(ch).Authorize(req, metadata=md,
+                                                                        timeout=30)
+            if r.decision == common_pb2.DECISION_ALLOW:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"check Authorize answered {r.decision} (expected "
+                                   f"ALLOW): {r}")
+            await asyncio.sleep(0.1)
+        ests.append(nanos(r.estimated_cost))
+    return ests
+
+
 # ---------------------------------------------------------------- part 1
 
 
@@ -386,6 +526,72 @@ def throughput_point(workers: int, cfg: dict, logdir: Path) -> dict:
     r["other_cores"] = max(0.0, r["machine_cores"] - r["server_cores"] - r["client_cores"])
     r.pop("marks")
     return r
+
+
+def throughput_points_h2load(workers: int, cfg: dict, logdir: Path) -> list[dict]:
+    """One server (`workers` workers, fresh database), every h2load setting of
+    cfg["grid"] in turn on it; -> one result per setting.
+
+    Each measured run is `-n` requests (about cfg["duration"] s at the rate last
+    seen), so that h2load's count can be compared exactly with the store's: every
+    allowed Authorize leaves one row in `holds` (written behind), and a gRPC error —
+    an HTTP 200 whose trailers carry grpc-status, which h2load does not read — leaves
+    none. Python-client Authorizes before and after must all ALLOW."""
+    body = cfg["body"]
+    h2log = logdir / f"h2load-w{workers}-{time.time_ns()}.log"
+    timeout = cfg["duration"] * 6 + 30
+    out = []
+    with FreshDB() as url:
+        _tenant, key = p402_init(url, "bench")
+        srv = Serve(url, workers, logdir / f"serve-w{workers}-{time.time_ns()}.log")
+        try:
+            srv.wait_ready()
+            asyncio.run(setup_budget(srv.target, key, 10**7 * USD))
+            pids = srv.pids()
+            pre = asyncio.run(check_allows(srv.target, key, wait_s=10.0))
+            # Warm-up: connections made, the tenant's engine built and leases taken on
+            # every worker (the most connections of the grid: with 16, the chance that
+            # SO_REUSEPORT sends none to one of 2 workers is 2^-15); its rate sizes
+            # the first -n.
+            c, m = max(cfg["grid"])
+            warm = run_h2load(h2load_argv(srv.target, key, body, c, m,
+                                          seconds=max(1, round(cfg["warmup"])),
+                                          threads=cfg["h2load_threads"]), h2log, timeout)
+            rate = warm["rps"]
+            holds0 = flushed_holds(url)
+            for c, m in cfg["grid"]:
+                n = max(c * m * 8, int(rate * cfg["duration"]))
+                argv = h2load_argv(srv.target, key, body, c, m, n=n,
+                                   threads=cfg["h2load_threads"])
+                per0 = [proc_cpu([p]) for p in pids]
+                b0, a0 = machine_cpu()
+                t0 = time.perf_counter()
+                r = run_h2load(argv, h2log, timeout)
+                t1 = time.perf_counter()
+                b1, a1 = machine_cpu()
+                per1 = [proc_cpu([p]) for p in pids]
+                holds1 = flushed_holds(url)
+                wall = t1 - t0
+                per = [y - x for x, y in zip(per0, per1)]
+                server = sum(per)
+                r.update(workers=workers, conns=c, streams=m, n=n,
+                         new_holds=holds1 - holds0, calls=r["succeeded"],
+                         server_cores=server / wall, client_cores=r["cpu"] / wall,
+                         machine_cores=(b1 - b0) / wall,
+                         machine_busy=(b1 - b0) / max(1e-9, a1 - a0),
+                         worker_split=[x / server if server else 0.0 for x in per],
+                         argv=" ".join(argv).replace(key, "<key>"))
+                r["other_cores"] = max(0.0, r["machine_cores"] - r["server_cores"]
+                                       - r["client_cores"])
+                out.append(r)
+                holds0, rate = holds1, r["rps"]
+            post = asyncio.run(check_allows(srv.target, key))
+        finally:
+            srv.stop()
+    for r in out:
+        r.update(pre_check_allows=len(pre), post_check_allows=len(post),
+                 estimate_nanos=pre[0])
+    return out
 
 
 # ---------------------------------------------------------------- part 2
@@ -480,13 +686,16 @@ def leasing_cost(cfg: dict, logdir: Path) -> dict:
             srv.wait_ready()
             asyncio.run(setup_budget(srv.target, far_key, 10**7 * USD))
             # far: full load from the part-1 load generator.
-            far = drive(srv.target, far_key, procs=cfg["procs"], channels=cfg["channels"],
-                        in_flight=cfg["in_flight"], warmup=cfg["warmup"],
-                        duration=cfg["duration"],
-                        on_window=lambda _p: (time.perf_counter(), read_trips(rtdir)))
-            (t0, r0), (t1, r1) = far["marks"]["start"], far["marks"]["end"]
-            far.update(trips=r1 - r0, trips_per_s=(r1 - r0) / (t1 - t0))
-            far.pop("marks")
+            if cfg["driver"] == "h2load":
+                far = far_h2load(srv.target, far_key, rtdir, cfg, logdir)
+            else:
+                far = drive(srv.target, far_key, procs=cfg["procs"],
+                            channels=cfg["channels"], in_flight=cfg["in_flight"],
+                            warmup=cfg["warmup"], duration=cfg["duration"],
+                            on_window=lambda _p: (time.perf_counter(), read_trips(rtdir)))
+                (t0, r0), (t1, r1) = far["marks"]["start"], far["marks"]["end"]
+                far.update(trips=r1 - r0, trips_per_s=(r1 - r0) / (t1 - t0))
+                far.pop("marks")
             # near: K estimates of headroom, walked to exhaustion, then held there.
             # Estimates probed on the far tenant (same catalog, same request mix), and
             # the near budget made before any worker builds the near tenant's engine,
@@ -502,6 +711,24 @@ def leasing_cost(cfg: dict, logdir: Path) -> dict:
     return {"far": far, "near": windows(samples, limit, min_est), "limit_nanos": limit,
             "stranded_nanos": limit - samples[-1][3],
             "mean_est_nanos": mean_est, "near_k": cfg["near_k"]}
+
+
+def far_h2load(target: str, key: str, rtdir: str, cfg: dict, logdir: Path) -> dict:
+    """Part 2's full load with h2load (the setting part 1 found fastest): a warm-up,
+    then about cfg["duration"] s of requests, round trips read around it."""
+    c, m = cfg["far_setting"]
+    log = logdir / f"h2load-far-{time.time_ns()}.log"
+    timeout = cfg["duration"] * 6 + 30
+    warm = run_h2load(h2load_argv(target, key, cfg["body"], c, m,
+                                  seconds=max(1, round(cfg["warmup"])),
+                                  threads=cfg["h2load_threads"]), log, timeout)
+    n = max(c * m * 8, int(warm["rps"] * cfg["duration"]))
+    t0, r0 = time.perf_counter(), read_trips(rtdir)
+    r = run_h2load(h2load_argv(target, key, cfg["body"], c, m, n=n,
+                               threads=cfg["h2load_threads"]), log, timeout)
+    t1, r1 = time.perf_counter(), read_trips(rtdir)
+    r.update(calls=r["succeeded"], trips=r1 - r0, trips_per_s=(r1 - r0) / (t1 - t0))
+    return r
 
 
 def windows(samples, limit, min_est) -> dict:
@@ -563,22 +790,20 @@ def banner() -> None:
           f"p402core {getattr(p402core, 'IMPLEMENTATION', '?')}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="short windows (a smoke run)")
-    ns = ap.parse_args()
-    cfg = {"procs": 3, "channels": 8, "in_flight": 64,
-           "warmup": 1.0 if ns.quick else 2.0, "duration": 3.0 if ns.quick else 10.0,
-           "rounds": 1 if ns.quick else 2, "near_k": 4000 if ns.quick else 20000,
-           "at_limit": 1.0 if ns.quick else 2.0, "near_cap": 30.0 if ns.quick else 90.0}
-    banner()
-    print(f"load generator: {cfg['procs']} processes x {cfg['channels']} connections, "
-          f"{cfg['in_flight']} calls in flight each; warm-up {cfg['warmup']} s, window "
-          f"{cfg['duration']} s; {cfg['rounds']} round(s) alternating 1 and 2 workers")
-    logdir = Path(tempfile.mkdtemp(prefix="p402-bench-workers-"))
-    print(f"server logs: {logdir}")
+def parse_grid(text: str) -> list[tuple[int, int]]:
+    """"4x32,16x100" -> [(4, 32), (16, 100)] (h2load connections x streams each)."""
+    out = []
+    for item in text.split(","):
+        c, _, m = item.strip().partition("x")
+        if not (c.isdigit() and m.isdigit() and int(c) > 0 and int(m) > 0):
+            raise argparse.ArgumentTypeError(
+                f"--h2load-grid: {item!r} is not CONNSxSTREAMS (e.g. 8x32)")
+        out.append((int(c), int(m)))
+    return out
 
-    # Part 1.
+
+def part1_python(cfg: dict, logdir: Path) -> tuple[dict, dict]:
+    """Part 1 with the Python load generator -> (points by workers, summary)."""
     points = {1: [], 2: []}
     for rnd in range(cfg["rounds"]):
         for w in (1, 2):
@@ -589,15 +814,121 @@ def main() -> None:
                   f"used: server {r['server_cores']:.2f}, load generator "
                   f"{r['client_cores']:.2f}, other (PostgreSQL, kernel) "
                   f"{r['other_cores']:.2f}; machine busy {r['machine_busy']:.0%}")
+    return points, summarise(points)
+
+
+def part1_h2load(cfg: dict, logdir: Path) -> tuple[dict, dict]:
+    """Part 1 with h2load over every setting of the grid -> (points by workers, the
+    summary of the setting whose 2-worker throughput is highest)."""
+    points = {1: [], 2: []}
+    for rnd in range(cfg["rounds"]):
+        for w in (1, 2):
+            for r in throughput_points_h2load(w, cfg, logdir):
+                points[w].append(r)
+                split = "/".join(f"{x:.0%}" for x in r["worker_split"])
+                ok = "" if (r["new_holds"] == r["succeeded"] == r["n"]) else "  MISMATCH"
+                print(f"  round {rnd + 1}, {w} worker(s), -c {r['conns']:2d} -m "
+                      f"{r['streams']:3d}: {r['rps']:8.0f} calls/s ({r['succeeded']} of "
+                      f"{r['n']} succeeded, {r['failed'] + r['errored'] + r['timeout']} "
+                      f"failed/errored/timed out, {r['2xx']} HTTP 2xx; store: "
+                      f"{r['new_holds']} new holds{ok}); cores: server "
+                      f"{r['server_cores']:.2f} (split {split}), h2load "
+                      f"{r['client_cores']:.2f}, other {r['other_cores']:.2f}; busy "
+                      f"{r['machine_busy']:.0%}")
+    by_setting = {}
+    for setting in cfg["grid"]:
+        sub = {w: [p for p in points[w] if (p["conns"], p["streams"]) == setting]
+               for w in points}
+        by_setting[setting] = summarise(sub)
+    print("Authorize throughput by h2load setting (median of rounds):")
+    for (c, m), s in by_setting.items():
+        print(f"  -c {c:2d} -m {m:3d}: 1 worker {s['rps'][1]:8.0f}, 2 workers "
+              f"{s['rps'][2]:8.0f} calls/s: {s['ratio']:.2f}x")
+    best = max(by_setting, key=lambda k: by_setting[k]["rps"][2])
+    cfg["far_setting"] = best
+    summary = dict(by_setting[best], setting=best,
+                   by_setting={f"{c}x{m}": s for (c, m), s in by_setting.items()})
+    mism = [p for w in points for p in points[w]
+            if not p["new_holds"] == p["succeeded"] == p["n"]]
+    summary["mismatches"] = len(mism)
+    print(f"  checked: {sum(p['succeeded'] for w in points for p in points[w])} h2load "
+          f"successes, {sum(p['new_holds'] for w in points for p in points[w])} new holds "
+          f"in the store; runs where requests, successes and holds differ: {len(mism)}; "
+          f"Python-client Authorizes before and after each server: all ALLOW")
+    return points, summary
+
+
+def summarise(points: dict) -> dict:
     rps = {w: statistics.median(p["rps"] for p in points[w]) for w in points}
-    ratio = rps[2] / rps[1]
-    share2 = statistics.mean(p["client_cores"] for p in points[2])
-    other2 = statistics.mean(p["other_cores"] for p in points[2])
-    srv2 = statistics.mean(p["server_cores"] for p in points[2])
-    srv1 = statistics.mean(p["server_cores"] for p in points[1])
-    print("Authorize throughput (median of rounds):")
-    print(f"  1 worker   {rps[1]:8.0f} calls/s  (server {srv1:.2f} cores)")
-    print(f"  2 workers  {rps[2]:8.0f} calls/s  (server {srv2:.2f} cores)")
+    mean = lambda key, w: statistics.mean(p[key] for p in points[w])  # noqa: E731
+    return {"rps": rps, "ratio": rps[2] / rps[1],
+            "server": {w: mean("server_cores", w) for w in points},
+            "client": {w: mean("client_cores", w) for w in points},
+            "other": {w: mean("other_cores", w) for w in points}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short windows (a smoke run)")
+    have_h2load = shutil.which("h2load") is not None
+    ap.add_argument("--driver", choices=["h2load", "python"],
+                    default="h2load" if have_h2load else "python",
+                    help="load generator (default: h2load when on PATH, else python)")
+    ap.add_argument("--h2load-grid", type=parse_grid, default=None,
+                    help="h2load settings to try, CONNSxSTREAMS,… (default "
+                         "4x32,8x32,8x100,16x16,16x64; --quick: 8x32,16x64)")
+    ap.add_argument("--h2load-threads", type=int, default=1)
+    ns = ap.parse_args()
+    if ns.driver == "h2load" and not have_h2load:
+        raise SystemExit(f"--driver h2load: {H2LOAD_MISSING}; or use --driver python")
+    cfg = {"procs": 3, "channels": 8, "in_flight": 64,
+           "warmup": 1.0 if ns.quick else 2.0, "duration": 3.0 if ns.quick else 10.0,
+           "rounds": 1 if ns.quick else 2, "near_k": 4000 if ns.quick else 20000,
+           "at_limit": 1.0 if ns.quick else 2.0, "near_cap": 30.0 if ns.quick else 90.0,
+           "driver": ns.driver}
+    if ns.driver == "h2load":
+        cfg.update(duration=2.0 if ns.quick else 4.0, h2load_threads=ns.h2load_threads,
+                   grid=ns.h2load_grid or parse_grid(
+                       "8x32,16x64" if ns.quick else "4x32,8x32,8x100,16x16,16x64"))
+    banner()
+    logdir = Path(tempfile.mkdtemp(prefix="p402-bench-workers-"))
+    if ns.driver == "h2load":
+        req = representative_request()
+        cfg["body"] = logdir / "authorize.grpc"
+        cfg["body"].write_bytes(grpc_frame(req))
+        h2v = subprocess.run(["h2load", "--version"], capture_output=True,
+                             text=True).stdout.strip()
+        print(f"load generator: {h2v}, {cfg['h2load_threads']} thread(s), one framed "
+              f"AuthorizeRequest ({len(cfg['body'].read_bytes())} bytes: {req.model}, "
+              f"input_bytes {req.input_bytes}, max_output_tokens {req.max_output_tokens})"
+              f" repeated; settings (connections x streams each): "
+              + ", ".join(f"{c}x{m}" for c, m in cfg["grid"])
+              + f"; warm-up {round(cfg['warmup'])} s, then -n for ~{cfg['duration']} s "
+              f"per setting; {cfg['rounds']} round(s) alternating 1 and 2 workers")
+    else:
+        if not have_h2load:
+            print(f"note: {H2LOAD_MISSING}: using the Python load generator, which "
+                  f"takes a large share of the cores the workers need")
+        print(f"load generator: {cfg['procs']} processes x {cfg['channels']} connections, "
+              f"{cfg['in_flight']} calls in flight each; warm-up {cfg['warmup']} s, window "
+              f"{cfg['duration']} s; {cfg['rounds']} round(s) alternating 1 and 2 workers")
+    print(f"server logs: {logdir}")
+
+    # Part 1.
+    if ns.driver == "h2load":
+        points, summ = part1_h2load(cfg, logdir)
+        what = f"h2load -c {summ['setting'][0]} -m {summ['setting'][1]}"
+    else:
+        points, summ = part1_python(cfg, logdir)
+        what = "median of rounds"
+    rps, ratio = summ["rps"], summ["ratio"]
+    srv1, srv2 = summ["server"][1], summ["server"][2]
+    share2, other2 = summ["client"][2], summ["other"][2]
+    print(f"Authorize throughput ({what}):")
+    print(f"  1 worker   {rps[1]:8.0f} calls/s  (server {srv1:.2f} cores, load generator "
+          f"{summ['client'][1]:.2f}, other {summ['other'][1]:.2f})")
+    print(f"  2 workers  {rps[2]:8.0f} calls/s  (server {srv2:.2f} cores, load generator "
+          f"{share2:.2f}, other {other2:.2f})")
     print(f"  2 / 1 workers: {ratio:.2f}x  (target >= {TARGET_RATIO})  "
           f"{'OK' if ratio >= TARGET_RATIO else 'MISS'}")
     ncpu = os.cpu_count() or 1
@@ -632,7 +963,7 @@ def main() -> None:
     near = lc["near"]["last 10% of headroom"]
     at_limit = lc["near"]["at the limit (all denied)"]
     figures = [
-        {"name": "Authorize calls/s, 2 workers / 1 worker", "value": ratio,
+        {"name": f"Authorize calls/s, 2 workers / 1 worker ({what})", "value": ratio,
          "target": f">= {TARGET_RATIO}", "met": ratio >= TARGET_RATIO,
          "measured": rps[2], "baseline": rps[1]},
     ]
@@ -647,7 +978,7 @@ def main() -> None:
                             "measured": w["decisions"], "baseline": w["trips"]})
     print("BENCH_JSON " + json.dumps({
         "bench": "workers", "figures": figures,
-        "throughput": {str(w): points[w] for w in points},
+        "throughput": {str(w): points[w] for w in points}, "summary": summ,
         "leasing": lc, "config": cfg}, default=str))
 
 

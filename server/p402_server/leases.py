@@ -42,9 +42,12 @@ Model (DESIGN §6 "Scale-out"; REFERENCES "Distributed budgets")
   a leased budget denies takes exactly what it misses from the store (the same
   conditional statement) and is decided again: the last nanos of a budget are
   spent request by request, one store round trip each, and an Authorize awaits
-  the store only then. Near the limit a process can still deny while a peer holds
-  unused headroom in its slice (until that peer's lease is returned or runs out);
-  it never allows past the limit.
+  the store only then. A lease whose engine spent nothing for
+  `idle_return_seconds` looks at the store (one read); near the limit (the store
+  cannot give every holder a full slice any more) it gives its unused part back (`LeaseStore.shrink`; the lease goes on) and takes no more slices until
+  a DENY there takes exactly again: the last nanos go to whoever spends them.
+  Until then a process can deny while a peer holds unused headroom; it never
+  allows past the limit.
 - Epochs and expiry: a lease row carries the allocation's epoch when it was
   created; every renewal is `… WHERE holder_id = :me AND epoch = :e AND expires_ms >
   now`. A lease that expired is reclaimed by any live process `reclaim_grace_seconds`
@@ -129,6 +132,9 @@ class LeaseConfig:
     interval_seconds: float = 0.05
     # Largest slice, as a fraction (1/N) of the limit: limit // max_slice_divisor.
     max_slice_divisor: int = 20
+    # Near a limit (slices have shrunk), a lease unused for this long gives its
+    # unused part back, so a busier peer can take it (take_exact).
+    idle_return_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -264,6 +270,26 @@ class LeaseStore:
                 continue  # no room for the slice: retry as a pure renewal
         return False
 
+    async def shrink(self, tenant_id, budget_id, period_start_ms, holder_id, epoch,
+                     nanos) -> bool:
+        """Give `nanos` of this lease's unused grant back; the lease stays. False:
+        fenced (the lease was reclaimed; its share is already back)."""
+        a, l = S.budget_allocations, S.budget_leases
+        async with self.engine.begin() as conn:
+            got = (await conn.execute(
+                l.update().where(l.c.tenant_id == tenant_id, l.c.budget_id == budget_id,
+                                 l.c.period_start_ms == period_start_ms,
+                                 l.c.holder_id == holder_id, l.c.epoch == epoch)
+                .values(granted_nanos=l.c.granted_nanos - nanos)
+                .returning(l.c.epoch))).first()
+            if got is None:
+                return False
+            await conn.execute(
+                a.update().where(a.c.tenant_id == tenant_id, a.c.budget_id == budget_id,
+                                 a.c.period_start_ms == period_start_ms)
+                .values(leased_nanos=a.c.leased_nanos - nanos))
+        return True
+
     async def give_back(self, tenant_id, budget_id, period_start_ms, holder_id, epoch,
                         unused_nanos, acked_nanos, now_ms) -> None:
         """Return `unused_nanos`, report `acked_nanos`, and let the row expire now."""
@@ -314,7 +340,8 @@ class _Lease:
     """This process's lease on one budget of one tenant."""
 
     __slots__ = ("budget_id", "period_start_ms", "period_end_ms", "limit_nanos", "epoch",
-                 "acked", "slice", "open", "deadline", "parked", "row", "returning")
+                 "acked", "slice", "open", "deadline", "parked", "row", "returning",
+                 "spent_mark", "idle_since", "dormant")
 
     def __init__(self, budget_id):
         self.budget_id = budget_id
@@ -329,6 +356,9 @@ class _Lease:
         self.parked = 0         # unused grant set aside while fenced locally
         self.row = ""           # holder_id/<n>: each new lease row has its own key
         self.returning = -1     # >= 0: limit lowered; give this unused grant back
+        self.spent_mark = 0     # the engine's used_nanos at the last tick
+        self.idle_since = 0.0   # monotonic: when used_nanos last moved
+        self.dormant = False    # gave its idle slice back: no top-up until a DENY
 
 
 class _TenantLeases:
@@ -427,11 +457,41 @@ class LeaseManager:
                     self.round_trips += 1
                     self.exact_takes += 1
                 if taken and lease.open:
+                    lease.dormant = False  # demand is back: slices may resume
+                    lease.idle_since = time.monotonic()
                     # Re-read after the await: grant on top of what is unused now.
                     rt.engine.set_lease(lease.budget_id,
                                         max(0, self._unused(rt, lease.budget_id)) + missing)
                     granted = True
         return granted
+
+    async def _return_idle(self, rt, tl: _TenantLeases, lease: _Lease) -> None:
+        """Near the limit, an idle lease gives its unused part back (the lease and
+        its renewals go on) and takes no slice until a DENY here asks for one: the
+        last nanos go to the process that spends them."""
+        bid = lease.budget_id
+        lock = tl.locks.get(bid)
+        if lock is None:
+            lock = tl.locks[bid] = asyncio.Lock()
+        async with lock:
+            back = self._unused(rt, bid)
+            if back <= 0 or not lease.open:
+                return
+            rt.engine.set_lease(bid, 0)  # nothing of it is spent while it goes back
+            try:
+                ok = await self.db.shrink(rt.tenant_id, bid, lease.period_start_ms,
+                                          lease.row, lease.epoch, back)
+            except BaseException:
+                # Still ours in the store: spendable again here.
+                rt.engine.set_lease(bid, max(0, self._unused(rt, bid)) + back)
+                raise
+            finally:
+                self.round_trips += 1
+            if not ok:  # fenced: reclaimed meanwhile; the tick starts a new lease
+                lease.open = False
+                self._recompute(tl)
+                return
+            lease.dormant = True
 
     @staticmethod
     def _unused(rt, budget_id: str) -> int:
@@ -603,6 +663,7 @@ class LeaseManager:
                 lease.acked = 0
                 lease.parked = 0
                 lease.returning = -1
+                lease.dormant = False
                 # A fresh row key each time: an old row of ours may still be waiting
                 # to be reclaimed (expired, or fenced).
                 self._rows += 1
@@ -616,8 +677,24 @@ class LeaseManager:
             status = {d["budget_id"]: d for d in rt.engine.lease_status()}
             st = status.get(lease.budget_id)
             unused = st["unused_nanos"] if st else 0
+            used = st["used_nanos"] if st else 0
+            if used != lease.spent_mark:
+                lease.spent_mark, lease.idle_since = used, sent
+            if (unused > 0 and not lease.dormant
+                    and sent - lease.idle_since >= cfg.idle_return_seconds):
+                lease.idle_since = sent  # idle or not, look again a period later
+                facts = await self.db.read(rt.tenant_id, lease.budget_id, start, now)
+                self.round_trips += 1
+                if facts is not None:
+                    limit, ledger, leased, holders = facts
+                    headroom = min(limit, b.limit_nanos) - ledger - leased
+                    if headroom < (b.limit_nanos // cfg.max_slice_divisor) * max(1, holders):
+                        # Near the limit: the store cannot give every holder a
+                        # full slice any more.
+                        await self._return_idle(rt, tl, lease)
+                        continue
             renew_due = sent >= lease.deadline - (cfg.ttl_seconds - cfg.safety_seconds) / 2
-            need = unused <= lease.slice // 2 or unused <= 0
+            need = not lease.dormant and (unused <= lease.slice // 2 or unused <= 0)
             if not need and not renew_due and not lease.acked:
                 continue
             slice_nanos = 0
@@ -648,6 +725,7 @@ class LeaseManager:
             lease.acked -= acked
             lease.deadline = sent + cfg.ttl_seconds - cfg.safety_seconds
             if taken or lease.parked:
+                lease.idle_since = time.monotonic()  # a fresh grant is not idle yet
                 if taken:
                     lease.slice = slice_nanos
                 # Re-read: Authorizes ran while we awaited; grant on top of what is

@@ -40,15 +40,16 @@ def test_last_requests_are_taken_exactly_from_the_store(ledger_url):
             await asyncio.sleep(0.02)
         assert allowed[1] == 1
         # A spends the rest, one Authorize at a time, without waiting for top-ups.
-        for _ in range(3 * N):
-            r = await _authorize(p, 0, "tight")
-            if r.decision == common_pb2.DECISION_DENY:
-                assert "budget.exceeded" in r.reasons
-                break
-            assert _nanos(r.estimated_cost) == est
-            allowed[0] += 1
-        else:
+        async def spend():
+            for _ in range(3 * N):
+                r = await _authorize(p, 0, "tight")
+                if r.decision == common_pb2.DECISION_DENY:
+                    assert "budget.exceeded" in r.reasons
+                    return
+                assert _nanos(r.estimated_cost) == est
+                allowed[0] += 1
             raise AssertionError("A never denied")
+        await spend()
         # Never past the limit, and A denied only when the store had no room left
         # for one more request beyond what B's lease still holds unused.
         assert (allowed[0] + allowed[1]) * est <= limit
@@ -73,6 +74,15 @@ def test_last_requests_are_taken_exactly_from_the_store(ledger_url):
         # a lease, or still in the store.
         assert (allowed[0] + allowed[1]) * est + unused(0) + unused(1) + room == limit
         assert p.servers[0].runtime.leases.exact_takes > 0
+        # B stays idle: near the limit it gives its unused part back, and A can then
+        # spend the budget to the last request that fits.
+        for _ in range(200):
+            if unused(1) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert unused(1) == 0
+        await spend()
+        assert allowed[0] + allowed[1] == N
     from .test_foreign_settle import _run
 
     _run(ledger_url, body)
