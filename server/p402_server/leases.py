@@ -72,18 +72,17 @@ Model (DESIGN §6 "Scale-out"; REFERENCES "Distributed budgets")
 
 Settling another process's reservation (runtime.TenantRuntime._adopt; migration
 0005): a Record or Release for a reservation this process did not make and the
-ledger has not settled claims its settlement in the store (hold_claims: one INSERT,
-exactly one claimant wins), restores the maker's saved hold into this engine and
-settles it here, charged to THIS process's lease. The maker keeps its copy held
-(counted in its lease: conservative) until it expires, when its own claim fails
-and it charges nothing. A retried Record carries the same event_id (or none: the
-reservation id), so if the maker settles its copy too, the ledger's event_id
-de-duplication answers the first event and the maker undoes its count. What is
-not covered: a second, different settlement of one reservation (a Release on one
-process, then a Record with a new event_id on the maker) is settled twice. With
-leases on, an engine restores no stored holds at start-up (runtime.restore): the
-holds table does not say which process made a hold; a restarted process adopts
-the holds of its previous life one by one when they are recorded or released.
+ledger has not settled restores the maker's saved hold into this engine and settles
+it here, charged to THIS process's lease. Every settling event (record, release,
+expiry) claims its reservation in the writer's own transaction (LedgerEvent.claim,
+table hold_claims): the first event_id wins; a later settling event with another
+event_id is not written, its process takes back what its engine counted and
+answers with the winner (runtime._lost_claim). So the maker's copy of an adopted
+hold, recorded, released or expired there later, charges nothing; a retried Record
+(same event_id) is a plain duplicate wherever it lands. With leases on, an engine
+restores no stored holds at start-up (runtime.restore): the holds table does not
+say which process made a hold; a restarted process adopts the holds of its
+previous life one by one when they are recorded or released.
 
 Not implemented (documented): rate limits and other policy state are per process
 (each process enforces its rules' limits on its own traffic: a rate of R per

@@ -48,9 +48,11 @@ Idempotency (DESIGN §3: a repeated Record returns the first result)
   with another event_id, a release, an expiry) returns that first event,
   duplicate=True.
 - Scale-out (leases on): a Record or Release of a reservation another process made
-  claims its settlement in the store and settles the maker's saved hold here
-  (`_adopt`); holds that expire here are claimed before their EXPIRED event is
-  written (`_expire_claimed`): one settlement per reservation (leases.py explains).
+  settles the maker's saved hold here (`_adopt`). Every settling event claims its
+  reservation in the writer's transaction (LedgerEvent.claim, table hold_claims):
+  the first event wins, a later one with another event_id is not written and its
+  caller gets the first (`_lost_claim`), whichever process settles: one settlement
+  per reservation (leases.py explains).
   An Authorize that only a leased budget denies takes the missing nanos from the
   store and is decided again (`authorize_exact`).
 
@@ -107,9 +109,6 @@ RESERVATION_UNKNOWN = "reservation.unknown"
 # Scale-out: a Record or Release settled here a hold another process made (its saved
 # hold, claimed in the store: TenantRuntime._adopt).
 RESERVATION_ADOPTED = "reservation.adopted"
-# A claim whose settling event is not in the ledger this long after it was made is
-# taken over (its claimant died between the claim and the commit).
-CLAIM_STALE_SECONDS = 60.0
 
 # Reservation-id prefixes of the engines this process built: an id carrying one was
 # issued here, so if no engine of its tenant holds it, it was not lost in a crash.
@@ -580,15 +579,13 @@ class TenantRuntime:
         owners, labels, usage, revenue = parsed or convert.validate_record(req, field)
         if self.leases is not None:
             # Scale-out: another process may have made it (a gateway that retried its
-            # Record elsewhere). Claim its settlement; if its hold was saved, settle it
-            # here as if it were ours. Without a saved hold, only a Record that names
-            # its owners can be metered: else NOT_FOUND stands, unclaimed (the maker
-            # may not have written it yet; a retry can adopt it).
-            named = bool(owners) and any(owners)
-            adopted = await self._adopt(rid, need_hold=not named)
-            if isinstance(adopted, LedgerEvent):
-                return await self._replay(adopted)
-            if not adopted and not named:
+            # Record elsewhere): if its hold was saved, settle it here as if it were
+            # ours. Without a saved hold, only a Record that names its owners can be
+            # metered: else NOT_FOUND stands (the maker may not have written it yet;
+            # a retry can adopt it). Either way the writer's claim keeps it to one
+            # settling event (`_adopt`).
+            adopted = await self._adopt(rid)
+            if not adopted and not (owners and any(owners)):
                 raise exc
             if adopted:
                 mode = self.privacy.resolve(req.privacy_mode)
@@ -614,40 +611,40 @@ class TenantRuntime:
             await self._mark_duplicate(ev)
         return await self._commit(ev, s)
 
-    async def _adopt(self, rid: str, need_hold: bool = False):
-        """Scale-out: take over the settlement of reservation `rid`, which this
-        process did not make and the ledger has not settled (migration 0005).
-
-        Claims it in the store (exactly one claimant settles a reservation; its maker
-        finds the claim at expiry and charges nothing, `_expire_claimed`). Returns the
-        ledger's event when another claimant settled it meanwhile; True when the maker's saved hold was restored into this engine (settle it
-        by its id, as if it were ours), False when none was saved (the maker did not
-        flush it before the call, or died first): the caller meters without a hold.
-        Raises UNAVAILABLE when another claimant is settling it right now (its
-        event is not in the ledger yet): a retry with the same ids is answered from
-        the ledger. A claim older than CLAIM_STALE_SECONDS whose event never came
-        (its claimant died) is taken over. `need_hold`: claim only when a saved hold
-        exists (a Release has nothing to settle without one)."""
+    async def _adopt(self, rid: str) -> bool:
+        """Scale-out: reservation `rid` was not made by this process and the ledger
+        has not settled it. When its maker saved the hold (holds table), restore it
+        into this engine -> True: settle it by its id, as if it were ours. Its
+        settling event claims the reservation in the writer's transaction
+        (LedgerEvent.claim): if another event settled it first, nothing is written
+        and the caller gets that event (`_lost_claim`); the maker's own copy, when it
+        expires or is recorded there, loses the same way and charges nothing."""
         hold = await self.store.get_hold(self.tenant_id, rid)
-        if hold is None and need_hold:
-            return False
-        stale = _now_ms() - int(CLAIM_STALE_SECONDS * 1000)
-        won = await self.store.claim_holds(self.tenant_id, [rid], self.leases.holder_id,
-                                           stale_before_ms=stale)
-        if rid not in won:
-            first = await self._settled_in_ledger(rid)
-            if first is not None:
-                return first
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "RESERVATION_SETTLING",
-                               f"reservation {rid!r} is being settled by another "
-                               "process; retry with the same event_id")
         if hold is None:
             return False
         if self._restore_hold_records([hold["hold"]]) != 1:
-            return False  # unreadable (logged): metered without it
+            return False  # unreadable (logged), or restored meanwhile
         if hold.get("meta"):
             self._hold_meta[rid] = tuple(hold["meta"])
         return True
+
+    async def _lost_claim(self, ev: LedgerEvent, s, winner: str):
+        """Scale-out: the writer refused `ev` because event `winner` settled its
+        reservation first (on another process). Undo this engine's count of it, and
+        answer with the winner (committed: its claim and its event are one
+        transaction), duplicate=True."""
+        self._compensate(s, f"was settled first by event {winner!r} (another process)")
+        if self._events.get(ev.event_id) is ev:
+            self._events.pop(ev.event_id, None)
+        if self._by_reservation.get(ev.reservation_id) is ev:
+            self._by_reservation.pop(ev.reservation_id, None)
+        first = await self.store.get_event(self.tenant_id, winner)
+        if first is None:  # cannot happen (claim and event commit together)
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "RESERVATION_SETTLING",
+                               f"reservation {ev.reservation_id!r} was settled by event "
+                               f"{winner!r}, not readable yet; retry")
+        self._remember(first)
+        return first
 
     def _settle(self, req, field: str, reservation_id: str, owners, labels, usage):
         """engine.record for a Record; errors name the request's field."""
@@ -695,6 +692,9 @@ class TenantRuntime:
             raise
         except Exception as exc:
             raise self._not_committed(ev, exc) from exc
+        if res.claimed_by:  # scale-out: another process settled the reservation first
+            first = await self._lost_claim(ev, s, res.claimed_by)
+            return convert.record_response(first, True, self._statuses(first.budget_ids))
         return self._committed(res, s)
 
     async def _commit_many(self, events: list, settled: list, slots: list[int],
@@ -711,12 +711,22 @@ class TenantRuntime:
             return [(i, self._not_committed(ev, exc))
                     for i, ev in zip(slots, events)]
         failures = []
+        lost = []
         committed = self._committed
         for i, ev, s, res in zip(slots, events, settled, results):
             if isinstance(res, BaseException):
                 failures.append((i, self._not_committed(ev, res)))
+            elif res.claimed_by:  # scale-out: settled first by another process
+                lost.append((i, ev, s, res.claimed_by))
             else:
                 out[i] = committed(res, s)
+        for i, ev, s, winner in lost:
+            try:
+                first = await self._lost_claim(ev, s, winner)
+                out[i] = convert.record_response(first, True,
+                                                 self._statuses(first.budget_ids))
+            except Exception as exc:
+                failures.append((i, exc))
         return failures
 
     def _not_committed(self, ev: LedgerEvent, exc: BaseException) -> ServiceError:
@@ -748,8 +758,11 @@ class TenantRuntime:
         """The first result of an already settled event, duplicate=True."""
         if not ev.seq:  # not acknowledged yet: make sure it is committed, then answer
             res = await self.writer.write(ev)
-            ev = res.event
-            self._remember(ev)
+            if res.claimed_by:  # scale-out: another process settled it first
+                ev = await self._lost_claim(ev, None, res.claimed_by)
+            else:
+                ev = res.event
+                self._remember(ev)
         return convert.record_response(ev, True, self._statuses(ev.budget_ids))
 
     async def _settled_in_ledger(self, rid: str):
@@ -778,6 +791,8 @@ class TenantRuntime:
                 self._hold_deletes.add(rid)  # (else never written: nothing to delete)
 
     def _compensate(self, s, why: str = "settled an event_id already in the ledger") -> None:
+        if s is None:  # replayed from memory: the engine's count was undone already
+            return
         cost = s.cost_nanos
         if not cost or not s.budget_ids:
             return
@@ -799,6 +814,15 @@ class TenantRuntime:
 
     def _event_from_settlement(self, s, event_id: str, kind: str, req=None,
                                owners=None, labels=None, revenue: int = 0) -> LedgerEvent:
+        ev = self._event_fields(s, event_id, kind, req, owners, labels, revenue)
+        if self.leases is not None:
+            # Scale-out: several processes may settle one reservation (a Record
+            # retried elsewhere, an expiry): the writer keeps the first (`_adopt`).
+            ev.claim = True
+        return ev
+
+    def _event_fields(self, s, event_id: str, kind: str, req, owners, labels,
+                      revenue: int) -> LedgerEvent:
         o = owners if owners is not None else s.owners
         if not isinstance(o, tuple):
             o = convert.owners_from_mapping(o or {})
@@ -867,14 +891,16 @@ class TenantRuntime:
                 known = await self._settled_in_ledger(reservation_id)
                 if known is None:
                     s = await self._release_adopted(reservation_id, exc)
-                    known = s if isinstance(s, LedgerEvent) else None
             if known is None:
                 self._hold_privacy.pop(reservation_id, None)
                 ev = self._event_from_settlement(s, reservation_id, "released")
                 self._remember(ev)
                 res = await self.writer.write(ev)
-                self._remember(res.event)
-                return res.event.event_id, self._statuses(s.budget_ids)
+                if not res.claimed_by:
+                    self._remember(res.event)
+                    return res.event.event_id, self._statuses(s.budget_ids)
+                # Scale-out: another process settled it first: that event answers.
+                known = await self._lost_claim(ev, s, res.claimed_by)
         if known.kind != "released":
             raise Conflict(f"reservation {reservation_id!r} was already settled by "
                            f"event {known.event_id!r} ({known.kind})")
@@ -884,15 +910,11 @@ class TenantRuntime:
 
     async def _release_adopted(self, rid: str, exc: Exception):
         """Scale-out: Release of a hold another process made and saved (`_adopt`):
-        the engine's Settlement, or the ledger's event when another claimant settled
-        it meanwhile. Anything else re-raises `exc`."""
+        the engine's Settlement. Anything else re-raises `exc`."""
         if (self.leases is None or not isinstance(exc, NotFound) or self._issued_here(rid)
                 or rid in self._expiring):
             raise exc
-        adopted = await self._adopt(rid, need_hold=True)
-        if isinstance(adopted, LedgerEvent):
-            return adopted
-        if not adopted:
+        if not await self._adopt(rid):
             raise exc
         return self.engine.release(rid)
 
@@ -907,7 +929,7 @@ class TenantRuntime:
                 continue
             if self.leases is not None:
                 # Scale-out: another process may have settled this hold (a Record
-                # retried there, `_adopt`); the store's claim decides, at the next
+                # retried there, `_adopt`): the writer's claim decides, at the next
                 # flush (`_expire_claimed`).
                 self._expiring[s.reservation_id] = s
                 continue
@@ -921,30 +943,35 @@ class TenantRuntime:
         self.writer.write_behind(ev)
 
     async def _expire_claimed(self) -> None:
-        """Scale-out: claim the settlement of the holds that expired here (one store
-        statement). Claimed: the EXPIRED event is written behind. Claimed before by
-        another process: it settled the hold (its event is in the ledger), so the
-        estimate the engine committed at expiry is taken back and nothing is written.
-        On a store error they stay pending (the engine counted them: conservative)."""
+        """Scale-out: write the EXPIRED events of the holds that expired here, each
+        claiming its reservation (LedgerEvent.claim), awaited together. One that
+        another process settled first (a Record retried there) is not written: the
+        estimate the engine committed at expiry is taken back. On a store error they
+        stay pending, retried at the next flush (the engine counted them:
+        conservative)."""
         pending, self._expiring = self._expiring, {}
         if not pending:
             return
+        events = [self._event_from_settlement(s, rid, "expired")
+                  for rid, s in pending.items()]
         try:
-            won = await self.store.claim_holds(self.tenant_id, list(pending),
-                                               self.leases.holder_id)
+            results = await self.writer.write_many(events, return_exceptions=True)
         except BaseException:
             for rid, s in pending.items():
                 self._expiring.setdefault(rid, s)
             raise
-        for rid, s in pending.items():
-            if rid in won:
-                self._write_expired(s)
-                continue
-            self._hold_privacy.pop(rid, None)
-            self._hold_meta.pop(rid, None)
-            if self._hold_upserts.pop(rid, None) is None:
-                self._hold_deletes.add(rid)
-            self._compensate(s, "was settled by another process before it expired here")
+        failed = None
+        for (rid, s), ev, res in zip(pending.items(), events, results):
+            self._hold_privacy.pop(rid, None)  # content dies with the hold
+            if isinstance(res, BaseException):
+                self._expiring.setdefault(rid, s)
+                failed = res
+            elif res.claimed_by:
+                await self._lost_claim(ev, s, res.claimed_by)
+            else:
+                self._remember(res.event)
+        if failed is not None:
+            raise failed
 
     def _restore_hold_records(self, records: list) -> int:
         try:

@@ -202,15 +202,18 @@ def test_release_on_another_process(ledger_url):
         rel = await p.meters[1].Release(meter_pb2.ReleaseRequest(reservation_id=rid),
                                         metadata=p.md)
         assert rel.event_id == rid
-        # A Record afterwards on B: the release is the first result, no charge. (On
-        # A, the maker, a Record with a NEW event id would settle A's copy of the hold
-        # a second time: the documented limit of adoption, see runtime._adopt.)
-        for i in (1,):
+        # A Record afterwards, on either (on A, the maker, with A's copy of the hold
+        # still open there): the release is the first result, no charge.
+        for i in (1, 0):
             r = await p.record(i, rid, event_id="after")
             assert r.duplicate and r.event_id == rid and _nanos(r.cost) == 0
         evs = await p.ledger(rid)
         assert [e.kind for e in evs] == ["released"]
         assert sum((await p.stores[0].budget_totals(p.tenant)).values()) == 0
+        rt_a = p.servers[0].runtime.tenants[p.tenant]
+        assert rt_a.engine.open_holds() == 0  # A's copy is settled, and not charged
+        team = [st for st in rt_a.engine.budget_status() if st.budget_id == "team"][0]
+        assert team.committed_nanos == 0 and team.held_nanos == 0
     _run(ledger_url, body)
 
 
@@ -243,26 +246,62 @@ def test_record_before_the_maker_saved_its_hold_is_metered_once(ledger_url):
     _run(ledger_url, body)
 
 
-def test_claims_are_exclusive_and_stale_ones_taken_over(ledger_url):
-    async def go():
-        from p402_server.store import open_store
 
-        s1, s2 = await open_store(ledger_url), await open_store(ledger_url)
+
+def test_writer_keeps_one_settling_event_per_reservation(ledger_url):
+    """The claim in the writer's transaction (LedgerEvent.claim): two writers on one
+    ledger settle the same reservations with different event ids at the same time:
+    exactly one event per reservation is written, the other is told which won; a
+    retry of the winner's event_id is a plain duplicate; events without the claim
+    flag are untouched by it."""
+    async def go():
+        from p402_server.store import LedgerEvent, open_store
+        from p402_server.store.writer import GroupCommitWriter
+
+        stores = [await open_store(ledger_url) for _ in range(2)]
+        writers = [GroupCommitWriter(st) for st in stores]
+        for w in writers:
+            await w.start()
         try:
-            t = await s1.create_tenant("claims")
-            got = await asyncio.gather(s1.claim_holds(t, ["r1", "r2"], "a"),
-                                       s2.claim_holds(t, ["r2", "r3"], "b"))
-            assert got[0] | got[1] == {"r1", "r2", "r3"}
-            assert not (got[0] & got[1])  # r2 claimed exactly once
-            assert await s2.claim_holds(t, ["r1"], "b") == set()
-            # Old enough: taken over, once.
-            import time
-            future = time.time_ns() // 1_000_000 + 10_000
-            assert await s2.claim_holds(t, ["r1"], "b", stale_before_ms=future) == {"r1"}
-            assert await s1.claim_holds(t, ["r1"], "a") == set()
-            assert await s1.prune_hold_claims(future) == 3
-            assert await s1.claim_holds(t, ["r1"], "a") == {"r1"}
+            t = await stores[0].create_tenant("claims")
+
+            def ev(eid, rid, cost, claim=True):
+                e = LedgerEvent(t, eid, reservation_id=rid, cost_nanos=cost,
+                                customer="c", budget_charges=(("b", 0),))
+                e.claim = claim
+                return e
+            n = 60
+            res = await asyncio.gather(
+                writers[0].write_many([ev(f"a{i}", f"r{i}", 10) for i in range(n)]),
+                writers[1].write_many([ev(f"b{i}", f"r{i}", 1000) for i in range(n)]))
+            for i in range(n):
+                ra, rb = res[0][i], res[1][i]
+                assert bool(ra.claimed_by) != bool(rb.claimed_by)  # exactly one lost
+                winner, loser = (ra, rb) if rb.claimed_by else (rb, ra)
+                assert loser.claimed_by == winner.event.event_id and loser.seq == 0
+                assert winner.seq and not winner.duplicate
+            # A retry of each reservation's first event from the other writer: a plain
+            # duplicate when it won, the winner named again when it lost.
+            for i in (0, 1, 2):
+                again = await writers[1].write(ev(f"a{i}", f"r{i}", 10))
+                if res[0][i].claimed_by:
+                    assert again.claimed_by == f"b{i}" and not again.duplicate
+                else:
+                    assert again.duplicate and again.claimed_by == ""
+                    assert again.seq == res[0][i].seq
+            events = [e async for e in stores[0].iter_events(t)]
+            assert len(events) == n and len({e.reservation_id for e in events}) == n
+            totals = await stores[0].budget_totals(t)
+            assert totals == {("b", 0): sum(e.cost_nanos for e in events)}
+            assert totals == await stores[0].recompute_budget_totals(t)
+            assert (await stores[0].verify_chain(t))[0]
+            # Without the flag (one process, leases off): both are kept, as before.
+            plain = await writers[0].write_many([ev("p1", "rp", 5, False),
+                                                 ev("p2", "rp", 5, False)])
+            assert all(r.seq and not r.claimed_by for r in plain)
         finally:
-            await s1.close()
-            await s2.close()
+            for w in writers:
+                await w.stop()
+            for st in stores:
+                await st.close()
     asyncio.run(go())

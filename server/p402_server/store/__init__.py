@@ -47,6 +47,8 @@ API (all coroutines unless noted; every call is scoped by ``tenant_id``)::
     # holds: write-behind of the engine's open reservations
     save_holds(tenant_id, upserts=[(reservation_id, expires_ms, data)], deletes=[rid])
     load_holds(tenant_id) -> [(reservation_id, expires_ms, data)]
+    get_hold(tenant_id, reservation_id) -> data | None   # one saved hold (scale-out)
+    prune_hold_claims(before_ms) -> n   # hold_claims rows older than before_ms
 
     # budgets on restart
     budget_totals(tenant_id) -> {(budget_id, period_start_ms): committed_nanos}
@@ -100,7 +102,12 @@ API (all coroutines unless noted; every call is scoped by ``tenant_id``)::
         # (if any) in the same transaction. On a duplicate (tenant_id, event_id),
         # WriteResult.event is the FIRST one (the ledger's copy) and nothing is
         # counted, chained or stored twice.
+        # event.claim = True (scale-out, leases on; not a column): the event also
+        # claims its reservation_id in hold_claims, in the same transaction; if
+        # another event_id holds that claim, nothing is written and
+        # WriteResult.claimed_by names it (seq 0, duplicate False).
     writer.write_behind(event)        # no wait; retried on failure, never dropped silently
+    # (a write-behind event that loses its claim is dropped: no caller to tell)
     await writer.flush()              # everything enqueued before the call is settled
     await writer.stop()               # flush + end; idempotent; later writes raise
     writer.stats -> WriterStats(transactions, failed_transactions, events,

@@ -508,62 +508,10 @@ class Store:
             ).scalar()
         return None if data is None else json.loads(data)
 
-    async def claim_holds(
-        self,
-        tenant_id: str,
-        reservation_ids: Iterable[str],
-        holder_id: str = "",
-        stale_before_ms: int | None = None,
-    ) -> set[str]:
-        """Claim the settlement of reservations (scale-out: several processes on one
-        ledger; migration 0005). Returns the ids THIS call claimed (a row inserted into
-        hold_claims); an id claimed before is not returned: its settlement belongs to
-        that claimant. With ``stale_before_ms``, a claim made before it is taken over
-        (its claimant died before committing the settling event). The saved hold is
-        left in place: the settling event's commit deletes it (runtime.flush_holds), so
-        a claimant that dies first leaves it for the takeover. One statement per 500
-        ids."""
-        ids = sorted({r for r in reservation_ids if r})
-        if not ids:
-            return set()
-        c = S.hold_claims
-        now = time.time_ns() // 1_000_000
-        won: set[str] = set()
-        async with self.engine.begin() as conn:
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                rows = (
-                    await conn.execute(
-                        self._insert(c)
-                        .values([
-                            {"tenant_id": tenant_id, "reservation_id": rid,
-                             "claimed_ms": now, "holder_id": holder_id}
-                            for rid in chunk
-                        ])
-                        .on_conflict_do_nothing()
-                        .returning(c.c.reservation_id)
-                    )
-                ).all()
-                won.update(r[0] for r in rows)
-            lost = [rid for rid in ids if rid not in won]
-            if lost and stale_before_ms is not None:
-                for i in range(0, len(lost), 500):
-                    rows = (
-                        await conn.execute(
-                            c.update()
-                            .where(c.c.tenant_id == tenant_id,
-                                   c.c.reservation_id.in_(lost[i : i + 500]),
-                                   c.c.claimed_ms < int(stale_before_ms))
-                            .values(claimed_ms=now, holder_id=holder_id)
-                            .returning(c.c.reservation_id)
-                        )
-                    ).all()
-                    won.update(r[0] for r in rows)
-        return won
-
     async def prune_hold_claims(self, before_ms: int) -> int:
-        """Delete claims made before ``before_ms`` (their settlements are long in the
-        ledger, where a later Record finds them first)."""
+        """Delete settlement claims (hold_claims, written by the group-commit writer)
+        made before ``before_ms``: their events are long in the ledger, where a later
+        Record or Release finds them first."""
         c = S.hold_claims
         async with self.engine.begin() as conn:
             res = await conn.execute(c.delete().where(c.c.claimed_ms < int(before_ms)))

@@ -153,6 +153,10 @@ class LedgerEvent:
     prompt_fingerprint: str | None = None
     response_fingerprint: str | None = None
     contents: tuple[Content, ...] = field(default=(), repr=False, compare=False)
+    # Not a column: with leases on (several processes), the writer claims the
+    # settlement of ``reservation_id`` for this event_id in the event's transaction
+    # (hold_claims); another event_id's claim wins over it (WriteResult.claimed_by).
+    claim: bool = field(default=False, repr=False, compare=False)
 
     @property
     def owners(self) -> dict[str, str]:
@@ -163,7 +167,7 @@ class LedgerEvent:
         """JSON-ready dict of every field (tuples become lists)."""
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name == "contents":  # never: content stays out of logs and exports
+            if f.name == "contents" or f.name == "claim":  # content: never; claim: no column
                 continue
             value = getattr(self, f.name)
             if f.name == "labels":
@@ -589,6 +593,9 @@ class WriteResult(NamedTuple):
     event: LedgerEvent
     seq: int
     duplicate: bool
+    # Leases on (LedgerEvent.claim): the reservation was settled by ANOTHER event,
+    # this event_id; nothing was written (event is the one submitted, seq 0).
+    claimed_by: str = ""
 
 
 __all__ = [

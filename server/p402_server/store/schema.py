@@ -285,16 +285,16 @@ budget_leases = sa.Table(
     sa.Index(None, "tenant_id", "expires_ms"),
 )
 
-# Migration 0005 (issue 7, scale-out): one row per reservation whose settlement was
-# claimed (an expiry, or a Record/Release of a hold another process made); the
-# primary key makes the claim atomic (store/engine.py `claim_holds`).
+# Migration 0005 (issue 7, scale-out): with leases on, the one event that settles a
+# reservation (written by the group-commit writer in that event's transaction; a
+# settling event with another event_id is refused: store/writer.py).
 hold_claims = sa.Table(
     "hold_claims",
     metadata,
     sa.Column("tenant_id", sa.String(), primary_key=True),
     sa.Column("reservation_id", sa.String(), primary_key=True),
+    sa.Column("event_id", sa.String(), nullable=False),
     sa.Column("claimed_ms", sa.BigInteger(), nullable=False),
-    sa.Column("holder_id", sa.String(), nullable=False, server_default=""),
     sa.Index(None, "claimed_ms"),
 )
 

@@ -470,7 +470,8 @@ class GroupCommitWriter:
         if batch.error is not None:
             raise batch.error
         unique, slot = batch.unique, batch.slot
-        seqs, existing, links = await self._ops.write_batch(unique, batch.values, batch.canon)
+        seqs, existing, links, lost = await self._ops.write_batch(
+            unique, batch.values, batch.canon)
 
         inserted = 0
         for ev in unique:
@@ -487,6 +488,9 @@ class GroupCommitWriter:
         seen: set[int] = set()
         for idx in slot:
             ev = unique[idx]
+            if lost and idx in lost:  # another event settled its reservation
+                out.append(WriteResult(ev, 0, False, lost[idx]))
+                continue
             ledger = existing.get((ev.tenant_id, ev.event_id)) if existing else None
             if ledger is not None:  # already in the table before this batch
                 out.append(WriteResult(ledger, ledger.seq, True))
@@ -616,6 +620,30 @@ def _split(
     return inserted, inserted_values, missing
 
 
+# Settlement claims (LedgerEvent.claim; leases on): index in `unique` -> the event_id
+# that holds the claim on its reservation instead of it.
+Lost = dict[int, str]
+
+_CLAIM_COLUMNS = ("tenant_id", "reservation_id", "event_id", "claimed_ms")
+
+
+def _claimers(unique: list[LedgerEvent]) -> list[int]:
+    """Indices of the events that claim their reservation's settlement."""
+    return [i for i, ev in enumerate(unique) if ev.claim and ev.reservation_id]
+
+
+def _lost_claims(unique: list[LedgerEvent], claimers: list[int], winners: dict) -> Lost:
+    """Which claimers lost: the claim row of their reservation names another event
+    (`winners`: (tenant_id, reservation_id) -> event_id, read after the inserts)."""
+    lost: Lost = {}
+    for i in claimers:
+        ev = unique[i]
+        won_by = winners.get((ev.tenant_id, ev.reservation_id), ev.event_id)
+        if won_by != ev.event_id:
+            lost[i] = won_by
+    return lost
+
+
 def _existing_stmt(keys: list[tuple[str, str]]):
     ev = S.events
     return sa.select(ev).where(sa.tuple_(ev.c.tenant_id, ev.c.event_id).in_(keys))
@@ -632,6 +660,10 @@ class _SqliteSQL:
             f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) "
             f"VALUES ({', '.join('?' * len(EVENT_COLUMNS))}) "
             "ON CONFLICT (tenant_id, event_id) DO NOTHING"
+        )
+        self.claim = (
+            f"INSERT INTO hold_claims ({', '.join(_CLAIM_COLUMNS)}) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (tenant_id, reservation_id) DO NOTHING"
         )
         self.max_seq = "SELECT coalesce(max(seq), 0) FROM events"
         self.undo = "DELETE FROM events WHERE seq > ?"
@@ -728,8 +760,26 @@ class _SqliteThreadOps:
 
     async def write_batch(
         self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes]
-    ) -> tuple[Seqs, Existing, Links]:
+    ) -> tuple[Seqs, Existing, Links, Lost]:
         return await self._run(self._write_sync, unique, values, canon)
+
+    def _claims_sync(self, conn, unique: list[LedgerEvent], now_ms: int) -> Lost:
+        claimers = _claimers(unique)
+        if not claimers:
+            return {}
+        conn.exec_driver_sql(self._sql.claim, [
+            (unique[i].tenant_id, unique[i].reservation_id, unique[i].event_id, now_ms)
+            for i in claimers])
+        winners: dict = {}
+        keys = sorted({(unique[i].tenant_id, unique[i].reservation_id) for i in claimers})
+        for k in range(0, len(keys), 400):
+            chunk = keys[k : k + 400]
+            where = " OR ".join(["(tenant_id = ? AND reservation_id = ?)"] * len(chunk))
+            rows = conn.exec_driver_sql(
+                f"SELECT tenant_id, reservation_id, event_id FROM hold_claims WHERE {where}",
+                tuple(x for key in chunk for x in key)).all()
+            winners.update({(t, r): e for t, r, e in rows})
+        return _lost_claims(unique, claimers, winners)
 
     def _heads_for(self, conn, unique: list[LedgerEvent]) -> Heads:
         heads = self._heads
@@ -741,7 +791,7 @@ class _SqliteThreadOps:
 
     def _write_sync(
         self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes]
-    ) -> tuple[Seqs, Existing, Links]:
+    ) -> tuple[Seqs, Existing, Links, Lost]:
         conn = self._conn
         assert conn is not None
         sql = self._sql
@@ -751,15 +801,18 @@ class _SqliteThreadOps:
             if before != self._last_seq:  # another writer committed: heads may be stale
                 self._heads.clear()
             heads = self._heads_for(conn, unique)
-            rows, links, new_heads = _chain(unique, values, canon, heads)
-            count = self.insert_events(conn, rows)
-            inserted, inserted_rows = unique, rows
+            lost = self._claims_sync(conn, unique, time.time_ns() // 1_000_000)
+            keep = [i for i in range(len(unique)) if i not in lost] if lost else None
+            rows, links, new_heads = _chain(unique, values, canon, heads, keep)
+            count = self.insert_events(conn, rows) if rows else 0
+            inserted = unique if keep is None else [unique[i] for i in keep]
+            inserted_rows = rows
             if count != len(rows):
                 # Some were already in the ledger: undo, and chain only the new ones.
                 conn.exec_driver_sql(sql.undo, (before,))
                 keys = [(ev.tenant_id, ev.event_id) for ev in unique]
                 existing = _select_existing_sync(conn, keys, check=False)
-                keep = [i for i, k in enumerate(keys) if k not in existing]
+                keep = [i for i, k in enumerate(keys) if k not in existing and i not in lost]
                 rows, links, new_heads = _chain(unique, values, canon, heads, keep)
                 inserted = [unique[i] for i in keep]
                 inserted_rows = rows
@@ -786,7 +839,7 @@ class _SqliteThreadOps:
         # Committed: only now do the cached heads move.
         self._heads.update(new_heads)
         self._last_seq = after
-        return seqs, existing, links
+        return seqs, existing, links, lost
 
     def insert_events(self, conn, rows: list[tuple]) -> int:
         """Insert what is new; returns how many rows were inserted."""
@@ -824,6 +877,9 @@ class _CoreOps:
             .on_conflict_do_nothing(index_elements=[ev.c.tenant_id, ev.c.event_id])
             .returning(ev.c.tenant_id, ev.c.event_id, ev.c.seq)
         )
+        hc = S.hold_claims
+        self._claim = insert(hc).on_conflict_do_nothing(
+            index_elements=[hc.c.tenant_id, hc.c.reservation_id])
         self._lock = sa.text("SELECT pg_advisory_xact_lock(hashtext(:t))")
         self._head = sa.text(_HEAD_SQL.format(p=":t"))
         ru = S.rollups_hourly
@@ -861,8 +917,9 @@ class _CoreOps:
 
     async def write_batch(
         self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes]
-    ) -> tuple[Seqs, Existing, Links]:
+    ) -> tuple[Seqs, Existing, Links, Lost]:
         existing: Existing = {}
+        lost: Lost = {}
         tenants = sorted({ev.tenant_id for ev in unique})
         async with self._engine.begin() as conn:
             heads: Heads = {}
@@ -874,7 +931,9 @@ class _CoreOps:
             for i in range(0, len(keys), 500):
                 rows = (await conn.execute(_existing_stmt(keys[i : i + 500]))).mappings()
                 existing.update(_by_key(rows))
-            keep = [i for i, k in enumerate(keys) if k not in existing] if existing else None
+            lost = await self._claims(conn, unique)
+            keep = ([i for i, k in enumerate(keys) if k not in existing and i not in lost]
+                    if existing or lost else None)
             rows, links, _ = _chain(unique, values, canon, heads, keep)
             inserted = unique if keep is None else [unique[i] for i in keep]
             seqs = await self.insert_events(conn, rows) if rows else {}
@@ -893,7 +952,25 @@ class _CoreOps:
                 if contents:
                     await conn.execute(
                         self._contents, [dict(zip(CONTENT_COLUMNS, r)) for r in contents])
-        return seqs, existing, links
+        return seqs, existing, links, lost
+
+    async def _claims(self, conn, unique: list[LedgerEvent]) -> Lost:
+        claimers = _claimers(unique)
+        if not claimers:
+            return {}
+        now = time.time_ns() // 1_000_000
+        await conn.execute(self._claim, [
+            dict(zip(_CLAIM_COLUMNS, (unique[i].tenant_id, unique[i].reservation_id,
+                                      unique[i].event_id, now))) for i in claimers])
+        hc = S.hold_claims
+        winners: dict = {}
+        keys = sorted({(unique[i].tenant_id, unique[i].reservation_id) for i in claimers})
+        for k in range(0, len(keys), 400):
+            rows = await conn.execute(
+                sa.select(hc.c.tenant_id, hc.c.reservation_id, hc.c.event_id).where(
+                    sa.tuple_(hc.c.tenant_id, hc.c.reservation_id).in_(keys[k : k + 400])))
+            winners.update({(t, r): e for t, r, e in rows})
+        return _lost_claims(unique, claimers, winners)
 
     async def insert_events(self, conn, rows: list[tuple]) -> Seqs:
         result = await conn.execute(self._insert, [dict(zip(EVENT_COLUMNS, v)) for v in rows])

@@ -1,12 +1,11 @@
 """Hold claims (issue 7, scale-out): who settles a reservation when several processes
 share one ledger.
 
-One row per reservation whose settlement was claimed: by the process that expires
-it, or by a process that settles a reservation another process made (a gateway that
-retried its Record elsewhere). The primary key makes the claim atomic: the INSERT
-that inserts the row owns the settlement; any other claimant finds it there and
-leaves the settlement to the owner. runtime.py and store/engine.py (`claim_holds`)
-own every statement; old rows are pruned by `prune_hold_claims`.
+One row per reservation settled with leases on: the event_id of the one event
+that settles it. The group-commit writer inserts it in the same transaction as the
+event (store/writer.py, events with ``claim`` set); a second settling event with
+another event_id finds the row and is not written (its writer reports who won).
+Old rows are pruned by ``Store.prune_hold_claims``.
 
 Revision ID: 0005
 Revises: 0004
@@ -28,8 +27,8 @@ def upgrade() -> None:
         "hold_claims",
         sa.Column("tenant_id", sa.String(), nullable=False),
         sa.Column("reservation_id", sa.String(), nullable=False),
+        sa.Column("event_id", sa.String(), nullable=False),
         sa.Column("claimed_ms", sa.BigInteger(), nullable=False),
-        sa.Column("holder_id", sa.String(), nullable=False, server_default=""),
         sa.PrimaryKeyConstraint("tenant_id", "reservation_id"),
     )
     op.create_index("ix_hold_claims_claimed_ms", "hold_claims", ["claimed_ms"])
