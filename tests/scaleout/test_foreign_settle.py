@@ -305,3 +305,29 @@ def test_writer_keeps_one_settling_event_per_reservation(ledger_url):
             for st in stores:
                 await st.close()
     asyncio.run(go())
+
+
+def test_two_claims_in_one_batch_keep_the_first(ledger_url):
+    async def go():
+        from p402_server.store import LedgerEvent, open_store
+        from p402_server.store.writer import GroupCommitWriter
+
+        store = await open_store(ledger_url)
+        writer = GroupCommitWriter(store)
+        await writer.start()
+        try:
+            t = await store.create_tenant("batch")
+            evs = []
+            for eid in ("x1", "x2"):
+                e = LedgerEvent(t, eid, reservation_id="same", cost_nanos=7, customer="c",
+                                budget_charges=(("b", 0),))
+                e.claim = True
+                evs.append(e)
+            first, second = await writer.write_many(evs)
+            assert first.seq and not first.claimed_by
+            assert second.claimed_by == "x1" and second.seq == 0
+            assert await store.budget_totals(t) == {("b", 0): 7}
+        finally:
+            await writer.stop()
+            await store.close()
+    asyncio.run(go())

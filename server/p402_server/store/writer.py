@@ -767,9 +767,11 @@ class _SqliteThreadOps:
         claimers = _claimers(unique)
         if not claimers:
             return {}
-        conn.exec_driver_sql(self._sql.claim, [
+        inserted = conn.exec_driver_sql(self._sql.claim, [
             (unique[i].tenant_id, unique[i].reservation_id, unique[i].event_id, now_ms)
-            for i in claimers])
+            for i in claimers]).rowcount
+        if inserted == len(claimers):  # every claim is new (the common case)
+            return {}
         winners: dict = {}
         keys = sorted({(unique[i].tenant_id, unique[i].reservation_id) for i in claimers})
         for k in range(0, len(keys), 400):
@@ -879,7 +881,8 @@ class _CoreOps:
         )
         hc = S.hold_claims
         self._claim = insert(hc).on_conflict_do_nothing(
-            index_elements=[hc.c.tenant_id, hc.c.reservation_id])
+            index_elements=[hc.c.tenant_id, hc.c.reservation_id]
+        ).returning(hc.c.tenant_id, hc.c.reservation_id)
         self._lock = sa.text("SELECT pg_advisory_xact_lock(hashtext(:t))")
         self._head = sa.text(_HEAD_SQL.format(p=":t"))
         ru = S.rollups_hourly
@@ -959,12 +962,18 @@ class _CoreOps:
         if not claimers:
             return {}
         now = time.time_ns() // 1_000_000
-        await conn.execute(self._claim, [
+        new = {tuple(r) for r in await conn.execute(self._claim, [
             dict(zip(_CLAIM_COLUMNS, (unique[i].tenant_id, unique[i].reservation_id,
-                                      unique[i].event_id, now))) for i in claimers])
+                                      unique[i].event_id, now))) for i in claimers])}
+        claimed = [(unique[i].tenant_id, unique[i].reservation_id) for i in claimers]
+        # Look up who won where a claim was not inserted, and where two events of
+        # this batch claimed one reservation (one of them inserted it).
+        keys = sorted(set(claimed) - new if len(set(claimed)) == len(claimed)
+                      else set(claimed))
+        if not keys:  # every claim is new (the common case)
+            return {}
         hc = S.hold_claims
         winners: dict = {}
-        keys = sorted({(unique[i].tenant_id, unique[i].reservation_id) for i in claimers})
         for k in range(0, len(keys), 400):
             rows = await conn.execute(
                 sa.select(hc.c.tenant_id, hc.c.reservation_id, hc.c.event_id).where(
