@@ -106,8 +106,8 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # A Record named a reservation this server does not hold and the ledger never
 # settled: metered without a hold (see TenantRuntime.record).
 RESERVATION_UNKNOWN = "reservation.unknown"
-# Scale-out: a Record or Release settled here a hold another process made (its saved
-# hold, claimed in the store: TenantRuntime._adopt).
+# Scale-out: a Record settled here a hold another process made (its saved hold,
+# restored here: TenantRuntime._adopt).
 RESERVATION_ADOPTED = "reservation.adopted"
 
 # Reservation-id prefixes of the engines this process built: an id carrying one was
@@ -209,8 +209,9 @@ class TenantRuntime:
         self.privacy = _privacy.TenantPrivacy(tenant_id, settings, core)
         self.privacy.set_rules(rules)
         self._hold_privacy: dict[str, tuple] = {}
-        # Scale-out: holds expired here whose settlement is still to be claimed in the
-        # store (reservation id -> the engine's Settlement; `_expire_claimed`).
+        # Scale-out: holds expired here whose EXPIRED event (which claims the
+        # reservation) is still to be written (reservation id -> the engine's
+        # Settlement; `_expire_claimed`).
         self._expiring: dict[str, object] = {}
         # Scale-out (issue 7; leases.py): the process's LeaseManager when leasing is
         # on (Runtime._build attaches it), else None: the engine owns whole budgets.
