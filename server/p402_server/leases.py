@@ -44,8 +44,9 @@ Model (DESIGN §6 "Scale-out"; REFERENCES "Distributed budgets")
   spent request by request, one store round trip each, and an Authorize awaits
   the store only then. A lease whose engine spent nothing for
   `idle_return_seconds` looks at the store (one read); near the limit (the store
-  cannot give every holder a full slice any more) it gives its unused part back (`LeaseStore.shrink`; the lease goes on) and takes no more slices until
-  a DENY there takes exactly again: the last nanos go to whoever spends them.
+  cannot give every holder a full slice any more) it gives its unused part back
+  (`LeaseStore.shrink`; the lease goes on) and takes no more slices until a DENY
+  there takes exactly again: the last nanos go to whoever spends them.
   Until then a process can deny while a peer holds unused headroom; it never
   allows past the limit.
 - Epochs and expiry: a lease row carries the allocation's epoch when it was
@@ -131,8 +132,8 @@ class LeaseConfig:
     interval_seconds: float = 0.05
     # Largest slice, as a fraction (1/N) of the limit: limit // max_slice_divisor.
     max_slice_divisor: int = 20
-    # Near a limit (slices have shrunk), a lease unused for this long gives its
-    # unused part back, so a busier peer can take it (take_exact).
+    # A lease unused for this long, near a limit (the store cannot give every holder
+    # a full slice), gives its unused part back, so a busier peer can take it.
     idle_return_seconds: float = 1.0
 
     def __post_init__(self) -> None:
