@@ -199,8 +199,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             raise InvalidArgument(f"data.{exc.field}", exc.message) from None
         specs = {m: imported.lookup(m).to_dict() for m in imported.models()}
         async with rt.admin_lock:
-            for model, spec in specs.items():
-                await self.store.put_price(key.tenant_id, model, spec)
+            # One transaction, one config version: peers never reload half an import.
+            await self.store.put_prices(key.tenant_id, specs)
             merged = dict(rt.price_specs)
             merged.update(specs)
             rt.swap_prices(merged)

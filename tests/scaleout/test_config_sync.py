@@ -86,6 +86,16 @@ async def test_every_config_write_bumps_the_tenant_config_version(db_url):
         await bumped(store.put_policy(t, "r", {"rule_id": "r", "effect": "DENY"}))
         await bumped(store.put_price(t, "m", {"model": "m", "input_pico": 1}))
         await bumped(store.put_settings(t, {"hold_ttl_seconds": 60}))
+        # An import: many prices, one transaction, one version.
+        await bumped(store.put_prices(t, {f"m{i}": {"model": f"m{i}", "input_pico": i}
+                                          for i in range(50)}))
+        assert len(await store.list_prices(t)) == 51
+        await bumped(store.put_prices(t, {}), by=0)  # nothing to write: no bump
+        with pytest.raises(ValueError):
+            await bumped(store.put_prices(t, {"ok": {"model": "ok"}, "": {}}), by=0)
+        assert "ok" not in await store.list_prices(t)  # all or nothing
+        for i in range(50):
+            assert await bumped(store.delete_price(t, f"m{i}")) is True
         assert await bumped(store.delete_budget(t, "b")) is True
         assert await bumped(store.delete_policy(t, "r")) is True
         assert await bumped(store.delete_price(t, "m")) is True

@@ -358,6 +358,11 @@ class Store:
     async def put_price(self, tenant_id: str, model: str, spec: Mapping[str, Any]) -> None:
         await self._put_spec(S.prices, "model", tenant_id, model, spec)
 
+    async def put_prices(self, tenant_id: str, specs: Mapping[str, Mapping[str, Any]]) -> None:
+        """Upsert many prices ({model: spec}) in one transaction and one config
+        version (an import: other processes never reload half of it)."""
+        await self._put_specs(S.prices, "model", tenant_id, specs)
+
     async def get_price(self, tenant_id: str, model: str) -> dict[str, Any] | None:
         return await self._get_spec(S.prices, tenant_id, model)
 
@@ -368,17 +373,25 @@ class Store:
         return await self._list_specs(S.prices, tenant_id)
 
     async def _put_spec(self, table, id_field: str, tenant_id: str, ident: str, spec) -> None:
-        if not isinstance(ident, str) or not ident:
-            raise InvalidArgument(id_field, "must be a non-empty str")
-        if not isinstance(spec, Mapping):
-            raise InvalidArgument("spec", "must be a mapping (the object's to_dict())")
-        try:
-            text = json.dumps(dict(spec), sort_keys=True)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument("spec", f"not JSON-serialisable: {exc}") from None
-        ins = self._insert(table).values(
-            tenant_id=tenant_id, id=ident, spec=text, updated_ms=self.now_ms()
-        )
+        await self._put_specs(table, id_field, tenant_id, {ident: spec})
+
+    async def _put_specs(self, table, id_field: str, tenant_id: str, specs) -> None:
+        now = self.now_ms()
+        rows = []
+        for ident, spec in specs.items():
+            if not isinstance(ident, str) or not ident:
+                raise InvalidArgument(id_field, "must be a non-empty str")
+            if not isinstance(spec, Mapping):
+                raise InvalidArgument("spec", "must be a mapping (the object's to_dict())")
+            try:
+                text = json.dumps(dict(spec), sort_keys=True)
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgument("spec", f"not JSON-serialisable: {exc}") from None
+            rows.append({"tenant_id": tenant_id, "id": ident, "spec": text,
+                         "updated_ms": now})
+        if not rows:
+            return
+        ins = self._insert(table)
         stmt = ins.on_conflict_do_update(
             index_elements=[table.c.tenant_id, table.c.id],
             set_={"spec": ins.excluded.spec, "updated_ms": ins.excluded.updated_ms},
@@ -386,7 +399,7 @@ class Store:
         async with self.engine.begin() as conn:
             if not await self._bump_config_version(conn, tenant_id):
                 raise NotFound("tenant", tenant_id)
-            await conn.execute(stmt)
+            await conn.execute(stmt, rows)
 
     async def _get_spec(self, table, tenant_id: str, ident: str) -> dict[str, Any] | None:
         async with self.engine.connect() as conn:
