@@ -20,6 +20,12 @@ ENV_PREFIX = "P402_"
 class ServerConfig:
     # Backpressure: past this many calls in flight clients get RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 1024
+    # Calls gRPC core has accepted but the server has not picked up yet (a burst):
+    # past this many it CANCELS calls (silently, for the client), so it is kept far
+    # above max_concurrent_rpcs; the server refuses the excess with
+    # RESOURCE_EXHAUSTED instead (grpc.server.max_pending_requests; its hard limit
+    # is twice this).
+    max_pending_calls: int = 20_000
     # Shutdown: how long in-flight calls may take to finish after SIGTERM.
     grace_seconds: float = 10.0
     # Auth cache: a known key is re-checked against the store at most this often

@@ -143,6 +143,12 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
+            # A burst past max_concurrent_rpcs must be refused (RESOURCE_EXHAUSTED),
+            # not cancelled by gRPC core's pending-call queue (default 1000).
+            ("grpc.server.max_pending_requests",
+             max(config.max_pending_calls, config.max_concurrent_rpcs)),
+            ("grpc.server.max_pending_requests_hard_limit",
+             2 * max(config.max_pending_calls, config.max_concurrent_rpcs)),
         ],
     )
     meter_pb2_grpc.add_MeterServiceServicer_to_server(

@@ -8,6 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from p402.v1 import meter_pb2_grpc
 
 from service_harness import (  # noqa: F401 - fixtures
     admin_pb2,
@@ -537,3 +538,30 @@ async def test_record_of_an_unknown_reservation_is_metered_not_lost(svc):
         await svc.meter.Record(meter_pb2.RecordRequest(reservation_id="r-lost-2"),
                                metadata=svc.auth)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_flood_past_the_cap_is_refused_not_dropped(tmp_path):
+    """Thousands of calls at once, far past max_concurrent_rpcs: each is served or
+    refused with RESOURCE_EXHAUSTED (retryable backpressure). None is CANCELLED by
+    gRPC core's pending-call queue (server.py sizes it above the cap)."""
+    s = await start_service(f"sqlite+aiosqlite:///{tmp_path}/p.db", max_concurrent_rpcs=64)
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") for _ in range(4)]
+    try:
+        stubs = [meter_pb2_grpc.MeterServiceStub(ch) for ch in channels]
+        req = meter_pb2.AuthorizeRequest(model=MODEL, owners=owners(customer="acme"),
+                                         input_bytes=100)
+
+        async def one(i):
+            try:
+                await stubs[i % 4].Authorize(req, metadata=s.auth, timeout=60)
+                return grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+        codes = await asyncio.gather(*(one(i) for i in range(3000)))
+        seen = {c: codes.count(c) for c in set(codes)}
+        assert set(seen) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, seen
+        assert seen.get(grpc.StatusCode.OK, 0) > 0
+    finally:
+        for ch in channels:
+            await ch.close()
+        await s.close()
