@@ -274,40 +274,39 @@ class LeaseStore:
                      nanos) -> bool:
         """Give `nanos` of this lease's unused grant back; the lease stays. False:
         fenced (the lease was reclaimed; its share is already back)."""
-        a, l = S.budget_allocations, S.budget_leases
-        async with self.engine.begin() as conn:
-            got = (await conn.execute(
-                l.update().where(l.c.tenant_id == tenant_id, l.c.budget_id == budget_id,
-                                 l.c.period_start_ms == period_start_ms,
-                                 l.c.holder_id == holder_id, l.c.epoch == epoch)
-                .values(granted_nanos=l.c.granted_nanos - nanos)
-                .returning(l.c.epoch))).first()
-            if got is None:
-                return False
-            await conn.execute(
-                a.update().where(a.c.tenant_id == tenant_id, a.c.budget_id == budget_id,
-                                 a.c.period_start_ms == period_start_ms)
-                .values(leased_nanos=a.c.leased_nanos - nanos))
-        return True
+        return await self._hand_back(tenant_id, budget_id, period_start_ms, holder_id,
+                                     epoch, nanos, 0, None)
 
     async def give_back(self, tenant_id, budget_id, period_start_ms, holder_id, epoch,
                         unused_nanos, acked_nanos, now_ms) -> None:
         """Return `unused_nanos`, report `acked_nanos`, and let the row expire now."""
+        await self._hand_back(tenant_id, budget_id, period_start_ms, holder_id, epoch,
+                              unused_nanos, acked_nanos, now_ms)
+
+    async def _hand_back(self, tenant_id, budget_id, period_start_ms, holder_id, epoch,
+                         unused_nanos, acked_nanos, expires_ms) -> bool:
+        """The lease row (epoch-fenced) gives `unused_nanos` back and reports
+        `acked_nanos` as used (and expires at `expires_ms` unless None); the
+        allocation's leased total drops by both. False: fenced, nothing changed."""
         a, l = S.budget_allocations, S.budget_leases
+        values = {"granted_nanos": l.c.granted_nanos - unused_nanos,
+                  "used_nanos": l.c.used_nanos + acked_nanos}
+        if expires_ms is not None:
+            values["expires_ms"] = expires_ms
         async with self.engine.begin() as conn:
             got = (await conn.execute(
                 l.update().where(l.c.tenant_id == tenant_id, l.c.budget_id == budget_id,
                                  l.c.period_start_ms == period_start_ms,
                                  l.c.holder_id == holder_id, l.c.epoch == epoch)
-                .values(granted_nanos=l.c.granted_nanos - unused_nanos,
-                        used_nanos=l.c.used_nanos + acked_nanos, expires_ms=now_ms)
+                .values(**values)
                 .returning(l.c.epoch))).first()
             if got is None:
-                return  # reclaimed meanwhile: its whole share is already gone
+                return False  # reclaimed meanwhile: its whole share is already gone
             await conn.execute(
                 a.update().where(a.c.tenant_id == tenant_id, a.c.budget_id == budget_id,
                                  a.c.period_start_ms == period_start_ms)
                 .values(leased_nanos=a.c.leased_nanos - unused_nanos - acked_nanos))
+        return True
 
     async def reclaim(self, tenant_id, before_ms) -> int:
         """Reclaim every lease of the tenant that expired before `before_ms`."""

@@ -160,7 +160,7 @@ def test_record_on_another_process_settles_the_hold_once(ledger_url):
 
 def test_maker_expiry_after_adoption_charges_nothing(ledger_url):
     async def body(p: _Pair):
-        a = await p.authorize_until_allowed(0, ttl=1)
+        a = await p.authorize_until_allowed(0, ttl=2)  # time to adopt before expiry
         rid = a.reservation_id
         await p.wait_hold_saved(rid)
         r = await p.record(1, rid, event_id="evt-x")  # caller's own event id
