@@ -42,7 +42,9 @@ Model (DESIGN §6 "Scale-out"; REFERENCES "Distributed budgets")
   a leased budget denies takes exactly what it misses from the store (the same
   conditional statement) and is decided again: the last nanos of a budget are
   spent request by request, one store round trip each, and an Authorize awaits
-  the store only then. A lease whose engine spent nothing for
+  the store only then. A take that finds no room makes the process deny locally
+  for the next 2 × `interval_seconds` (at the limit, a flood of Authorizes does
+  not become a flood of store transactions). A lease whose engine spent nothing for
   `idle_return_seconds` looks at the store (one read); near the limit (the store
   cannot give every holder a full slice any more) it gives its unused part back
   (`LeaseStore.shrink`; the lease goes on) and takes no more slices until a DENY
@@ -230,17 +232,19 @@ class LeaseStore:
         return int(epoch)
 
     async def take(self, tenant_id, budget_id, period_start_ms, limit_nanos, holder_id,
-                   epoch, slice_nanos, acked_nanos, expires_ms, now_ms) -> bool:
+                   epoch, slice_nanos, acked_nanos, expires_ms, now_ms,
+                   renew: bool = True) -> bool:
         """Renew this lease (epoch-fenced), report `acked_nanos` as used and take
         `slice_nanos` if it fits under the limit. True: taken; False: renewed and
-        reported, but no room for the slice. Raises Fenced."""
+        reported, but no room for the slice (`renew` False: nothing done then, one
+        transaction instead of two). Raises Fenced."""
         a, l = S.budget_allocations, S.budget_leases
         key = (a.c.tenant_id == tenant_id, a.c.budget_id == budget_id,
                a.c.period_start_ms == period_start_ms)
         lkey = (l.c.tenant_id == tenant_id, l.c.budget_id == budget_id,
                 l.c.period_start_ms == period_start_ms, l.c.holder_id == holder_id)
         ledger = self._ledger_committed(tenant_id, budget_id, period_start_ms)
-        for grant in ((slice_nanos, 0) if slice_nanos else (0,)):
+        for grant in ((slice_nanos, 0) if slice_nanos and renew else (slice_nanos,)):
             try:
                 async with self.engine.begin() as conn:
                     # The lease row first: it is the fence (and, on PostgreSQL, locks it).
@@ -340,7 +344,7 @@ class _Lease:
 
     __slots__ = ("budget_id", "period_start_ms", "period_end_ms", "limit_nanos", "epoch",
                  "acked", "slice", "open", "deadline", "parked", "row", "returning",
-                 "spent_mark", "idle_since", "dormant")
+                 "spent_mark", "idle_since", "dormant", "no_room_until")
 
     def __init__(self, budget_id):
         self.budget_id = budget_id
@@ -358,6 +362,7 @@ class _Lease:
         self.spent_mark = 0     # the engine's used_nanos at the last tick
         self.idle_since = 0.0   # monotonic: when used_nanos last moved
         self.dormant = False    # gave its idle slice back: no top-up until a DENY
+        self.no_room_until = 0.0  # monotonic: an exact take found no room; wait
 
 
 class _TenantLeases:
@@ -431,8 +436,9 @@ class LeaseManager:
             if lock is None:
                 lock = tl.locks[st.budget_id] = asyncio.Lock()
             async with lock:
-                if (not lease.open or lease.returning >= 0
-                        or time.monotonic() >= lease.deadline):
+                mono = time.monotonic()
+                if (not lease.open or lease.returning >= 0 or mono >= lease.deadline
+                        or mono < lease.no_room_until):
                     continue
                 missing = need_total - self._unused(rt, st.budget_id)
                 if missing <= 0:
@@ -448,13 +454,18 @@ class LeaseManager:
                     taken = await self.db.take(
                         rt.tenant_id, lease.budget_id, lease.period_start_ms,
                         b.limit_nanos, lease.row, lease.epoch, missing, 0,
-                        now + int(self.config.ttl_seconds * 1000), now)
+                        now + int(self.config.ttl_seconds * 1000), now, renew=False)
                 except Fenced:
                     self._wake.set()  # the tick starts a new lease
                     continue
                 finally:
                     self.round_trips += 1
                     self.exact_takes += 1
+                if not taken:
+                    # At the limit: DENY locally for a while rather than send every
+                    # denied Authorize to the store (the tick still tops up when
+                    # Records free headroom).
+                    lease.no_room_until = time.monotonic() + self.config.interval_seconds * 2
                 if taken and lease.open:
                     lease.dormant = False  # demand is back: slices may resume
                     lease.idle_since = time.monotonic()

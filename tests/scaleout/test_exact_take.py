@@ -83,6 +83,18 @@ def test_last_requests_are_taken_exactly_from_the_store(ledger_url):
         assert unused(1) == 0
         await spend()
         assert allowed[0] + allowed[1] == N
+        # At the limit, a burst of denied Authorizes does not become a burst of store
+        # transactions: after a take that found no room, A denies locally a while.
+        mgr = p.servers[0].runtime.leases
+        before = mgr.exact_takes
+        t0 = asyncio.get_running_loop().time()
+        for _ in range(50):
+            r = await _authorize(p, 0, "tight")
+            assert r.decision == common_pb2.DECISION_DENY
+        took = asyncio.get_running_loop().time() - t0
+        # one take per 2 x interval_seconds (0.1 s) at most, plus the first
+        assert mgr.exact_takes - before <= 1 + int(took / (2 * mgr.config.interval_seconds))
+        assert mgr.exact_takes - before < 50
     from .test_foreign_settle import _run
 
     _run(ledger_url, body)
