@@ -448,6 +448,7 @@ class LeaseManager:
                 if b is None:
                     continue
                 now = _now_ms()
+                row = lease.row
                 try:
                     # acked_nanos=0: only the background tick reports use (never
                     # reported twice); this renews and grants.
@@ -466,7 +467,7 @@ class LeaseManager:
                     # denied Authorize to the store (the tick still tops up when
                     # Records free headroom).
                     lease.no_room_until = time.monotonic() + self.config.interval_seconds * 2
-                if taken and lease.open:
+                if taken and lease.open and lease.row == row:
                     lease.dormant = False  # demand is back: slices may resume
                     lease.idle_since = time.monotonic()
                     # Re-read after the await: grant on top of what is unused now.
@@ -718,6 +719,7 @@ class LeaseManager:
                         slice_nanos = min(max(1, b.limit_nanos // cfg.max_slice_divisor),
                                           max(1, headroom // (2 * max(1, holders))))
             acked = lease.acked
+            row = lease.row
             try:
                 taken = await self.db.take(rt.tenant_id, lease.budget_id, start,
                                            b.limit_nanos, lease.row, lease.epoch,
@@ -733,6 +735,12 @@ class LeaseManager:
                 self._recompute(tl)
                 continue
             lease.acked -= acked
+            if not lease.open or lease.row != row:
+                # Closed while we awaited (the period ended: `check` fenced it): this
+                # grant belongs to a lease that is over. It stays counted in the store
+                # until the row is reclaimed (conservative); never spend it here, where
+                # the engine has moved on to the new period.
+                continue
             lease.deadline = sent + cfg.ttl_seconds - cfg.safety_seconds
             if taken or lease.parked:
                 lease.idle_since = time.monotonic()  # a fresh grant is not idle yet
