@@ -479,30 +479,27 @@ class LeaseManager:
     async def _return_idle(self, rt, tl: _TenantLeases, lease: _Lease) -> None:
         """Near the limit, an idle lease gives its unused part back (the lease and
         its renewals go on) and takes no slice until a DENY here asks for one: the
-        last nanos go to the process that spends them."""
+        last nanos go to the process that spends them. (Called by the tick, under
+        the budget's lock.)"""
         bid = lease.budget_id
-        lock = tl.locks.get(bid)
-        if lock is None:
-            lock = tl.locks[bid] = asyncio.Lock()
-        async with lock:
-            back = self._unused(rt, bid)
-            if back <= 0 or not lease.open:
-                return
-            rt.engine.set_lease(bid, 0)  # nothing of it is spent while it goes back
-            try:
-                ok = await self.db.shrink(rt.tenant_id, bid, lease.period_start_ms,
-                                          lease.row, lease.epoch, back)
-            except BaseException:
-                # Still ours in the store: spendable again here.
-                rt.engine.set_lease(bid, max(0, self._unused(rt, bid)) + back)
-                raise
-            finally:
-                self.round_trips += 1
-            if not ok:  # fenced: reclaimed meanwhile; the tick starts a new lease
-                lease.open = False
-                self._recompute(tl)
-                return
-            lease.dormant = True
+        back = self._unused(rt, bid)
+        if back <= 0 or not lease.open:
+            return
+        rt.engine.set_lease(bid, 0)  # nothing of it is spent while it goes back
+        try:
+            ok = await self.db.shrink(rt.tenant_id, bid, lease.period_start_ms,
+                                      lease.row, lease.epoch, back)
+        except BaseException:
+            # Still ours in the store: spendable again here.
+            rt.engine.set_lease(bid, max(0, self._unused(rt, bid)) + back)
+            raise
+        finally:
+            self.round_trips += 1
+        if not ok:  # fenced: reclaimed meanwhile; the tick starts a new lease
+            lease.open = False
+            self._recompute(tl)
+            return
+        lease.dormant = True
 
     @staticmethod
     def _unused(rt, budget_id: str) -> int:
@@ -644,116 +641,125 @@ class LeaseManager:
                         log.exception("tenant %s: reclaiming leases failed", tl.rt.tenant_id)
 
     async def _tick_tenant(self, tl: _TenantLeases) -> None:
+        for lease in list(tl.leases.values()):
+            # One store conversation per budget at a time: an exact take
+            # (take_exact) waits for a top-up in flight and then sees its grant.
+            lock = tl.locks.get(lease.budget_id)
+            if lock is None:
+                lock = tl.locks[lease.budget_id] = asyncio.Lock()
+            async with lock:
+                await self._tick_lease(tl, lease)
+        self._recompute(tl)
+
+    async def _tick_lease(self, tl: _TenantLeases, lease: _Lease) -> None:
         rt, cfg = tl.rt, self.config
         core = rt.core
-        for lease in list(tl.leases.values()):
-            b = rt.budgets.get(lease.budget_id)
-            if b is None:
-                continue
-            sent = time.monotonic()
-            now = _now_ms()
-            start, end = core.period_bounds(b.period, now)
-            if lease.open and lease.returning >= 0:
-                try:
-                    await self.db.give_back(rt.tenant_id, lease.budget_id,
-                                            lease.period_start_ms, lease.row, lease.epoch,
-                                            lease.returning, lease.acked, now)
-                finally:
-                    self.round_trips += 1
-                lease.returning = -1
-                lease.acked = 0
-                lease.open = False  # a new lease row, under the new limit, below
-            if lease.open and start != lease.period_start_ms:
-                # New period: the old lease ends (its unused part is reclaimed later).
-                rt.engine.set_lease(lease.budget_id, 0)
-                lease.open = False
-            expires = now + int(cfg.ttl_seconds * 1000)
-            if not lease.open:
-                lease.period_start_ms, lease.period_end_ms = start, end
-                lease.limit_nanos = b.limit_nanos
-                lease.acked = 0
-                lease.parked = 0
-                lease.returning = -1
-                lease.dormant = False
-                # A fresh row key each time: an old row of ours may still be waiting
-                # to be reclaimed (expired, or fenced).
-                self._rows += 1
-                lease.row = f"{self.holder_id}/{self._rows}"
-                lease.epoch = await self.db.open(rt.tenant_id, lease.budget_id, start,
-                                                 b.limit_nanos, lease.row, expires)
-                self.round_trips += 1
-                lease.open = True
-                lease.deadline = sent + cfg.ttl_seconds - cfg.safety_seconds
-                rt.engine.set_lease(lease.budget_id, 0)
-            status = {d["budget_id"]: d for d in rt.engine.lease_status()}
-            st = status.get(lease.budget_id)
-            unused = st["unused_nanos"] if st else 0
-            used = st["used_nanos"] if st else 0
-            if used != lease.spent_mark:
-                lease.spent_mark, lease.idle_since = used, sent
-            if (unused > 0 and not lease.dormant
-                    and sent - lease.idle_since >= cfg.idle_return_seconds):
-                lease.idle_since = sent  # idle or not, look again a period later
-                facts = await self.db.read(rt.tenant_id, lease.budget_id, start, now)
-                self.round_trips += 1
-                if facts is not None:
-                    limit, ledger, leased, holders = facts
-                    headroom = min(limit, b.limit_nanos) - ledger - leased
-                    if headroom < (b.limit_nanos // cfg.max_slice_divisor) * max(1, holders):
-                        # Near the limit: the store cannot give every holder a
-                        # full slice any more.
-                        await self._return_idle(rt, tl, lease)
-                        continue
-            renew_due = sent >= lease.deadline - (cfg.ttl_seconds - cfg.safety_seconds) / 2
-            need = not lease.dormant and (unused <= lease.slice // 2 or unused <= 0)
-            if not need and not renew_due and not lease.acked:
-                continue
-            slice_nanos = 0
-            if need:
-                facts = await self.db.read(rt.tenant_id, lease.budget_id, start, now)
-                self.round_trips += 1
-                if facts is not None:
-                    limit, ledger, leased, holders = facts
-                    headroom = min(limit, b.limit_nanos) - ledger - leased + lease.acked
-                    if headroom > 0:
-                        slice_nanos = min(max(1, b.limit_nanos // cfg.max_slice_divisor),
-                                          max(1, headroom // (2 * max(1, holders))))
-            acked = lease.acked
-            row = lease.row
+        b = rt.budgets.get(lease.budget_id)
+        if b is None:
+            return
+        sent = time.monotonic()
+        now = _now_ms()
+        start, end = core.period_bounds(b.period, now)
+        if lease.open and lease.returning >= 0:
             try:
-                taken = await self.db.take(rt.tenant_id, lease.budget_id, start,
-                                           b.limit_nanos, lease.row, lease.epoch,
-                                           slice_nanos, acked, expires, now)
+                await self.db.give_back(rt.tenant_id, lease.budget_id,
+                                        lease.period_start_ms, lease.row, lease.epoch,
+                                        lease.returning, lease.acked, now)
+            finally:
                 self.round_trips += 1
-            except Fenced:
-                log.warning("tenant %s: lease on %s was reclaimed; starting a new one",
-                            rt.tenant_id, lease.budget_id)
-                rt.engine.set_lease(lease.budget_id, 0)
-                lease.open = False
-                lease.acked = 0
-                lease.parked = 0
-                self._recompute(tl)
-                continue
-            lease.acked -= acked
-            if not lease.open or lease.row != row:
-                # Closed while we awaited (the period ended: `check` fenced it): this
-                # grant belongs to a lease that is over. It stays counted in the store
-                # until the row is reclaimed (conservative); never spend it here, where
-                # the engine has moved on to the new period.
-                continue
+            lease.returning = -1
+            lease.acked = 0
+            lease.open = False  # a new lease row, under the new limit, below
+        if lease.open and start != lease.period_start_ms:
+            # New period: the old lease ends (its unused part is reclaimed later).
+            rt.engine.set_lease(lease.budget_id, 0)
+            lease.open = False
+        expires = now + int(cfg.ttl_seconds * 1000)
+        if not lease.open:
+            lease.period_start_ms, lease.period_end_ms = start, end
+            lease.limit_nanos = b.limit_nanos
+            lease.acked = 0
+            lease.parked = 0
+            lease.returning = -1
+            lease.dormant = False
+            # A fresh row key each time: an old row of ours may still be waiting
+            # to be reclaimed (expired, or fenced).
+            self._rows += 1
+            lease.row = f"{self.holder_id}/{self._rows}"
+            lease.epoch = await self.db.open(rt.tenant_id, lease.budget_id, start,
+                                             b.limit_nanos, lease.row, expires)
+            self.round_trips += 1
+            lease.open = True
             lease.deadline = sent + cfg.ttl_seconds - cfg.safety_seconds
-            if taken or lease.parked:
-                lease.idle_since = time.monotonic()  # a fresh grant is not idle yet
-                if taken:
-                    lease.slice = slice_nanos
-                # Re-read: Authorizes ran while we awaited; grant on top of what is
-                # unused now (set_lease re-bases at the current committed + held).
-                st = {d["budget_id"]: d for d in rt.engine.lease_status()}.get(lease.budget_id)
-                rt.engine.set_lease(lease.budget_id,
-                                    max(0, st["unused_nanos"] if st else 0) + lease.parked
-                                    + (slice_nanos if taken else 0))
-                lease.parked = 0
-        self._recompute(tl)
+            rt.engine.set_lease(lease.budget_id, 0)
+        status = {d["budget_id"]: d for d in rt.engine.lease_status()}
+        st = status.get(lease.budget_id)
+        unused = st["unused_nanos"] if st else 0
+        used = st["used_nanos"] if st else 0
+        if used != lease.spent_mark:
+            lease.spent_mark, lease.idle_since = used, sent
+        if (unused > 0 and not lease.dormant
+                and sent - lease.idle_since >= cfg.idle_return_seconds):
+            lease.idle_since = sent  # idle or not, look again a period later
+            facts = await self.db.read(rt.tenant_id, lease.budget_id, start, now)
+            self.round_trips += 1
+            if facts is not None:
+                limit, ledger, leased, holders = facts
+                headroom = min(limit, b.limit_nanos) - ledger - leased
+                if headroom < (b.limit_nanos // cfg.max_slice_divisor) * max(1, holders):
+                    # Near the limit: the store cannot give every holder a
+                    # full slice any more.
+                    await self._return_idle(rt, tl, lease)
+                    return
+        renew_due = sent >= lease.deadline - (cfg.ttl_seconds - cfg.safety_seconds) / 2
+        need = not lease.dormant and (unused <= lease.slice // 2 or unused <= 0)
+        if not need and not renew_due and not lease.acked:
+            return
+        slice_nanos = 0
+        if need:
+            facts = await self.db.read(rt.tenant_id, lease.budget_id, start, now)
+            self.round_trips += 1
+            if facts is not None:
+                limit, ledger, leased, holders = facts
+                headroom = min(limit, b.limit_nanos) - ledger - leased + lease.acked
+                if headroom > 0:
+                    slice_nanos = min(max(1, b.limit_nanos // cfg.max_slice_divisor),
+                                      max(1, headroom // (2 * max(1, holders))))
+        acked = lease.acked
+        row = lease.row
+        try:
+            taken = await self.db.take(rt.tenant_id, lease.budget_id, start,
+                                       b.limit_nanos, lease.row, lease.epoch,
+                                       slice_nanos, acked, expires, now)
+            self.round_trips += 1
+        except Fenced:
+            log.warning("tenant %s: lease on %s was reclaimed; starting a new one",
+                        rt.tenant_id, lease.budget_id)
+            rt.engine.set_lease(lease.budget_id, 0)
+            lease.open = False
+            lease.acked = 0
+            lease.parked = 0
+            self._recompute(tl)
+            return
+        lease.acked -= acked
+        if not lease.open or lease.row != row:
+            # Closed while we awaited (the period ended: `check` fenced it): this
+            # grant belongs to a lease that is over. It stays counted in the store
+            # until the row is reclaimed (conservative); never spend it here, where
+            # the engine has moved on to the new period.
+            return
+        lease.deadline = sent + cfg.ttl_seconds - cfg.safety_seconds
+        if taken or lease.parked:
+            lease.idle_since = time.monotonic()  # a fresh grant is not idle yet
+            if taken:
+                lease.slice = slice_nanos
+            # Re-read: Authorizes ran while we awaited; grant on top of what is
+            # unused now (set_lease re-bases at the current committed + held).
+            st = {d["budget_id"]: d for d in rt.engine.lease_status()}.get(lease.budget_id)
+            rt.engine.set_lease(lease.budget_id,
+                                max(0, st["unused_nanos"] if st else 0) + lease.parked
+                                + (slice_nanos if taken else 0))
+            lease.parked = 0
 
 
 __all__ = ["LeaseConfig", "LeaseManager", "LeaseStore", "Fenced"]

@@ -6,6 +6,7 @@ the store itself has no room left for the request, and never allows past the lim
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from p402.v1 import admin_pb2, admin_pb2_grpc, common_pb2, meter_pb2
 
@@ -30,7 +31,12 @@ def test_last_requests_are_taken_exactly_from_the_store(ledger_url):
         await admin.PutBudget(admin_pb2.PutBudgetRequest(budget=admin_pb2.Budget(
             budget_id="tight", scope={"customer": "tight"}, period=common_pb2.PERIOD_MONTH,
             limit=_money(limit), enforcement=common_pb2.ENFORCEMENT_HARD)), metadata=p.md)
-        # B builds the tenant now (it knows "tight") and takes a slice of it.
+        # B builds the tenant now (it knows "tight") and takes a slice of it. B keeps
+        # its slice during the first phase, however slow the machine (idle return
+        # off), so what A leaves is measured against a fixed store.
+        b_leases = p.servers[1].runtime.leases
+        idle_cfg = b_leases.config
+        b_leases.config = dataclasses.replace(idle_cfg, idle_return_seconds=3600.0)
         allowed = {0: 0, 1: 0}
         for _ in range(100):
             r = await _authorize(p, 1, "tight")
@@ -74,6 +80,7 @@ def test_last_requests_are_taken_exactly_from_the_store(ledger_url):
         # a lease, or still in the store.
         assert (allowed[0] + allowed[1]) * est + unused(0) + unused(1) + room == limit
         assert p.servers[0].runtime.leases.exact_takes > 0
+        b_leases.config = idle_cfg  # idle return on again
         # B stays idle: near the limit it gives its unused part back, and A can then
         # spend the budget to the last request that fits.
         for _ in range(200):
