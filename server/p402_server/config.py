@@ -16,6 +16,26 @@ from p402core import InvalidArgument
 ENV_PREFIX = "P402_"
 
 
+def env_values(cls, prefix: str, environ: Mapping[str, str] | None = None) -> dict:
+    """{field: value} of the numeric dataclass `cls`'s fields set as `<prefix><FIELD>`
+    in `environ` (default os.environ); a value that does not parse is InvalidArgument
+    naming the field and the variable. Shared by ServerConfig and leases.LeaseConfig."""
+    environ = os.environ if environ is None else environ
+    values: dict = {}
+    for f in dataclasses.fields(cls):
+        raw = environ.get(prefix + f.name.upper())
+        if raw is None or raw == "":
+            continue
+        kind = int if f.type in ("int", int) else float
+        try:
+            values[f.name] = kind(raw)
+        except ValueError:
+            raise InvalidArgument(
+                f.name, f"{prefix + f.name.upper()}={raw!r} is not a {kind.__name__}"
+            ) from None
+    return values
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     # Backpressure: past this many calls in flight clients get RESOURCE_EXHAUSTED.
@@ -65,19 +85,7 @@ class ServerConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> ServerConfig:
         """Defaults, then `P402_<FIELD>` variables (e.g. P402_MAX_CONCURRENT_RPCS),
         then explicit keyword overrides (flags win over the environment)."""
-        environ = os.environ if environ is None else environ
-        values: dict = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
-            if raw is None or raw == "":
-                continue
-            kind = int if f.type in ("int", int) else float
-            try:
-                values[f.name] = kind(raw)
-            except ValueError:
-                raise InvalidArgument(
-                    f.name, f"{ENV_PREFIX + f.name.upper()}={raw!r} is not a {kind.__name__}"
-                ) from None
+        values = env_values(cls, ENV_PREFIX, environ)
         values.update({k: v for k, v in overrides.items() if v is not None})
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:

@@ -106,6 +106,7 @@ import sqlalchemy as sa
 
 from p402core import Enforcement, InvalidArgument
 
+from .config import env_values
 from .store import schema as S
 
 log = logging.getLogger("p402.server.leases")
@@ -148,19 +149,7 @@ class LeaseConfig:
 
     @classmethod
     def from_env(cls, environ=None) -> "LeaseConfig":
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
-            if raw:
-                kind = int if f.type in ("int", int) else float
-                try:
-                    values[f.name] = kind(raw)
-                except ValueError:
-                    raise InvalidArgument(
-                        f.name, f"{ENV_PREFIX + f.name.upper()}={raw!r} is not a {kind.__name__}"
-                    ) from None
-        return cls(**values)
+        return cls(**env_values(cls, ENV_PREFIX, environ))
 
 
 class _NoRoom(Exception):

@@ -77,8 +77,9 @@ class ServerProcess:
     """`p402 serve --db URL --listen 127.0.0.1:PORT` as a child process."""
 
     def __init__(self, db_url: str, *, env: dict[str, str] | None = None,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, extra_args: tuple = ()):
         self.db_url = db_url
+        self.extra_args = tuple(extra_args)  # more `p402 serve` flags
         self.env = env or {}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
@@ -95,29 +96,39 @@ class ServerProcess:
         return self.proc.pid
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":
+        """spawn(), then wait_ready()."""
+        self.spawn()
+        self.wait_ready(timeout)
+        return self
+
+    def spawn(self) -> "ServerProcess":
+        """Start the process on a free port, without waiting for it."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.port = free_port()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
-                [*CLI, "serve", "--db", self.db_url, "--listen", self.target],
+                [*CLI, "serve", "--db", self.db_url, "--listen", self.target,
+                 *self.extra_args],
                 env=subprocess_env(self.env), stdout=log, stderr=log, cwd=ROOT)
         finally:
             if self.log_path:
                 log.close()
         self.starts += 1
-        self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         """Poll grpc.health.v1 until SERVING (the store is migrated and holds restored)."""
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.target) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while True:
                 if self.proc.poll() is not None:
+                    tail = (Path(self.log_path).read_text()[-3000:]
+                            if self.log_path else "")
                     raise RuntimeError(f"p402 serve exited with {self.proc.returncode} "
-                                       f"before it was ready (log: {self.log_path})")
+                                       f"before it was ready (log: {self.log_path}):\n"
+                                       + tail)
                 try:
                     r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
                     if r.status == health_pb2.HealthCheckResponse.SERVING:

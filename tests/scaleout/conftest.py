@@ -10,22 +10,15 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.proof.harness import ServerProcess
+
 PG_ADMIN_URL = os.environ.get("P402_TEST_PG_URL",
                               "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-CLI = [sys.executable, "-c", "import sys; from p402_server.cli import main; sys.exit(main())"]
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -71,67 +64,15 @@ def pg_url():
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Replica(ServerProcess):
+    """`p402 serve --db URL --listen 127.0.0.1:PORT --lease on` as a child process,
+    started at once (`wait_ready()` to wait for it)."""
 
-
-def subprocess_env(extra: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
-    paths = [str(ROOT), str(ROOT / "server"), str(ROOT / "clients" / "python")]
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
-    env["P402_LOG_LEVEL"] = "WARNING"
-    env.update(extra)
-    return env
-
-
-class Replica:
-    """`p402 serve --db URL --listen 127.0.0.1:PORT --lease on` as a child process."""
-
-    def __init__(self, db_url: str, env: dict[str, str], log_path: Path, port: int = 0,
+    def __init__(self, db_url: str, env: dict[str, str], log_path: Path,
                  extra_args: tuple = ()):
-        self.port = port or free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*CLI, "serve", "--db", db_url, "--listen", self.target, "--lease", "on",
-                 *extra_args],
-                env=subprocess_env(env), stdout=log, stderr=log, cwd=ROOT)
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"p402 serve exited with {self.proc.returncode} "
-                                       f"(log {self.log_path}):\n"
-                                       + self.log_path.read_text()[-3000:])
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.target} not SERVING after {timeout}s")
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        super().__init__(db_url, env=env, log_path=log_path,
+                         extra_args=("--lease", "on", *extra_args))
+        self.spawn()
 
 
 @pytest.fixture
