@@ -189,6 +189,12 @@ class _Base:
             self._queue.clear()
             self._inflight = 0
 
+    def _full_error(self) -> "RecorderFull":
+        """The error of a Record that waited put_timeout for room in the queue."""
+        return RecorderFull(
+            f"record queue full ({self.max_queue}) for {self.put_timeout}s: P402 is not "
+            f"keeping up or is unreachable ({self._last_error or 'no error yet'})")
+
 
 class Recorder(_Base):
     """Background batched recording over a `P402Client` (a worker thread).
@@ -237,10 +243,7 @@ class Recorder(_Base):
                     while self._full() and not self._closed:
                         left = deadline - time.monotonic()
                         if left <= 0:
-                            raise RecorderFull(
-                                f"record queue full ({self.max_queue}) for "
-                                f"{self.put_timeout}s: P402 is not keeping up or is "
-                                f"unreachable ({self._last_error or 'no error yet'})")
+                            raise self._full_error()
                         self._cond.wait(left)
                     if self._closed:
                         raise RuntimeError("the recorder is closed")
@@ -409,10 +412,7 @@ class AsyncRecorder(_Base):
                 while self._full() and not self._closed:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise RecorderFull(
-                            f"record queue full ({self.max_queue}) for "
-                            f"{self.put_timeout}s: P402 is not keeping up or is "
-                            f"unreachable ({self._last_error or 'no error yet'})")
+                        raise self._full_error()
                     await self._wait_change(left)
                 if self._closed:
                     raise RuntimeError("the recorder is closed")
