@@ -309,8 +309,15 @@ class LeaseStore:
             rows = (await conn.execute(
                 sa.select(l.c.budget_id, l.c.period_start_ms, l.c.holder_id, l.c.epoch)
                 .where(l.c.tenant_id == tenant_id, l.c.expires_ms < before_ms))).all()
+        h = S.holds
         for budget_id, period_start_ms, holder_id, epoch in rows:
             async with self.engine.begin() as conn:
+                # A dead holder's saved holds are open until settled (expired by a
+                # survivor): its lease keeps their money counted until then.
+                process = holder_id.rsplit("/", 1)[0]
+                if (await conn.execute(sa.select(h.c.reservation_id).where(
+                        h.c.tenant_id == tenant_id, h.c.maker == process).limit(1))).first():
+                    continue
                 gone = (await conn.execute(
                     l.delete().where(l.c.tenant_id == tenant_id, l.c.budget_id == budget_id,
                                      l.c.period_start_ms == period_start_ms,
@@ -379,12 +386,24 @@ class LeaseManager:
         self.round_trips = 0   # store transactions issued (benchmarks: decisions per trip)
         self.exact_takes = 0   # of those, per-request takes at the very end (take_exact)
         self._rows = 0
+        self._registered = False
+
+    async def heartbeat(self) -> None:
+        """Register this process as alive for `ttl_seconds` (table processes)."""
+        now = _now_ms()
+        await self.store.heartbeat(self.holder_id, now + int(self.config.ttl_seconds * 1000),
+                                   now)
+        self._registered = True
 
     # --- runtime hooks --------------------------------------------------------------
 
     async def attach(self, rt) -> None:
         """A tenant's engine was just built: fence every HARD budget to a zero lease,
         then take the first slices (the engine never owns a whole budget)."""
+        if not self._registered:
+            # Alive before any hold is made: survivors settle the expired holds of a
+            # process whose registration lapses (runtime.Runtime.sweep_dead_holds).
+            await self.heartbeat()
         tl = _TenantLeases(rt)
         self._tenants[rt.tenant_id] = tl
         self._sync_budgets(tl)
@@ -508,6 +527,19 @@ class LeaseManager:
             if lease is not None and lease.period_start_ms == period_start_ms:
                 lease.acked += ev.cost_nanos
 
+    def used(self, rt, budget_ids, cost_nanos: int) -> None:
+        """A settlement of a hold this process made, written elsewhere, was booked
+        here (runtime._rebook, book_notice): its cost, in the ledger, is reported
+        as used by this process's leases on `budget_ids` (current period)."""
+        tl = self._tenants.get(rt.tenant_id)
+        if tl is None or not cost_nanos:
+            return
+        now = _now_ms()
+        for budget_id in budget_ids:
+            lease = tl.leases.get(budget_id)
+            if lease is not None and lease.period_start_ms <= now < lease.period_end_ms:
+                lease.acked += cost_nanos
+
     def budgets_changed(self, rt) -> None:
         """After an admin budget swap: new HARD budgets start at a zero lease."""
         tl = self._tenants.get(rt.tenant_id)
@@ -543,6 +575,14 @@ class LeaseManager:
                     log.exception("tenant %s: returning lease on %s failed (it will be "
                                   "reclaimed after it expires)", tl.rt.tenant_id,
                                   lease.budget_id)
+        if self._registered:
+            # Gone: the holds left open here are settled by the survivors as they
+            # expire (their money stays leased until then).
+            try:
+                await self.store.heartbeat(self.holder_id, now, now)
+            except Exception:
+                log.exception("deregistering process %s failed (it lapses in %.0f s)",
+                              self.holder_id, self.config.ttl_seconds)
 
     # --- internals ------------------------------------------------------------------
 
@@ -611,13 +651,19 @@ class LeaseManager:
                                   tl.rt.tenant_id)
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + 60.0
-                try:  # settlement claims (runtime._adopt) outlive their events by far
+                try:  # settlement claims outlive their events by far
                     await self.store.prune_hold_claims(
+                        _now_ms() - int(CLAIMS_KEPT_SECONDS * 1000))
+                    await self.store.prune_processes(
                         _now_ms() - int(CLAIMS_KEPT_SECONDS * 1000))
                 except Exception:
                     log.exception("pruning old hold claims failed; will retry")
             if time.monotonic() >= next_reclaim:
                 next_reclaim = time.monotonic() + 1.0
+                try:
+                    await self.heartbeat()
+                except Exception:
+                    log.exception("renewing this process's registration failed")
                 before = _now_ms() - int(cfg.reclaim_grace_seconds * 1000)
                 for tl in list(self._tenants.values()):
                     try:

@@ -106,9 +106,15 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # A Record named a reservation this server does not hold and the ledger never
 # settled: metered without a hold (see TenantRuntime.record).
 RESERVATION_UNKNOWN = "reservation.unknown"
-# Scale-out: a Record settled here a hold another process made (its saved hold,
-# restored here: TenantRuntime._adopt).
+# Scale-out: a Record or Release settled here a hold another process made, from its
+# saved hold (TenantRuntime._settle_foreign); the maker's lease keeps the money.
 RESERVATION_ADOPTED = "reservation.adopted"
+# A reserved Record named other owners or labels than its Authorize: the event keeps
+# the hold's (the owners whose budgets were charged) and says so.
+RESERVATION_OWNERS_DIFFER = "reservation.owners_differ"
+# A Record that overtakes its maker's hold write-behind waits this many flush
+# intervals for the saved hold (TenantRuntime._saved_hold).
+FOREIGN_HOLD_WAITS = 8
 
 # Reservation-id prefixes of the engines this process built: an id carrying one was
 # issued here, so if no engine of its tenant holds it, it was not lost in a crash.
@@ -126,6 +132,9 @@ def _issue_prefix() -> str:
 def _issued_here(reservation_id: str) -> bool:
     head, sep, _ = reservation_id.rpartition("_")
     return bool(sep) and head + "_" in _ISSUED_PREFIXES
+
+# Scale-out: how often a process looks for dead processes' expired holds.
+DEAD_SWEEP_SECONDS = 1.0
 
 # TenantRuntime._begin_record's outcomes.
 _EVENT, _KNOWN, _UNSETTLED = "event", "known", "unsettled"
@@ -171,6 +180,22 @@ def _catalog_for(core, specs: list[dict]):
     return base.merged(tenant)
 
 
+class _Settled:
+    """A Settlement made without this process's engine: another process's saved
+    hold, settled here (TenantRuntime._foreign_settlement); the fields the event
+    needs, as p402core's Settlement names them."""
+
+    __slots__ = ("reservation_id", "model", "provider", "owners", "labels",
+                 "input_tokens", "cached_input_tokens", "cache_write_tokens",
+                 "output_tokens", "reasoning_tokens", "cost_nanos",
+                 "estimated_cost_nanos", "overrun_nanos", "outcome", "evidence",
+                 "budget_ids", "catalog_version", "settled_ms")
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields[name])
+
+
 class TenantRuntime:
     """One tenant's engine and idempotency memory (module docstring)."""
 
@@ -213,9 +238,16 @@ class TenantRuntime:
         # reservation) is still to be written (reservation id -> the engine's
         # Settlement; `_expire_claimed`).
         self._expiring: dict[str, object] = {}
-        # Scale-out (issue 7; leases.py): the process's LeaseManager when leasing is
-        # on (Runtime._build attaches it), else None: the engine owns whole budgets.
+        # Scale-out (leases.py): the process's LeaseManager when leasing is on
+        # (Runtime._build attaches it), else None: the engine owns whole budgets.
         self.leases = None
+        # Scale-out: budget status as the store sees it across processes, refreshed
+        # every config poll (refresh_store_status): budget_id -> (period_start_ms,
+        # store committed, store held, this engine's committed, held at that time).
+        self._status_base: dict[str, tuple] = {}
+        # One writer of pending EXPIRED events at a time (_expire_claimed): a Record
+        # racing its hold's expiry waits for it, then answers with the event.
+        self._expire_lock = asyncio.Lock()
 
     # --- engine construction -----------------------------------------------------
 
@@ -566,38 +598,27 @@ class TenantRuntime:
                                 exc: Exception, event_id: str):
         """A Record of a reservation the engine does not hold (NotFound/Conflict)."""
         rid = req.reservation_id
+        if rid in self._expiring:
+            # Expired here; its EXPIRED event is pending: write it now, then answer
+            # with it as every process does (duplicate=True).
+            await self._expire_claimed()
         first = await self._settled_in_ledger(rid)
         if first is not None:
             return await self._replay(first)
-        if rid in self._expiring:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "RESERVATION_SETTLING",
-                               f"reservation {rid!r} expired and is being settled; "
-                               "retry with the same event_id")
         # Not for an id this process issued: such a hold is open, settled, or
         # another tenant's — never lost in a crash.
-        if not (isinstance(exc, NotFound) and req.model and not self._issued_here(rid)):
+        if not isinstance(exc, NotFound) or self._issued_here(rid):
             raise exc
         owners, labels, usage, revenue = parsed or convert.validate_record(req, field)
         if self.leases is not None:
-            # Scale-out: another process may have made it (a gateway that retried its
-            # Record elsewhere): if its hold was saved, settle it here as if it were
-            # ours. Without a saved hold, only a Record that names its owners can be
-            # metered: else NOT_FOUND stands (the maker may not have written it yet;
-            # a retry can adopt it). Either way the writer's claim keeps it to one
-            # settling event (`_adopt`).
-            adopted = await self._adopt(rid)
-            if not adopted and not (owners and any(owners)):
-                raise exc
-            if adopted:
-                mode = self.privacy.resolve(req.privacy_mode)
-                s = self._settle(req, field, rid, owners, labels, usage)
-                ev = self._record_event(req, s, event_id, owners, labels, revenue, mode,
-                                        attested, False)
-                ev.reasons = (*ev.reasons, RESERVATION_ADOPTED)
-                self._remember(ev)
-                if ev.prompt_fingerprint:
-                    await self._mark_duplicate(ev)
-                return await self._commit(ev, s)
+            # Scale-out: another process made it (a gateway that retried its Record
+            # elsewhere): settle its saved hold here, for the maker (_settle_foreign).
+            hold = await self._saved_hold(rid)
+            if hold is not None:
+                return await self._settle_foreign(req, field, hold, event_id, owners,
+                                                  labels, usage, revenue, attested)
+        if not req.model or not (owners and any(owners)):
+            raise exc
         # A reservation nobody here knows and the ledger never settled: its hold
         # was authorized inside the write-behind window before a crash (or by a
         # process whose holds are gone). The call happened and the provider
@@ -612,29 +633,103 @@ class TenantRuntime:
             await self._mark_duplicate(ev)
         return await self._commit(ev, s)
 
-    async def _adopt(self, rid: str) -> bool:
-        """Scale-out: reservation `rid` was not made by this process and the ledger
-        has not settled it. When its maker saved the hold (holds table), restore it
-        into this engine -> True: settle it by its id, as if it were ours. Its
-        settling event claims the reservation in the writer's transaction
-        (LedgerEvent.claim): if another event settled it first, nothing is written
-        and the caller gets that event (`_lost_claim`); the maker's own copy, when it
-        expires or is recorded there, loses the same way and charges nothing."""
-        hold = await self.store.get_hold(self.tenant_id, rid)
-        if hold is None:
-            return False
-        if self._restore_hold_records([hold["hold"]]) != 1:
-            return False  # unreadable (logged), or restored meanwhile
-        if hold.get("meta"):
-            self._hold_meta[rid] = tuple(hold["meta"])
-        return True
+    async def _saved_hold(self, rid: str) -> dict | None:
+        """Scale-out: the saved hold `rid` (another process's), waiting a few
+        write-behind intervals for its maker to save it (a Record can overtake the
+        maker's flush); None if it never appears."""
+        wait = self.config.holds_flush_interval_seconds
+        for attempt in range(FOREIGN_HOLD_WAITS):
+            hold = await self.store.get_hold(self.tenant_id, rid)
+            if hold is not None or attempt == FOREIGN_HOLD_WAITS - 1:
+                return hold
+            await asyncio.sleep(wait)
+        return None
+
+    def _foreign_settlement(self, rid: str, rec: dict, usage=None, outcome: int = 0):
+        """The Settlement of another process's saved hold `rec` (a hold record), made
+        without this engine: for a Record (`usage` given: priced at the hold's price,
+        as the maker's engine prices it), else for a Release (cost 0) or, with
+        `outcome` EXPIRED, an expiry at the estimate."""
+        amount = int(rec["amount_nanos"])
+        i = o = c = w = r = 0
+        if usage is not None:
+            price = self.core.ModelPrice.from_dict(rec["price"])
+            i, c, w, o, r = usage
+            cost = price.cost_nanos(i, o, c, w, r)
+            outcome = outcome or int(Outcome.SUCCESS)
+            evidence = int(Evidence.REPORTED)
+        elif outcome == int(Outcome.EXPIRED):
+            i, o = int(rec.get("input_tokens") or 0), int(rec.get("output_tokens") or 0)
+            cost = amount
+            evidence = int(Evidence.ESTIMATED)
+        else:
+            cost, outcome, evidence = 0, int(Outcome.CANCELLED), int(Evidence.ESTIMATED)
+        return _Settled(
+            reservation_id=rid, model=rec["model"], provider=rec["provider"],
+            owners=tuple(rec["owners"]), labels=dict(rec.get("labels") or {}),
+            input_tokens=i, cached_input_tokens=c, cache_write_tokens=w, output_tokens=o,
+            reasoning_tokens=r, cost_nanos=cost, estimated_cost_nanos=amount,
+            overrun_nanos=max(0, cost - amount), outcome=outcome, evidence=evidence,
+            budget_ids=tuple(rec["budget_ids"]), catalog_version=rec["catalog_version"],
+            settled_ms=_now_ms())
+
+    async def _settle_foreign(self, req, field: str, hold: dict, event_id: str, owners,
+                              labels, usage, revenue: int, attested: bool):
+        """Scale-out: a Record of a reservation another process made, from its saved
+        hold. This engine and its lease are not touched: the hold's money is in the
+        maker's lease, and the maker books the settlement (a notice now, or the
+        claim when its own copy expires). The event claims the reservation: if
+        another event settled it first, that event answers (duplicate=True)."""
+        rid = req.reservation_id
+        mode = self.privacy.resolve(req.privacy_mode)
+        self._check_record_privacy(req, mode, field)
+        s = self._foreign_settlement(rid, hold["hold"], usage, req.outcome)
+        meta = hold.get("meta")
+        if meta:
+            self._hold_meta[rid] = tuple(meta)
+        ev = self._record_event(req, s, event_id, owners, labels, revenue, mode,
+                                attested, False)
+        ev.reasons = (*ev.reasons, RESERVATION_ADOPTED)
+        if ev.prompt_fingerprint:
+            await self._mark_duplicate(ev)
+        res = await self._write_foreign(ev, hold.get("maker", ""))
+        if res.claimed_by:
+            first = await self._lost_claim(ev, None, res.claimed_by)
+            return convert.record_response(first, True, self._statuses(first.budget_ids))
+        return convert.record_response(res.event, res.duplicate,
+                                       self._statuses(res.event.budget_ids))
+
+    async def _write_foreign(self, ev: LedgerEvent, maker: str):
+        """Commit a settling event of another process's hold; when it wins, leave its
+        maker a notice (best effort: a lost notice only delays the maker's booking
+        until its own copy of the hold expires and finds the claim)."""
+        self._remember(ev)  # also deletes the saved hold at the next flush
+        try:
+            res = await self.writer.write(ev)
+        except asyncio.CancelledError:
+            self.writer.write_behind(ev)
+            raise
+        except Exception as exc:
+            raise self._not_committed(ev, exc) from exc
+        if not res.claimed_by:
+            self._remember(res.event)
+            if maker and (self.leases is None or maker != self.leases.holder_id):
+                try:
+                    await self.store.leave_notices(
+                        [(self.tenant_id, ev.reservation_id, maker, ev.event_id,
+                          ev.cost_nanos)], _now_ms())
+                except Exception:
+                    log.warning("tenant %s: notice for %s to its maker not written; it "
+                                "books the settlement when its hold expires",
+                                self.tenant_id, ev.reservation_id, exc_info=True)
+        return res
 
     async def _lost_claim(self, ev: LedgerEvent, s, winner: str):
         """Scale-out: the writer refused `ev` because event `winner` settled its
-        reservation first (on another process). Undo this engine's count of it, and
-        answer with the winner (committed: its claim and its event are one
+        reservation first (on another process). When this engine settled its own
+        hold (`s`), it books the winner's settlement instead of its own (_rebook);
+        the answer is the winner (committed: its claim and its event are one
         transaction), duplicate=True."""
-        self._compensate(s, f"was settled first by event {winner!r} (another process)")
         if self._events.get(ev.event_id) is ev:
             self._events.pop(ev.event_id, None)
         if self._by_reservation.get(ev.reservation_id) is ev:
@@ -644,8 +739,55 @@ class TenantRuntime:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "RESERVATION_SETTLING",
                                f"reservation {ev.reservation_id!r} was settled by event "
                                f"{winner!r}, not readable yet; retry")
+        if s is not None:
+            self._rebook(s, first)
         self._remember(first)
         return first
+
+    def _rebook(self, s, winner: LedgerEvent) -> None:
+        """This engine settled its hold as `s` (committed s.cost_nanos), but event
+        `winner`, written elsewhere, settled the reservation: the hold's money is in
+        this process's lease, so the engine and the lease count the winner's cost
+        instead — unless the winner was metered without the hold (reason
+        reservation.unknown: another engine and lease counted it), then nothing."""
+        cost = 0 if RESERVATION_UNKNOWN in winner.reasons else winner.cost_nanos
+        self._adjust_committed(s.budget_ids, cost - s.cost_nanos, s.settled_ms)
+        if cost and self.leases is not None:
+            self.leases.used(self, s.budget_ids, cost)
+        log.info("tenant %s: reservation %r was settled first by event %r (another "
+                 "process); booked its cost here", self.tenant_id, s.reservation_id,
+                 winner.event_id)
+
+    def book_notice(self, rid: str, cost: int) -> bool:
+        """Scale-out: another process settled reservation `rid`, made here, from its
+        saved hold (cost `cost`): take the hold out of the engine and count the cost
+        as committed here, in this lease (as if settled here). False when the engine
+        no longer holds it (settled or expired here meanwhile: the claim decided)."""
+        try:
+            s = self.engine.release(rid)
+        except (NotFound, Conflict):
+            return False
+        self._hold_privacy.pop(rid, None)
+        self._hold_meta.pop(rid, None)
+        if self._hold_upserts.pop(rid, None) is None:
+            self._hold_deletes.add(rid)
+        self._adjust_committed(s.budget_ids, cost, s.settled_ms)
+        if cost and self.leases is not None:
+            self.leases.used(self, s.budget_ids, cost)
+        return True
+
+    def _adjust_committed(self, budget_ids, delta: int, at_ms: int) -> None:
+        """Add `delta` nanos to the engine's committed of `budget_ids` (their period
+        at `at_ms`, if still current)."""
+        if not delta or not budget_ids:
+            return
+        now = _now_ms()
+        for st in self.engine.budget_status():
+            if st.budget_id in budget_ids:
+                start = self._period_start(st.budget_id, at_ms or now)
+                if start == st.period_start_ms:
+                    self.engine.set_committed(st.budget_id, start,
+                                              max(0, st.committed_nanos + delta))
 
     def _settle(self, req, field: str, reservation_id: str, owners, labels, usage):
         """engine.record for a Record; errors name the request's field."""
@@ -794,16 +936,9 @@ class TenantRuntime:
     def _compensate(self, s, why: str = "settled an event_id already in the ledger") -> None:
         if s is None:  # replayed from memory: the engine's count was undone already
             return
-        cost = s.cost_nanos
-        if not cost or not s.budget_ids:
+        if not s.cost_nanos or not s.budget_ids:
             return
-        now = _now_ms()
-        for st in self.engine.budget_status():
-            if st.budget_id in s.budget_ids:
-                start = self._period_start(st.budget_id, s.settled_ms or now)
-                if start == st.period_start_ms:
-                    self.engine.set_committed(st.budget_id, start,
-                                              max(0, st.committed_nanos - cost))
+        self._adjust_committed(s.budget_ids, -s.cost_nanos, s.settled_ms)
         log.warning("tenant %s: reservation %r %s; engine counters corrected",
                     self.tenant_id, s.reservation_id, why)
 
@@ -824,15 +959,30 @@ class TenantRuntime:
 
     def _event_fields(self, s, event_id: str, kind: str, req, owners, labels,
                       revenue: int) -> LedgerEvent:
-        o = owners if owners is not None else s.owners
-        if not isinstance(o, tuple):
-            o = convert.owners_from_mapping(o or {})
+        differ = False
+        if s.reservation_id:
+            # The hold's owners and labels, whose budgets were charged (one
+            # attribution): a Record naming others is recorded with the hold's and
+            # the reason reservation.owners_differ.
+            o = s.owners if isinstance(s.owners, tuple) else convert.owners_from_mapping(
+                s.owners or {})
+            if owners is not None and any(owners):
+                differ = tuple(owners) != tuple(o)
+            if labels:
+                differ = differ or dict(labels) != dict(s.labels or {})
+            labels = None
+        else:
+            o = owners if owners is not None else s.owners
+            if not isinstance(o, tuple):
+                o = convert.owners_from_mapping(o or {})
         meta = self._hold_meta.get(s.reservation_id) if s.reservation_id else None
         decision, reasons, rule_ids = int(Decision.ALLOW), (), ()
         privacy = self.settings["default_privacy_mode"]
         attempt, retry_of = 0, ""
         if meta is not None:
             decision, reasons, rule_ids, privacy, attempt, retry_of = meta
+        if differ:
+            reasons = (*reasons, RESERVATION_OWNERS_DIFFER)
         if req is not None:
             privacy = req.privacy_mode or privacy
             attempt = req.attempt or attempt
@@ -879,22 +1029,57 @@ class TenantRuntime:
     def _statuses(self, budget_ids) -> list:
         if not budget_ids:
             return []
-        return [st for st in self.engine.budget_status() if st.budget_id in budget_ids]
+        return self.budget_status(budget_ids)
+
+    def budget_status(self, budget_ids=None) -> list:
+        """Budget statuses (of `budget_ids`, default all). One process: the engine's.
+        Scale-out: the store's truth across processes (the ledger's committed and
+        every process's saved open holds, read every config poll) moved by what
+        this engine committed and held since that read."""
+        out = [st for st in self.engine.budget_status()
+               if budget_ids is None or st.budget_id in budget_ids]
+        base = self._status_base
+        if not base:
+            return out
+        make = self.core.BudgetStatus
+        for n, st in enumerate(out):
+            b = base.get(st.budget_id)
+            if b is None or b[0] != st.period_start_ms:
+                continue
+            _start, committed, held, local_committed, local_held = b
+            out[n] = make(st.budget_id, st.limit_nanos,
+                          max(0, committed + st.committed_nanos - local_committed),
+                          max(0, held + st.held_nanos - local_held),
+                          st.period_start_ms, st.enforcement)
+        return out
+
+    async def refresh_store_status(self) -> None:
+        """Scale-out: read the store-level budget status (`budget_status`)."""
+        committed, held = await self.store.store_budget_status(self.tenant_id)
+        base = {}
+        for st in self.engine.budget_status():
+            base[st.budget_id] = (
+                st.period_start_ms, committed.get((st.budget_id, st.period_start_ms), 0),
+                held.get(st.budget_id, 0), st.committed_nanos, st.held_nanos)
+        self._status_base = base
 
     async def release(self, reservation_id: str):
         """Void a hold; returns (event_id, statuses). Idempotent by reservation id."""
         convert.check_str(reservation_id, "reservation_id", required=True)
-        known = self._by_reservation.get(reservation_id)
+        rid = reservation_id
+        known = self._by_reservation.get(rid)
         if known is None:
             try:
-                s = self.engine.release(reservation_id)
+                s = self.engine.release(rid)
             except (NotFound, Conflict) as exc:
-                known = await self._settled_in_ledger(reservation_id)
+                if rid in self._expiring:  # expired here, event pending: write it
+                    await self._expire_claimed()
+                known = await self._settled_in_ledger(rid)
                 if known is None:
-                    s = await self._release_adopted(reservation_id, exc)
+                    known = await self._release_foreign(rid, exc)
             if known is None:
-                self._hold_privacy.pop(reservation_id, None)
-                ev = self._event_from_settlement(s, reservation_id, "released")
+                self._hold_privacy.pop(rid, None)
+                ev = self._event_from_settlement(s, rid, "released")
                 self._remember(ev)
                 res = await self.writer.write(ev)
                 if not res.claimed_by:
@@ -903,21 +1088,45 @@ class TenantRuntime:
                 # Scale-out: another process settled it first: that event answers.
                 known = await self._lost_claim(ev, s, res.claimed_by)
         if known.kind != "released":
-            raise Conflict(f"reservation {reservation_id!r} was already settled by "
+            raise Conflict(f"reservation {rid!r} was already settled by "
                            f"event {known.event_id!r} ({known.kind})")
         if not known.seq:
             known = (await self.writer.write(known)).event
         return known.event_id, self._statuses(known.budget_ids)
 
-    async def _release_adopted(self, rid: str, exc: Exception):
-        """Scale-out: Release of a hold another process made and saved (`_adopt`):
-        the engine's Settlement. Anything else re-raises `exc`."""
-        if (self.leases is None or not isinstance(exc, NotFound) or self._issued_here(rid)
-                or rid in self._expiring):
+    async def _release_foreign(self, rid: str, exc: Exception) -> LedgerEvent:
+        """Scale-out: Release of a hold another process made, from its saved hold
+        (as `_settle_foreign`; this engine untouched) -> the settling event (this
+        one, or the one that settled it first). Anything else re-raises `exc`."""
+        if self.leases is None or not isinstance(exc, NotFound) or self._issued_here(rid):
             raise exc
-        if not await self._adopt(rid):
+        hold = await self._saved_hold(rid)
+        if hold is None:
             raise exc
-        return self.engine.release(rid)
+        s = self._foreign_settlement(rid, hold["hold"])
+        if hold.get("meta"):
+            self._hold_meta[rid] = tuple(hold["meta"])
+        ev = self._event_from_settlement(s, rid, "released")
+        ev.reasons = (*ev.reasons, RESERVATION_ADOPTED)
+        res = await self._write_foreign(ev, hold.get("maker", ""))
+        if res.claimed_by:
+            return await self._lost_claim(ev, None, res.claimed_by)
+        return res.event
+
+    def expire_foreign(self, rid: str, hold: dict) -> LedgerEvent:
+        """Scale-out: the EXPIRED event of a dead process's saved hold (at its
+        estimate, evidence ESTIMATED; Runtime.sweep_dead_holds writes it)."""
+        s = self._foreign_settlement(rid, hold["hold"], outcome=int(Outcome.EXPIRED))
+        s.settled_ms = min(s.settled_ms, int(hold["hold"]["expires_ms"]))
+        meta = hold.get("meta")
+        if meta:
+            self._hold_meta[rid] = tuple(meta)
+        try:
+            ev = self._event_from_settlement(s, rid, "expired")
+        finally:
+            self._hold_meta.pop(rid, None)
+        ev.claim = True
+        return ev
 
     # --- background --------------------------------------------------------------
 
@@ -947,9 +1156,13 @@ class TenantRuntime:
         """Scale-out: write the EXPIRED events of the holds that expired here, each
         claiming its reservation (LedgerEvent.claim), awaited together. One that
         another process settled first (a Record retried there) is not written: the
-        estimate the engine committed at expiry is taken back. On a store error they
+        winner's settlement is booked instead (_rebook). On a store error they
         stay pending, retried at the next flush (the engine counted them:
         conservative)."""
+        async with self._expire_lock:
+            await self._write_expired_claims()
+
+    async def _write_expired_claims(self) -> None:
         pending, self._expiring = self._expiring, {}
         if not pending:
             return
@@ -971,6 +1184,9 @@ class TenantRuntime:
                 await self._lost_claim(ev, s, res.claimed_by)
             else:
                 self._remember(res.event)
+                # Acknowledged: the estimate is in the ledger now, so the lease
+                # reports it as used (else it would count it twice, for good).
+                self.leases.committed(self, res.event)
         if failed is not None:
             raise failed
 
@@ -1021,7 +1237,9 @@ class TenantRuntime:
         if not rows and not deletes:
             return
         try:
-            await self.store.save_holds(self.tenant_id, rows, list(deletes))
+            await self.store.save_holds(
+                self.tenant_id, rows, list(deletes),
+                maker=self.leases.holder_id if self.leases is not None else "")
         except Exception:
             # Keep them for the next round (the flush loop logs). A hold settled
             # meanwhile is in _hold_deletes already and is not re-added.
@@ -1258,12 +1476,26 @@ class Runtime:
                 except Exception:
                     log.exception("tenant %s: writing open holds failed; will retry",
                                   rt.tenant_id)
+            if poll:
+                await self._settle_across_processes()
             if poll and now >= next_poll:
                 next_poll = now + cfg.config_poll_seconds
                 try:
                     await self.sync_config()
                 except Exception:
                     log.exception("reading config versions failed; will retry")
+                for rt in list(self._tenants.values()):
+                    try:
+                        await rt.refresh_store_status()
+                    except Exception:
+                        log.exception("tenant %s: reading budget status failed",
+                                      rt.tenant_id)
+                if now >= self._next_sweep:
+                    self._next_sweep = now + DEAD_SWEEP_SECONDS
+                    try:
+                        await self.sweep_dead_holds()
+                    except Exception:
+                        log.exception("settling dead processes' holds failed; will retry")
             if now >= self._next_purge:
                 await self._purge_contents(now)
 
@@ -1293,6 +1525,54 @@ class Runtime:
                 self._config_versions[tenant_id] = version
             reloaded.append(tenant_id)
         return reloaded
+
+    _next_sweep = 0.0
+
+    async def _settle_across_processes(self) -> None:
+        """Scale-out, every tick: book the settlements other processes made of this
+        process's holds (their notices)."""
+        try:
+            notices = await self.store.take_notices(self.leases.holder_id)
+        except Exception:
+            log.exception("reading settlement notices failed; will retry")
+            return
+        for tenant_id, rid, _event_id, cost in notices:
+            rt = self._tenants.get(tenant_id)
+            if rt is not None:
+                rt.book_notice(rid, cost)
+
+    async def sweep_dead_holds(self) -> int:
+        """Scale-out: settle into the ledger the saved holds of dead processes (their
+        registration lapsed) once past their expiry, at their estimate (EXPIRED,
+        ESTIMATED), as their maker would have; each event claims its reservation,
+        so a Record that reached the ledger first wins and a second sweeper writes
+        nothing. Then their rows go, and the dead leases can be reclaimed. Returns
+        how many holds were settled."""
+        rows = await self.store.dead_holds(_now_ms())
+        by_tenant: dict[str, list] = {}
+        for tenant_id, rid, _exp, data, maker in rows:
+            by_tenant.setdefault(tenant_id, []).append((rid, data, maker))
+        n = 0
+        for tenant_id, holds in by_tenant.items():
+            rt = await self.get(tenant_id)
+            events = []
+            for rid, data, _maker in holds:
+                try:
+                    events.append(rt.expire_foreign(rid, data))
+                except Exception:
+                    log.exception("tenant %s: saved hold %r of a dead process is "
+                                  "unreadable; dropped", tenant_id, rid)
+            results = await self.writer.write_many(events, return_exceptions=True)
+            failed = [ev.reservation_id for ev, res in zip(events, results)
+                      if isinstance(res, BaseException)]
+            done = [rid for rid, _d, _m in holds if rid not in failed]
+            n += sum(1 for res in results
+                     if not isinstance(res, BaseException) and not res.claimed_by)
+            await self.store.save_holds(tenant_id, (), done)
+            if n:
+                log.warning("tenant %s: settled %d expired hold(s) of dead process(es) "
+                            "%s", tenant_id, n, ", ".join(sorted({m for _r, _d, m in holds})))
+        return n
 
     # Kept content past its retention (privacy.py) is purged every this many seconds.
     CONTENT_PURGE_INTERVAL_SECONDS = 60.0

@@ -158,7 +158,7 @@ def test_record_on_another_process_settles_the_hold_once(ledger_url):
     _run(ledger_url, body)
 
 
-def test_maker_expiry_after_adoption_charges_nothing(ledger_url):
+def test_maker_books_a_settlement_made_elsewhere(ledger_url):
     async def body(p: _Pair):
         a = await p.authorize_until_allowed(0, ttl=2)  # time to adopt before expiry
         rid = a.reservation_id
@@ -169,9 +169,13 @@ def test_maker_expiry_after_adoption_charges_nothing(ledger_url):
         rt_a = await p.maker_expired()
         evs = await p.ledger(rid)
         assert [e.kind for e in evs] == ["record"]  # no EXPIRED event beside it
-        # A's engine took back the estimate it committed at expiry.
+        # The hold's money was in A's lease: A's engine counts B's cost, not its
+        # estimate, and holds nothing (B's engine never counted it).
         a_team = [s for s in rt_a.engine.budget_status() if s.budget_id == "team"][0]
-        assert a_team.committed_nanos == 0 and a_team.held_nanos == 0
+        assert a_team.committed_nanos == _nanos(r.cost) and a_team.held_nanos == 0
+        rt_b = p.servers[1].runtime.tenants[p.tenant]
+        b_team = [s for s in rt_b.engine.budget_status() if s.budget_id == "team"][0]
+        assert b_team.committed_nanos == 0 and b_team.held_nanos == 0
         totals = await p.stores[0].budget_totals(p.tenant)
         assert sum(totals.values()) == _nanos(r.cost)
     _run(ledger_url, body)

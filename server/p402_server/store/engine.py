@@ -461,9 +461,11 @@ class Store:
         tenant_id: str,
         upserts: Iterable[tuple[str, int, Mapping[str, Any]]] = (),
         deletes: Iterable[str] = (),
+        maker: str = "",
     ) -> None:
         """Upsert ``(reservation_id, expires_ms, data)`` and delete reservation ids, in
-        one transaction. ``data`` is the engine's hold snapshot (opaque JSON)."""
+        one transaction. ``data`` is the engine's hold snapshot (opaque JSON);
+        ``maker`` the process that made the holds (leases on; "" otherwise)."""
         h = S.holds
         rows = [
             {
@@ -471,6 +473,7 @@ class Store:
                 "reservation_id": rid,
                 "expires_ms": int(expires_ms),
                 "data": json.dumps(data, sort_keys=True),
+                "maker": maker,
             }
             for rid, expires_ms, data in upserts
         ]
@@ -490,7 +493,8 @@ class Store:
                 await conn.execute(
                     ins.on_conflict_do_update(
                         index_elements=[h.c.tenant_id, h.c.reservation_id],
-                        set_={"expires_ms": ins.excluded.expires_ms, "data": ins.excluded.data},
+                        set_={"expires_ms": ins.excluded.expires_ms, "data": ins.excluded.data,
+                              "maker": ins.excluded.maker},
                     ),
                     rows,
                 )
@@ -509,17 +513,116 @@ class Store:
         return [(rid, int(exp), json.loads(data)) for rid, exp, data in rows]
 
     async def get_hold(self, tenant_id: str, reservation_id: str) -> dict[str, Any] | None:
-        """The saved hold ``reservation_id`` (its data, as ``save_holds`` took it), or None."""
+        """The saved hold ``reservation_id`` (its data, as ``save_holds`` took it, with
+        the process that made it under the key "maker"), or None."""
         h = S.holds
         async with self.engine.connect() as conn:
-            data = (
+            row = (
                 await conn.execute(
-                    sa.select(h.c.data).where(
+                    sa.select(h.c.data, h.c.maker).where(
                         h.c.tenant_id == tenant_id, h.c.reservation_id == reservation_id
                     )
                 )
-            ).scalar()
-        return None if data is None else json.loads(data)
+            ).first()
+        if row is None:
+            return None
+        data = json.loads(row[0])
+        data["maker"] = row[1]
+        return data
+
+    # -- processes and settlement notices (several processes on one ledger) ----------
+
+    async def heartbeat(self, process_id: str, expires_ms: int, now_ms: int) -> None:
+        """Register process ``process_id`` as alive until ``expires_ms`` (upsert)."""
+        p = S.processes
+        ins = self._insert(p).values(process_id=process_id, started_ms=int(now_ms),
+                                     expires_ms=int(expires_ms))
+        async with self.engine.begin() as conn:
+            await conn.execute(ins.on_conflict_do_update(
+                index_elements=[p.c.process_id], set_={"expires_ms": ins.excluded.expires_ms}))
+
+    async def process_alive(self, process_id: str, now_ms: int) -> bool:
+        """Is ``process_id`` registered and not past its expiry?"""
+        p = S.processes
+        async with self.engine.connect() as conn:
+            exp = (await conn.execute(
+                sa.select(p.c.expires_ms).where(p.c.process_id == process_id))).scalar()
+        return exp is not None and int(exp) > now_ms
+
+    async def dead_holds(self, now_ms: int, limit: int = 500
+                         ) -> list[tuple[str, str, int, dict[str, Any], str]]:
+        """Saved holds past their expiry whose maker is a process that stopped
+        renewing (dead): ``(tenant_id, reservation_id, expires_ms, data, maker)``,
+        oldest first, at most ``limit``."""
+        h, p = S.holds, S.processes
+        q = (sa.select(h.c.tenant_id, h.c.reservation_id, h.c.expires_ms, h.c.data, h.c.maker)
+             .select_from(h.join(p, p.c.process_id == h.c.maker))
+             .where(h.c.maker != "", h.c.expires_ms <= now_ms, p.c.expires_ms <= now_ms)
+             .order_by(h.c.expires_ms).limit(limit))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [(t, r, int(e), json.loads(d), m) for t, r, e, d, m in rows]
+
+    async def holds_of(self, tenant_id: str, maker: str) -> int:
+        """How many saved holds of the tenant process ``maker`` made (still open)."""
+        h = S.holds
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(
+                sa.select(sa.func.count()).select_from(h)
+                .where(h.c.tenant_id == tenant_id, h.c.maker == maker))).scalar() or 0)
+
+    async def prune_processes(self, before_ms: int) -> int:
+        """Forget processes dead since before ``before_ms`` that have no saved hold
+        left, and the notices nobody will take for them."""
+        p, h, n = S.processes, S.holds, S.settle_notices
+        async with self.engine.begin() as conn:
+            gone = [r[0] for r in (await conn.execute(
+                sa.select(p.c.process_id).where(
+                    p.c.expires_ms < before_ms,
+                    ~sa.exists().where(h.c.maker == p.c.process_id)))).all()]
+            for i in range(0, len(gone), 500):
+                chunk = gone[i : i + 500]
+                await conn.execute(n.delete().where(n.c.maker.in_(chunk)))
+                await conn.execute(p.delete().where(p.c.process_id.in_(chunk)))
+        return len(gone)
+
+    async def leave_notices(self, rows: Iterable[tuple[str, str, str, str, int]],
+                            now_ms: int) -> None:
+        """Notices ``(tenant_id, reservation_id, maker, event_id, cost_nanos)``: the
+        reservation, made by ``maker``, was settled by event ``event_id`` elsewhere."""
+        n = S.settle_notices
+        values = [{"tenant_id": t, "reservation_id": r, "maker": m, "event_id": e,
+                   "cost_nanos": int(c), "created_ms": int(now_ms)} for t, r, m, e, c in rows]
+        if not values:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(self._insert(n).on_conflict_do_nothing(), values)
+
+    async def take_notices(self, maker: str) -> list[tuple[str, str, str, int]]:
+        """Remove and return the notices left for process ``maker``:
+        ``(tenant_id, reservation_id, event_id, cost_nanos)``."""
+        n = S.settle_notices
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(
+                n.delete().where(n.c.maker == maker)
+                .returning(n.c.tenant_id, n.c.reservation_id, n.c.event_id,
+                           n.c.cost_nanos))).all()
+        return [(t, r, e, int(c)) for t, r, e, c in rows]
+
+    async def store_budget_status(self, tenant_id: str
+                                  ) -> tuple[dict[tuple[str, int], int], dict[str, int]]:
+        """The store-level truth for budget status across processes: committed
+        nano-USD per (budget_id, period_start_ms) from the ledger, and the nano-USD
+        held per budget by every saved open hold (each process writes its holds
+        behind)."""
+        committed = await self.budget_totals(tenant_id)
+        held: dict[str, int] = {}
+        for _rid, _exp, data in await self.load_holds(tenant_id):
+            hold = data.get("hold") or {}
+            amount = int(hold.get("amount_nanos") or 0)
+            for bid in hold.get("budget_ids") or ():
+                held[bid] = held.get(bid, 0) + amount
+        return committed, held
 
     async def prune_hold_claims(self, before_ms: int) -> int:
         """Delete settlement claims (hold_claims, written by the group-commit writer)

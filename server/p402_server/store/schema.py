@@ -254,6 +254,9 @@ holds = sa.Table(
     sa.Column("reservation_id", sa.String(), primary_key=True),
     sa.Column("expires_ms", sa.BigInteger(), nullable=False),
     sa.Column("data", sa.Text(), nullable=False),
+    # The process (leases.LeaseManager.holder_id) that made the hold; "" without leases.
+    sa.Column("maker", sa.String(), nullable=False, server_default=""),
+    sa.Index("ix_holds_maker", "maker", "expires_ms"),
 )
 
 # Migration 0003 (issue 7, scale-out; p402_server/leases.py owns every statement on
@@ -298,8 +301,33 @@ hold_claims = sa.Table(
     sa.Index(None, "claimed_ms"),
 )
 
+# Migration 0006: the processes serving with leases on (alive while `expires_ms` is
+# renewed), and the notices a process leaves a reservation's maker when it settled
+# that reservation from its saved hold (runtime.py, "Settling across processes").
+processes = sa.Table(
+    "processes",
+    metadata,
+    sa.Column("process_id", sa.String(), primary_key=True),
+    sa.Column("started_ms", sa.BigInteger(), nullable=False),
+    sa.Column("expires_ms", sa.BigInteger(), nullable=False),
+)
+
+settle_notices = sa.Table(
+    "settle_notices",
+    metadata,
+    sa.Column("tenant_id", sa.String(), primary_key=True),
+    sa.Column("reservation_id", sa.String(), primary_key=True),
+    sa.Column("maker", sa.String(), nullable=False),
+    sa.Column("event_id", sa.String(), nullable=False),
+    sa.Column("cost_nanos", sa.BigInteger(), nullable=False),
+    sa.Column("created_ms", sa.BigInteger(), nullable=False),
+    sa.Index("ix_settle_notices_maker", "maker"),
+)
+
 __all__ = [
     "metadata",
+    "processes",
+    "settle_notices",
     "budget_allocations",
     "budget_leases",
     "tenants",
