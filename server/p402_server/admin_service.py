@@ -116,7 +116,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         rt = await self._rt(key)
         budgets = [rt.budgets[k] for k in sorted(rt.budgets)]
         page, token = convert.offset_page(budgets, request.page_size, request.page_token)
-        statuses = {s.budget_id: s for s in rt.engine.budget_status()}
+        statuses = {s.budget_id: s for s in rt.budget_status()}
         resp = admin_pb2.ListBudgetsResponse(next_page_token=token)
         for b in page:
             convert.budget_to_proto(b, statuses.get(b.budget_id), resp.budgets.add())
@@ -136,7 +136,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
 
     @staticmethod
     def _status(rt, budget_id: str):
-        return next((s for s in rt.engine.budget_status() if s.budget_id == budget_id), None)
+        return next(iter(rt.budget_status((budget_id,))), None)
 
     # --- policy rules ----------------------------------------------------------
 

@@ -556,3 +556,38 @@ async def test_async_client_maps_errors(server, tenant):
     async with pc.AsyncP402Client(server.target, api_key="p402_nope") as bad:
         with pytest.raises(pc.Unauthenticated):
             await bad.ping()
+
+
+def test_each_client_has_its_own_connection():
+    """Two P402Client objects in one process open two TCP connections (gRPC Python
+    would otherwise share one between them, and `p402 serve --workers N`, which
+    spreads connections, would serve both from one worker)."""
+    from concurrent import futures
+
+    from p402.v1 import meter_pb2
+
+    peers: list[str] = []
+
+    def ping(request, context):
+        peers.append(context.peer())
+        return meter_pb2.PingResponse(tenant="t")
+
+    handler = grpc.method_handlers_generic_handler("p402.v1.MeterService", {
+        "Ping": grpc.unary_unary_rpc_method_handler(
+            ping, request_deserializer=meter_pb2.PingRequest.FromString,
+            response_serializer=meter_pb2.PingResponse.SerializeToString)})
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    srv.add_generic_rpc_handlers((handler,))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        with pc.P402Client(f"127.0.0.1:{port}", api_key="p402_x") as a, \
+                pc.P402Client(f"127.0.0.1:{port}", api_key="p402_x") as b:
+            a.ping()
+            b.ping()
+            a.ping()
+    finally:
+        srv.stop(0)
+    assert len(peers) == 3
+    assert peers[0] == peers[2]  # one client keeps its connection
+    assert peers[0] != peers[1]  # the other client has its own

@@ -77,6 +77,11 @@ _CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Each client has its own connection: gRPC Python otherwise shares one TCP
+    # connection between the channels of a process, so several clients would all
+    # reach one worker of `p402 serve --workers N` (SO_REUSEPORT spreads
+    # connections, not calls).
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 
