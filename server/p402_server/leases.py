@@ -696,10 +696,14 @@ class LeaseManager:
         now = _now_ms()
         start, end = core.period_bounds(b.period, now)
         if lease.open and lease.returning >= 0:
+            # What was unused when the limit was lowered, plus any grant that landed
+            # since (a take in flight then): all of it goes back, none is stranded.
+            back = lease.returning + max(0, self._unused(rt, lease.budget_id))
+            rt.engine.set_lease(lease.budget_id, 0)
             try:
                 await self.db.give_back(rt.tenant_id, lease.budget_id,
                                         lease.period_start_ms, lease.row, lease.epoch,
-                                        lease.returning, lease.acked, now)
+                                        back, lease.acked, now)
             finally:
                 self.round_trips += 1
             lease.returning = -1

@@ -602,6 +602,10 @@ class Store:
         """Remove and return the notices left for process ``maker``:
         ``(tenant_id, reservation_id, event_id, cost_nanos)``."""
         n = S.settle_notices
+        async with self.engine.connect() as conn:  # a read first: usually none
+            if (await conn.execute(sa.select(n.c.reservation_id)
+                                   .where(n.c.maker == maker).limit(1))).first() is None:
+                return []
         async with self.engine.begin() as conn:
             rows = (await conn.execute(
                 n.delete().where(n.c.maker == maker)
