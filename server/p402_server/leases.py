@@ -1,4 +1,4 @@
-"""Leased budget slices: several processes, one HARD limit, no overspend (issue 7).
+"""Leased budget slices: several processes, one HARD limit, no overspend.
 
 Owns `LeaseConfig` (the knobs), `LeaseStore` (every SQL statement on the two lease
 tables, through the store's SQLAlchemy engine) and `LeaseManager` (one per server
@@ -52,40 +52,44 @@ Model (DESIGN §6 "Scale-out"; REFERENCES "Distributed budgets")
   Until then a process can deny while a peer holds unused headroom; it never
   allows past the limit.
 - Epochs and expiry: a lease row carries the allocation's epoch when it was
-  created; every renewal is `… WHERE holder_id = :me AND epoch = :e AND expires_ms >
-  now`. A lease that expired is reclaimed by any live process `reclaim_grace_seconds`
-  after its expiry (its row deleted, its granted − used removed from leased,
-  allocation epoch + 1), so a slow process that wakes up finds its renewal fenced
-  (0 rows) and starts a new lease; locally it stops spending at its own deadline
-  (expiry − `safety_seconds`, on the monotonic clock), checked on every Authorize.
-- Crash: a SIGKILLed process's lease stays counted in leased until it expires and
-  the grace passes: a crash delays headroom, never creates it. The grace is the
-  longest hold TTL, so a hold the dead process made has expired before its share
-  is reclaimed. Its in-flight ledger transactions either committed (in L) or died
-  with the connection.
+  created; every renewal is `… WHERE holder_id = :me AND epoch = :e` (a row past its
+  expiry that nobody reclaimed yet is renewed: its holds stay counted in it). A lease
+  that expired is reclaimed by any live process `reclaim_grace_seconds` after its
+  expiry, and only once its process has no saved hold left (a dead process's holds
+  are first expired into the ledger by a survivor: runtime.Runtime.sweep_dead_holds):
+  its row deleted, its granted − used removed from leased, allocation epoch + 1. A
+  process whose row is gone finds its renewal fenced (0 rows) and starts a new lease;
+  locally it stops spending at its own deadline (expiry − `safety_seconds`, on the
+  monotonic clock), checked on every Authorize, and between rows every Authorize
+  fences the budget to zero.
+- A new row while holds of the old one are open (a new period, a fenced row): the new
+  row is granted their amount at once (`take(carry=True)`, whatever the limit says:
+  they were authorized already), because their settlements report used to it.
+- Crash: a SIGKILLed process's lease stays counted in leased until its saved holds
+  are settled and it is reclaimed: a crash delays headroom, never creates it. Its
+  in-flight ledger transactions either committed (in L) or died with the connection.
+  Every process registers in `processes` (renewed every second) so survivors know
+  when it is gone.
 - Shutdown (`close`, after the writer has drained): the unused part of every lease
-  is returned and the row is set to expire now; what stays (open holds, which are
-  written to the holds table) is reclaimed after the grace.
-- Costs that enter the ledger without an acknowledged Record (the expiry sweep's
-  EXPIRED events, written behind) are never reported as used: they stay counted in
-  the lease until it is returned or reclaimed (conservative).
+  is returned, the row is set to expire now and the process deregisters; what stays
+  (open holds, saved in the holds table) is settled by the survivors as it expires.
+- Every acknowledged cost is reported as used: Records, and the expiry's EXPIRED
+  events (awaited with leases on).
+- A lowered limit: the unused part of the lease goes back (`shrink`, the row stays)
+  and slices are taken under the new limit.
 - Period rollover: the core re-bases a lease on the new period keeping its size;
   `check` fences every lease to 0 at the first Authorize past the period end and the
   background task takes fresh slices from the new period's allocation.
 
-Settling another process's reservation (runtime.TenantRuntime._adopt; migration
-0005): a Record or Release for a reservation this process did not make and the
-ledger has not settled restores the maker's saved hold into this engine and settles
-it here, charged to THIS process's lease. Every settling event (record, release,
-expiry) claims its reservation in the writer's own transaction (LedgerEvent.claim,
-table hold_claims): the first event_id wins; a later settling event with another
-event_id is not written, its process takes back what its engine counted and
-answers with the winner (runtime._lost_claim). So the maker's copy of an adopted
-hold, recorded, released or expired there later, charges nothing; a retried Record
-(same event_id) is a plain duplicate wherever it lands. With leases on, an engine
-restores no stored holds at start-up (runtime.restore): the holds table does not
-say which process made a hold; a restarted process adopts the holds of its
-previous life one by one when they are recorded or released.
+Settling another process's reservation (SCALEOUT.md; migrations 0005, 0006): the
+hold's money stays in its maker's lease. A Record or Release for a reservation this
+process did not make settles the maker's saved hold here without this engine or
+lease, and leaves the maker a notice; the maker books the settlement (`used`). Every
+settling event claims its reservation in the writer's own transaction (hold_claims):
+the first event_id wins; a later settling event is not written and answers with the
+winner, and a maker whose own copy lost books the winner's cost. With leases on, an
+engine restores no stored holds at start-up: a restarted process is a new process,
+and the holds of its previous life are settled like any dead process's.
 
 Not implemented (documented): rate limits and other policy state are per process
 (each process enforces its rules' limits on its own traffic: a rate of R per
@@ -112,7 +116,7 @@ from .store import schema as S
 log = logging.getLogger("p402.server.leases")
 
 ENV_PREFIX = "P402_LEASE_"
-# Settlement claims (hold_claims, runtime.TenantRuntime._adopt) are kept this long.
+# Settlement claims (hold_claims) and dead processes' registrations are kept this long.
 CLAIMS_KEPT_SECONDS = 86_400.0
 
 
@@ -222,11 +226,13 @@ class LeaseStore:
 
     async def take(self, tenant_id, budget_id, period_start_ms, limit_nanos, holder_id,
                    epoch, slice_nanos, acked_nanos, expires_ms, now_ms,
-                   renew: bool = True) -> bool:
+                   renew: bool = True, carry: bool = False) -> bool:
         """Renew this lease (epoch-fenced), report `acked_nanos` as used and take
         `slice_nanos` if it fits under the limit. True: taken; False: renewed and
         reported, but no room for the slice (`renew` False: nothing done then, one
-        transaction instead of two). Raises Fenced."""
+        transaction instead of two). `carry`: grant `slice_nanos` whatever the
+        limit says (holds already authorized, carried into a new lease row).
+        Raises Fenced."""
         a, l = S.budget_allocations, S.budget_leases
         key = (a.c.tenant_id == tenant_id, a.c.budget_id == budget_id,
                a.c.period_start_ms == period_start_ms)
@@ -237,8 +243,11 @@ class LeaseStore:
             try:
                 async with self.engine.begin() as conn:
                     # The lease row first: it is the fence (and, on PostgreSQL, locks it).
+                    # A row past its expiry that nobody reclaimed yet is renewed
+                    # (a reclaim deletes it under the same condition, so only one
+                    # of the two happens): its holds stay counted in it.
                     got = (await conn.execute(
-                        l.update().where(*lkey, l.c.epoch == epoch, l.c.expires_ms > now_ms)
+                        l.update().where(*lkey, l.c.epoch == epoch)
                         .values(granted_nanos=l.c.granted_nanos + grant,
                                 used_nanos=l.c.used_nanos + acked_nanos,
                                 expires_ms=expires_ms)
@@ -249,7 +258,7 @@ class LeaseStore:
                     # The one conditional statement: the condition is rechecked after
                     # the row lock, so two takers can never both pass the limit.
                     cond = [*key]
-                    if grant:
+                    if grant and not carry:
                         cond.append(ledger + new_leased <= limit_nanos)
                     done = (await conn.execute(
                         a.update().where(*cond)
@@ -510,6 +519,13 @@ class LeaseManager:
         lease.dormant = True
 
     @staticmethod
+    def _status(rt, budget_id: str) -> dict | None:
+        for d in rt.engine.lease_status():
+            if d["budget_id"] == budget_id:
+                return d
+        return None
+
+    @staticmethod
     def _unused(rt, budget_id: str) -> int:
         for d in rt.engine.lease_status():
             if d["budget_id"] == budget_id:
@@ -615,6 +631,8 @@ class LeaseManager:
         status = {d["budget_id"]: d for d in engine.lease_status()}
         for lease in tl.leases.values():
             if not lease.open:
+                if status.get(lease.budget_id, {}).get("unused_nanos", 0) > 0:
+                    engine.set_lease(lease.budget_id, 0)
                 continue
             if now >= lease.period_end_ms:
                 engine.set_lease(lease.budget_id, 0)  # that period's grant is over
@@ -632,6 +650,10 @@ class LeaseManager:
     def _recompute(self, tl: _TenantLeases) -> None:
         live = [l for l in tl.leases.values() if l.open]
         tl.deadline = min((l.deadline for l in live), default=float("inf"))
+        if len(live) < len(tl.leases):
+            # A budget between lease rows: every Authorize fences it to zero (a hold
+            # of the old row settling meanwhile must not free money to spend).
+            tl.deadline = 0.0
         tl.boundary_ms = min((l.period_end_ms for l in live), default=2**62)
 
     async def _loop(self) -> None:
@@ -696,19 +718,23 @@ class LeaseManager:
         now = _now_ms()
         start, end = core.period_bounds(b.period, now)
         if lease.open and lease.returning >= 0:
-            # What was unused when the limit was lowered, plus any grant that landed
-            # since (a take in flight then): all of it goes back, none is stranded.
+            # A lowered limit: what was unused then, plus any grant that landed
+            # since (a take in flight), goes back; the lease row stays, so the holds
+            # made under it keep counting in it until they settle (a new row would
+            # let their settlements move the new lease's accounting).
             back = lease.returning + max(0, self._unused(rt, lease.budget_id))
             rt.engine.set_lease(lease.budget_id, 0)
             try:
-                await self.db.give_back(rt.tenant_id, lease.budget_id,
-                                        lease.period_start_ms, lease.row, lease.epoch,
-                                        back, lease.acked, now)
+                ok = await self.db.shrink(rt.tenant_id, lease.budget_id,
+                                          lease.period_start_ms, lease.row, lease.epoch,
+                                          back)
             finally:
                 self.round_trips += 1
             lease.returning = -1
-            lease.acked = 0
-            lease.open = False  # a new lease row, under the new limit, below
+            lease.limit_nanos = b.limit_nanos
+            lease.slice = 0
+            if not ok:  # reclaimed meanwhile: a new lease below
+                lease.open = False
         if lease.open and start != lease.period_start_ms:
             # New period: the old lease ends (its unused part is reclaimed later).
             rt.engine.set_lease(lease.budget_id, 0)
@@ -731,6 +757,15 @@ class LeaseManager:
             lease.open = True
             lease.deadline = sent + cfg.ttl_seconds - cfg.safety_seconds
             rt.engine.set_lease(lease.budget_id, 0)
+            # Holds still open from the previous row (fenced, or a new period, where
+            # they will be charged) are carried into this one: the row is granted
+            # their amount, since their settlements report used here.
+            carry = max(0, (self._status(rt, lease.budget_id) or {}).get("held_nanos", 0))
+            if carry:
+                await self.db.take(rt.tenant_id, lease.budget_id, start, b.limit_nanos,
+                                   lease.row, lease.epoch, carry, 0, expires, now,
+                                   renew=False, carry=True)
+                self.round_trips += 1
         status = {d["budget_id"]: d for d in rt.engine.lease_status()}
         st = status.get(lease.budget_id)
         unused = st["unused_nanos"] if st else 0

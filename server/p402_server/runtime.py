@@ -26,10 +26,11 @@ Decisions and events
 - `authorize` never awaits: a decision is made in memory and answered. A DENY is
   written behind as a ledger event (kind "denied", outcome DENIED, cost 0).
 - `record` settles the engine, builds the LedgerEvent from the Settlement and awaits
-  the group-commit writer: the answer goes out only after the commit. The event's
-  owners and labels are the Record's when it sends them, else the hold's (budgets
-  are always charged by the hold's, as authorized). Each event keeps the catalog
-  version it was priced with.
+  the group-commit writer: the answer goes out only after the commit. A reserved
+  event's owners and labels are the hold's, whose budgets were charged; a Record
+  naming others adds the reason reservation.owners_differ. A Record without a
+  reservation is attributed to its own owners. Each event keeps the catalog version
+  it was priced with.
 - Every settled reservation becomes exactly one event: a Record ("record"), a
   Release ("released") or the expiry sweep ("expired"; committed at its estimate,
   evidence ESTIMATED, written behind).
@@ -47,12 +48,18 @@ Idempotency (DESIGN §3: a repeated Record returns the first result)
 - A Record of a reservation that was already settled by an earlier event (a record
   with another event_id, a release, an expiry) returns that first event,
   duplicate=True.
-- Scale-out (leases on): a Record or Release of a reservation another process made
-  settles the maker's saved hold here (`_adopt`). Every settling event claims its
+- Scale-out (leases on; SCALEOUT.md states the contract): a hold's money stays in
+  its maker's lease. A Record or Release of a reservation another process made
+  settles the maker's saved hold here without this engine (`_settle_foreign`,
+  waiting a few flush intervals for a hold not saved yet) and leaves the maker a
+  notice, which the maker books (`book_notice`). Every settling event claims its
   reservation in the writer's transaction (LedgerEvent.claim, table hold_claims):
   the first event wins, a later one with another event_id is not written and its
-  caller gets the first (`_lost_claim`), whichever process settles: one settlement
-  per reservation (leases.py explains).
+  caller gets the first (`_lost_claim`); a maker whose own copy lost books the
+  winner's cost (`_rebook`). A Record racing its hold's expiry gets the EXPIRED
+  event (duplicate=True) on every process. Survivors expire a dead process's saved
+  holds (`Runtime.sweep_dead_holds`). Budget status is the store's
+  (`budget_status`).
   An Authorize that only a leased budget denies takes the missing nanos from the
   store and is decided again (`authorize_exact`).
 
@@ -60,7 +67,9 @@ Background (one task per server): every `expire_interval_seconds` `engine.expire
 for every tenant (EXPIRED events written behind); every
 `holds_flush_interval_seconds` the changed open holds are written behind
 (`store.save_holds`, batched upserts and deletes), and all of them at shutdown; with
-leases on, every `config_poll_seconds` the config poll (`Runtime.sync_config`).
+leases on, every tick the notices left for this process (`take_notices`), every
+`config_poll_seconds` the config poll (`Runtime.sync_config`) and the store-level
+budget status, and every `DEAD_SWEEP_SECONDS` the dead processes' expired holds.
 """
 from __future__ import annotations
 
@@ -953,7 +962,7 @@ class TenantRuntime:
         ev = self._event_fields(s, event_id, kind, req, owners, labels, revenue)
         if self.leases is not None:
             # Scale-out: several processes may settle one reservation (a Record
-            # retried elsewhere, an expiry): the writer keeps the first (`_adopt`).
+            # retried elsewhere, an expiry): the writer keeps the first.
             ev.claim = True
         return ev
 
@@ -1139,7 +1148,7 @@ class TenantRuntime:
                 continue
             if self.leases is not None:
                 # Scale-out: another process may have settled this hold (a Record
-                # retried there, `_adopt`): the writer's claim decides, at the next
+                # retried there): the writer's claim decides, at the next
                 # flush (`_expire_claimed`).
                 self._expiring[s.reservation_id] = s
                 continue
@@ -1381,7 +1390,7 @@ class Runtime:
         self.store = store
         self.writer = writer
         self.config = config
-        # Scale-out (issue 7): a leases.LeaseManager, or None (single process).
+        # Scale-out: a leases.LeaseManager, or None (single process).
         self.leases = leases
         self.core = core or p402core.load(p402core.IMPLEMENTATION)
         self._tenants: dict[str, TenantRuntime] = {}

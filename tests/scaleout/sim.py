@@ -20,16 +20,15 @@ What is real and what is modelled
   recorded before they are saved, kills at any step (unflushed holds die with the
   process), restarts under a new id, time jumps past TTLs, lowered limits.
 
-`Sim(seed, bugs=...)` re-introduces a rule the protocol replaced ("compensate",
-"adopt": the old cross-process settlement; "expiry_unreported"; "no_sweep") or a
-fault outside its guarantees ("stalls": a live process misses its renewals). Today
-the checks catch "stalls" (tests/scaleout/test_simulation.py); the workload does not
-yet drive the others into a violation, which is why the regression tests for them are
-the real-process ones (tests/scaleout/test_cross_process.py). A failing seed replays
+`Sim(seed, bugs=...)` adds a fault ("stalls": a live process misses its renewals
+and is taken for dead) or reverts one rule of the protocol ("compensate", "adopt":
+the old cross-process settlement; "expiry_unreported"; "no_sweep"; "no_carry"), to
+show the checks catch it (tests/scaleout/test_simulation.py). A failing seed replays
 exactly: the same seed gives the same steps.
 """
 from __future__ import annotations
 
+import collections
 import random
 from dataclasses import dataclass, field
 
@@ -53,14 +52,13 @@ class Store:
     leased: int = 0
     rows: dict = field(default_factory=dict)       # row -> [process, granted, used, expires]
     ledger: dict = field(default_factory=dict)     # rid -> (kind, cost, estimate)
-    unreserved: int = 0                            # cost metered without a hold
     saved: dict = field(default_factory=dict)      # rid -> (maker, amount, expires, est)
     alive: dict = field(default_factory=dict)      # process -> expires_ms
     notices: dict = field(default_factory=dict)    # maker -> [(rid, cost)]
 
-    @property
-    def committed(self) -> int:
-        return sum(c for _k, c, _e in self.ledger.values()) + self.unreserved
+    committed: int = 0      # Σ cost of the ledger
+    unknown: int = 0        # of it, metered without the hold
+    overrun: int = 0        # Σ cost above the estimate of reserved events
 
     def claim(self, rid: str, kind: str, cost: int, est: int) -> tuple | None:
         """Write a settling event if it is the first for `rid` -> None, else the
@@ -68,6 +66,11 @@ class Store:
         if rid in self.ledger:
             return self.ledger[rid]
         self.ledger[rid] = (kind, cost, est)
+        self.committed += cost
+        if kind == "unknown":
+            self.unknown += cost
+        else:
+            self.overrun += max(0, cost - est)
         return None
 
     def take(self, row: str, slice_nanos: int, acked: int) -> bool:
@@ -95,6 +98,7 @@ class Process:
         sim.store.rows[self.row] = [pid, 0, 0, sim.now + LEASE_TTL_MS]
         sim.store.alive[pid] = sim.now + LEASE_TTL_MS
         self.acked = 0
+        self.limit = sim.store.limit
         self.unsaved: dict = {}   # rid -> (amount, expires, est)
         self.fenced = False
 
@@ -111,8 +115,18 @@ class Process:
             self.engine.set_lease(BUDGET, 0)
             self.sim.rows += 1
             self.row = f"{self.pid}/{self.sim.rows}"
-            st.rows[self.row] = [self.pid, 0, 0, sim.now + LEASE_TTL_MS]
+            # Holds of the old row are carried into the new one (leases.py).
+            carry = 0 if "no_carry" in sim.bugs else self.engine.lease_status()[0]["held_nanos"]
+            st.rows[self.row] = [self.pid, carry, 0, sim.now + LEASE_TTL_MS]
+            st.leased += carry
             self.acked = 0
+        if self.limit != st.limit:
+            if st.limit < self.limit:  # lowered: the unused part goes back, same row
+                back = max(0, self.unused())
+                self.engine.set_lease(BUDGET, 0)
+                st.rows[self.row][1] -= back
+                st.leased -= back
+            self.limit = st.limit
         st.rows[self.row][3] = sim.now + LEASE_TTL_MS
         headroom = st.limit - st.committed - st.leased + self.acked
         slice_nanos = 0
@@ -245,7 +259,7 @@ class Process:
 
 
 class Sim:
-    def __init__(self, seed: int, *, processes: int = 3, limit: int = 20_000_000,
+    def __init__(self, seed: int, *, processes: int = 3, limit: int = 150_000_000,
                  bugs: frozenset = frozenset()):
         self.seed = seed
         self.rng = random.Random(seed)
@@ -260,8 +274,12 @@ class Sim:
         self.next_pid = 0
         self.procs: dict[str, Process] = {}
         self.reservations: dict[str, int] = {}   # rid -> estimate (given to clients)
+        self.rids: list[str] = []
+        self.recent: collections.deque = collections.deque(maxlen=32)
         self.hold_records: dict[str, dict] = {}
         self.steps = 0
+        self.limits = [(self.now, limit)]  # (time, limit) of every change
+        self.floor = 0  # ledger + open holds when a limit was lowered below them
         self.trace = False
         self.log: list[str] = []
         for _ in range(processes):
@@ -283,25 +301,39 @@ class Sim:
         if op < 0.30:
             rid = p.authorize()
             if rid is not None:
+                self.rids.append(rid)
+                self.recent.append(rid)
                 self.reservations[rid] = p.engine.hold_record(rid)["amount_nanos"]
                 self.hold_records[rid] = p.engine.hold_record(rid)
         elif op < 0.55 and self.reservations:
-            rid = rng.choice(list(self.reservations))
-            est = self.reservations[rid]
-            over = rng.random() < 0.05
-            tokens = (rng.randint(0, 3000), rng.randint(0, 900 if over else 300))
+            rid = self.pick()
+            rec = self.hold_records[rid]
+            if rng.random() < 0.03:  # an overrun: more than authorized
+                tokens = (rec["input_tokens"] * 2, rec["output_tokens"] * 2)
+            else:
+                tokens = (rng.randint(0, rec["input_tokens"]),
+                          rng.randint(0, rec["output_tokens"]))
             p.record(rid, tokens)
             if rng.random() < 0.2:  # a retry, elsewhere
                 rng.choice(list(self.procs.values())).record(rid, tokens)
         elif op < 0.62 and self.reservations:
-            p.release(rng.choice(list(self.reservations)))
+            p.release(self.pick())
         elif op < 0.90:
             p.tick()
         elif op < 0.97:
             self.advance(rng.choice((10, 100, 500, 2_000, 4_000)))
-        elif op < 0.985 and len(self.procs) > 1:
+        elif op < 0.972:
+            # An admin changes the limit: lowered mid-run, or raised again.
+            st = self.store
+            new = max(st.limit // 2, st.limit + rng.choice((-1, 1, 2)) * self.slice)
+            if new < st.limit:  # spend already there stays: the bound is never below it
+                self.floor = max(self.floor, st.committed + self.open_holds())
+            st.limit = new
+            self.limits.append((self.now, st.limit))
+            self.log.append(f"{self.steps}: limit {st.limit}")
+        elif op < 0.975 and len(self.procs) > 1:
             self.kill(p)
-        elif len(self.procs) < 4:
+        elif op < 0.98 and len(self.procs) < 4:
             self.spawn()
         self.survivor_duties()
         if self.trace:
@@ -309,6 +341,15 @@ class Sim:
                             f"ledger {before} -> {self.store.committed} "
                             f"leased={self.store.leased} open={self.open_holds()}")
         self.check()
+
+    def pick(self) -> str:
+        """A reservation to settle: mostly an open one (gateways settle what they
+        hold), sometimes any (a late retry)."""
+        if self.rng.random() < 0.8:
+            recent = [r for r in self.recent if r not in self.store.ledger]
+            if recent:
+                return self.rng.choice(recent)
+        return self.rng.choice(self.rids)
 
     def advance(self, ms: int) -> None:
         """Time passes; live processes renew their registration and lease in the
@@ -348,7 +389,9 @@ class Sim:
     # --- invariants ----------------------------------------------------------------
 
     def live_holds(self) -> set:
-        return {h["reservation_id"] for p in self.procs.values() for h in p.engine.holds()}
+        # The twin's own map of open holds (Engine.holds() builds dicts: too slow to
+        # call after every step).
+        return {rid for p in self.procs.values() for rid in p.engine._holds}
 
     def open_holds(self) -> int:
         """Nanos of every reservation given out and not settled in the ledger,
@@ -356,22 +399,59 @@ class Sim:
         st = self.store
         total = 0
         live = self.live_holds()
-        for rid, est in self.reservations.items():
-            if rid not in st.ledger and (rid in live or rid in st.saved):
-                total += est
+        for rid in live | st.saved.keys():
+            if rid not in st.ledger and rid in self.reservations:
+                total += self.reservations[rid]
         return total
 
     def overruns(self) -> int:
-        return sum(max(0, c - e) for k, c, e in self.store.ledger.values()
-                   if k != "unknown") + self.store.unreserved
+        return self.store.overrun
+
+    def limit_in_force(self) -> int:
+        """The limit I1 holds against: a lowered limit binds once the holds
+        authorized under the higher one can have settled (their TTL) and every
+        process has seen it (a lease lifetime); until then the higher one."""
+        since = self.now - TTL_MS - LEASE_TTL_MS
+        recent = [lim for t, lim in self.limits if t >= since]
+        before = [lim for t, lim in self.limits if t < since]
+        return max(recent + before[-1:] + [self.floor])
 
     def check(self) -> None:
         st = self.store
-        spent = st.committed - sum(c for k, c, _e in st.ledger.values() if k == "unknown")
-        if spent + self.open_holds() > st.limit + self.overruns():
+        spent = st.committed - st.unknown
+        if spent + self.open_holds() > self.limit_in_force() + self.overruns():
             raise InvariantBroken(
                 f"I1 seed={self.seed} step={self.steps}: ledger {st.committed} + open "
-                f"holds {self.open_holds()} > limit {st.limit} + overruns {self.overruns()}")
+                f"holds {self.open_holds()} > limit {self.limit_in_force()} + overruns "
+                f"{self.overruns()}")
+
+    def drain(self) -> None:
+        """Spend what is left, on every process, each call recorded at its estimate on
+        a random process, until every process denies even after ticks: the ledger
+        then shows whether any money was spendable twice (I1)."""
+        idle = 0
+        while idle < 3 and self.steps < 10**7:
+            progressed = False
+            for p in list(self.procs.values()):
+                self.steps += 1
+                rid = p.authorize()
+                if rid is None:
+                    continue
+                progressed = True
+                rec = p.engine.hold_record(rid)
+                self.reservations[rid] = rec["amount_nanos"]
+                self.hold_records[rid] = rec
+                p.tick()  # saved, so any process can settle it
+                self.rng.choice(list(self.procs.values())).record(
+                    rid, (rec["input_tokens"], rec["output_tokens"]))
+                self.check()
+            for p in list(self.procs.values()):
+                p.tick()
+            self.advance(TTL_MS + 1)
+            for p in list(self.procs.values()):
+                p.tick()
+            self.check()
+            idle = 0 if progressed else idle + 1
 
     def settle_all(self) -> None:
         """Quiesce: time passes beyond every TTL, every process ticks, survivors sweep."""
@@ -409,4 +489,5 @@ def run(seed: int, steps: int, **kw) -> Sim:
         sim.step()
     sim.settle_all()
     sim.check_quiet()
+    sim.drain()
     return sim
