@@ -371,6 +371,10 @@ class TenantRuntime:
                 exact.append(a)
                 return None
         resp = convert.authorization_to_proto(a)
+        if self._status_base and a.budgets:  # scale-out: the store's status
+            del resp.budgets[:]
+            for st in self._store_level(list(a.budgets)):
+                convert.budget_status_to_proto(st, resp.budgets.add())
         if mode != _privacy.METADATA_ONLY and a.reservation_id and req.content:
             # Hashed (and, where the mode keeps text, held) in memory for the Record;
             # metadata_only keeps nothing, the content was only measured.
@@ -1047,9 +1051,11 @@ class TenantRuntime:
         this engine committed and held since that read."""
         out = [st for st in self.engine.budget_status()
                if budget_ids is None or st.budget_id in budget_ids]
+        return self._store_level(out) if self._status_base else out
+
+    def _store_level(self, out: list) -> list:
+        """Engine statuses -> the store-level ones (`budget_status`), in place."""
         base = self._status_base
-        if not base:
-            return out
         make = self.core.BudgetStatus
         for n, st in enumerate(out):
             b = base.get(st.budget_id)

@@ -189,6 +189,13 @@ def test_status_is_the_store_truth_on_every_process(ledger_url):
             resp = await admin.ListBudgets(admin_pb2.ListBudgetsRequest(), metadata=p.md)
             team = [b for b in resp.budgets if b.budget_id == "team"][0]
             assert _nanos(team.status.committed) == total, (i, team.status)
+            # An Authorize's budgets too: the ledger's committed, and its own hold.
+            a = await p.authorize_until_allowed(i)
+            st = [b for b in a.budgets if b.budget_id == "team"][0]
+            assert _nanos(st.committed) == total, (i, st)
+            assert _nanos(st.held) >= _nanos(a.estimated_cost)
+            await p.meters[i].Release(meter_pb2.ReleaseRequest(
+                reservation_id=a.reservation_id), metadata=p.md)
     _run(ledger_url, body)
 
 
