@@ -717,13 +717,7 @@ class TenantRuntime:
         maker a notice (best effort: a lost notice only delays the maker's booking
         until its own copy of the hold expires and finds the claim)."""
         self._remember(ev)  # also deletes the saved hold at the next flush
-        try:
-            res = await self.writer.write(ev)
-        except asyncio.CancelledError:
-            self.writer.write_behind(ev)
-            raise
-        except Exception as exc:
-            raise self._not_committed(ev, exc) from exc
+        res = await self._write_settled(ev)
         if not res.claimed_by:
             self._remember(res.event)
             if maker and (self.leases is None or maker != self.leases.holder_id):
@@ -837,10 +831,11 @@ class TenantRuntime:
             ev.evidence = int(Evidence.ESTIMATED)
         return ev
 
-    async def _commit(self, ev: LedgerEvent, s):
-        # (ev is remembered already: _begin_record, _record_unsettled)
+    async def _write_settled(self, ev: LedgerEvent):
+        """The writer's result for a settled event; on failure it is queued behind
+        (the engine, or the maker's, counted it) and the caller told to retry."""
         try:
-            res = await self.writer.write(ev)
+            return await self.writer.write(ev)
         except asyncio.CancelledError:
             # The caller went away; the engine already counted it: make sure the ledger
             # does too (a retry then finds it and answers duplicate=True).
@@ -848,6 +843,10 @@ class TenantRuntime:
             raise
         except Exception as exc:
             raise self._not_committed(ev, exc) from exc
+
+    async def _commit(self, ev: LedgerEvent, s):
+        # (ev is remembered already: _begin_record, _record_unsettled)
+        res = await self._write_settled(ev)
         if res.claimed_by:  # scale-out: another process settled the reservation first
             first = await self._lost_claim(ev, s, res.claimed_by)
             return convert.record_response(first, True, self._statuses(first.budget_ids))
