@@ -35,7 +35,8 @@ async def main():
     store = await open_store({url!r})
     tenant, key = await init_tenant(store, "bench")
     server, port = create_server("127.0.0.1:0", store=store,
-                                 config=ServerConfig.from_env(max_concurrent_rpcs=4096))
+                                 config=ServerConfig.from_env(max_concurrent_rpcs=4096),
+                                 leases={leases!r})
     await server.start()
     print(json.dumps({{"port": port, "api_key": key, "tenant": tenant}}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -51,12 +52,14 @@ except ImportError:
 
 
 @contextmanager
-def server_process():
-    """Start a server subprocess -> {"port", "api_key", "tenant"}; stops it at exit."""
+def server_process(leases: bool = False):
+    """Start a server subprocess -> {"port", "api_key", "tenant"}; stops it at exit.
+    `leases`: HARD budgets leased from the store (`p402 serve --lease on`)."""
     tmp = tempfile.mkdtemp(prefix="p402-bench-")
     url = f"sqlite+aiosqlite:///{tmp}/bench.db"
     paths = [ROOT, os.path.join(ROOT, "server"), os.path.join(ROOT, "clients", "python")]
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER.format(paths=paths, url=url)],
+    proc = subprocess.Popen([sys.executable, "-c",
+                             _SERVER.format(paths=paths, url=url, leases=leases)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -474,6 +474,8 @@ class Store:
                 "expires_ms": int(expires_ms),
                 "data": json.dumps(data, sort_keys=True),
                 "maker": maker,
+                "amount_nanos": int((data.get("hold") or {}).get("amount_nanos") or 0),
+                "budget_ids": json.dumps(list((data.get("hold") or {}).get("budget_ids") or ())),
             }
             for rid, expires_ms, data in upserts
         ]
@@ -493,8 +495,8 @@ class Store:
                 await conn.execute(
                     ins.on_conflict_do_update(
                         index_elements=[h.c.tenant_id, h.c.reservation_id],
-                        set_={"expires_ms": ins.excluded.expires_ms, "data": ins.excluded.data,
-                              "maker": ins.excluded.maker},
+                        set_={name: ins.excluded[name] for name in
+                              ("expires_ms", "data", "maker", "amount_nanos", "budget_ids")},
                     ),
                     rows,
                 )
@@ -620,12 +622,15 @@ class Store:
         held per budget by every saved open hold (each process writes its holds
         behind)."""
         committed = await self.budget_totals(tenant_id)
+        h = S.holds
         held: dict[str, int] = {}
-        for _rid, _exp, data in await self.load_holds(tenant_id):
-            hold = data.get("hold") or {}
-            amount = int(hold.get("amount_nanos") or 0)
-            for bid in hold.get("budget_ids") or ():
-                held[bid] = held.get(bid, 0) + amount
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                sa.select(h.c.budget_ids, sa.func.sum(h.c.amount_nanos))
+                .where(h.c.tenant_id == tenant_id).group_by(h.c.budget_ids))).all()
+        for ids, amount in rows:
+            for bid in json.loads(ids or "[]"):
+                held[bid] = held.get(bid, 0) + int(amount or 0)
         return committed, held
 
     async def prune_hold_claims(self, before_ms: int) -> int:

@@ -256,6 +256,9 @@ holds = sa.Table(
     sa.Column("data", sa.Text(), nullable=False),
     # The process (leases.LeaseManager.holder_id) that made the hold; "" without leases.
     sa.Column("maker", sa.String(), nullable=False, server_default=""),
+    # What the hold holds, on which budgets (a JSON list): status is a grouped sum.
+    sa.Column("amount_nanos", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("budget_ids", sa.String(), nullable=False, server_default="[]"),
     sa.Index("ix_holds_maker", "maker", "expires_ms"),
 )
 

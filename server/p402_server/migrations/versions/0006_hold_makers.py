@@ -4,7 +4,9 @@ and the notices that tell a maker its hold was settled elsewhere.
 - `processes`: one row per server process with leases on (its holder id), renewed
   every second; a row past `expires_ms` is a dead process, whose expired holds any
   survivor settles into the ledger (runtime.Runtime.sweep_dead_holds).
-- `holds.maker`: the process that made the hold (and whose lease holds its money).
+- `holds.maker`: the process that made the hold (and whose lease holds its money);
+  `holds.amount_nanos` and `holds.budget_ids` (a JSON list): what it holds on which
+  budgets, so budget status across processes is one grouped sum.
 - `settle_notices`: a process that settled another's reservation from its saved
   hold leaves a notice for the maker, which books the settlement into its engine and
   lease (runtime.Runtime.take_notices). Lost notices only delay the booking: the
@@ -35,6 +37,10 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("holds") as batch:
         batch.add_column(sa.Column("maker", sa.String(), nullable=False, server_default=""))
+        batch.add_column(sa.Column("amount_nanos", sa.BigInteger(), nullable=False,
+                                   server_default="0"))
+        batch.add_column(sa.Column("budget_ids", sa.String(), nullable=False,
+                                   server_default="[]"))
     op.create_index("ix_holds_maker", "holds", ["maker", "expires_ms"])
     op.create_table(
         "settle_notices",
@@ -54,5 +60,7 @@ def downgrade() -> None:
     op.drop_table("settle_notices")
     op.drop_index("ix_holds_maker", table_name="holds")
     with op.batch_alter_table("holds") as batch:
+        batch.drop_column("budget_ids")
+        batch.drop_column("amount_nanos")
         batch.drop_column("maker")
     op.drop_table("processes")
