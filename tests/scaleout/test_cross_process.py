@@ -130,18 +130,36 @@ def test_records_on_the_other_process_never_overspend(ledger_url):
 
 
 def test_release_on_the_other_process_frees_the_budget(ledger_url):
-    """Hold the whole budget on A, Release every hold on B: the budget is free again
-    on both processes (after a short settle interval), nothing in the ledger."""
+    """Hold the whole budget (on both processes), Release every hold on the other
+    process: the budget is free again on both (after a short settle interval), long
+    before the holds' TTL, and nothing is in the ledger."""
     async def body(p: _Pair):
-        held = await _hold_until_denied(p, 0)
-        for rid in held:
+        held = await _hold_everywhere(p)
+        assert len(held) >= 10
+        for i, rid in held:
             await p.wait_hold_saved(rid)
-            await p.meters[1].Release(meter_pb2.ReleaseRequest(reservation_id=rid),
-                                      metadata=p.md)
+            await p.meters[1 - i].Release(meter_pb2.ReleaseRequest(reservation_id=rid),
+                                          metadata=p.md)
         assert await _ledger_total(p) == 0
-        again = await _hold_until_denied(p, 0)
+        again = await _hold_everywhere(p)
         assert len(again) >= len(held) - 2, (len(again), len(held))
     _run(ledger_url, body)
+
+
+async def _hold_everywhere(p: _Pair, settle: float = 2.0) -> list:
+    """Authorize (TTL 60 s) on both processes until both deny for `settle` seconds
+    -> [(process, reservation id)]."""
+    held = []
+    loop = asyncio.get_running_loop()
+    quiet = loop.time()
+    while loop.time() - quiet < settle:
+        for i in (0, 1):
+            a = await p.authorize(i, 60)
+            if a.decision != common_pb2.DECISION_DENY:
+                held.append((i, a.reservation_id))
+                quiet = loop.time()
+        await asyncio.sleep(0.01)
+    return held
 
 
 def test_expired_holds_leave_no_stranded_headroom(ledger_url):
