@@ -978,10 +978,11 @@ class TenantRuntime:
             # the reason reservation.owners_differ.
             o = s.owners if isinstance(s.owners, tuple) else convert.owners_from_mapping(
                 s.owners or {})
-            if owners is not None and any(owners):
-                differ = tuple(owners) != tuple(o)
+            if owners is not None:  # an owner the Record names, and names otherwise
+                differ = any(r and r != h for r, h in zip(owners, o))
             if labels:
-                differ = differ or dict(labels) != dict(s.labels or {})
+                held = s.labels or {}
+                differ = differ or any(held.get(k) != v for k, v in labels.items())
             labels = None
         else:
             o = owners if owners is not None else s.owners
