@@ -230,7 +230,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (exit 2) instead of the full usage dump."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # The same "p402: error: " prefix as every other error of the CLI.
+        self.exit(2, f"p402: error: {message} (see {self.prog} --help)\n")
 
 
 def _fmt(description: str, example: str) -> dict[str, Any]:
@@ -363,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default=os.environ.get("P402_DB", DEFAULT_DB),
                    help=f"SQLAlchemy URL (env P402_DB; default {DEFAULT_DB})")
     p.add_argument("--name", default="default", help="tenant name (default 'default')")
+    p.add_argument("--new-tenant", action="store_true",
+                   help="create another tenant in a database that already has one (its "
+                        "key sees only the new tenant's ledger); without it, init on a "
+                        "database with a tenant exits 2")
     _json_flag(p)
     p.set_defaults(func=cmd_init)
 
@@ -567,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
                        **_fmt(
         "Check the hash chain of every tenant in a database (--db), or of an export "
         "file and its signed digest (--file). Names the first bad position. Exit 0 "
-        "intact, 1 broken, 2 bad input.",
+        "intact, 1 broken, 2 bad input (a missing file or database, or one that "
+        "cannot be read: never created by this command).",
         "p402 verify --file events.jsonl"))
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--db", help="SQLAlchemy URL of a P402 database")
@@ -668,6 +674,11 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     _listen_check("--listen", args.listen)
     if args.max_concurrent_rpcs is not None and args.max_concurrent_rpcs <= 0:
         raise UsageError("--max-concurrent-rpcs", "must be > 0")
+    import p402core
+
+    # Before anything starts: a build without the compiled core fails here, with
+    # the way out, and the start-up log names the core that really loaded.
+    core = p402core.load(p402core.IMPLEMENTATION).check()
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":  # migration chatter is not news on every start
@@ -699,8 +710,8 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     if args.workers > 1 and args.lease == "off":
         raise UsageError("--lease", "several workers share budgets: leases must be on")
     kwargs["leases"] = args.lease == "on" or args.workers > 1
-    logging.getLogger("p402.cli").info("p402 serve: starting (db %s, listen %s)",
-                                       _redact_url(args.db), args.listen)
+    logging.getLogger("p402.cli").info("p402 serve: starting (db %s, listen %s, core: %s)",
+                                       _redact_url(args.db), args.listen, core.describe())
     if args.workers > 1:
         from .workers import run_workers
 
@@ -748,12 +759,21 @@ def _redact_url(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
 
 
-async def _init_tenant(db: str, name: str) -> tuple[str, str]:
+async def _init_tenant(db: str, name: str, new_tenant: bool = False) -> tuple[str, str]:
     from .server import init_tenant
     from .store import open_store
 
     store = await open_store(db)
     try:
+        existing = await store.list_tenants()
+        if existing and not new_tenant:
+            names = ", ".join(f"{t.name} ({t.tenant_id})" for t in existing[:3])
+            more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+            raise UsageError("init", (
+                f"{_redact_url(db)} already has {len(existing)} tenant(s): {names}{more}. "
+                "A new tenant's key would see only its own, empty ledger. For another "
+                "key of an existing tenant use `p402 keys create --scope admin` with "
+                "its admin key; to create another tenant anyway, add --new-tenant."))
         return await init_tenant(store, name)
     finally:
         await store.close()
@@ -762,7 +782,8 @@ async def _init_tenant(db: str, name: str) -> tuple[str, str]:
 def cmd_init(args: argparse.Namespace, out: Output) -> int:
     if not args.name.strip():
         raise UsageError("--name", "must not be empty")
-    tenant, api_key = _run_store(args.db, _init_tenant(args.db, args.name))
+    tenant, api_key = _run_store(args.db, _init_tenant(args.db, args.name,
+                                                       args.new_tenant))
     if args.json:
         out.json({"tenant": tenant, "api_key": api_key})
         return 0
@@ -776,8 +797,10 @@ def cmd_init(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
-def _run_store(db: str, coro: Any) -> Any:
-    """Run a store coroutine; a bad URL is bad input naming --db."""
+def _run_store(db: str, coro: Any, *, read_only: bool = False) -> Any:
+    """Run a store coroutine; a bad URL is bad input naming --db. `read_only`
+    commands (verify, contents purge) never create or migrate a database, so a
+    database without P402's tables is bad input too, not a raw SQL error."""
     try:
         return asyncio.run(coro)
     except ValueError as exc:
@@ -786,16 +809,56 @@ def _run_store(db: str, coro: Any) -> Any:
             raise UsageError("--db", getattr(exc, "message", None)
                              or str(exc).split(": ", 1)[-1]) from None
         raise
+    except Exception as exc:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if read_only and isinstance(exc, SQLAlchemyError):
+            detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise UsageError("--db", f"{_redact_url(db)} is not a P402 database this "
+                                     f"command can read ({detail})") from None
+        raise
+
+
+def _existing_db(flag: str, url: str) -> None:
+    """Commands that read a database never create one: a SQLite URL must name an
+    existing file (a typo is bad input, not a new empty database)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UsageError(flag, f"{url!r} is not a database URL (e.g. "
+                               "sqlite+aiosqlite:///p402.db)") from None
+    if parsed.get_backend_name() != "sqlite":
+        return
+    path = parsed.database or ""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    if not os.path.isfile(path):
+        raise UsageError(flag, f"no database at {os.path.abspath(path)} (check the path; "
+                               "this command never creates one)")
 
 
 # ------------------------------------------------------------------ commands: remote
 
 
+def _api_key(raw: str) -> str:
+    """The key without surrounding whitespace (a pasted or file-read key often ends in
+    a newline); whitespace or control characters inside it are refused."""
+    key = (raw or "").strip()
+    if not key:
+        raise UsageError("--api-key", "is required (or set P402_API_KEY)")
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise UsageError("--api-key", "contains whitespace or control characters; a "
+                                      "P402 key is p402_ followed by letters and digits")
+    return key
+
+
 def _client(args: argparse.Namespace):
     from p402_client import P402Client
 
-    if not args.api_key:
-        raise UsageError("--api-key", "is required (or set P402_API_KEY)")
+    args.api_key = _api_key(args.api_key)
     if args.timeout <= 0:
         raise UsageError("--timeout", "must be > 0 seconds")
     return P402Client(args.target, api_key=args.api_key, timeout=args.timeout)
@@ -1259,8 +1322,7 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
     from .evidence import DIGEST_HEADER, ExportWriter, event_row
 
     filters = _filter_kwargs(args)
-    if not args.api_key:
-        raise UsageError("--api-key", "is required (or set P402_API_KEY)")
+    args.api_key = _api_key(args.api_key)
     to_file = args.output not in ("-", "")
     with_digest = to_file if args.digest is None else args.digest
     sidecar = to_file and args.format in ("csv", "focus")
@@ -1351,7 +1413,14 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
             where = f" at row {v.bad_row}" if v.bad_row else ""
             out.print(f"BROKEN{where}: {v.reason}", markup=False)
         return 0 if v.ok else 1
-    results = _run_store(args.db, _verify_db(args.db, args.tenant))
+    _existing_db("--db", args.db)
+    try:
+        results = _run_store(args.db, _verify_db(args.db, args.tenant), read_only=True)
+    except (UsageError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - exit 1 means "broken" here, nothing else
+        raise UsageError("--db", f"cannot read {_redact_url(args.db)}: "
+                                 f"{type(exc).__name__}: {exc}") from None
     if args.json:
         out.json(results)
     else:
@@ -1393,7 +1462,8 @@ def cmd_contents_purge(args: argparse.Namespace, out: Output) -> int:
         finally:
             await store.close()
 
-    n = _run_store(args.db, purge())
+    _existing_db("--db", args.db)
+    n = _run_store(args.db, purge(), read_only=True)
     if args.json:
         out.json({"purged": n})
     else:
@@ -1568,12 +1638,20 @@ def _runtime_error(exc: Exception) -> int:
         _fail(f"{code}: {exc.message}")
         return 1
     try:
-        from p402core import InvalidArgument as CoreInvalid
+        from p402core import CoreNotBuilt, InvalidArgument as CoreInvalid
     except ImportError:  # pragma: no cover
-        CoreInvalid = ()  # type: ignore[assignment]
+        CoreInvalid = CoreNotBuilt = ()  # type: ignore[assignment]
     if isinstance(exc, CoreInvalid):
         _fail(f"{exc.field}: {exc.message}")
         return 2
+    if isinstance(exc, CoreNotBuilt):
+        _fail(str(exc))
+        return 1
+    from .listen import ListenError
+
+    if isinstance(exc, ListenError):
+        _fail(exc.strerror or str(exc))
+        return 1
     _fail(f"{type(exc).__name__}: {exc}")
     if os.environ.get("P402_DEBUG"):
         raise exc
