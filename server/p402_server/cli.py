@@ -45,6 +45,11 @@ PRIVACY_MODES = ("metadata_only", "fingerprint_only", "redacted_trace",
 EFFECTS = ("deny", "warn", "require_owners", "allow_models", "max_output_tokens",
            "max_cost_per_request", "rate_limit", "privacy")
 PERIODS = ("day", "week", "month", "total")
+# Where a LiteLLM price map comes from: the file bundled in the litellm package, or
+# the one LiteLLM's repository publishes (the package's copy is a backup of it).
+LITELLM_BUNDLED_MAP = "model_prices_and_context_window_backup.json"
+LITELLM_MAP_URL = ("https://raw.githubusercontent.com/BerriAI/litellm/main/"
+                   "model_prices_and_context_window.json")
 
 
 class UsageError(Exception):
@@ -508,13 +513,24 @@ def build_parser() -> argparse.ArgumentParser:
     # prices
     prices = sub.add_parser("prices", help="model prices", **_fmt(
         "Import tenant price overrides and list the effective prices.",
-        "p402 prices import model_prices_and_context_window.json --format litellm"))
+        "p402 prices import --from-litellm-package"))
     prs = prices.add_subparsers(dest="action", metavar="ACTION", required=True,
                                 parser_class=_Parser)
     p = prs.add_parser("import", help="import a price map", **_fmt(
-        "Import a price map as tenant overrides (LiteLLM's JSON format).",
-        "p402 prices import model_prices_and_context_window.json --format litellm"))
-    p.add_argument("file", metavar="FILE")
+        "Import a price map as tenant overrides (LiteLLM's JSON format). Where the map "
+        "comes from: the `litellm` package ships one "
+        f"({LITELLM_BUNDLED_MAP} inside the package: --from-litellm-package reads "
+        "it), and LiteLLM's repository publishes the current one as "
+        f"{LITELLM_MAP_URL} (download it, then give its path). Any file name is fine.",
+        "p402 prices import --from-litellm-package\n"
+        f"  curl -sSLO {LITELLM_MAP_URL}\n"
+        "  p402 prices import model_prices_and_context_window.json"))
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("file", metavar="FILE", nargs="?",
+                   help="a LiteLLM price-map JSON file (any name)")
+    g.add_argument("--from-litellm-package", action="store_true",
+                   help=f"the map bundled with the installed litellm package "
+                        f"({LITELLM_BUNDLED_MAP}; pip install 'p402[litellm]')")
     p.add_argument("--format", default="litellm", choices=("litellm",))
     _remote(p)
     _json_flag(p)
@@ -1158,17 +1174,40 @@ def cmd_policies_load(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def litellm_bundled_map() -> Path:
+    """The price map inside the installed `litellm` package (found without importing
+    litellm, which is slow); UsageError when litellm is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("--from-litellm-package", "the litellm package is not installed "
+                         "(pip install 'p402[litellm]'), or download LiteLLM's map: "
+                         f"curl -sSLO {LITELLM_MAP_URL}")
+    for where in spec.submodule_search_locations:
+        path = Path(where) / LITELLM_BUNDLED_MAP
+        if path.is_file():
+            return path
+    raise UsageError("--from-litellm-package", f"this litellm has no {LITELLM_BUNDLED_MAP}; "
+                     f"download LiteLLM's map instead: curl -sSLO {LITELLM_MAP_URL}")
+
+
 def cmd_prices_import(args: argparse.Namespace, out: Output) -> int:
+    path = litellm_bundled_map() if args.from_litellm_package else Path(args.file)
     try:
-        data = Path(args.file).read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
-        raise UsageError("FILE", f"{args.file}: {exc.strerror}") from None
+        hint = ""
+        if exc.errno == 2:
+            hint = (f" (LiteLLM's map: --from-litellm-package, or download "
+                    f"{LITELLM_MAP_URL})")
+        raise UsageError("FILE", f"{path}: {exc.strerror}{hint}") from None
     with _client(args) as p402:
         result = p402.import_prices(data, format=args.format)
     if args.json:
         out.json(result.to_dict())
         return 0
-    out.print(f"Imported {result.imported_count} price(s); catalog "
+    out.print(f"Imported {result.imported_count} price(s) from {path}; catalog "
               f"{result.catalog_version}; skipped {len(result.skipped)}.")
     for line in result.skipped[:10]:
         out.print(f"  skipped {line}", markup=False)

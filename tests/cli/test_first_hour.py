@@ -186,3 +186,29 @@ def test_every_usage_error_has_the_one_prefix(tenant, capsys, argv):
     code, _out, err = run(capsys, *argv)
     assert code == 2
     assert err.startswith("p402: error: ") and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------- prices
+
+
+def test_prices_import_reads_the_map_litellm_ships(tenant, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("litellm") is None:
+        pytest.skip("the litellm extra is not installed (pip install -e '.[litellm]')")
+    doc = run_json(capsys, "prices", "import", "--from-litellm-package")
+    assert doc["imported_count"] > 100
+    (price,) = [p for p in run_json(capsys, "prices", "list", "--model", "gpt-4o-mini")
+                if p["model"] == "gpt-4o-mini"]
+    assert price["tenant_override"]
+
+
+def test_prices_import_says_where_the_map_comes_from(tenant, capsys, tmp_path):
+    code, _out, err = run(capsys, "prices", "import",
+                          str(tmp_path / "model_prices_and_context_window.json"))
+    assert code == 2
+    assert "--from-litellm-package" in err and "BerriAI/litellm" in err
+    code, out, _err = run(capsys, "prices", "import", "--help")
+    assert code == 0 and "model_prices_and_context_window_backup.json" in out
+    code, _out, err = run(capsys, "prices", "import")  # neither a file nor the flag
+    assert code == 2 and err.startswith("p402: error: ")
