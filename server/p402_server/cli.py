@@ -668,6 +668,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"--keep-running, P402_LISTEN or {DEFAULT_LISTEN})")
     p.add_argument("--keep-running", action="store_true",
                    help="keep serving after the tour, until Ctrl-C")
+    p.add_argument("--http", default=os.environ.get("P402_HTTP") or None,
+                   metavar="HOST:PORT",
+                   help="also serve the ledger dashboard at http://HOST:PORT/dashboard/ "
+                        "and print its URL and a read key (env P402_HTTP; with "
+                        "--keep-running it stays up)")
     p.add_argument("--seed", type=int, default=402, help="random seed (default 402)")
     p.add_argument("--workflow", default=None,
                    choices=("support", "code-review", "extraction", "finance", "all"),
@@ -1637,8 +1642,12 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
 
     if args.workflow and args.keep_running:
         raise UsageError("--keep-running", "is for the tour, not --workflow")
+    if args.http:
+        if args.workflow:
+            raise UsageError("--http", "is for the tour, not --workflow")
+        _listen_check("--http", args.http)
     return demo.run(db=args.db, listen=listen, keep_running=args.keep_running,
-                    seed=args.seed, out=out, workflow=args.workflow)
+                    seed=args.seed, out=out, workflow=args.workflow, http=args.http)
 
 
 # ------------------------------------------------------------------ entry point

@@ -3,6 +3,7 @@ and the tables it printed match the ledger, summed here from the raw events."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import defaultdict
 
 import pytest
@@ -34,8 +35,8 @@ async def run(tmp_path, name: str):
     out = Recording()
     results: list = []
     db = f"sqlite+aiosqlite:///{tmp_path}/demo.db"
-    rc = await asyncio.wait_for(_run_workflows(db, "127.0.0.1:0", [name], out, results),
-                                120)
+    rc = await asyncio.wait_for(_run_workflows(db, "127.0.0.1:0", [name], out, results,
+                                               workdir=str(tmp_path)), 120)
     assert rc == 0
     [res] = results
     return res, out.text(), db
@@ -130,7 +131,8 @@ async def test_extraction_retries_duplicates_and_clamp(tmp_path):
     for r in retries:
         first = by_id[r.retry_of]
         assert Outcome(first.outcome) == Outcome.PROVIDER_ERROR and first.cost_nanos == 0
-        assert r.attempt == 1 and first.labels == r.labels
+        assert first.attempt == 1 and r.attempt == 2 and first.labels == r.labels
+    assert all(e.attempt == 1 for e in events if not e.retry_of)
     clamped = [c for c in res.calls if "budget.clamped" in c["reasons"]]
     assert clamped and all(0 < c["cap"] < 1000 and c["decision"] == "ALLOW"
                            for c in clamped)
@@ -142,7 +144,11 @@ async def test_extraction_retries_duplicates_and_clamp(tmp_path):
     for copy, original in DUPLICATES.items():
         if copy < EXTRACTION_DOCS:
             assert (f"doc-{copy}", f"doc-{original}") in dups
-    assert f"doc-{min(DUPLICATES)} = doc-{DUPLICATES[min(DUPLICATES)]}" in text
+    assert f"doc-{min(DUPLICATES)} is doc-{DUPLICATES[min(DUPLICATES)]} again" in text
+    # A retry matches its own first attempt by design: said so, never "doc-2 = doc-2".
+    assert not re.search(r"\b(doc-\d+) (=|is) \1\b", text), text
+    assert "re-sent their own document (doc-2, doc-5)" in text
+    assert "attempt 1, retry of" not in text and "doc-2: attempt 2, retry of" in text
 
 
 async def test_finance_exports_and_verifies(tmp_path):
