@@ -25,9 +25,12 @@ import re
 import subprocess
 import sys
 import time
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from .amounts import NO_REVENUE_MARK, NO_REVENUE_NOTE, Money, format_column, revenue_cell
+from .amounts import usd as usd_text
 
 DEFAULT_DB = "sqlite+aiosqlite:///p402.db"
 DEFAULT_LISTEN = "127.0.0.1:4020"
@@ -94,9 +97,9 @@ def usd(nanos: int) -> str:
 
 
 def usd_short(nanos: int) -> str:
-    """Human USD: 6 decimals, rounded half-up ($0.000123); exact values are in --json."""
-    value = (Decimal(nanos).scaleb(-9)).quantize(Decimal("0.000001"), ROUND_HALF_UP)
-    return f"-${-value}" if value < 0 else f"${value}"
+    """Human USD, exact (amounts.usd): "$0.05", "$0.000760", "-$0.01587415"; in tables
+    a column of `Money` cells shares its decimals."""
+    return usd_text(nanos)
 
 
 _RELATIVE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
@@ -190,8 +193,10 @@ class Output:
     def __init__(self) -> None:
         from rich.console import Console
 
-        # Not a terminal (pipes, CI, tests): a wide fixed width so tables never fold.
-        width = None if sys.stdout.isatty() else 200
+        # Not a terminal (pipes, CI, tests): $COLUMNS when set, else a wide fixed
+        # width so tables never fold. A terminal: its own width.
+        columns = os.environ.get("COLUMNS", "")
+        width = None if sys.stdout.isatty() else int(columns) if columns.isdigit() else 200
         self.console = Console(highlight=False, width=width, soft_wrap=False)
         self.err = Console(stderr=True, highlight=False,
                            width=None if sys.stderr.isatty() else 160)
@@ -204,28 +209,71 @@ class Output:
         self.console.print(*args, **kw)
 
     def table(self, title: str | None, columns: Sequence[str | tuple[str, str]],
-              rows: Iterable[Sequence[Any]], *, footer: Sequence[Any] | None = None
-              ) -> None:
-        from rich import box
-        from rich.table import Table
-
-        table = Table(title=title, show_footer=footer is not None, title_justify="left",
-                      box=box.SIMPLE_HEAD, pad_edge=False)
-        for i, col in enumerate(columns):
-            name, justify = (col, "left") if isinstance(col, str) else col
-            # Numbers (right-aligned) are never cut or folded; text may fold.
-            table.add_column(name, justify=justify,  # type: ignore[arg-type]
-                             footer=str(footer[i]) if footer is not None else "",
-                             no_wrap=justify == "right",
-                             overflow="fold")
-        count = 0
-        for row in rows:
-            table.add_row(*(str(c) for c in row))
-            count += 1
-        if count == 0:
+              rows: Iterable[Sequence[Any]], *, footer: Sequence[Any] | None = None,
+              drop: Sequence[str] = (), notes: Sequence[str] = ()) -> None:
+        """Print a table that fits the console. `Money` cells are formatted per
+        column (amounts.format_column: exact, aligned). When the table is wider than
+        the console, the columns named in `drop` are left out, first named first,
+        until it fits (a line says which); cells are never cut into fragments.
+        `notes` are printed under the table."""
+        names = [c if isinstance(c, str) else c[0] for c in columns]
+        body = [list(r) for r in rows]
+        if not body:
             self.console.print(f"{title + ': ' if title else ''}(none)")
             return
+        grid = body + ([list(footer)] if footer is not None else [])
+        cols = [format_column([r[i] for r in grid]) for i in range(len(names))]
+        grid = [[str(cols[i][j]) for i in range(len(names))] for j in range(len(grid))]
+        shown = list(range(len(names)))
+        hidden: list[str] = []
+        table = self._rich_table(title, columns, shown, grid, footer is not None)
+        # The table's natural width (measured without the console's limit).
+        unbounded = self.console.options.update_width(100_000)
+        for name in drop:
+            if self.console.measure(table, options=unbounded).maximum <= self.console.width:
+                break
+            if name in names and names.index(name) in shown:
+                shown.remove(names.index(name))
+                hidden.append(name)
+                # Narrow: a text cell that still does not fit ends in "…" on one
+                # line rather than folding into fragments.
+                table = self._rich_table(title, columns, shown, grid, footer is not None,
+                                         overflow="ellipsis")
         self.console.print(table)
+        if hidden:
+            self.console.print(f"(not shown at {self.console.width} columns: "
+                               f"{', '.join(hidden)}; a wider terminal or --json shows "
+                               "them)", style="dim", markup=False)
+        used = " ".join(" ".join(r) for r in grid)
+        for note in notes:
+            if not note.startswith(NO_REVENUE_MARK) or NO_REVENUE_MARK in used:
+                self.console.print(note, style="dim", markup=False)
+
+    @staticmethod
+    def _rich_table(title: str | None, columns: Sequence[str | tuple[str, str]],
+                    shown: list[int], grid: list[list[str]], has_footer: bool,
+                    overflow: str = "fold"):
+        from rich import box
+        from rich.cells import cell_len
+        from rich.table import Table
+
+        table = Table(title=title, show_footer=has_footer, title_justify="left",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
+        body = grid[:-1] if has_footer else grid
+        for i in shown:
+            col = columns[i]
+            name, justify = (col, "left") if isinstance(col, str) else col
+            # Numbers (right-aligned) are never cut or folded (their full width is
+            # the column's minimum); text may fold, or end in "…" when narrow.
+            number = justify == "right"
+            width = max(cell_len(t) for t in [name, *(r[i] for r in grid)]) if number else None
+            table.add_column(name, justify=justify,  # type: ignore[arg-type]
+                             footer=grid[-1][i] if has_footer else "",
+                             no_wrap=number or overflow == "ellipsis", min_width=width,
+                             overflow=overflow)  # type: ignore[arg-type]
+        for row in body:
+            table.add_row(*(row[i] for i in shown))
+        return table
 
 
 # ------------------------------------------------------------------ argparse
@@ -996,16 +1044,16 @@ def cmd_budgets_list(args: argparse.Namespace, out: Output) -> int:
         st = b.status
         return [b.budget_id,
                 ", ".join(f"{k}={v}" for k, v in b.scope.items()) or "(tenant)",
-                b.period.lower(), b.enforcement.lower(), usd_short(b.limit_nanos),
-                usd_short(b.soft_limit_nanos) if b.soft_limit_nanos else "",
-                usd_short(st.committed_nanos) if st else "",
-                usd_short(st.held_nanos) if st else "",
-                usd_short(st.remaining_nanos) if st else ""]
+                b.period.lower(), b.enforcement.lower(), Money(b.limit_nanos),
+                Money(b.soft_limit_nanos) if b.soft_limit_nanos else "",
+                Money(st.committed_nanos) if st else "",
+                Money(st.held_nanos) if st else "",
+                Money(st.remaining_nanos) if st else ""]
 
     out.table("Budgets", ["id", "scope", "period", "enforcement", ("limit", "right"),
                           ("soft limit", "right"), ("committed", "right"),
                           ("held", "right"), ("remaining", "right")],
-              (row(b) for b in budgets))
+              (row(b) for b in budgets), drop=("soft limit", "period", "held", "scope"))
     return 0
 
 
@@ -1246,12 +1294,15 @@ def _event_dict(e: Any) -> dict[str, Any]:
 EVENT_COLUMNS = ["time (UTC)", "kind", "customer", "feature", "model", "decision",
                  "outcome", ("in tok", "right"), ("out tok", "right"), ("cost", "right"),
                  "evidence", "reasons"]
+# Left out first when the terminal is narrow (Output.table): what remains at 80
+# columns is when, who, which model, the decision and the cost.
+EVENT_DROP = ("kind", "evidence", "out tok", "in tok", "reasons", "feature", "outcome")
 
 
 def event_row(e: Any) -> list[Any]:
     return [_ms_str(e.event_time_ms), e.kind, e.owners.customer, e.owners.feature,
             e.model, e.decision.lower(), e.outcome.lower(), e.usage.input_tokens,
-            e.usage.output_tokens, usd_short(e.cost_nanos), e.evidence.lower(),
+            e.usage.output_tokens, Money(e.cost_nanos), e.evidence.lower(),
             ",".join(e.reasons)]
 
 
@@ -1268,7 +1319,7 @@ def cmd_events(args: argparse.Namespace, out: Output) -> int:
         out.json([_event_dict(e) for e in events])
         return 0
     out.table(f"Events (newest first, at most {limit})", EVENT_COLUMNS,
-              (event_row(e) for e in events))
+              (event_row(e) for e in events), drop=EVENT_DROP)
     return 0
 
 
@@ -1296,25 +1347,22 @@ def spend_totals(rows: Sequence[Any]) -> dict[str, int]:
 
 def print_spend(out: Output, title: str, group_by: Sequence[str], rows: Sequence[Any]
                 ) -> None:
+    """Spend rows with exact amounts: margin = revenue − cost on every row (revenue
+    0, marked, where none was reported), so the rows add up to the totals."""
     t = spend_totals(rows)
-    has_revenue = t["revenue_nanos"] != 0
-
-    def margin(revenue: int, m: int) -> str:
-        return usd_short(m) if revenue else "-"
-
     cols: list[Any] = list(group_by) + [("events", "right"), ("input tok", "right"),
                                         ("output tok", "right"), ("cost", "right"),
                                         ("revenue", "right"), ("margin", "right")]
     body = ([*(group_label(k, r.group.get(k, "")) for k in group_by), r.event_count,
-             r.usage.input_tokens, r.usage.output_tokens, usd_short(r.cost_nanos),
-             usd_short(r.revenue_nanos) if r.revenue_nanos else "-",
-             margin(r.revenue_nanos, r.margin_nanos)] for r in rows)
+             r.usage.input_tokens, r.usage.output_tokens, Money(r.cost_nanos),
+             revenue_cell(r.revenue_nanos), Money(r.revenue_nanos - r.cost_nanos)]
+            for r in rows)
     footer = (["total"] + [""] * (len(group_by) - 1)
               + [t["event_count"], t["input_tokens"], t["output_tokens"],
-                 usd_short(t["cost_nanos"]),
-                 usd_short(t["revenue_nanos"]) if has_revenue else "-",
-                 margin(t["revenue_nanos"], t["margin_nanos"])])
-    out.table(title, cols, body, footer=footer)
+                 Money(t["cost_nanos"]), revenue_cell(t["revenue_nanos"]),
+                 Money(t["revenue_nanos"] - t["cost_nanos"])])
+    out.table(title, cols, body, footer=footer, notes=(NO_REVENUE_NOTE,),
+              drop=("input tok", "output tok", "events"))
 
 
 def cmd_spend(args: argparse.Namespace, out: Output) -> int:

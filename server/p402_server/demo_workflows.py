@@ -157,15 +157,16 @@ async def _print_tables(ctx: Context, res: WorkflowResult, p402: Any,
 
 
 def _print_calls(ctx: Context, res: WorkflowResult, title: str, who: str) -> None:
-    from .cli import usd_short
+    from .amounts import Money
 
     ctx.out.table(title, ["#", who, "model", "decision", ("cap", "right"), "outcome",
                           ("cost", "right"), "evidence", "reasons"],
-                  ([i + 1, c["owners"].get(who) or c["labels"].get(who, ""), c["model"], c["decision"].lower(),
-                    c["cap"] or "-", c["outcome"].lower(),
-                    usd_short(c["cost_nanos"]) if c["event_id"] else "-",
+                  ([i + 1, c["owners"].get(who) or c["labels"].get(who, ""), c["model"],
+                    c["decision"].lower(), c["cap"] or "-", c["outcome"].lower(),
+                    Money(c["cost_nanos"]) if c["event_id"] else "-",
                     (c["evidence"] or "-").lower(),
-                    ",".join(c["reasons"])] for i, c in enumerate(res.calls)))
+                    ",".join(c["reasons"])] for i, c in enumerate(res.calls)),
+                  drop=("evidence", "cap", "outcome", "reasons"))
 
 
 async def _wait_denied(p402: Any, n: int, timeout: float = 3.0) -> None:
@@ -268,15 +269,15 @@ async def code_review(ctx: Context) -> WorkflowResult:
 
 
 def _budget_rows(page: Any) -> list[list]:
-    from .cli import usd_short
+    from .amounts import Money
 
     rows = []
     for b in page.items:
         st = getattr(b, "status", None)
-        rows.append([b.budget_id, usd_short(b.limit_nanos),
-                     usd_short(b.soft_limit_nanos) if b.soft_limit_nanos else "-",
-                     usd_short(st.committed_nanos) if st else "-",
-                     usd_short(st.held_nanos) if st else "-"])
+        rows.append([b.budget_id, Money(b.limit_nanos),
+                     Money(b.soft_limit_nanos) if b.soft_limit_nanos else "-",
+                     Money(st.committed_nanos) if st else "-",
+                     Money(st.held_nanos) if st else "-"])
     return rows
 
 

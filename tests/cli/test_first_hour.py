@@ -212,3 +212,70 @@ def test_prices_import_says_where_the_map_comes_from(tenant, capsys, tmp_path):
     assert code == 0 and "model_prices_and_context_window_backup.json" in out
     code, _out, err = run(capsys, "prices", "import")  # neither a file nor the flag
     assert code == 2 and err.startswith("p402: error: ")
+
+
+# ---------------------------------------------------------------- tables and money
+
+
+def _long_events(server, api_key: str) -> None:
+    with pc.P402Client(server.target, api_key=api_key) as client:
+        for model, customer in (("gpt-4o-mini", "acme"), ("gpt-4.1-mini", "globex-intl"),
+                                ("gpt-4o", "initech")):
+            a = client.authorize(model, owners={"customer": customer,
+                                                "feature": "summarize"},
+                                 input_bytes=4000, max_output_tokens=300)
+            client.record(a.reservation_id, input_tokens=987, output_tokens=123)
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_events_table_reads_at_the_terminal_width(tenant, server, capsys, monkeypatch,
+                                                  width):
+    _long_events(server, tenant[1])
+    events = run_json(capsys, "events")
+    monkeypatch.setenv("COLUMNS", str(width))
+    code, out, err = run(capsys, "events")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert max(len(ln) for ln in lines) <= width, out
+    assert f"not shown at {width} columns" in out
+    for e in events:  # every event is one line: its time, model and cost intact
+        when = e["event_time_ms"]
+        import datetime as dt
+
+        stamp = dt.datetime.fromtimestamp(when / 1000, dt.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M:%S")
+        (line,) = [ln for ln in lines if f" {e['owners']['customer']} " in ln]
+        assert line.strip().startswith(stamp) and f" {e['model']} " in line
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, _ = run(capsys, "events")
+    assert "not shown" not in out and "reasons" in out and "evidence" in out
+
+
+def _amounts(line: str) -> list:
+    from decimal import Decimal
+
+    return [Decimal(m.replace(",", "")) * (-1 if sign else 1)
+            for sign, m in __import__("re").findall(r"(-?)\$([\d,]+\.\d+)", line)]
+
+
+def test_spend_rows_add_up_and_margin_is_revenue_minus_cost(tenant, server, capsys):
+    from tests.cli.test_cli import _record_mix
+
+    _record_mix(server, tenant[1])
+    code, out, _ = run(capsys, "spend", "--by", "customer,feature")
+    assert code == 0
+    lines = out.splitlines()
+    rows = [ln for ln in lines if ln.strip().startswith(("acme", "globex"))]
+    (total,) = [ln for ln in lines if ln.strip().startswith("total")]
+    sums = [sum(col) for col in zip(*(_amounts(r) for r in rows))]
+    assert sums == _amounts(total)  # exact: the displayed rows add up
+    for r in rows:
+        cost, revenue, margin = _amounts(r)
+        assert margin == revenue - cost
+    (search,) = [r for r in rows if "search" in r]  # cost, no revenue reported
+    cost, revenue, margin = _amounts(search)
+    assert revenue == 0 and margin == -cost < 0
+    assert "*" in search and "no revenue reported" in out
+    # One precision per column: every cost has the same number of decimals.
+    costs = [__import__("re").findall(r"\$[\d,]+\.(\d+)", r)[0] for r in rows]
+    assert len({len(c) for c in costs}) == 1

@@ -10,7 +10,8 @@ import pytest
 
 from p402core import Decision, Evidence, Outcome, PrivacyMode
 
-from p402_server.cli import Output, usd_short
+from p402_server.amounts import column_decimals, usd
+from p402_server.cli import Output
 from p402_server.demo_workflows import (DUPLICATES, EXTRACTION_DOCS, FAILING,
                                         SUPPORT_CUSTOMERS)
 
@@ -84,11 +85,15 @@ def assert_tables_match(res, text: str, events: list) -> None:
                                   r.usage.input_tokens, r.usage.output_tokens]
                    for r in rows}
         assert printed == dict(sums), title
+        # Amounts are exact, with the decimals of their column (totals included).
+        cost_places = column_decimals([r.cost_nanos for r in rows]
+                                      + [sum(r.cost_nanos for r in rows)])
+        margin_places = column_decimals([r.margin_nanos for r in rows]
+                                        + [sum(r.margin_nanos for r in rows)])
         for r in rows:
-            assert usd_short(r.cost_nanos) in text
-            if r.revenue_nanos:
-                assert r.margin_nanos == r.revenue_nanos - r.cost_nanos
-                assert usd_short(r.margin_nanos) in text
+            assert usd(r.cost_nanos, cost_places) in text
+            assert r.margin_nanos == r.revenue_nanos - r.cost_nanos
+            assert usd(r.margin_nanos, margin_places) in text
 
 
 async def test_support_attributes_every_conversation_with_margin(tmp_path):
