@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from functools import partial
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -457,10 +458,14 @@ class Dashboard:
         until = f.flt.until_ms or now
         bucket = "hour" if since and until - since <= 48 * F.HOUR_MS else "day"
         rows, _ = await st.query_spend(t, f.flt, [bucket], page_size=1000)
-        series_svg = svg.time_series(
-            _fill_buckets(rows, bucket, since, until),
-            [("cost", "Cost", "series-cost"), ("margin", "Margin", "series-margin")],
-            title=f"Cost and margin per {bucket} (UTC)", fmt=fmt.usd)
+        # Drawn twice, wide and narrow; the stylesheet shows the one that fits the
+        # screen (scaled to its card), so its text stays readable at either width.
+        buckets = _fill_buckets(rows, bucket, since, until)
+        lines = [("cost", "Cost", "series-cost"), ("margin", "Margin", "series-margin")]
+        title = f"Cost and margin per {bucket} (UTC)"
+        series_svg = svg.time_series(buckets, lines, title=title, fmt=fmt.usd, uid="tsw")
+        series_svg_narrow = svg.time_series(buckets, lines, title=title, fmt=fmt.usd,
+                                            width=720, height=260, uid="tsn")
         dims, unused = [], []
         for dim in SPEND_DIMENSIONS:
             rows, more = await st.query_spend(t, f.flt, [dim], page_size=10)
@@ -468,16 +473,18 @@ class Dashboard:
                 unused.append(dim)  # nothing in this range names one: no panel
                 continue
             named = [(_group_text(dim, r.group[dim]), r) for r in rows]
+            places = _places(rows, ("cost_nanos", "revenue_nanos", "margin_nanos"))
             dims.append({
-                "dim": dim, "rows": named, "more": bool(more),
-                "places": _places(rows, ("cost_nanos", "revenue_nanos", "margin_nanos")),
+                "dim": dim, "rows": named, "more": bool(more), "places": places,
                 "svg": svg.bar_chart([(n, r.cost_nanos) for n, r in named],
-                                     title=f"Cost by {dim}", fmt=fmt.usd),
+                                     title=f"Cost by {dim}",
+                                     fmt=partial(fmt.usd, places=places["cost_nanos"])),
             })
         budgets = await self._budgets(t)
         return self._html(
             request, "spend.html", nav="spend", title="Spend", f=f, totals=totals,
-            series_svg=series_svg, dims=dims, unused_dims=unused, budgets=budgets,
+            series_svg=series_svg, series_svg_narrow=series_svg_narrow, dims=dims,
+            unused_dims=unused, budgets=budgets,
             budget_places=_places([b["budget"] for b in budgets], ("limit_nanos",))
             | _places([_Obj(b) for b in budgets], ("committed", "held", "left")),
             export_links=self._export_links(f), bucket=bucket, filter_error="",
