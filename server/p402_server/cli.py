@@ -701,6 +701,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="NAME",
                    help="only scripts whose name contains NAME (repeatable)")
     p.add_argument("--dir", default=None, help="benchmarks directory")
+    p.add_argument("--report-dir", default=os.environ.get("P402_BENCH_REPORTS") or None,
+                   metavar="DIR",
+                   help="where the Markdown report and latency SVG go (env "
+                        "P402_BENCH_REPORTS; default "
+                        f"{_pretty_home(default_report_dir())}, outside the source tree)")
     p.set_defaults(func=cmd_bench)
 
     # demo
@@ -1614,6 +1619,21 @@ def cmd_settings_set(args: argparse.Namespace, out: Output) -> int:
 # ------------------------------------------------------------------ bench and demo
 
 
+def default_report_dir() -> Path:
+    """Where `p402 bench` writes reports unless told: the user's data directory
+    ($XDG_DATA_HOME/p402/bench-reports, else ~/.local/share/p402/bench-reports),
+    never the source tree."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"),
+                                                           ".local", "share")
+    return Path(base) / "p402" / "bench-reports"
+
+
+def _pretty_home(path: Path) -> str:
+    home = os.path.expanduser("~")
+    text = str(path)
+    return "~" + text[len(home):] if home and text.startswith(home + os.sep) else text
+
+
 def _benchmarks_dir(explicit: str | None) -> Path:
     if explicit:
         return Path(explicit)
@@ -1626,6 +1646,12 @@ def _benchmarks_dir(explicit: str | None) -> Path:
 
 
 def cmd_bench(args: argparse.Namespace, out: Output) -> int:
+    # Checked before minutes of benchmarks, not after.
+    out_dir = Path(args.report_dir) if args.report_dir else default_report_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError("--report-dir", f"{out_dir}: {exc.strerror}") from None
     root = _benchmarks_dir(args.dir)
     scripts = sorted(root.glob("bench_*.py"))
     if not scripts:
@@ -1673,7 +1699,7 @@ def cmd_bench(args: argparse.Namespace, out: Output) -> int:
         spec.loader.exec_module(report)
         path = report.write_report(
             [report.Result(n, rc, sec, lines) for n, rc, sec, lines in results],
-            quick=args.quick, out_dir=root / "reports")
+            quick=args.quick, out_dir=out_dir)
         out.print(f"report: {path}", markup=False)
     return 0 if all(rc == 0 for _, rc, _, _ in results) else 1
 

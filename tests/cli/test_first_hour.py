@@ -279,3 +279,48 @@ def test_spend_rows_add_up_and_margin_is_revenue_minus_cost(tenant, server, caps
     # One precision per column: every cost has the same number of decimals.
     costs = [__import__("re").findall(r"\$[\d,]+\.(\d+)", r)[0] for r in rows]
     assert len({len(c) for c in costs}) == 1
+
+
+# ---------------------------------------------------------------- bench
+
+
+def _bench_dir(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[2] / "benchmarks" / "report.py", bench)
+    (bench / "bench_ratio.py").write_text(
+        "print('Authorize / Ping p50   1.07x  (target <= 1.10)  OK')\n"
+        "print('cache hit ratio 3.50x (target >= 4): MISS')\n")
+    return bench
+
+
+def test_bench_report_goes_where_the_user_says_with_its_figures(tmp_path, capsys):
+    bench = _bench_dir(tmp_path)
+    reports = tmp_path / "my-reports"
+    code, out, _ = run(capsys, "bench", "--dir", str(bench), "--report-dir", str(reports))
+    assert code == 0
+    (md,) = reports.glob("*.md")
+    assert f"report: {md}" in out
+    assert not (bench / "reports").exists()  # nothing written beside the scripts
+    table = md.read_text().split("## Figures")[1].split("## Ratio lines")[0]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| bench_ratio.py")]
+    assert rows == ["| bench_ratio.py | Authorize / Ping p50 | 1.070x |  |  | <= 1.10 | yes |",
+                    "| bench_ratio.py | cache hit ratio | 3.500x |  |  | >= 4 | no |"]
+
+
+def test_bench_report_defaults_outside_the_tree(tmp_path, capsys, monkeypatch):
+    bench = _bench_dir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("P402_BENCH_REPORTS", raising=False)
+    code, out, _ = run(capsys, "bench", "--dir", str(bench))
+    assert code == 0
+    assert list((tmp_path / "xdg" / "p402" / "bench-reports").glob("*.md"))
+    assert not (bench / "reports").exists()
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    code, _out, err = run(capsys, "bench", "--dir", str(bench), "--report-dir",
+                          str(blocked / "sub"))
+    assert code == 2 and err.startswith("p402: error: --report-dir: ")
