@@ -578,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LiteLLM price-map JSON file (any name)")
     g.add_argument("--from-litellm-package", action="store_true",
                    help=f"the map bundled with the installed litellm package "
-                        f"({LITELLM_BUNDLED_MAP}; pip install 'p402[litellm]')")
+                        f"({LITELLM_BUNDLED_MAP}; pip install litellm, or "
+                        "pip install -e '.[litellm]' in a checkout)")
     p.add_argument("--format", default="litellm", choices=("litellm",))
     _remote(p)
     _json_flag(p)
@@ -1240,7 +1241,8 @@ def litellm_bundled_map() -> Path:
     spec = importlib.util.find_spec("litellm")
     if spec is None or not spec.submodule_search_locations:
         raise UsageError("--from-litellm-package", "the litellm package is not installed "
-                         "(pip install 'p402[litellm]'), or download LiteLLM's map: "
+                         "(pip install litellm, or pip install -e '.[litellm]' in a "
+                         "checkout), or download LiteLLM's map: "
                          f"curl -sSLO {LITELLM_MAP_URL}")
     for where in spec.submodule_search_locations:
         path = Path(where) / LITELLM_BUNDLED_MAP
@@ -1504,7 +1506,8 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
             out.json(result)
         elif v.ok:
             out.print(f"OK: {v.count} event(s), chain and signed digest intact "
-                      f"(head {v.head[:16]}…, signed by {v.signed_by[:16]}…)",
+                      + (f"(head {v.head[:16]}…, " if v.head else "(")
+                      + f"signed by {v.signed_by[:16]}…)",
                       markup=False)
         else:
             where = f" at row {v.bad_row}" if v.bad_row else ""
