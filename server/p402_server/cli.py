@@ -998,7 +998,8 @@ def cmd_keys_list(args: argparse.Namespace, out: Output) -> int:
     if args.json:
         out.json([k.to_dict() for k in keys])
         return 0
-    out.table("API keys", _KEY_COLS, (_key_row(k) for k in keys))
+    out.table("API keys", _KEY_COLS, (_key_row(k) for k in keys),
+              drop=("prefix", "created (UTC)"))
     return 0
 
 
@@ -1288,7 +1289,8 @@ def cmd_prices_list(args: argparse.Namespace, out: Output) -> int:
               ([p.model, p.provider, _per_million(p.input_pico_per_token),
                 _per_million(p.cached_input_pico_per_token),
                 _per_million(p.output_pico_per_token), p.max_output_tokens or "",
-                "yes" if p.tenant_override else ""] for p in prices))
+                "yes" if p.tenant_override else ""] for p in prices),
+              drop=("max output", "cached input", "provider"))
     return 0
 
 
