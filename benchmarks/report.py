@@ -1,15 +1,18 @@
 """The benchmark report behind `p402 bench` (issue 6).
 
 Owns turning the output of every `benchmarks/bench_*.py` run (each a subprocess,
-streamed by the CLI) into one Markdown report, `benchmarks/reports/<date>-<machine>.md`,
-and a latency histogram of Authorize vs Ping (`…-latency.svg` beside it).
+streamed by the CLI) into one Markdown report, `<out_dir>/<date>-<machine>.md`, and a
+latency histogram of Authorize vs Ping (`…-latency.svg` beside it). `p402 bench`
+chooses `out_dir` (`--report-dir`, default outside the source tree); the reports
+kept in `benchmarks/reports/` are copied there by hand.
 
 What it reads from each script's output:
 - a `BENCH_JSON {...}` line, when the script prints one: `figures` (name, value = the
   ratio, target, met, and the measured / baseline numbers) and, for the RPC bench,
   `latencies_us` (sequential latencies of each call, for the histogram);
 - otherwise every line that states a ratio against a target ("… 1.03x (target <= 1.10)
-  OK" and the like), verbatim.
+  OK" and the like), verbatim; such a line also becomes a row of the Figures table
+  (`figures_from_lines`: its ratio, target and verdict), so no table stays empty.
 The full output of each script is kept in the report too (a collapsed section), with
 the machine and versions the scripts print beside their numbers.
 
@@ -61,6 +64,29 @@ class Result:
     def ratio_lines(self) -> list[str]:
         return [ln.strip() for ln in self.output
                 if not ln.startswith(BENCH_JSON) and _RATIO.search(ln)]
+
+
+_VALUE = re.compile(r"(\d[\d,]*(?:\.\d+)?)\s?[x\u00d7](?![\w])")
+
+
+def figures_from_lines(lines: list[str]) -> list[dict]:
+    """Figures (name, value, target, met) read from printed ratio lines: the first
+    "N.NNx" of a line is its ratio, the text before it its name, "(target …)" its
+    target and OK / MISS its verdict (None when the line gives none)."""
+    out = []
+    for line in lines:
+        m = _VALUE.search(line)
+        if not m:
+            continue
+        name = line[:m.start()].strip(" :=-") or line.strip()
+        t = re.search(r"target\s*([^)]*?)(?:\)|:|$)", line, re.I)
+        verdict = re.search(r"\b(OK|MISS(?:ED)?|met|not met)\b", line, re.I)
+        met = None
+        if verdict:
+            met = verdict.group(1).lower() in ("ok", "met")
+        out.append({"name": name, "value": float(m.group(1).replace(",", "")),
+                    "target": t.group(1).strip() if t else "", "met": met})
+    return out
 
 
 def machine_name() -> str:
@@ -192,15 +218,19 @@ def write_report(results: list[Result], *, quick: bool, out_dir: Path | None = N
               "|---|---|---|---|---|---|---|"]
     histogram = None
     for r in results:
+        figures = [f for doc in r.data for f in doc.get("figures", [])]
+        if not figures:  # a script without BENCH_JSON: its printed ratio lines
+            figures = figures_from_lines(r.ratio_lines)
+        for f in figures:
+            measured = f.get("measured_us", f.get("measured"))
+            baseline = f.get("baseline_us", f.get("baseline"))
+            unit = " µs" if "measured_us" in f else ""
+            met = {True: "yes", False: "no"}.get(f.get("met"), "")
+            lines.append(
+                f"| {r.script} | {f['name']} | {f['value']:.3f}x | "
+                f"{_num(measured)}{unit} | {_num(baseline)}{unit} | {f.get('target', '')} | "
+                f"{met} |")
         for doc in r.data:
-            for f in doc.get("figures", []):
-                measured = f.get("measured_us", f.get("measured"))
-                baseline = f.get("baseline_us", f.get("baseline"))
-                unit = " µs" if "measured_us" in f else ""
-                lines.append(
-                    f"| {r.script} | {f['name']} | {f['value']:.3f}x | "
-                    f"{_num(measured)}{unit} | {_num(baseline)}{unit} | {f.get('target', '')} | "
-                    f"{'yes' if f.get('met') else 'no'} |")
             if doc.get("latencies_us") and histogram is None:
                 histogram = doc["latencies_us"]
     lines += ["", "## Ratio lines as printed by each benchmark", ""]

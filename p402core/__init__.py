@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ._enums import *  # noqa: F401,F403  (the shared vocabulary)
 from ._enums import __all__ as _enum_names
-from ._impl import IMPLEMENTATION, load
+from ._impl import IMPLEMENTATION, CoreNotBuilt, load
 
 if TYPE_CHECKING:  # type checkers see the twins' real signatures
     from ._prices_py import *  # noqa: F401,F403
@@ -30,4 +30,4 @@ def __getattr__(attr: str):
     return value
 
 
-__all__ = ["IMPLEMENTATION", "load", *_enum_names]
+__all__ = ["IMPLEMENTATION", "CoreNotBuilt", "load", *_enum_names]

@@ -2,7 +2,9 @@
 
 `P402_NO_EXTENSIONS=1` (read once, here) forces the twins; non-CPython always
 gets them. Otherwise the compiled modules must import: a missing build is an
-error, never a silent fall-back to the slow path.
+error (`CoreNotBuilt`, with the way out), never a silent fall-back to the slow
+path. Modules load lazily; a server calls `check()` at start so a missing build
+fails there, not at the first call.
 """
 from __future__ import annotations
 
@@ -19,16 +21,21 @@ NO_EXTENSIONS = bool(os.environ.get("P402_NO_EXTENSIONS")) or (
 IMPLEMENTATION = "python" if NO_EXTENSIONS else "compiled"
 
 
+class CoreNotBuilt(ImportError):
+    """The compiled core was asked for but a compiled module is not there."""
+
+
 def _import(name: str, kind: str):
     suffix = "_c" if kind == "compiled" else "_py"
     try:
         return importlib.import_module(f"p402core._{name}{suffix}")
     except ImportError as exc:
         if kind == "compiled" and f"_{name}_c" in str(exc):
-            raise ImportError(
-                f"p402core: compiled module _{name}_c is not built ({exc}). Build it "
-                "with `pip install -e .` (or `python setup.py build_ext --inplace`), "
-                "or set P402_NO_EXTENSIONS=1 to run the pure-Python twins on purpose."
+            raise CoreNotBuilt(
+                f"the compiled core is not built: p402core._{name}_c is missing (was "
+                "it installed with P402_NO_EXTENSIONS=1, or did the build fail?). Set "
+                "P402_NO_EXTENSIONS=1 to run the pure-Python twins on purpose, or "
+                "rebuild it with `pip install -e .`."
             ) from exc
         raise
 
@@ -62,6 +69,21 @@ class Implementation:
                 setattr(self, attr, value)
                 return value
         raise AttributeError(f"p402core ({self.IMPLEMENTATION}) has no {attr!r}")
+
+    def check(self) -> "Implementation":
+        """Import every module now (a missing compiled module raises CoreNotBuilt)."""
+        for name in MODULES:
+            self.module(name)
+        return self
+
+    def describe(self) -> str:
+        """What really runs, for logs: "compiled (6 Cython modules)" or "pure-Python
+        (P402_NO_EXTENSIONS=1)" — after `check()`, a fact, not an intention."""
+        if self.IMPLEMENTATION == "compiled":
+            return f"compiled ({len(MODULES)} Cython modules)"
+        why = ("P402_NO_EXTENSIONS=1" if os.environ.get("P402_NO_EXTENSIONS")
+               else platform.python_implementation())
+        return f"pure-Python twins ({why})"
 
     def names(self) -> dict:
         out = {}

@@ -25,9 +25,12 @@ import re
 import subprocess
 import sys
 import time
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from .amounts import NO_REVENUE_MARK, NO_REVENUE_NOTE, Money, format_column, revenue_cell
+from .amounts import usd as usd_text
 
 DEFAULT_DB = "sqlite+aiosqlite:///p402.db"
 DEFAULT_LISTEN = "127.0.0.1:4020"
@@ -45,6 +48,11 @@ PRIVACY_MODES = ("metadata_only", "fingerprint_only", "redacted_trace",
 EFFECTS = ("deny", "warn", "require_owners", "allow_models", "max_output_tokens",
            "max_cost_per_request", "rate_limit", "privacy")
 PERIODS = ("day", "week", "month", "total")
+# Where a LiteLLM price map comes from: the file bundled in the litellm package, or
+# the one LiteLLM's repository publishes (the package's copy is a backup of it).
+LITELLM_BUNDLED_MAP = "model_prices_and_context_window_backup.json"
+LITELLM_MAP_URL = ("https://raw.githubusercontent.com/BerriAI/litellm/main/"
+                   "model_prices_and_context_window.json")
 
 
 class UsageError(Exception):
@@ -89,9 +97,9 @@ def usd(nanos: int) -> str:
 
 
 def usd_short(nanos: int) -> str:
-    """Human USD: 6 decimals, rounded half-up ($0.000123); exact values are in --json."""
-    value = (Decimal(nanos).scaleb(-9)).quantize(Decimal("0.000001"), ROUND_HALF_UP)
-    return f"-${-value}" if value < 0 else f"${value}"
+    """Human USD, exact (amounts.usd): "$0.05", "$0.000760", "-$0.01587415"; in tables
+    a column of `Money` cells shares its decimals."""
+    return usd_text(nanos)
 
 
 _RELATIVE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
@@ -185,8 +193,10 @@ class Output:
     def __init__(self) -> None:
         from rich.console import Console
 
-        # Not a terminal (pipes, CI, tests): a wide fixed width so tables never fold.
-        width = None if sys.stdout.isatty() else 200
+        # Not a terminal (pipes, CI, tests): $COLUMNS when set, else a wide fixed
+        # width so tables never fold. A terminal: its own width.
+        columns = os.environ.get("COLUMNS", "")
+        width = None if sys.stdout.isatty() else int(columns) if columns.isdigit() else 200
         self.console = Console(highlight=False, width=width, soft_wrap=False)
         self.err = Console(stderr=True, highlight=False,
                            width=None if sys.stderr.isatty() else 160)
@@ -199,28 +209,71 @@ class Output:
         self.console.print(*args, **kw)
 
     def table(self, title: str | None, columns: Sequence[str | tuple[str, str]],
-              rows: Iterable[Sequence[Any]], *, footer: Sequence[Any] | None = None
-              ) -> None:
-        from rich import box
-        from rich.table import Table
-
-        table = Table(title=title, show_footer=footer is not None, title_justify="left",
-                      box=box.SIMPLE_HEAD, pad_edge=False)
-        for i, col in enumerate(columns):
-            name, justify = (col, "left") if isinstance(col, str) else col
-            # Numbers (right-aligned) are never cut or folded; text may fold.
-            table.add_column(name, justify=justify,  # type: ignore[arg-type]
-                             footer=str(footer[i]) if footer is not None else "",
-                             no_wrap=justify == "right",
-                             overflow="fold")
-        count = 0
-        for row in rows:
-            table.add_row(*(str(c) for c in row))
-            count += 1
-        if count == 0:
+              rows: Iterable[Sequence[Any]], *, footer: Sequence[Any] | None = None,
+              drop: Sequence[str] = (), notes: Sequence[str] = ()) -> None:
+        """Print a table that fits the console. `Money` cells are formatted per
+        column (amounts.format_column: exact, aligned). When the table is wider than
+        the console, the columns named in `drop` are left out, first named first,
+        until it fits (a line says which); cells are never cut into fragments.
+        `notes` are printed under the table."""
+        names = [c if isinstance(c, str) else c[0] for c in columns]
+        body = [list(r) for r in rows]
+        if not body:
             self.console.print(f"{title + ': ' if title else ''}(none)")
             return
+        grid = body + ([list(footer)] if footer is not None else [])
+        cols = [format_column([r[i] for r in grid]) for i in range(len(names))]
+        grid = [[str(cols[i][j]) for i in range(len(names))] for j in range(len(grid))]
+        shown = list(range(len(names)))
+        hidden: list[str] = []
+        table = self._rich_table(title, columns, shown, grid, footer is not None)
+        # The table's natural width (measured without the console's limit).
+        unbounded = self.console.options.update_width(100_000)
+        for name in drop:
+            if self.console.measure(table, options=unbounded).maximum <= self.console.width:
+                break
+            if name in names and names.index(name) in shown:
+                shown.remove(names.index(name))
+                hidden.append(name)
+                # Narrow: a text cell that still does not fit ends in "…" on one
+                # line rather than folding into fragments.
+                table = self._rich_table(title, columns, shown, grid, footer is not None,
+                                         overflow="ellipsis")
         self.console.print(table)
+        if hidden:
+            self.console.print(f"(not shown at {self.console.width} columns: "
+                               f"{', '.join(hidden)}; a wider terminal or --json shows "
+                               "them)", style="dim", markup=False)
+        used = " ".join(" ".join(r) for r in grid)
+        for note in notes:
+            if not note.startswith(NO_REVENUE_MARK) or NO_REVENUE_MARK in used:
+                self.console.print(note, style="dim", markup=False)
+
+    @staticmethod
+    def _rich_table(title: str | None, columns: Sequence[str | tuple[str, str]],
+                    shown: list[int], grid: list[list[str]], has_footer: bool,
+                    overflow: str = "fold"):
+        from rich import box
+        from rich.cells import cell_len
+        from rich.table import Table
+
+        table = Table(title=title, show_footer=has_footer, title_justify="left",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
+        body = grid[:-1] if has_footer else grid
+        for i in shown:
+            col = columns[i]
+            name, justify = (col, "left") if isinstance(col, str) else col
+            # Numbers (right-aligned) are never cut or folded (their full width is
+            # the column's minimum); text may fold, or end in "…" when narrow.
+            number = justify == "right"
+            width = max(cell_len(t) for t in [name, *(r[i] for r in grid)]) if number else None
+            table.add_column(name, justify=justify,  # type: ignore[arg-type]
+                             footer=grid[-1][i] if has_footer else "",
+                             no_wrap=number or overflow == "ellipsis", min_width=width,
+                             overflow=overflow)  # type: ignore[arg-type]
+        for row in body:
+            table.add_row(*(row[i] for i in shown))
+        return table
 
 
 # ------------------------------------------------------------------ argparse
@@ -230,7 +283,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (exit 2) instead of the full usage dump."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # The same "p402: error: " prefix as every other error of the CLI.
+        self.exit(2, f"p402: error: {message} (see {self.prog} --help)\n")
 
 
 def _fmt(description: str, example: str) -> dict[str, Any]:
@@ -363,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default=os.environ.get("P402_DB", DEFAULT_DB),
                    help=f"SQLAlchemy URL (env P402_DB; default {DEFAULT_DB})")
     p.add_argument("--name", default="default", help="tenant name (default 'default')")
+    p.add_argument("--new-tenant", action="store_true",
+                   help="create another tenant in a database that already has one (its "
+                        "key sees only the new tenant's ledger); without it, init on a "
+                        "database with a tenant exits 2")
     _json_flag(p)
     p.set_defaults(func=cmd_init)
 
@@ -503,13 +561,25 @@ def build_parser() -> argparse.ArgumentParser:
     # prices
     prices = sub.add_parser("prices", help="model prices", **_fmt(
         "Import tenant price overrides and list the effective prices.",
-        "p402 prices import model_prices_and_context_window.json --format litellm"))
+        "p402 prices import --from-litellm-package"))
     prs = prices.add_subparsers(dest="action", metavar="ACTION", required=True,
                                 parser_class=_Parser)
     p = prs.add_parser("import", help="import a price map", **_fmt(
-        "Import a price map as tenant overrides (LiteLLM's JSON format).",
-        "p402 prices import model_prices_and_context_window.json --format litellm"))
-    p.add_argument("file", metavar="FILE")
+        "Import a price map as tenant overrides (LiteLLM's JSON format). Where the map "
+        "comes from: the `litellm` package ships one "
+        f"({LITELLM_BUNDLED_MAP} inside the package: --from-litellm-package reads "
+        "it), and LiteLLM's repository publishes the current one as "
+        f"{LITELLM_MAP_URL} (download it, then give its path). Any file name is fine.",
+        "p402 prices import --from-litellm-package\n"
+        f"  curl -sSLO {LITELLM_MAP_URL}\n"
+        "  p402 prices import model_prices_and_context_window.json"))
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("file", metavar="FILE", nargs="?",
+                   help="a LiteLLM price-map JSON file (any name)")
+    g.add_argument("--from-litellm-package", action="store_true",
+                   help=f"the map bundled with the installed litellm package "
+                        f"({LITELLM_BUNDLED_MAP}; pip install litellm, or "
+                        "pip install -e '.[litellm]' in a checkout)")
     p.add_argument("--format", default="litellm", choices=("litellm",))
     _remote(p)
     _json_flag(p)
@@ -567,7 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
                        **_fmt(
         "Check the hash chain of every tenant in a database (--db), or of an export "
         "file and its signed digest (--file). Names the first bad position. Exit 0 "
-        "intact, 1 broken, 2 bad input.",
+        "intact, 1 broken, 2 bad input (a missing file or database, or one that "
+        "cannot be read: never created by this command).",
         "p402 verify --file events.jsonl"))
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--db", help="SQLAlchemy URL of a P402 database")
@@ -631,6 +702,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="NAME",
                    help="only scripts whose name contains NAME (repeatable)")
     p.add_argument("--dir", default=None, help="benchmarks directory")
+    p.add_argument("--report-dir", default=os.environ.get("P402_BENCH_REPORTS") or None,
+                   metavar="DIR",
+                   help="where the Markdown report and latency SVG go (env "
+                        "P402_BENCH_REPORTS; default "
+                        f"{_pretty_home(default_report_dir())}, outside the source tree)")
     p.set_defaults(func=cmd_bench)
 
     # demo
@@ -646,6 +722,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"--keep-running, P402_LISTEN or {DEFAULT_LISTEN})")
     p.add_argument("--keep-running", action="store_true",
                    help="keep serving after the tour, until Ctrl-C")
+    p.add_argument("--http", default=os.environ.get("P402_HTTP") or None,
+                   metavar="HOST:PORT",
+                   help="also serve the ledger dashboard at http://HOST:PORT/dashboard/ "
+                        "and print its URL and a read key (env P402_HTTP; with "
+                        "--keep-running it stays up)")
     p.add_argument("--seed", type=int, default=402, help="random seed (default 402)")
     p.add_argument("--workflow", default=None,
                    choices=("support", "code-review", "extraction", "finance", "all"),
@@ -668,6 +749,11 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     _listen_check("--listen", args.listen)
     if args.max_concurrent_rpcs is not None and args.max_concurrent_rpcs <= 0:
         raise UsageError("--max-concurrent-rpcs", "must be > 0")
+    import p402core
+
+    # Before anything starts: a build without the compiled core fails here, with
+    # the way out, and the start-up log names the core that really loaded.
+    core = p402core.load(p402core.IMPLEMENTATION).check()
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":  # migration chatter is not news on every start
@@ -699,8 +785,8 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     if args.workers > 1 and args.lease == "off":
         raise UsageError("--lease", "several workers share budgets: leases must be on")
     kwargs["leases"] = args.lease == "on" or args.workers > 1
-    logging.getLogger("p402.cli").info("p402 serve: starting (db %s, listen %s)",
-                                       _redact_url(args.db), args.listen)
+    logging.getLogger("p402.cli").info("p402 serve: starting (db %s, listen %s, core: %s)",
+                                       _redact_url(args.db), args.listen, core.describe())
     if args.workers > 1:
         from .workers import run_workers
 
@@ -748,12 +834,21 @@ def _redact_url(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
 
 
-async def _init_tenant(db: str, name: str) -> tuple[str, str]:
+async def _init_tenant(db: str, name: str, new_tenant: bool = False) -> tuple[str, str]:
     from .server import init_tenant
     from .store import open_store
 
     store = await open_store(db)
     try:
+        existing = await store.list_tenants()
+        if existing and not new_tenant:
+            names = ", ".join(f"{t.name} ({t.tenant_id})" for t in existing[:3])
+            more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+            raise UsageError("init", (
+                f"{_redact_url(db)} already has {len(existing)} tenant(s): {names}{more}. "
+                "A new tenant's key would see only its own, empty ledger. For another "
+                "key of an existing tenant use `p402 keys create --scope admin` with "
+                "its admin key; to create another tenant anyway, add --new-tenant."))
         return await init_tenant(store, name)
     finally:
         await store.close()
@@ -762,7 +857,8 @@ async def _init_tenant(db: str, name: str) -> tuple[str, str]:
 def cmd_init(args: argparse.Namespace, out: Output) -> int:
     if not args.name.strip():
         raise UsageError("--name", "must not be empty")
-    tenant, api_key = _run_store(args.db, _init_tenant(args.db, args.name))
+    tenant, api_key = _run_store(args.db, _init_tenant(args.db, args.name,
+                                                       args.new_tenant))
     if args.json:
         out.json({"tenant": tenant, "api_key": api_key})
         return 0
@@ -776,8 +872,10 @@ def cmd_init(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
-def _run_store(db: str, coro: Any) -> Any:
-    """Run a store coroutine; a bad URL is bad input naming --db."""
+def _run_store(db: str, coro: Any, *, read_only: bool = False) -> Any:
+    """Run a store coroutine; a bad URL is bad input naming --db. `read_only`
+    commands (verify, contents purge) never create or migrate a database, so a
+    database without P402's tables is bad input too, not a raw SQL error."""
     try:
         return asyncio.run(coro)
     except ValueError as exc:
@@ -786,16 +884,56 @@ def _run_store(db: str, coro: Any) -> Any:
             raise UsageError("--db", getattr(exc, "message", None)
                              or str(exc).split(": ", 1)[-1]) from None
         raise
+    except Exception as exc:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if read_only and isinstance(exc, SQLAlchemyError):
+            detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise UsageError("--db", f"{_redact_url(db)} is not a P402 database this "
+                                     f"command can read ({detail})") from None
+        raise
+
+
+def _existing_db(flag: str, url: str) -> None:
+    """Commands that read a database never create one: a SQLite URL must name an
+    existing file (a typo is bad input, not a new empty database)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UsageError(flag, f"{url!r} is not a database URL (e.g. "
+                               "sqlite+aiosqlite:///p402.db)") from None
+    if parsed.get_backend_name() != "sqlite":
+        return
+    path = parsed.database or ""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    if not os.path.isfile(path):
+        raise UsageError(flag, f"no database at {os.path.abspath(path)} (check the path; "
+                               "this command never creates one)")
 
 
 # ------------------------------------------------------------------ commands: remote
 
 
+def _api_key(raw: str) -> str:
+    """The key without surrounding whitespace (a pasted or file-read key often ends in
+    a newline); whitespace or control characters inside it are refused."""
+    key = (raw or "").strip()
+    if not key:
+        raise UsageError("--api-key", "is required (or set P402_API_KEY)")
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise UsageError("--api-key", "contains whitespace or control characters; a "
+                                      "P402 key is p402_ followed by letters and digits")
+    return key
+
+
 def _client(args: argparse.Namespace):
     from p402_client import P402Client
 
-    if not args.api_key:
-        raise UsageError("--api-key", "is required (or set P402_API_KEY)")
+    args.api_key = _api_key(args.api_key)
     if args.timeout <= 0:
         raise UsageError("--timeout", "must be > 0 seconds")
     return P402Client(args.target, api_key=args.api_key, timeout=args.timeout)
@@ -860,7 +998,8 @@ def cmd_keys_list(args: argparse.Namespace, out: Output) -> int:
     if args.json:
         out.json([k.to_dict() for k in keys])
         return 0
-    out.table("API keys", _KEY_COLS, (_key_row(k) for k in keys))
+    out.table("API keys", _KEY_COLS, (_key_row(k) for k in keys),
+              drop=("prefix", "created (UTC)"))
     return 0
 
 
@@ -912,16 +1051,16 @@ def cmd_budgets_list(args: argparse.Namespace, out: Output) -> int:
         st = b.status
         return [b.budget_id,
                 ", ".join(f"{k}={v}" for k, v in b.scope.items()) or "(tenant)",
-                b.period.lower(), b.enforcement.lower(), usd_short(b.limit_nanos),
-                usd_short(b.soft_limit_nanos) if b.soft_limit_nanos else "",
-                usd_short(st.committed_nanos) if st else "",
-                usd_short(st.held_nanos) if st else "",
-                usd_short(st.remaining_nanos) if st else ""]
+                b.period.lower(), b.enforcement.lower(), Money(b.limit_nanos),
+                Money(b.soft_limit_nanos) if b.soft_limit_nanos else "",
+                Money(st.committed_nanos) if st else "",
+                Money(st.held_nanos) if st else "",
+                Money(st.remaining_nanos) if st else ""]
 
     out.table("Budgets", ["id", "scope", "period", "enforcement", ("limit", "right"),
                           ("soft limit", "right"), ("committed", "right"),
                           ("held", "right"), ("remaining", "right")],
-              (row(b) for b in budgets))
+              (row(b) for b in budgets), drop=("soft limit", "period", "held", "scope"))
     return 0
 
 
@@ -1095,17 +1234,41 @@ def cmd_policies_load(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def litellm_bundled_map() -> Path:
+    """The price map inside the installed `litellm` package (found without importing
+    litellm, which is slow); UsageError when litellm is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("--from-litellm-package", "the litellm package is not installed "
+                         "(pip install litellm, or pip install -e '.[litellm]' in a "
+                         "checkout), or download LiteLLM's map: "
+                         f"curl -sSLO {LITELLM_MAP_URL}")
+    for where in spec.submodule_search_locations:
+        path = Path(where) / LITELLM_BUNDLED_MAP
+        if path.is_file():
+            return path
+    raise UsageError("--from-litellm-package", f"this litellm has no {LITELLM_BUNDLED_MAP}; "
+                     f"download LiteLLM's map instead: curl -sSLO {LITELLM_MAP_URL}")
+
+
 def cmd_prices_import(args: argparse.Namespace, out: Output) -> int:
+    path = litellm_bundled_map() if args.from_litellm_package else Path(args.file)
     try:
-        data = Path(args.file).read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
-        raise UsageError("FILE", f"{args.file}: {exc.strerror}") from None
+        hint = ""
+        if exc.errno == 2:
+            hint = (f" (LiteLLM's map: --from-litellm-package, or download "
+                    f"{LITELLM_MAP_URL})")
+        raise UsageError("FILE", f"{path}: {exc.strerror}{hint}") from None
     with _client(args) as p402:
         result = p402.import_prices(data, format=args.format)
     if args.json:
         out.json(result.to_dict())
         return 0
-    out.print(f"Imported {result.imported_count} price(s); catalog "
+    out.print(f"Imported {result.imported_count} price(s) from {path}; catalog "
               f"{result.catalog_version}; skipped {len(result.skipped)}.")
     for line in result.skipped[:10]:
         out.print(f"  skipped {line}", markup=False)
@@ -1126,7 +1289,8 @@ def cmd_prices_list(args: argparse.Namespace, out: Output) -> int:
               ([p.model, p.provider, _per_million(p.input_pico_per_token),
                 _per_million(p.cached_input_pico_per_token),
                 _per_million(p.output_pico_per_token), p.max_output_tokens or "",
-                "yes" if p.tenant_override else ""] for p in prices))
+                "yes" if p.tenant_override else ""] for p in prices),
+              drop=("max output", "cached input", "provider"))
     return 0
 
 
@@ -1139,12 +1303,15 @@ def _event_dict(e: Any) -> dict[str, Any]:
 EVENT_COLUMNS = ["time (UTC)", "kind", "customer", "feature", "model", "decision",
                  "outcome", ("in tok", "right"), ("out tok", "right"), ("cost", "right"),
                  "evidence", "reasons"]
+# Left out first when the terminal is narrow (Output.table): what remains at 80
+# columns is when, who, which model, the decision and the cost.
+EVENT_DROP = ("kind", "evidence", "out tok", "in tok", "reasons", "feature", "outcome")
 
 
 def event_row(e: Any) -> list[Any]:
     return [_ms_str(e.event_time_ms), e.kind, e.owners.customer, e.owners.feature,
             e.model, e.decision.lower(), e.outcome.lower(), e.usage.input_tokens,
-            e.usage.output_tokens, usd_short(e.cost_nanos), e.evidence.lower(),
+            e.usage.output_tokens, Money(e.cost_nanos), e.evidence.lower(),
             ",".join(e.reasons)]
 
 
@@ -1161,7 +1328,7 @@ def cmd_events(args: argparse.Namespace, out: Output) -> int:
         out.json([_event_dict(e) for e in events])
         return 0
     out.table(f"Events (newest first, at most {limit})", EVENT_COLUMNS,
-              (event_row(e) for e in events))
+              (event_row(e) for e in events), drop=EVENT_DROP)
     return 0
 
 
@@ -1189,25 +1356,22 @@ def spend_totals(rows: Sequence[Any]) -> dict[str, int]:
 
 def print_spend(out: Output, title: str, group_by: Sequence[str], rows: Sequence[Any]
                 ) -> None:
+    """Spend rows with exact amounts: margin = revenue − cost on every row (revenue
+    0, marked, where none was reported), so the rows add up to the totals."""
     t = spend_totals(rows)
-    has_revenue = t["revenue_nanos"] != 0
-
-    def margin(revenue: int, m: int) -> str:
-        return usd_short(m) if revenue else "-"
-
     cols: list[Any] = list(group_by) + [("events", "right"), ("input tok", "right"),
                                         ("output tok", "right"), ("cost", "right"),
                                         ("revenue", "right"), ("margin", "right")]
     body = ([*(group_label(k, r.group.get(k, "")) for k in group_by), r.event_count,
-             r.usage.input_tokens, r.usage.output_tokens, usd_short(r.cost_nanos),
-             usd_short(r.revenue_nanos) if r.revenue_nanos else "-",
-             margin(r.revenue_nanos, r.margin_nanos)] for r in rows)
+             r.usage.input_tokens, r.usage.output_tokens, Money(r.cost_nanos),
+             revenue_cell(r.revenue_nanos), Money(r.revenue_nanos - r.cost_nanos)]
+            for r in rows)
     footer = (["total"] + [""] * (len(group_by) - 1)
               + [t["event_count"], t["input_tokens"], t["output_tokens"],
-                 usd_short(t["cost_nanos"]),
-                 usd_short(t["revenue_nanos"]) if has_revenue else "-",
-                 margin(t["revenue_nanos"], t["margin_nanos"])])
-    out.table(title, cols, body, footer=footer)
+                 Money(t["cost_nanos"]), revenue_cell(t["revenue_nanos"]),
+                 Money(t["revenue_nanos"] - t["cost_nanos"])])
+    out.table(title, cols, body, footer=footer, notes=(NO_REVENUE_NOTE,),
+              drop=("input tok", "output tok", "events"))
 
 
 def cmd_spend(args: argparse.Namespace, out: Output) -> int:
@@ -1259,8 +1423,7 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
     from .evidence import DIGEST_HEADER, ExportWriter, event_row
 
     filters = _filter_kwargs(args)
-    if not args.api_key:
-        raise UsageError("--api-key", "is required (or set P402_API_KEY)")
+    args.api_key = _api_key(args.api_key)
     to_file = args.output not in ("-", "")
     with_digest = to_file if args.digest is None else args.digest
     sidecar = to_file and args.format in ("csv", "focus")
@@ -1345,13 +1508,21 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
             out.json(result)
         elif v.ok:
             out.print(f"OK: {v.count} event(s), chain and signed digest intact "
-                      f"(head {v.head[:16]}…, signed by {v.signed_by[:16]}…)",
+                      + (f"(head {v.head[:16]}…, " if v.head else "(")
+                      + f"signed by {v.signed_by[:16]}…)",
                       markup=False)
         else:
             where = f" at row {v.bad_row}" if v.bad_row else ""
             out.print(f"BROKEN{where}: {v.reason}", markup=False)
         return 0 if v.ok else 1
-    results = _run_store(args.db, _verify_db(args.db, args.tenant))
+    _existing_db("--db", args.db)
+    try:
+        results = _run_store(args.db, _verify_db(args.db, args.tenant), read_only=True)
+    except (UsageError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - exit 1 means "broken" here, nothing else
+        raise UsageError("--db", f"cannot read {_redact_url(args.db)}: "
+                                 f"{type(exc).__name__}: {exc}") from None
     if args.json:
         out.json(results)
     else:
@@ -1393,7 +1564,8 @@ def cmd_contents_purge(args: argparse.Namespace, out: Output) -> int:
         finally:
             await store.close()
 
-    n = _run_store(args.db, purge())
+    _existing_db("--db", args.db)
+    n = _run_store(args.db, purge(), read_only=True)
     if args.json:
         out.json({"purged": n})
     else:
@@ -1452,6 +1624,21 @@ def cmd_settings_set(args: argparse.Namespace, out: Output) -> int:
 # ------------------------------------------------------------------ bench and demo
 
 
+def default_report_dir() -> Path:
+    """Where `p402 bench` writes reports unless told: the user's data directory
+    ($XDG_DATA_HOME/p402/bench-reports, else ~/.local/share/p402/bench-reports),
+    never the source tree."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"),
+                                                           ".local", "share")
+    return Path(base) / "p402" / "bench-reports"
+
+
+def _pretty_home(path: Path) -> str:
+    home = os.path.expanduser("~")
+    text = str(path)
+    return "~" + text[len(home):] if home and text.startswith(home + os.sep) else text
+
+
 def _benchmarks_dir(explicit: str | None) -> Path:
     if explicit:
         return Path(explicit)
@@ -1464,6 +1651,12 @@ def _benchmarks_dir(explicit: str | None) -> Path:
 
 
 def cmd_bench(args: argparse.Namespace, out: Output) -> int:
+    # Checked before minutes of benchmarks, not after.
+    out_dir = Path(args.report_dir) if args.report_dir else default_report_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError("--report-dir", f"{out_dir}: {exc.strerror}") from None
     root = _benchmarks_dir(args.dir)
     scripts = sorted(root.glob("bench_*.py"))
     if not scripts:
@@ -1511,7 +1704,7 @@ def cmd_bench(args: argparse.Namespace, out: Output) -> int:
         spec.loader.exec_module(report)
         path = report.write_report(
             [report.Result(n, rc, sec, lines) for n, rc, sec, lines in results],
-            quick=args.quick, out_dir=root / "reports")
+            quick=args.quick, out_dir=out_dir)
         out.print(f"report: {path}", markup=False)
     return 0 if all(rc == 0 for _, rc, _, _ in results) else 1
 
@@ -1528,8 +1721,12 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
 
     if args.workflow and args.keep_running:
         raise UsageError("--keep-running", "is for the tour, not --workflow")
+    if args.http:
+        if args.workflow:
+            raise UsageError("--http", "is for the tour, not --workflow")
+        _listen_check("--http", args.http)
     return demo.run(db=args.db, listen=listen, keep_running=args.keep_running,
-                    seed=args.seed, out=out, workflow=args.workflow)
+                    seed=args.seed, out=out, workflow=args.workflow, http=args.http)
 
 
 # ------------------------------------------------------------------ entry point
@@ -1568,12 +1765,20 @@ def _runtime_error(exc: Exception) -> int:
         _fail(f"{code}: {exc.message}")
         return 1
     try:
-        from p402core import InvalidArgument as CoreInvalid
+        from p402core import CoreNotBuilt, InvalidArgument as CoreInvalid
     except ImportError:  # pragma: no cover
-        CoreInvalid = ()  # type: ignore[assignment]
+        CoreInvalid = CoreNotBuilt = ()  # type: ignore[assignment]
     if isinstance(exc, CoreInvalid):
         _fail(f"{exc.field}: {exc.message}")
         return 2
+    if isinstance(exc, CoreNotBuilt):
+        _fail(str(exc))
+        return 1
+    from .listen import ListenError
+
+    if isinstance(exc, ListenError):
+        _fail(exc.strerror or str(exc))
+        return 1
     _fail(f"{type(exc).__name__}: {exc}")
     if os.environ.get("P402_DEBUG"):
         raise exc

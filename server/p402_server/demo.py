@@ -7,11 +7,14 @@ Record / Release through the Python client (`AsyncP402Client`, exactly what a
 gateway uses), then prints the ledger and the spend and how to talk to the server.
 
 The mix is deterministic for a seed (customers, features, models, sizes, outcomes
-and the order of calls); only timestamps and ids differ between runs. It exercises:
-a HARD monthly budget, SOFT daily budgets per feature, a tiny HARD trial budget that
-runs out (budget.exceeded), REQUIRE_OWNERS customer (policy.owner_missing), a
-RATE_LIMIT (policy.rate_limited), a Record retried with the same event_id (counted
-once), a released reservation, failed provider calls and meter-only Records.
+and the order of calls); only timestamps and ids differ between runs. It shows each
+decision, ALLOW, WARN and DENY: a HARD monthly budget, small SOFT daily budgets per
+feature that the busier features cross (WARN, budget.exceeded on a SOFT budget: the
+call goes ahead), a tiny HARD trial budget that runs out (DENY, budget.exceeded),
+REQUIRE_OWNERS customer (policy.owner_missing), a RATE_LIMIT (policy.rate_limited),
+a Record retried with the same event_id (counted once), a released reservation,
+failed provider calls and meter-only Records. With `http` the dashboard is served
+too, and the summary prints its URL and a read key to sign in with.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ EMBEDDING_MODEL = ("text-embedding-3-small", "openai")
 # so the spend table can show margins.
 REVENUE_NANOS = {"chat": 6_000_000, "summarize": 4_000_000, "code-review": 25_000_000}
 CALLS = 64
+FEATURE_DAILY_NANOS = 50_000_000  # $0.05 a day per feature, SOFT
 
 
 @dataclass
@@ -69,9 +73,11 @@ async def _setup(p402: Any) -> None:
     await p402.put_budget("acme-monthly", limit_nanos=50 * usd, period="MONTH",
                           soft_limit_nanos=40 * usd, enforcement="HARD",
                           scope={"customer": "acme"})
+    # Small enough that chat, search and summarize cross them during the tour: from
+    # then on their calls are answered WARN (and still made).
     for feature in FEATURES:
-        await p402.put_budget(f"{feature}-daily", limit_nanos=5 * usd, period="DAY",
-                              enforcement="SOFT", scope={"feature": feature})
+        await p402.put_budget(f"{feature}-daily", limit_nanos=FEATURE_DAILY_NANOS,
+                              period="DAY", enforcement="SOFT", scope={"feature": feature})
     # A free trial that runs out during the tour: shows budget.exceeded.
     await p402.put_budget("initech-trial", limit_nanos=usd // 25, period="TOTAL",
                           enforcement="HARD", scope={"customer": "initech"})
@@ -191,10 +197,12 @@ async def _catalog_models(p402: Any) -> set[str]:
         return set()
 
 
-async def _run(db: str | None, listen: str, keep_running: bool, seed: int, out: Any) -> int:
+async def _run(db: str | None, listen: str, keep_running: bool, seed: int, out: Any,
+               http: str | None = None) -> int:
     from p402_client import AsyncP402Client
+    from rich.markup import escape
 
-    from .cli import EVENT_COLUMNS, event_row, print_spend, usd_short
+    from .cli import EVENT_COLUMNS, EVENT_DROP, event_row, print_spend, usd_short
     from .server import create_server, init_tenant
     from .store import open_store
 
@@ -206,20 +214,23 @@ async def _run(db: str | None, listen: str, keep_running: bool, seed: int, out: 
     server = None
     try:
         tenant, admin_key = await init_tenant(store, "demo")
-        server, port = create_server(listen, store=store)
+        server, port = create_server(listen, store=store, http=http)
         await server.start()
         host = _host_port(listen)[0] or "127.0.0.1"
         target = f"{host}:{port}"
-        out.print(f"[bold]P402 demo[/bold]: server on {target}, ledger {db}")
+        out.print(f"[bold]P402 demo[/bold]: server on {target}, ledger {escape(db)}")
 
         rng = random.Random(seed)
         async with AsyncP402Client(target, api_key=admin_key, timeout=10.0) as admin:
             await _setup(admin)
             meter = await admin.create_key("demo-gateway", ["meter", "read"])
+            reader = (await admin.create_key("demo-dashboard", ["read"])
+                      if server.dashboard is not None else None)
             catalog = await _catalog_models(admin)
             models = _pick_models(catalog)
         out.print("Tenant [bold]demo[/bold]: budgets acme-monthly ($50 HARD), "
-                  "<feature>-daily ($5 SOFT each), initech-trial ($0.04 HARD); rules "
+                  f"<feature>-daily ({usd_short(FEATURE_DAILY_NANOS)} SOFT each), "
+                  "initech-trial ($0.04 HARD); rules "
                   "require-customer (REQUIRE_OWNERS), search-rate (RATE_LIMIT 4/min "
                   "per customer).")
 
@@ -249,7 +260,7 @@ async def _run(db: str | None, listen: str, keep_running: bool, seed: int, out: 
 
         out.print()
         out.table("Ledger: the 15 most recent events", EVENT_COLUMNS,
-                  (event_row(e) for e in ledger))
+                  (event_row(e) for e in ledger), drop=EVENT_DROP)
         out.print()
         print_spend(out, "Spend by customer", ["customer"], by_customer)
         out.print()
@@ -257,7 +268,8 @@ async def _run(db: str | None, listen: str, keep_running: bool, seed: int, out: 
 
         running = keep_running
         out.print("\n[bold]Talk to the server[/bold]" + ("" if running else
-                  " (it stops when the demo ends; rerun with --keep-running to keep it)"))
+                  " (it stops when the demo ends; rerun with --keep-running --http "
+                  "127.0.0.1:4021 to keep it and browse the ledger)"))
         out.print(f"  export P402_TARGET={target}\n"
                   f"  export P402_API_KEY={admin_key}   # admin key of tenant {tenant}\n"
                   "  p402 spend --by customer,feature --since 1h\n"
@@ -266,6 +278,11 @@ async def _run(db: str | None, listen: str, keep_running: bool, seed: int, out: 
                   "  p402 export --format csv --output events.csv\n"
                   f"  grpcurl -plaintext -H 'authorization: Bearer {admin_key}' {target} "
                   "p402.v1.MeterService/Ping", markup=False)
+        if server.dashboard is not None:
+            out.print(f"\n[bold]Dashboard[/bold]: {server.dashboard.url}meter/events\n"
+                      f"  sign in with the read key {reader.api_key}"
+                      + ("" if running else "\n  (it stops with the demo; add "
+                         "--keep-running to browse it)"))
         if keep_running:
             out.print("\nServing until Ctrl-C …")
             await _until_signal()
@@ -288,16 +305,18 @@ async def _until_signal() -> None:
 
 
 async def _run_workflows(db: str | None, listen: str, names: list[str], out: Any,
-                         results: list | None = None) -> int:
+                         results: list | None = None, workdir: str | None = None) -> int:
     """The vertical workflows (demo_workflows.py), each on a tenant of its own, on
-    one server started here like the tour's."""
+    one server started here like the tour's. Files they write go to `workdir`, by
+    default a temporary directory removed at the end (with the ledger, unless --db)."""
     from .demo_workflows import Context, run_workflow
     from .server import create_server
     from .store import open_store
 
     tmpdir = None
-    if db is None:
+    if db is None or workdir is None:
         tmpdir = tempfile.mkdtemp(prefix="p402-demo-")
+    if db is None:
         db = f"sqlite+aiosqlite:///{tmpdir}/demo.db"
     store = await open_store(db)
     server = None
@@ -305,7 +324,8 @@ async def _run_workflows(db: str | None, listen: str, names: list[str], out: Any
         server, port = create_server(listen, store=store)
         await server.start()
         host = _host_port(listen)[0] or "127.0.0.1"
-        ctx = Context(store=store, target=f"{host}:{port}", out=out)
+        ctx = Context(store=store, target=f"{host}:{port}", out=out,
+                      workdir=workdir or tmpdir)
         out.print(f"[bold]P402 demo workflows[/bold]: server on {ctx.target}, ledger {db}")
         for name in names:
             out.print()
@@ -322,15 +342,16 @@ async def _run_workflows(db: str | None, listen: str, names: list[str], out: Any
 
 
 def run(*, db: str | None, listen: str, keep_running: bool, seed: int, out: Any,
-        workflow: str | None = None) -> int:
+        workflow: str | None = None, http: str | None = None) -> int:
     """Run the tour, or with `workflow` ("support", "code-review", "extraction",
-    "finance" or "all") the vertical workflows; returns the exit code."""
+    "finance" or "all") the vertical workflows; returns the exit code. `http`
+    ("HOST:PORT") also serves the dashboard during the tour."""
     if workflow:
         from .demo_workflows import WORKFLOWS
 
         names = list(WORKFLOWS) if workflow == "all" else [workflow]
         return asyncio.run(_run_workflows(db, listen, names, out))
-    return asyncio.run(_run(db, listen, keep_running, seed, out))
+    return asyncio.run(_run(db, listen, keep_running, seed, out, http))
 
 
 __all__ = ["run"]

@@ -13,8 +13,9 @@ ledger.
 2. code-review — an engineering code-review bot: a department budget with a soft
    limit and an employee budget: first ALLOW, then WARN (budget.soft_limit), then
    DENY (budget.exceeded).
-3. extraction — a document-extraction batch: failed calls retried with `attempt` /
-   `retry_of`; documents sent twice found by their content fingerprint
+3. extraction — a document-extraction batch: failed calls retried with `attempt`
+   (1 for the first try, 2 for the retry) / `retry_of`; documents sent twice found
+   by their content fingerprint
    (privacy mode fingerprint_only: the content is hashed, never kept); near the
    budget's end the tenant's `allow_clamp` setting turns a DENY into an ALLOW with a
    smaller output cap (budget.clamped).
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,11 +73,13 @@ class WorkflowResult:
 
 @dataclass
 class Context:
-    """What demo.py hands a workflow."""
+    """What demo.py hands a workflow; `workdir` is where a workflow may write files
+    (the finance export), removed by demo.py when the run ends unless given."""
 
     store: Any
     target: str
     out: Any
+    workdir: str
     provider: StandinProvider = field(default_factory=StandinProvider)
 
 
@@ -155,15 +157,16 @@ async def _print_tables(ctx: Context, res: WorkflowResult, p402: Any,
 
 
 def _print_calls(ctx: Context, res: WorkflowResult, title: str, who: str) -> None:
-    from .cli import usd_short
+    from .amounts import Money
 
     ctx.out.table(title, ["#", who, "model", "decision", ("cap", "right"), "outcome",
                           ("cost", "right"), "evidence", "reasons"],
-                  ([i + 1, c["owners"].get(who) or c["labels"].get(who, ""), c["model"], c["decision"].lower(),
-                    c["cap"] or "-", c["outcome"].lower(),
-                    usd_short(c["cost_nanos"]) if c["event_id"] else "-",
+                  ([i + 1, c["owners"].get(who) or c["labels"].get(who, ""), c["model"],
+                    c["decision"].lower(), c["cap"] or "-", c["outcome"].lower(),
+                    Money(c["cost_nanos"]) if c["event_id"] else "-",
                     (c["evidence"] or "-").lower(),
-                    ",".join(c["reasons"])] for i, c in enumerate(res.calls)))
+                    ",".join(c["reasons"])] for i, c in enumerate(res.calls)),
+                  drop=("evidence", "cap", "outcome", "reasons"))
 
 
 async def _wait_denied(p402: Any, n: int, timeout: float = 3.0) -> None:
@@ -266,15 +269,15 @@ async def code_review(ctx: Context) -> WorkflowResult:
 
 
 def _budget_rows(page: Any) -> list[list]:
-    from .cli import usd_short
+    from .amounts import Money
 
     rows = []
     for b in page.items:
         st = getattr(b, "status", None)
-        rows.append([b.budget_id, usd_short(b.limit_nanos),
-                     usd_short(b.soft_limit_nanos) if b.soft_limit_nanos else "-",
-                     usd_short(st.committed_nanos) if st else "-",
-                     usd_short(st.held_nanos) if st else "-"])
+        rows.append([b.budget_id, Money(b.limit_nanos),
+                     Money(b.soft_limit_nanos) if b.soft_limit_nanos else "-",
+                     Money(st.committed_nanos) if st else "-",
+                     Money(st.held_nanos) if st else "-"])
     return rows
 
 
@@ -323,12 +326,14 @@ async def extraction(ctx: Context) -> WorkflowResult:
             kw: dict[str, Any] = {"labels": {"doc": f"doc-{i}"}}
             if privacy:
                 kw.update(content=doc, privacy_mode=privacy)
-            call = await _extract(p402, ctx.provider, doc, owners, fail=i in FAILING, **kw)
+            call = await _extract(p402, ctx.provider, doc, owners, fail=i in FAILING,
+                                  attempt=1, **kw)
             res.calls.append(call)
             if call["outcome"] == "PROVIDER_ERROR":
-                # The retry names the failed attempt: finance sees both, linked.
+                # The retry is attempt 2 and names the failed attempt: finance sees
+                # both, linked.
                 res.calls.append(await _extract(p402, ctx.provider, doc, owners,
-                                                attempt=1, retry_of=call["event_id"],
+                                                attempt=2, retry_of=call["event_id"],
                                                 **kw))
         _print_calls(ctx, res, "Documents", "doc")
         events = [e async for e in p402.iter_query(page_size=1000)]
@@ -336,14 +341,11 @@ async def extraction(ctx: Context) -> WorkflowResult:
         dups = [e for e in events if getattr(e, "duplicate_of", "")]
         docs_by_event = {e.event_id: e.labels.get("doc", "") for e in events}
         ctx.out.print(f"\nRetries: {len(retries)} (" + ", ".join(
-            f"{e.labels.get('doc')} attempt {e.attempt} retry_of {e.retry_of}"
-            for e in retries)
+            f"{e.labels.get('doc')}: attempt {e.attempt}, retry of {e.retry_of}"
+            for e in sorted(retries, key=_in_time))
             + ")", markup=False)
         if privacy:
-            ctx.out.print(f"Duplicates by fingerprint: {len(dups)} (" + ", ".join(
-                f"{e.labels.get('doc')} = {docs_by_event.get(e.duplicate_of, e.duplicate_of)}"
-                for e in dups) + "; a retry re-sends its document, so it is one too)",
-                markup=False)
+            ctx.out.print(_duplicates_line(dups, docs_by_event), markup=False)
         clamped = [c for c in res.calls if "budget.clamped" in c["reasons"]]
         ctx.out.print(f"Clamped instead of denied: {len(clamped)} call(s)"
                       + (f", caps {[c['cap'] for c in clamped]}" if clamped else ""))
@@ -356,6 +358,29 @@ async def extraction(ctx: Context) -> WorkflowResult:
         await p402.close()
         await admin.close()
     return res
+
+
+def _in_time(e: Any) -> tuple[int, str]:
+    return e.event_time_ms, e.event_id
+
+
+def _duplicates_line(dups: list, docs_by_event: dict[str, str]) -> str:
+    """Fingerprint matches, split: another document sent again ("doc-7 is doc-1
+    again") and a retry re-sending its own document (a match by design)."""
+    again, resent = [], []
+    for e in sorted(dups, key=_in_time):
+        doc = e.labels.get("doc", e.event_id)
+        original = docs_by_event.get(e.duplicate_of, e.duplicate_of)
+        if original == doc and e.retry_of:
+            resent.append(doc)
+        else:
+            again.append(f"{doc} is {original} again")
+    line = (f"Duplicates by fingerprint: {len(again)} document(s) sent twice ("
+            + (", ".join(again) or "none") + ")")
+    if resent:
+        line += (f"; the {len(resent)} retr{'y' if len(resent) == 1 else 'ies'} "
+                 f"re-sent their own document ({', '.join(resent)}) and match it too")
+    return line + "."
 
 
 async def _extract(p402: Any, provider: StandinProvider, doc: str, owners: dict, *,
@@ -428,7 +453,7 @@ async def _export_and_verify(ctx: Context, res: WorkflowResult, admin: Any) -> N
     from . import cli
 
     key = admin.demo_api_key
-    path = os.path.join(tempfile.mkdtemp(prefix="p402-finance-"), "evidence.jsonl")
+    path = os.path.join(ctx.workdir, "finance-evidence.jsonl")
     base = ["--target", ctx.target, "--api-key", key]
     ctx.out.print(f"\n$ p402 export --format jsonl --output {path}")
     rc = await asyncio.to_thread(cli.main, ["export", *base, "--format", "jsonl",

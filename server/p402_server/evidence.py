@@ -163,6 +163,58 @@ class DigestBuilder:
         return sign_digest(private, self.digest(created_ms))
 
 
+class ChainedExport:
+    """One export: the events matching a filter in ledger order, each carrying the
+    chain hash before it (so a filtered export verifies on its own), then the
+    digest signed with the tenant's evidence key. `ExportEvents` streams it over
+    gRPC (`p402 export`), the dashboard writes it into its downloads: the same rows
+    and the same digest either way."""
+
+    def __init__(self, store, tenant_id: str, flt):
+        self.store, self.tenant_id, self.flt = store, tenant_id, flt
+        self.builder = DigestBuilder(tenant_id, flt.since_ms, flt.until_ms)
+
+    async def events(self):
+        """The export's events as wire `Event`s (prev_chain_hash filled), in order."""
+        from . import convert
+        from .store.canonical import GENESIS
+
+        prev_index, prev_hash = 0, ""
+        async for ev in self.store.iter_events(self.tenant_id, self.flt):
+            e = convert.event_to_proto(ev)
+            index = ev.chain_index or 0
+            if index:
+                if index == 1:
+                    e.prev_chain_hash = GENESIS
+                elif index == prev_index + 1:
+                    e.prev_chain_hash = prev_hash
+                else:
+                    e.prev_chain_hash = await self._chain_hash_at(index - 1)
+                prev_index, prev_hash = index, e.chain_hash
+            self.builder.add(index, e.chain_hash, ev.event_ms, ev.catalog_version)
+            yield e
+
+    async def _chain_hash_at(self, chain_index: int) -> str:
+        """The chain hash at a position (a filtered export's gap), "" if none."""
+        import sqlalchemy as sa
+
+        from .store import schema
+
+        q = (sa.select(schema.events.c.chain_hash)
+             .where(schema.events.c.tenant_id == self.tenant_id,
+                    schema.events.c.chain_index == chain_index))
+        async with self.store.engine.connect() as conn:
+            return (await conn.execute(q)).scalar() or ""
+
+    def finish(self, settings: dict, created_ms: int) -> dict:
+        """The signed digest of what `events` gave, with the tenant's evidence key
+        (from its settings, unsealed here)."""
+        from . import privacy, signing
+
+        private = signing.unseal((settings.get(privacy.SECRETS) or {})["evidence_key"])
+        return self.builder.finish(private, created_ms)
+
+
 # --- export rows ------------------------------------------------------------------
 
 _USAGE = ("input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",

@@ -21,12 +21,8 @@ from . import convert
 import json
 import time
 
-import sqlalchemy as sa
-
 from . import evidence, signing
 from . import privacy as _privacy
-from .store import schema
-from .store.canonical import GENESIS
 from .auth import ANY, METER, READ
 from .errors import unary, streaming
 from .runtime import Runtime
@@ -203,33 +199,12 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
         rt = self.runtime.tenants.get(key.tenant_id) or await self.runtime.get(key.tenant_id)
         # Each event carries the chain hash before it, so even a filtered export
         # verifies on its own; the call ends with the signed digest (evidence.py).
-        digest = evidence.DigestBuilder(key.tenant_id, flt.since_ms, flt.until_ms)
-        prev_index, prev_hash = 0, ""
-        async for ev in self.store.iter_events(key.tenant_id, flt):
-            e = convert.event_to_proto(ev)
-            index = ev.chain_index or 0
-            if index:
-                if index == 1:
-                    e.prev_chain_hash = GENESIS
-                elif index == prev_index + 1:
-                    e.prev_chain_hash = prev_hash
-                else:
-                    e.prev_chain_hash = await self._chain_hash_at(key.tenant_id, index - 1)
-                prev_index, prev_hash = index, e.chain_hash
-            digest.add(index, e.chain_hash, ev.event_ms, ev.catalog_version)
+        export = evidence.ChainedExport(self.store, key.tenant_id, flt)
+        async for e in export.events():
             yield e
-        private = signing.unseal((rt.settings.get(_privacy.SECRETS) or {})["evidence_key"])
-        signed = digest.finish(private, time.time_ns() // 1_000_000)
+        signed = export.finish(rt.settings, time.time_ns() // 1_000_000)
         context.set_trailing_metadata(
             ((evidence.DIGEST_HEADER, json.dumps(signed, sort_keys=True)),))
-
-    async def _chain_hash_at(self, tenant_id: str, chain_index: int) -> str:
-        """The chain hash at a position (a filtered export's gap), "" if none."""
-        q = (sa.select(schema.events.c.chain_hash)
-             .where(schema.events.c.tenant_id == tenant_id,
-                    schema.events.c.chain_index == chain_index))
-        async with self.store.engine.connect() as conn:
-            return (await conn.execute(q)).scalar() or ""
 
     @unary(ANY)
     async def Ping(self, request, context, key):

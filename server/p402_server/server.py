@@ -24,6 +24,7 @@ import logging
 import signal
 
 import grpc
+import p402core
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from p402.v1 import admin_pb2, admin_pb2_grpc, meter_pb2, meter_pb2_grpc
@@ -32,6 +33,7 @@ from .admin_service import AdminService
 from .auth import KeyCache
 from .config import ServerConfig
 from .errors import LenientDecoding
+from .listen import busy, listen_error
 from .meter_service import MeterService
 from .runtime import Runtime
 from .signing import warn_if_unsealed
@@ -74,11 +76,15 @@ class P402Server:
         await self.runtime.start()
         await self.grpc_server.start()
         if self.dashboard is not None:
-            self.http_port = await self.dashboard.start()
+            try:
+                self.http_port = await self.dashboard.start()
+            except BaseException:  # e.g. its port is taken: undo what started
+                await self.stop(0)
+                raise
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("p402 serving on port %d (%s core)", self.port,
-                 self.runtime.core.IMPLEMENTATION)
+        log.info("p402 serving on port %d (core: %s)", self.port,
+                 self.runtime.core.describe())
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain in-flight calls (up to `grace` s), write open holds, flush the writer."""
@@ -121,6 +127,9 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
     (workers.py: several processes sharing one port).
     """
     config = config or ServerConfig()
+    # Every core module imports now: a missing compiled build fails here, with the
+    # way out (p402core.CoreNotBuilt), not as INTERNAL on the first call.
+    core = (core or p402core.load(p402core.IMPLEMENTATION)).check()
     if max_concurrent_rpcs is not None:
         config = ServerConfig(**{**_asdict(config), "max_concurrent_rpcs": max_concurrent_rpcs})
     own_writer = writer is None
@@ -166,9 +175,15 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
     # Every served service is listed by reflection and has a health status.
     reflection.enable_server_reflection(
         (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    if not reuse_port and busy(address):  # say why before gRPC logs its own error
+        raise listen_error(address, flag="--listen", env="P402_LISTEN")
+    try:
+        port = server.add_insecure_port(address)
+        cause = None
+    except RuntimeError as exc:  # grpcio raises where older versions returned 0
+        port, cause = 0, exc
     if not port:
-        raise OSError(f"p402: cannot listen on {address!r}")
+        raise listen_error(address, flag="--listen", env="P402_LISTEN", cause=cause)
     p402 = P402Server(server, port=port, store=store, writer=writer, runtime=runtime,
                       auth=auth, health_servicer=health_servicer, config=config,
                       own_writer=own_writer)
@@ -218,6 +233,10 @@ async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
     try:
         store = await open_store(db_url)
         try:
+            if not await store.list_tenants():
+                log.warning("no tenant in %s yet: every call will be refused until one "
+                            "exists. Create one and its first admin key with `p402 init "
+                            "--db %s`", _redact(db_url), _redact(db_url))
             server, port = create_server(listen, store=store, config=config,
                                          max_concurrent_rpcs=max_concurrent_rpcs,
                                          http=http, dashboard_config=dashboard_config,

@@ -187,7 +187,7 @@ def test_budgets_set_list_delete_round_trip(tenant, capsys):
     assert (chat["period"], chat["enforcement"], chat["limit_nanos"]) == ("DAY", "SOFT",
                                                                           5 * USD)
     code, out, _ = run(capsys, "budgets", "list")
-    assert code == 0 and "acme-monthly" in out and "$25.000000" in out
+    assert code == 0 and "acme-monthly" in out and "$25.00" in out
     assert run(capsys, "budgets", "delete", "chat-daily")[0] == 0
     assert [b["budget_id"] for b in run_json(capsys, "budgets", "list")] == ["acme-monthly"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from p402_server.dashboard.fmt import usd, tokens
+from p402_server.dashboard.fmt import column_places, tokens, usd
 
 from dash_harness import close, seed, _start
 
@@ -79,6 +79,12 @@ async def shot(pg, name: str) -> None:
     await pg.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
+async def open_filters(pg) -> None:
+    """The filter panel is folded into a summary line; open it."""
+    if await pg.get_attribute("details.filters", "open") is None:
+        await pg.click("details.filters summary")
+
+
 async def sign_in(pg, key: str) -> None:
     d = pg.p402
     await pg.goto(d.base + "/dashboard/")
@@ -102,16 +108,18 @@ async def test_sign_in_filter_open_event_and_check_against_the_ledger(page):
     stored, _ = await d.store.query_events(d.a.tenant_id, None, page_size=100)
     assert [await r.get_attribute("data-event-id") for r in rows] == \
         [e.event_id for e in stored]
+    places = column_places(e.cost_nanos for e in stored)
     for r, ev in zip(rows, stored):
         cost = await r.query_selector("td.money")
-        assert await cost.inner_text() == usd(ev.cost_nanos)
+        assert await cost.inner_text() == usd(ev.cost_nanos, places)
         assert int(await cost.get_attribute("data-nanos")) == ev.cost_nanos
     # Tenant B's event is nowhere on A's page.
     assert "beta-secret-customer" not in await pg.content()
 
     # Filter by customer: only globex remains.
+    await open_filters(pg)
     await pg.fill("input[name=customer]", "globex")
-    await pg.click("form.filters button[type=submit]")
+    await pg.click(".filters button[type=submit]")
     await pg.wait_for_url(re.compile(r".*customer=globex.*"))
     rows = await pg.query_selector_all("#ledger-rows tr")
     (globex,) = [e for e in stored if e.customer == "globex"]
@@ -120,8 +128,9 @@ async def test_sign_in_filter_open_event_and_check_against_the_ledger(page):
 
     # Filter by outcome through the select: only the timed-out first attempt.
     await pg.goto(d.base + "/dashboard/meter/events")
+    await open_filters(pg)
     await pg.select_option("select[name=outcome]", "timeout")
-    await pg.click("form.filters button[type=submit]")
+    await pg.click(".filters button[type=submit]")
     await pg.wait_for_url(re.compile(r".*outcome=timeout.*"))
     ids = [await r.get_attribute("data-event-id")
            for r in await pg.query_selector_all("#ledger-rows tr")]
@@ -171,7 +180,11 @@ async def test_a_new_event_appears_without_a_reload(page):
     assert len(rows) == before + 1
     assert await rows[0].get_attribute("data-event-id") == new_id  # on top
     ev = await d.store.get_event(d.a.tenant_id, new_id)
-    assert await (await row.query_selector("td.money")).inner_text() == usd(ev.cost_nanos)
+    # Exact, in the decimals of the column already on the page (so it lines up).
+    shown = await (await row.query_selector("td.money")).inner_text()
+    before_text = await (await rows[1].query_selector("td.money")).inner_text()
+    places = max(len(before_text.split(".")[1]), column_places([ev.cost_nanos]))
+    assert shown == usd(ev.cost_nanos, places)
     # The other tenant's concurrent event never shows up.
     await asyncio.sleep(1.0)
     assert await pg.query_selector('tr[data-event-id="ev-live-b"]') is None
@@ -184,6 +197,7 @@ async def test_spend_page_shows_the_ledger_totals_and_budgets(page):
     await sign_in(pg, d.a.read_key)
     await pg.goto(d.base + "/dashboard/spend")
     (total,), _ = await d.store.query_spend(d.a.tenant_id, None, [])
+    await pg.reload()
     cost = await pg.query_selector("#totals .money")
     assert int(await cost.get_attribute("data-nanos")) == total.cost_nanos
     assert await cost.inner_text() == usd(total.cost_nanos)
@@ -194,9 +208,11 @@ async def test_spend_page_shows_the_ledger_totals_and_budgets(page):
     rt = await d.server.runtime.get(d.a.tenant_id)
     (st,) = [s for s in rt.engine.budget_status() if s.budget_id == "acme-month"]
     row = '#budgets tr[data-budget-id="acme-month"]'
-    assert await pg.inner_text(f'{row} td[data-field="committed"]') == usd(st.committed_nanos)
-    assert await pg.inner_text(f'{row} td[data-field="held"]') == usd(st.held_nanos)
-    assert await pg.inner_text(f'{row} td[data-field="left"]') == usd(st.remaining_nanos)
+    for field, nanos in (("committed", st.committed_nanos), ("held", st.held_nanos),
+                         ("left", st.remaining_nanos)):
+        cell = f'{row} td[data-field="{field}"]'
+        assert int(await pg.get_attribute(cell, "data-nanos")) == nanos
+        assert await pg.inner_text(cell) == usd(nanos)  # one budget: its own decimals
     await shot(pg, "06-spend")
     assert pg.js_errors == []
 
@@ -209,3 +225,88 @@ async def test_meter_only_key_is_refused_in_the_browser(page):
     alert = await pg.wait_for_selector(".alert.error")
     assert "scope meter only" in await alert.inner_text()
     await shot(pg, "07-signin-meter-key")
+
+
+# ---------------------------------------------------------------- layout at two widths
+
+NEG = "rgb(192, 57, 43)"  # --neg in dashboard.css
+
+
+@pytest.fixture(params=[800, 1440], ids=lambda w: f"{w}px")
+async def sized(browser, tmp_path, request):
+    """A signed-in page at 800 or 1440 px wide (900 px high), over the seed plus a
+    call with a large cost and no revenue (today's margin is negative)."""
+    width = request.param
+    d = await _start(tmp_path)
+    await seed(d)
+    await d.record(d.a, customer="bigspender", feature="batch", input_tokens=200_000,
+                   output_tokens=0)
+    ctx = await browser.new_context(viewport={"width": width, "height": 900})
+    pg = await ctx.new_page()
+    pg.set_default_timeout(10_000)
+    pg.p402, pg.width = d, width
+    try:
+        await sign_in(pg, d.a.read_key)
+        yield pg
+    finally:
+        await ctx.close()
+        await close(d)
+
+
+async def test_ledger_fits_the_width_with_aligned_costs_and_folded_filters(sized):
+    pg, d, width = sized, sized.p402, sized.width
+    await pg.wait_for_selector("#ledger-rows tr")
+    await shot(pg, f"10-events-{width}px")
+    # Nothing is cut off: the page and the table card need no horizontal scroll.
+    assert await pg.evaluate("document.documentElement.scrollWidth") <= width
+    card = await pg.query_selector(".table-card")
+    assert await card.evaluate("c => c.scrollWidth <= c.clientWidth")
+    costs = await pg.query_selector_all("#ledger-rows td.money")
+    boxes = [await c.bounding_box() for c in costs]
+    assert all(b["x"] + b["width"] <= width for b in boxes)
+    # Aligned: the same decimals in every cost, and the same right edge.
+    texts = [await c.inner_text() for c in costs]
+    assert len({len(t.split(".")[1]) for t in texts}) == 1, texts
+    assert max(b["x"] + b["width"] for b in boxes) - min(b["x"] + b["width"]
+                                                         for b in boxes) < 1
+    # The filter panel is folded to one line (≤ 10 % of the screen's height) …
+    panel = await (await pg.query_selector("details.filters")).bounding_box()
+    assert panel["height"] <= 90, panel
+    assert "Last 30 days" in await pg.inner_text("#filter-summary")
+    # … and opens on a click.
+    await open_filters(pg)
+    assert await pg.is_visible("input[name=customer]")
+    await shot(pg, f"11-events-filters-open-{width}px")
+    if width <= 1100:  # narrow: the optional columns are left to the event page
+        assert not await pg.is_visible("th.opt")
+    else:
+        assert await pg.is_visible("th.opt")
+
+
+async def test_spend_chart_fills_its_card_and_a_negative_margin_is_red(sized):
+    pg, d, width = sized, sized.p402, sized.width
+    await pg.goto(d.base + "/dashboard/spend")
+    chart = await pg.query_selector(".chart-card svg.time-series >> visible=true")
+    card = await pg.query_selector(".chart-card")
+    chart_w = (await chart.bounding_box())["width"]
+    inner_w = await card.evaluate(
+        "c => c.clientWidth - parseFloat(getComputedStyle(c).paddingLeft)"
+        " - parseFloat(getComputedStyle(c).paddingRight)")
+    assert chart_w >= 0.95 * inner_w, (chart_w, inner_w)
+    # Its text stays readable: tick labels at least 10 px on the screen.
+    tick = await chart.query_selector("text.tick")
+    assert (await tick.bounding_box())["height"] >= 10
+    assert await pg.evaluate("document.documentElement.scrollWidth") <= width
+    # Today's margin is negative: its point and its part of the line are red.
+    (total,), _ = await d.store.query_spend(d.a.tenant_id, None, [])
+    assert total.margin_nanos < 0
+    point = await chart.query_selector("circle.point.series-margin.below-zero")
+    assert await point.evaluate("p => getComputedStyle(p).fill") == NEG
+    below = await chart.query_selector("polyline.series-margin.below-zero")
+    assert await below.evaluate("p => getComputedStyle(p).stroke") == NEG
+    above = await chart.query_selector("polyline.series-margin:not(.below-zero)")
+    assert await above.evaluate("p => getComputedStyle(p).stroke") != NEG
+    # No panel for a dimension nobody used; the others have no "(none)"-only table.
+    assert await pg.query_selector("#by-department") is None
+    assert "department" in await pg.inner_text("#unused-dims")
+    await shot(pg, f"12-spend-{width}px")

@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 from p402.v1 import admin_pb2
 
-from p402_server.dashboard import exports, fmt
+from p402_server import evidence
+from p402_server.dashboard import fmt
 from p402_server.dashboard.fmt import usd
 from p402_server.store import EventFilter, LedgerEvent
 
@@ -182,8 +183,9 @@ async def test_a_tenant_sees_none_of_another_tenants_events(dash, http):
         data = await r.json()
     assert [e["event_id"] for e in data["events"]] == ["ev-beta-only"]
     async with http.get(dash.base + "/dashboard/export?format=jsonl") as r:
-        lines = (await r.text()).splitlines()
-    assert [json.loads(x)["event_id"] for x in lines] == ["ev-beta-only"]
+        lines = [json.loads(x) for x in (await r.text()).splitlines()]
+    assert [x["event_id"] for x in lines[:-1]] == ["ev-beta-only"]
+    assert lines[-1]["digest"]["tenant_id"] == dash.b.tenant_id
     async with http.get(dash.base + "/dashboard/spend") as r:
         spend = await r.text()
     assert "globex" not in spend and "acme-month" not in spend
@@ -361,60 +363,70 @@ async def test_security_headers(dash, http):
 # --- exports -----------------------------------------------------------------------
 
 
-async def test_csv_and_jsonl_exports_equal_the_ledger(dash, http):
+def _download(text: str, fmt_name: str, tmp_path) -> tuple[list[dict], dict | None]:
+    """A download read back as `p402 verify --file` reads it: (rows, digest)."""
+    path = tmp_path / f"download.{fmt_name}"
+    path.write_text(text, encoding="utf-8", newline="")
+    _fmt, rows, digest = evidence.read_export(str(path))
+    return rows, digest
+
+
+async def test_csv_and_jsonl_exports_equal_the_ledger(dash, http, tmp_path):
     await sign_in(http, dash.base, dash.a.read_key)
     stored = [e async for e in dash.store.iter_events(dash.a.tenant_id)]
     async with http.get(dash.base + "/dashboard/export?format=csv&customer=acme") as r:
         assert r.headers["Content-Type"].startswith("text/csv")
         assert "attachment" in r.headers["Content-Disposition"]
-        rows = list(csv.DictReader(io.StringIO(await r.text())))
+        rows, digest = _download(await r.text(), "csv", tmp_path)
     acme = [e for e in stored if e.customer == "acme"]
     assert [x["event_id"] for x in rows] == [e.event_id for e in acme]
+    assert digest["count"] == len(acme)
     for x, e in zip(rows, acme):
         assert int(x["cost_nanos"]) == e.cost_nanos
         assert x["cost_usd"] == f"{e.cost_nanos // 10**9}.{e.cost_nanos % 10**9:09d}"
         assert x["outcome"] in ("SUCCESS", "TIMEOUT")
     async with http.get(dash.base + "/dashboard/export?format=jsonl") as r:
-        lines = [json.loads(x) for x in (await r.text()).splitlines()]
+        lines, digest = _download(await r.text(), "jsonl", tmp_path)
     assert [x["event_id"] for x in lines] == [e.event_id for e in stored]
     assert [x["revenue_nanos"] for x in lines] == [e.revenue_nanos for e in stored]
     async with http.get(dash.base + "/dashboard/export?format=xml") as r:
         assert r.status == 400
 
 
-async def test_exports_have_the_cli_export_rows(dash, http):
-    """The dashboard's downloads are the CLI's formats (p402_server.evidence)."""
-    evidence = pytest.importorskip("p402_server.evidence")
-    assert exports.shared_formats() is not None
+@pytest.mark.parametrize("fmt_name", ["csv", "jsonl", "focus"])
+@pytest.mark.parametrize("query", ["", "&customer=globex"])
+async def test_downloads_are_the_cli_export_and_verify(dash, http, tmp_path, capsys,
+                                                       fmt_name, query):
+    """A download has the CLI's columns, the hash chain (prev_chain_hash filled, also
+    when filtered) and a signed digest: `p402 verify --file` says OK, as it is."""
+    from p402_server.cli import main
+
     await sign_in(http, dash.base, dash.a.read_key)
+    async with http.get(f"{dash.base}/dashboard/export?format={fmt_name}{query}") as r:
+        assert r.status == 200
+        text = await r.text()
+    path = tmp_path / f"download.{fmt_name}"
+    path.write_text(text, encoding="utf-8", newline="")
+    if fmt_name == "csv":
+        header = next(csv.reader(io.StringIO(text)))
+        assert tuple(header) == tuple(evidence.CSV_COLUMNS)
+    _fmt, rows, digest = evidence.read_export(str(path))
+    assert rows and digest is not None
+    assert all(x["prev_chain_hash"] for x in rows)
     stored = [e async for e in dash.store.iter_events(dash.a.tenant_id)]
-    async with http.get(dash.base + "/dashboard/export?format=csv") as r:
-        reader = csv.DictReader(io.StringIO(await r.text()))
-        rows = list(reader)
-    assert tuple(reader.fieldnames) == tuple(evidence.CSV_COLUMNS)
-    assert [x["chain_hash"] for x in rows] == [e.chain_hash for e in stored]
-    async with http.get(dash.base + "/dashboard/export?format=focus&customer=acme") as r:
-        assert r.status == 200 and "focus.csv" in r.headers["Content-Disposition"]
-        focus = list(csv.DictReader(io.StringIO(await r.text())))
-    acme = [e for e in stored if e.customer == "acme"]
-    assert [x["x_event_id"] for x in focus] == [e.event_id for e in acme]
-    for x, e in zip(focus, acme):
-        assert x["BilledCost"] == fmt.usd_plain(e.cost_nanos)
-        assert x["BillingCurrency"] == "USD" and x["ResourceId"] == e.model
+    assert {x["chain_hash"] for x in rows} <= {e.chain_hash for e in stored}
+    assert main(["verify", "--file", str(path)]) == 0, capsys.readouterr()
+    assert capsys.readouterr().out.startswith("OK: ")
+    # A changed amount is caught.
+    path.write_text(text.replace(rows[0]["event_id"], rows[0]["event_id"] + "x", 1),
+                    encoding="utf-8", newline="")
+    assert main(["verify", "--file", str(path)]) == 1
 
 
 async def test_export_refuses_when_signed_out(dash, http):
     async with http.get(dash.base + "/dashboard/export?format=csv",
                         allow_redirects=False) as r:
         assert r.status == 303
-
-
-def test_csv_cells_cannot_become_spreadsheet_formulas():
-    assert exports._csv_cell("=HYPERLINK(\"x\")") == "'=HYPERLINK(\"x\")"
-    assert exports._csv_cell("+1+2") == "'+1+2"
-    assert exports._csv_cell("-5") == "-5"  # a number stays a number
-    assert exports._csv_cell("acme") == "acme"
-    assert exports._csv_cell(["a", "b"]) == "a;b"
 
 
 async def test_signin_page_and_static_work_without_a_session(tmp_path):
@@ -428,20 +440,6 @@ async def test_signin_page_and_static_work_without_a_session(tmp_path):
                 assert r.status in (303, 404)
     finally:
         await close(d)
-
-
-async def test_fallback_exports_without_the_evidence_module(dash, http, monkeypatch):
-    monkeypatch.setattr(exports, "shared_formats", lambda: None)
-    await sign_in(http, dash.base, dash.a.read_key)
-    stored = [e async for e in dash.store.iter_events(dash.a.tenant_id)]
-    async with http.get(dash.base + "/dashboard/export?format=csv") as r:
-        rows = list(csv.DictReader(io.StringIO(await r.text())))
-    assert [int(x["cost_nanos"]) for x in rows] == [e.cost_nanos for e in stored]
-    assert [x["cost_usd"] for x in rows] == [fmt.usd_plain(e.cost_nanos) for e in stored]
-    async with http.get(dash.base + "/dashboard/meter/events") as r:
-        assert 'title="FOCUS export is not available' in await r.text()
-    async with http.get(dash.base + "/dashboard/export?format=focus") as r:
-        assert r.status == 501
 
 
 # --- the server and the CLI ----------------------------------------------------------
@@ -466,3 +464,29 @@ def test_serve_http_flag_is_checked_before_anything_starts(capsys):
                                           "--http-secure-cookies"])
     assert args.http == "127.0.0.1:4021" and args.http_secure_cookies
     assert cli.build_parser().parse_args(["serve"]).http is None
+
+
+async def test_spend_page_hides_unused_dimensions_and_marks_missing_revenue(dash, http):
+    await sign_in(http, dash.base, dash.a.read_key)
+    async with http.get(dash.base + "/dashboard/spend") as r:
+        page = await r.text()
+    # The seed names no department, employee or task: no "(none)"-only panels.
+    for dim in ("department", "employee"):
+        assert f'id="by-{dim}"' not in page
+    assert 'id="unused-dims"' in page and "department" in page.split('id="unused-dims"')[1]
+    assert 'id="by-customer"' in page
+    # globex reported no revenue: its revenue is marked, its margin is −cost.
+    globex = page.split('id="by-customer"')[1].split("</section>")[0]
+    row = [r for r in globex.split("<tr>") if "<td>globex</td>" in r][0]
+    assert 'title="no revenue reported: counted as $0"' in row
+    assert 'class="num money negative"' in row
+
+
+async def test_every_page_opens_on_the_same_range(dash, http):
+    await sign_in(http, dash.base, dash.a.read_key)
+    for path in ("/dashboard/meter/events", "/dashboard/spend"):
+        async with http.get(dash.base + path) as r:
+            page = await r.text()
+        assert '<option value="30d" selected>' in page, path
+        assert 'id="filter-summary">Last 30 days<' in page
+        assert "export?range=30d&amp;format=csv" in page

@@ -162,7 +162,24 @@ def test_time_series_points_follow_the_values():
     zero_y = [float(line.get("y1")) for line in root.findall(f".//{NS}line")
               if "zero-line" in line.get("class")][0]
     assert float(margin[1].get("cy")) > zero_y > float(margin[0].get("cy"))
-    assert len(root.findall(f".//{NS}polyline")) == 2
+    # The margin line is drawn twice, clipped at zero: its part below zero (and the
+    # point there) in the below-zero class (red), never in the margin's green.
+    lines = {p.get("class"): p for p in root.findall(f".//{NS}polyline")}
+    assert set(lines) == {"line series-cost", "line series-margin",
+                          "line series-margin below-zero"}
+    below = lines["line series-margin below-zero"].get("clip-path")
+    (clip,) = [c for c in root.findall(f".//{NS}clipPath") if f"url(#{c.get('id')})" == below]
+    assert float(clip.find(f"{NS}rect").get("y")) == pytest.approx(zero_y, abs=0.1)
+    assert "below-zero" in margin[1].get("class") and "below-zero" not in margin[0].get("class")
+    assert "below-zero" not in " ".join(c.get("class") for c in cost)
+
+
+def test_time_series_without_negative_values_has_no_red_part():
+    buckets = [("d1", {"cost": 1, "margin": 5}), ("d2", {"cost": 10, "margin": 0})]
+    markup = str(svg.time_series(buckets, [("cost", "Cost", "series-cost"),
+                                           ("margin", "Margin", "series-margin")],
+                                 title="t"))
+    assert "below-zero" not in markup and "clipPath" not in markup
 
 
 def test_time_series_x_labels_never_crowd():

@@ -3,13 +3,15 @@ and the tables it printed match the ledger, summed here from the raw events."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import defaultdict
 
 import pytest
 
 from p402core import Decision, Evidence, Outcome, PrivacyMode
 
-from p402_server.cli import Output, usd_short
+from p402_server.amounts import column_decimals, usd
+from p402_server.cli import Output
 from p402_server.demo_workflows import (DUPLICATES, EXTRACTION_DOCS, FAILING,
                                         SUPPORT_CUSTOMERS)
 
@@ -34,8 +36,8 @@ async def run(tmp_path, name: str):
     out = Recording()
     results: list = []
     db = f"sqlite+aiosqlite:///{tmp_path}/demo.db"
-    rc = await asyncio.wait_for(_run_workflows(db, "127.0.0.1:0", [name], out, results),
-                                120)
+    rc = await asyncio.wait_for(_run_workflows(db, "127.0.0.1:0", [name], out, results,
+                                               workdir=str(tmp_path)), 120)
     assert rc == 0
     [res] = results
     return res, out.text(), db
@@ -83,11 +85,15 @@ def assert_tables_match(res, text: str, events: list) -> None:
                                   r.usage.input_tokens, r.usage.output_tokens]
                    for r in rows}
         assert printed == dict(sums), title
+        # Amounts are exact, with the decimals of their column (totals included).
+        cost_places = column_decimals([r.cost_nanos for r in rows]
+                                      + [sum(r.cost_nanos for r in rows)])
+        margin_places = column_decimals([r.margin_nanos for r in rows]
+                                        + [sum(r.margin_nanos for r in rows)])
         for r in rows:
-            assert usd_short(r.cost_nanos) in text
-            if r.revenue_nanos:
-                assert r.margin_nanos == r.revenue_nanos - r.cost_nanos
-                assert usd_short(r.margin_nanos) in text
+            assert usd(r.cost_nanos, cost_places) in text
+            assert r.margin_nanos == r.revenue_nanos - r.cost_nanos
+            assert usd(r.margin_nanos, margin_places) in text
 
 
 async def test_support_attributes_every_conversation_with_margin(tmp_path):
@@ -130,7 +136,8 @@ async def test_extraction_retries_duplicates_and_clamp(tmp_path):
     for r in retries:
         first = by_id[r.retry_of]
         assert Outcome(first.outcome) == Outcome.PROVIDER_ERROR and first.cost_nanos == 0
-        assert r.attempt == 1 and first.labels == r.labels
+        assert first.attempt == 1 and r.attempt == 2 and first.labels == r.labels
+    assert all(e.attempt == 1 for e in events if not e.retry_of)
     clamped = [c for c in res.calls if "budget.clamped" in c["reasons"]]
     assert clamped and all(0 < c["cap"] < 1000 and c["decision"] == "ALLOW"
                            for c in clamped)
@@ -142,7 +149,11 @@ async def test_extraction_retries_duplicates_and_clamp(tmp_path):
     for copy, original in DUPLICATES.items():
         if copy < EXTRACTION_DOCS:
             assert (f"doc-{copy}", f"doc-{original}") in dups
-    assert f"doc-{min(DUPLICATES)} = doc-{DUPLICATES[min(DUPLICATES)]}" in text
+    assert f"doc-{min(DUPLICATES)} is doc-{DUPLICATES[min(DUPLICATES)]} again" in text
+    # A retry matches its own first attempt by design: said so, never "doc-2 = doc-2".
+    assert not re.search(r"\b(doc-\d+) (=|is) \1\b", text), text
+    assert "re-sent their own document (doc-2, doc-5)" in text
+    assert "attempt 1, retry of" not in text and "doc-2: attempt 2, retry of" in text
 
 
 async def test_finance_exports_and_verifies(tmp_path):

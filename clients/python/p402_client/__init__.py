@@ -30,6 +30,8 @@ Metering helpers (each module's docstring has the exact rules):
 """
 from __future__ import annotations
 
+import logging as _logging
+
 from .client import AsyncP402Client, P402Client, __version__
 from .errors import (
     BudgetDenied,
@@ -137,3 +139,8 @@ __all__ = [
     "SpendRow",
     "Usage",
 ]
+
+# A library adds no handler but NullHandler (the logging HOWTO): the SDK's log lines
+# go where the application's logging config sends them, never to stderr through
+# logging's last-resort handler when the application configured none.
+_logging.getLogger("p402_client").addHandler(_logging.NullHandler())

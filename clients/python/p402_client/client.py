@@ -99,8 +99,14 @@ class _Common:
         if not isinstance(target, str) or not target:
             raise InvalidArgument("target", "is required (HOST:PORT)")
         api_key = os.environ.get("P402_API_KEY", "") if api_key is None else api_key
+        # A key read from a file or pasted often ends in a newline: gRPC metadata
+        # refuses it with a core trace, so it is stripped here; anything else that
+        # is not a printable, space-free character is refused by name.
+        api_key = api_key.strip() if isinstance(api_key, str) else api_key
         if not isinstance(api_key, str) or not api_key:
             raise InvalidArgument("api_key", "is required (or set P402_API_KEY)")
+        if any(c.isspace() or not c.isprintable() for c in api_key):
+            raise InvalidArgument("api_key", "contains whitespace or control characters")
         if not timeout or timeout <= 0:
             raise InvalidArgument("timeout", "must be > 0 seconds")
         cv.check_int("retries", retries)

@@ -15,7 +15,9 @@ on exit, with the outcome taken from how the block ended.
 Enter: Authorize. DENY raises `BudgetDenied` (a budget refused) or `PolicyDenied`
 (a rule, a rate limit, an unpriced model), carrying `.authorization` and `.reasons`;
 no reservation exists then, so nothing is left to settle. ALLOW and WARN enter the
-block; `m.authorization` is the answer (a WARN's reasons are there, and logged),
+block; `m.authorization` is the answer (a WARN's reasons are there, and logged at
+INFO on `p402_client.meter`: a soft limit warns on every call past it, which is
+data for the caller, not a log line per call at WARNING),
 `m.output_token_cap` the output cap to send to the provider (it may be smaller than
 asked for: a clamp).
 
@@ -234,7 +236,7 @@ class _MeterBase:
             self._settled = True  # a DENY reserves nothing: nothing to settle
             raise denial(auth)
         if auth.decision == Decision.WARN:
-            log.warning("p402 WARN for %s: %s", auth.model, ", ".join(auth.reasons))
+            log.info("p402 WARN for %s: %s", auth.model, ", ".join(auth.reasons))
 
     def _on_unreachable(self, err: Exception) -> None:
         """Fail-open: a local ALLOW; fail-closed: re-raise."""

@@ -53,9 +53,12 @@ class DashboardServer:
         site = web.TCPSite(runner, self.host, self._port, reuse_address=True)
         try:
             await site.start()
-        except OSError:
+        except OSError as exc:
             await runner.cleanup()
-            raise
+            from ..listen import listen_error
+
+            raise listen_error(f"{self.host}:{self._port}", flag="--http", env="P402_HTTP",
+                               cause=exc) from None
         self._runner = runner
         self.port = runner.addresses[0][1]
         log.info("p402 dashboard on http://%s:%d%s/", self.host, self.port, PREFIX)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from functools import partial
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,13 +329,16 @@ class Dashboard:
                 s.tenant_id, f.flt, page_size=EVENTS_PAGE_SIZE, page_token=token)
         except InvalidArgument as exc:
             raise web.HTTPBadRequest(text=f"{exc.field}: {exc.message}") from None
-        # The poll asks for matching events after the newest one shown.
+        # The poll asks for matching events after the newest one shown, with the
+        # decimals of the page's cost column so new rows line up with it.
         top_seq = events[0].seq if events and not token else 0
+        places = fmt.column_places(e.cost_nanos for e in events)
         poll_url = ""
         if not token:
-            poll_url = f"{PREFIX}/api/events?{f.query()}"
+            poll_url = f"{PREFIX}/api/events?{f.query(places=str(places))}"
         return self._html(
             request, "events.html", nav="events", title="Ledger", f=f, events=events,
+            cost_places=places,
             next_url=(f"{PREFIX}/meter/events?{f.query(page_token=next_token)}"
                       if next_token else ""),
             first_url=(f"{PREFIX}/meter/events?{f.query()}" if token else ""),
@@ -347,7 +351,7 @@ class Dashboard:
         f = F.Filters(values={k: str(request.query.get(k, "")) for k in F.FIELDS})
         s = request[SESSION_KEY]
         if template == "events.html":
-            ctx.update(events=[], next_url="", first_url="", poll_url="", after_seq=0,
+            ctx.update(events=[], cost_places=2, next_url="", first_url="", poll_url="", after_seq=0,
                        poll_ms=self.config.poll_ms,
                        suggestions=await self._suggestions(s.tenant_id),
                        export_links=self._export_links(f))
@@ -371,8 +375,11 @@ class Dashboard:
             page_token=encode_token("ea", after) if after else "")
         last = events[-1].seq if events else after
         newest_first = list(reversed(events))
-        html = self.env.get_template("_event_rows.html").render(events=newest_first,
-                                                                prefix=PREFIX)
+        asked = request.query.get("places", "")
+        places = max(int(asked) if asked.isdigit() and 2 <= int(asked) <= 9 else 2,
+                     fmt.column_places(e.cost_nanos for e in events))
+        html = self.env.get_template("_event_rows.html").render(
+            events=newest_first, prefix=PREFIX, cost_places=places)
         return web.json_response({
             "last_seq": last,
             "count": len(events),
@@ -433,12 +440,13 @@ class Dashboard:
 
     async def spend_page(self, request: web.Request, s: Session) -> web.Response:
         try:
-            f = F.parse(request.query, default_range="30d", align_hours=True)
+            f = F.parse(request.query, align_hours=True)
         except F.FilterError as exc:
             f = F.Filters(values={k: str(request.query.get(k, "")) for k in F.FIELDS})
             return self._html(request, "spend.html", status=400, nav="spend",
                               title="Spend", f=f, filter_error=f"{exc.field}: {exc.message}",
                               totals=None, series_svg="", dims=[], budgets=[],
+                              unused_dims=[], budget_places={},
                               export_links=self._export_links(f), bucket="day",
                               suggestions=await self._suggestions(s.tenant_id))
         t, st = s.tenant_id, self.store
@@ -450,22 +458,35 @@ class Dashboard:
         until = f.flt.until_ms or now
         bucket = "hour" if since and until - since <= 48 * F.HOUR_MS else "day"
         rows, _ = await st.query_spend(t, f.flt, [bucket], page_size=1000)
-        series_svg = svg.time_series(
-            _fill_buckets(rows, bucket, since, until),
-            [("cost", "Cost", "series-cost"), ("margin", "Margin", "series-margin")],
-            title=f"Cost and margin per {bucket} (UTC)", fmt=fmt.usd)
-        dims = []
+        # Drawn twice, wide and narrow; the stylesheet shows the one that fits the
+        # screen (scaled to its card), so its text stays readable at either width.
+        buckets = _fill_buckets(rows, bucket, since, until)
+        lines = [("cost", "Cost", "series-cost"), ("margin", "Margin", "series-margin")]
+        title = f"Cost and margin per {bucket} (UTC)"
+        series_svg = svg.time_series(buckets, lines, title=title, fmt=fmt.usd, uid="tsw")
+        series_svg_narrow = svg.time_series(buckets, lines, title=title, fmt=fmt.usd,
+                                            width=720, height=260, uid="tsn")
+        dims, unused = [], []
         for dim in SPEND_DIMENSIONS:
             rows, more = await st.query_spend(t, f.flt, [dim], page_size=10)
+            if all(not r.group[dim] for r in rows):
+                unused.append(dim)  # nothing in this range names one: no panel
+                continue
             named = [(_group_text(dim, r.group[dim]), r) for r in rows]
+            places = _places(rows, ("cost_nanos", "revenue_nanos", "margin_nanos"))
             dims.append({
-                "dim": dim, "rows": named, "more": bool(more),
+                "dim": dim, "rows": named, "more": bool(more), "places": places,
                 "svg": svg.bar_chart([(n, r.cost_nanos) for n, r in named],
-                                     title=f"Cost by {dim}", fmt=fmt.usd),
+                                     title=f"Cost by {dim}",
+                                     fmt=partial(fmt.usd, places=places["cost_nanos"])),
             })
+        budgets = await self._budgets(t)
         return self._html(
             request, "spend.html", nav="spend", title="Spend", f=f, totals=totals,
-            series_svg=series_svg, dims=dims, budgets=await self._budgets(t),
+            series_svg=series_svg, series_svg_narrow=series_svg_narrow, dims=dims,
+            unused_dims=unused, budgets=budgets,
+            budget_places=_places([b["budget"] for b in budgets], ("limit_nanos",))
+            | _places([_Obj(b) for b in budgets], ("committed", "held", "left")),
             export_links=self._export_links(f), bucket=bucket, filter_error="",
             suggestions=await self._suggestions(t))
 
@@ -494,22 +515,19 @@ class Dashboard:
 
     def _export_links(self, f: F.Filters) -> list[dict]:
         return [{"label": label, "format": fm,
-                 "url": f"{PREFIX}/export?{f.query(format=fm)}",
-                 "available": exports.available(fm)}
+                 "url": f"{PREFIX}/export?{f.query(format=fm)}"}
                 for label, fm in (("CSV", "csv"), ("JSONL", "jsonl"), ("FOCUS", "focus"))]
 
     async def export(self, request: web.Request, s: Session) -> web.StreamResponse:
         fm = request.query.get("format", "csv")
-        if fm not in ("csv", "jsonl", "focus"):
+        if fm not in exports.FORMATS:
             raise web.HTTPBadRequest(text="format: must be csv, jsonl or focus")
         try:
             f = F.parse(request.query)
         except F.FilterError as exc:
             raise web.HTTPBadRequest(text=f"{exc.field}: {exc.message}") from None
-        if not exports.available(fm):
-            raise web.HTTPNotImplemented(
-                text=f"{fm.upper()} export is not available in this build of P402.")
-        chunks = exports.stream(self.store.iter_events(s.tenant_id, f.flt), fm)
+        rt = await self.runtime.get(s.tenant_id)
+        chunks = exports.stream(self.store, s.tenant_id, f.flt, fm, rt.settings)
         ctype, ext = {"csv": ("text/csv", "csv"), "jsonl": ("application/x-ndjson", "jsonl"),
                       "focus": ("text/csv", "focus.csv")}[fm]
         stamp = fmt.ms_to_iso(F.now_ms())[:10].replace("-", "")
@@ -525,6 +543,18 @@ class Dashboard:
 
 
 # --- helpers -----------------------------------------------------------------------
+
+
+class _Obj:
+    """Attribute access to a dict (for `_places` over the budget rows)."""
+
+    def __init__(self, d: dict):
+        self.__dict__.update(d)
+
+
+def _places(rows, fields: tuple[str, ...]) -> dict[str, int]:
+    """{field: decimals of that column} for a table's money columns."""
+    return {name: fmt.column_places(getattr(r, name) for r in rows) for name in fields}
 
 
 def _safe_next(nxt: str) -> str:

@@ -22,6 +22,8 @@ from ..store import EventFilter
 HOUR_MS = 3_600_000
 RANGES = {"1h": HOUR_MS, "24h": 24 * HOUR_MS, "7d": 7 * 24 * HOUR_MS,
           "30d": 30 * 24 * HOUR_MS, "90d": 90 * 24 * HOUR_MS}
+# Every page (ledger, spend, downloads) opens on the same range.
+DEFAULT_RANGE = "30d"
 RANGE_LABELS = {"": "All time", "1h": "Last hour", "24h": "Last 24 hours",
                 "7d": "Last 7 days", "30d": "Last 30 days", "90d": "Last 90 days"}
 
@@ -83,8 +85,24 @@ class Filters:
     def active(self) -> bool:
         return any(v for v in self.values.values())
 
+    @property
+    def open(self) -> bool:
+        """Whether the folded filter panel opens: a filter beyond the range is set."""
+        return any(v for k, v in self.values.items() if k != "range")
 
-def parse(query: Mapping[str, str], *, default_range: str = "",
+    @property
+    def summary(self) -> str:
+        """One line for the folded panel: "Last 30 days · customer acme"."""
+        v = self.values
+        when = RANGE_LABELS.get(v.get("range", ""), v.get("range", ""))
+        if v.get("from") or v.get("until"):
+            when = f"{v.get('from') or '…'} – {v.get('until') or 'now'} UTC"
+        parts = [when] + [f"{k} {v[k]}" for k in FIELDS
+                          if k not in ("range", "from", "until") and v.get(k)]
+        return " · ".join(parts)
+
+
+def parse(query: Mapping[str, str], *, default_range: str = DEFAULT_RANGE,
           now: int | None = None, align_hours: bool = False) -> Filters:
     """Parse the filter fields of `query`. `align_hours` rounds a relative range's
     start down to the hour, so spend queries can be answered from hourly rollups."""
@@ -131,4 +149,5 @@ def parse(query: Mapping[str, str], *, default_range: str = "",
 
 
 __all__ = ["Filters", "FilterError", "parse", "parse_utc", "utc_input", "RANGES",
+           "DEFAULT_RANGE",
            "RANGE_LABELS", "CHOICES", "TEXT_FIELDS", "FIELDS", "HOUR_MS", "now_ms"]

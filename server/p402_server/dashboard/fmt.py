@@ -1,9 +1,10 @@
 """Display formatting for the dashboard: money, tokens, times and enum names.
 
 Owns how a number from the ledger becomes text on a page. Money is exact: nano-USD
-ints are split with integer arithmetic (never a float), trailing zeros beyond the
-cents are trimmed, and nothing is rounded, so what finance reads is what the ledger
-holds ($0.000123456 stays $0.000123456; 1.5 USD is $1.50).
+ints are split with integer arithmetic (never a float) and nothing is rounded, so
+what finance reads is what the ledger holds ($0.000123456 stays $0.000123456; 1.5
+USD is $1.50); a table column shows all its amounts with the same decimals (the
+longest one's), so they align and add up.
 """
 from __future__ import annotations
 
@@ -11,18 +12,21 @@ import datetime as _dt
 
 from p402core._enums import Decision, Evidence, Outcome, PrivacyMode
 
+from .. import amounts
+
 NANOS_PER_USD = 1_000_000_000
 
 
-def usd(nanos: int) -> str:
-    """Exact USD text of a nano-USD int: "$1,234.50", "$0.000123456", "-$0.25"."""
-    nanos = int(nanos)
-    sign = "-" if nanos < 0 else ""
-    whole, frac = divmod(abs(nanos), NANOS_PER_USD)
-    digits = f"{frac:09d}".rstrip("0")
-    if len(digits) < 2:
-        digits = digits.ljust(2, "0")
-    return f"{sign}${whole:,}.{digits}"
+def usd(nanos: int, places: int | None = None) -> str:
+    """Exact USD text of a nano-USD int: "$1,234.50", "$0.000123456", "-$0.25";
+    `places` pads to a column's decimals (`column_places`). The CLI's rule
+    (p402_server.amounts), so both show the same text for the same amount."""
+    return amounts.usd(nanos, places)
+
+
+def column_places(values) -> int:
+    """The decimals that show every amount of a column exactly (≥ 2)."""
+    return amounts.column_decimals(int(v) for v in values)
 
 
 def usd_plain(nanos: int) -> str:
@@ -106,5 +110,5 @@ def pct(part: int, whole: int) -> str:
     return f"{sign}{tenths // 10}.{tenths % 10}%"
 
 
-__all__ = ["usd", "usd_plain", "tokens", "ms_to_utc", "ms_to_date", "ms_to_iso", "bucket_label",
+__all__ = ["usd", "column_places", "usd_plain", "tokens", "ms_to_utc", "ms_to_date", "ms_to_iso", "bucket_label",
            "decision_name", "outcome_name", "evidence_name", "privacy_name", "pct"]

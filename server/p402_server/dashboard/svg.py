@@ -105,14 +105,18 @@ def bar_chart(items: Sequence[tuple[str, int]], *, title: str, fmt: Formatter = 
 
 def time_series(buckets: Sequence[tuple[str, dict[str, int]]],
                 series: Sequence[tuple[str, str, str]], *, title: str,
-                fmt: Formatter = str, empty_hi: int = 10_000_000, width: int = 760,
-                height: int = 260, empty_message: str = "No spend in this range") -> Markup:
-    """Lines over evenly spaced time buckets.
+                fmt: Formatter = str, empty_hi: int = 10_000_000, width: int = 1100,
+                height: int = 280, empty_message: str = "No spend in this range",
+                uid: str = "ts") -> Markup:
+    """Lines over evenly spaced time buckets, drawn wide (the page scales the SVG to
+    its card's width).
 
     ``buckets``: (label, {series_key: value}) in time order (missing buckets filled
     by the caller, so gaps read as zero, not as a straight line over them);
     ``series``: (key, legend label, css class). ``empty_hi`` is the axis top when
-    every value is 0 (default 1 cent in nano-USD)."""
+    every value is 0 (default 1 cent in nano-USD). A series' part below zero (a
+    negative margin) is drawn in the ``below-zero`` class (red), clipped at the
+    zero line; ``uid`` keeps the clip paths' ids unique on a page."""
     if not buckets:
         return _empty(width, 80, title, empty_message)
     label_px = 7 * max(len(b[0]) for b in buckets) + 12
@@ -149,19 +153,37 @@ def time_series(buckets: Sequence[tuple[str, dict[str, int]]],
         if (n - 1 - i) % every == 0:
             out.append(f'<text class="tick x-tick" x="{_f(x_of(i))}" y="{height - 12}" '
                        f'text-anchor="middle">{escape(label)}</text>')
+    zero_y = y_of(0)
+    negative = [key for key, _, _ in series
+                if any(int(b[1].get(key, 0)) < 0 for b in buckets)]
+    if negative:
+        out.append(f'<defs><clipPath id="{uid}-above"><rect x="0" y="0" width="{width}" '
+                   f'height="{_f(zero_y)}"/></clipPath><clipPath id="{uid}-below">'
+                   f'<rect x="0" y="{_f(zero_y)}" width="{width}" '
+                   f'height="{_f(height - zero_y)}"/></clipPath></defs>')
     for key, name, cls in series:
         pts = [(x_of(i), y_of(int(b[1].get(key, 0)))) for i, b in enumerate(buckets)]
         if n > 1:
-            out.append(f'<polyline class="line {cls}" fill="none" points="'
-                       + " ".join(f"{_f(x)},{_f(y)}" for x, y in pts) + '"/>')
+            line = " ".join(f"{_f(x)},{_f(y)}" for x, y in pts)
+            if key in negative:
+                out.append(f'<polyline class="line {cls}" fill="none" '
+                           f'clip-path="url(#{uid}-above)" points="{line}"/>'
+                           f'<polyline class="line {cls} below-zero" fill="none" '
+                           f'clip-path="url(#{uid}-below)" points="{line}"/>')
+            else:
+                out.append(f'<polyline class="line {cls}" fill="none" points="{line}"/>')
         for (x, y), (label, vals) in zip(pts, buckets):
             v = int(vals.get(key, 0))
-            out.append(f'<circle class="point {cls}" cx="{_f(x)}" cy="{_f(y)}" r="3" '
-                       f'data-value="{v}"><title>{escape(label)} · {escape(name)}: '
+            below = " below-zero" if v < 0 else ""
+            out.append(f'<circle class="point {cls}{below}" cx="{_f(x)}" cy="{_f(y)}" '
+                       f'r="3" data-value="{v}"><title>{escape(label)} · {escape(name)}: '
                        f'{escape(fmt(v))}</title></circle>')
-    # Legend, top right.
+    # Legend, top right (a series that goes below zero also shows its red part).
+    legend = [(key, name, cls) for key, name, cls in series]
+    legend += [(key, f"{name} < 0", f"{cls} below-zero") for key, name, cls in series
+               if key in negative]
     lx = width - right
-    for key, name, cls in reversed(series):
+    for key, name, cls in reversed(legend):
         text_w = 8 * len(name) + 22
         lx -= text_w
         out.append(f'<rect class="legend {cls}" x="{lx}" y="8" width="12" height="12" rx="2"/>'
