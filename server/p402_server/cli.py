@@ -404,7 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a running P402 server HOST:PORT (env P402_TARGET; default "
                         f"{DEFAULT_TARGET})")
     g.add_argument("--db", default=None,
-                   help="embedded: run a P402 server in this process on this ledger")
+                   help="embedded: P402's runtime and ledger writer in this process on "
+                        "this ledger, called directly (no gRPC hop)")
+    p.add_argument("--lease", choices=("on", "off"),
+                   default=os.environ.get("P402_LEASE") or "off",
+                   help="with --db: lease HARD budgets from the store in slices, so this "
+                        "proxy shares budgets with other proxies and servers on the same "
+                        "PostgreSQL ledger (env P402_LEASE; default off)")
     p.add_argument("--log-level", default=os.environ.get("P402_LOG_LEVEL", "INFO"),
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
                    help="logging level (default INFO)")
@@ -805,6 +811,9 @@ def cmd_proxy(args: argparse.Namespace, out: Output) -> int:
     upstream_key = os.environ.get(args.upstream_key_env, "")
     target = None if args.db else (args.target or os.environ.get("P402_TARGET",
                                                                   DEFAULT_TARGET))
+    if args.lease == "on" and not args.db:
+        raise UsageError("--lease", "leases are held by the process that decides: use "
+                         "it with --db (with --target the server holds them)")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":
@@ -823,9 +832,11 @@ def cmd_proxy(args: argparse.Namespace, out: Output) -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve_proxy(config, args.listen, target=target, db=args.db))
+        asyncio.run(serve_proxy(config, args.listen, target=target, db=args.db,
+                                leases=args.lease == "on"))
     else:
-        uvloop.run(serve_proxy(config, args.listen, target=target, db=args.db))
+        uvloop.run(serve_proxy(config, args.listen, target=target, db=args.db,
+                               leases=args.lease == "on"))
     return 0
 
 

@@ -20,13 +20,15 @@ The caller
   case-insensitive; a label key is lower-cased (HTTP does not keep case). Owners are
   never read from the request body (callers could dodge attribution).
 
-How P402 is reached (a choice): always through the P402 Python client (gRPC), either
-to a running server (`--target`) or to a server started inside the proxy's process on
-a loopback port (`--db`, embedded). One code path means the proxy gets exactly the
-server's key checks, tenant isolation, idempotent retries, group-commit durability
-and error mapping; embedded mode costs one loopback RPC (well under a millisecond
-against an LLM call of hundreds of milliseconds) instead of a second, divergent
-implementation on the runtime's internals.
+How P402 is reached (a choice), always through the P402 Python client's API, so the
+proxy gets exactly the server's key checks, tenant isolation, idempotent retries,
+durability and error mapping:
+- `--db URL` (embedded): P402's runtime and group-commit writer run in the proxy's
+  process and the client's calls go straight to the meter service's methods
+  (inprocess.py: no gRPC, no serialization; a decision in microseconds). With
+  `--lease on` on a PostgreSQL ledger the proxy is one more process of the fleet
+  (HARD budgets leased in slices, config sync, cross-process settlement).
+- `--target HOST:PORT`: a running `p402 serve`, over gRPC.
 
 Per call
 1. Authorize(model, owners, labels, input_bytes = UTF-8 bytes of the prompt text,
@@ -40,19 +42,31 @@ Per call
    past its reservation. Streaming chat gets `stream_options.include_usage = true`;
    the usage chunk (and the `"usage": null` of the other chunks) are stripped again
    when the caller had not asked for them.
-4. Record with the upstream's usage: SUCCESS; an upstream HTTP error: PROVIDER_ERROR
-   with zero usage, the upstream's status and body passed through; no answer in time:
+4. Record (queued: see "Records behind the answer") with the upstream's usage:
+   SUCCESS; an upstream HTTP error: PROVIDER_ERROR with zero usage, the upstream's status and body passed through; no answer in time:
    TIMEOUT (504); unreachable: PROVIDER_ERROR (502). A caller that disconnects
    mid-stream: CANCELLED, with the estimate's input tokens and the output tokens
    streamed so far (one per content chunk, at least ceil(bytes / 4): never less
    than what the caller received). A stream that ends without usage (an upstream
    that ignores include_usage) records the same estimate with SUCCESS.
-5. A Record that fails (P402 unreachable) does not fail the caller's call, which the
-   provider has already served: it is logged, and the reservation expires and is
-   committed at its estimate (spend is never under-counted).
+
+Records behind the answer
+- The proxy gives each Record its event id and queues it (one `AsyncRecorder` per
+  caller key); the caller gets its answer as soon as the upstream's is relayed, and
+  the Records go out behind it in RecordBatch calls (committed by the group-commit
+  writer). Nothing waits for the ledger on the response path.
+- The queue is bounded (10,000 Records per key): when it is full, the proxy waits
+  for room before answering (backpressure); nothing is dropped. A Record that still
+  finds no room after 30 s, or that P402 refuses, is logged.
+- The reservation is the safety net: if the proxy dies before a queued Record
+  commits (or the Record is lost as above), its hold expires at its TTL and is
+  committed at its estimate (outcome EXPIRED, evidence ESTIMATED), which is never
+  less than what the call could cost: spend is never under-counted.
+- On shutdown the queues are flushed before the runtime (embedded) stops.
 
 Response headers: `x-p402-reservation-id`, `x-p402-decision`, and on non-streamed
-answers `x-p402-event-id` and `x-p402-cost-nanos`.
+answers `x-p402-event-id` (the event the Record will commit; its cost is in the
+ledger, read it with Query or `p402 events`).
 """
 from __future__ import annotations
 
@@ -85,6 +99,8 @@ PASS_BACK_HEADERS = ("retry-after", "x-request-id", "openai-processing-ms",
                      "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
 MAX_BODY_BYTES = 32 * 1024 * 1024
 PING_CACHE_SECONDS = 60.0
+# The application's Proxy (its meter: queued Records, flush) for whoever runs it.
+PROXY_KEY = web.AppKey("p402_proxy", object)
 
 
 @dataclass(frozen=True)
@@ -125,36 +141,72 @@ class ProxyError(Exception):
 
 
 class ClientMeter:
-    """P402 through `AsyncP402Client`, one client per caller key (bounded LRU).
+    """P402 through the Python client, one client and one background recorder per
+    caller key (bounded LRU).
 
-    gRPC channels to one target share their connections (gRPC's global subchannel
-    pool), so a client per key costs little; the LRU bounds them for proxies that
-    see many keys.
+    `target` is a running server (`AsyncP402Client` over gRPC; channels to one
+    target share their connections, so a client per key costs little), or
+    `embedded` an `inprocess.EmbeddedP402` in this process (the same servicers
+    called directly: no transport). Records go through an `AsyncRecorder` per key:
+    queued with their event id at once, sent in RecordBatch calls behind the
+    caller's answer; a full queue makes the proxy wait (`record_wait` seconds, then
+    the record is logged as lost and its hold expires at its estimate).
     """
 
-    def __init__(self, target: str, *, timeout: float = 5.0, max_keys: int = 256):
-        self.target = target
+    def __init__(self, target: str | None = None, *, timeout: float = 5.0,
+                 max_keys: int = 256, embedded=None, record_queue: int = 10_000,
+                 record_batch: int = 500, record_wait: float = 30.0):
+        if (target is None) == (embedded is None):
+            raise ValueError("ClientMeter needs a target or an embedded runtime")
+        self.target = target or "embedded"
+        self.embedded = embedded
         self.timeout = timeout
         self.max_keys = max_keys
+        self.record_queue, self.record_batch = record_queue, record_batch
+        self.record_wait = record_wait
         self._clients: OrderedDict[str, Any] = OrderedDict()
+        self._recorders: dict[str, Any] = {}
         self._pinged: dict[str, float] = {}
 
-    def client(self, api_key: str):
+    def _connect(self, api_key: str):
+        # retries=0 on Authorize would skip the client-made reservation id; keep the
+        # client's default retries: a retried Authorize is idempotent.
+        if self.embedded is not None:
+            return self.embedded.client(api_key, timeout=self.timeout)
         from p402_client import AsyncP402Client
 
+        return AsyncP402Client(self.target, api_key=api_key, timeout=self.timeout)
+
+    def client(self, api_key: str):
         c = self._clients.get(api_key)
         if c is not None:
             self._clients.move_to_end(api_key)
             return c
-        # retries=0 on Authorize would skip the client-made reservation id; keep the
-        # client's default retries: a retried Authorize is idempotent.
-        c = AsyncP402Client(self.target, api_key=api_key, timeout=self.timeout)
+        c = self._connect(api_key)
         self._clients[api_key] = c
         if len(self._clients) > self.max_keys:
-            _old_key, old = self._clients.popitem(last=False)
-            self._pinged.pop(_old_key, None)
-            asyncio.ensure_future(old.close())
+            old_key, old = self._clients.popitem(last=False)
+            self._pinged.pop(old_key, None)
+            asyncio.ensure_future(self._retire(old, self._recorders.pop(old_key, None)))
         return c
+
+    def recorder(self, api_key: str):
+        """The background recorder of `api_key`'s client."""
+        r = self._recorders.get(api_key)
+        if r is None:
+            from p402_client import AsyncRecorder
+
+            r = AsyncRecorder(self.client(api_key), max_queue=self.record_queue,
+                              batch_size=self.record_batch, put_timeout=self.record_wait,
+                              fail_open=False)
+            self._recorders[api_key] = r
+        return r
+
+    @staticmethod
+    async def _retire(client, recorder) -> None:
+        if recorder is not None:
+            await recorder.aclose()  # flushes what it holds first
+        await client.close()
 
     async def check_key(self, api_key: str) -> None:
         """Raise the client's error unless the key is valid (cached a minute)."""
@@ -164,10 +216,18 @@ class ClientMeter:
         await self.client(api_key).ping()
         self._pinged[api_key] = now + PING_CACHE_SECONDS
 
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued Record is sent; False if `timeout` passed first."""
+        results = await asyncio.gather(*(r.flush(timeout)
+                                         for r in list(self._recorders.values())))
+        return all(results)
+
     async def close(self) -> None:
-        clients, self._clients = list(self._clients.values()), OrderedDict()
-        for c in clients:
-            await c.close()
+        """Flush and stop the recorders, then close the clients."""
+        recorders, self._recorders = dict(self._recorders), {}
+        clients, self._clients = dict(self._clients), OrderedDict()
+        await asyncio.gather(*(self._retire(c, recorders.get(k))
+                               for k, c in clients.items()))
 
 
 def _p402_error(exc: Exception) -> ProxyError:
@@ -347,6 +407,7 @@ class Proxy:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app[PROXY_KEY] = self
         app.router.add_post("/v1/{endpoint:chat/completions|responses|embeddings}",
                             self.metered)
         app.router.add_get("/v1/models", self.models)
@@ -379,17 +440,19 @@ class Proxy:
     def _pass_back(upstream: aiohttp.ClientResponse) -> dict[str, str]:
         return {k: upstream.headers[k] for k in PASS_BACK_HEADERS if k in upstream.headers}
 
-    async def _record(self, client, rid: str, *, outcome: str, usage: dict | None,
-                      input_bytes: int, estimated: bool = False):
+    async def _record(self, key: str, rid: str, *, outcome: str, usage: dict | None,
+                      input_bytes: int, estimated: bool = False) -> str | None:
+        """Queue the Record of reservation `rid` -> its event id (None if it could not
+        be queued). It commits behind the caller's answer (the module docstring)."""
         # usage None (an error before any usage) or `estimated` (the reservation's
         # estimate stands in): not a provider report, so evidence ESTIMATED.
         try:
-            return await client.record(rid, outcome=outcome, input_bytes=input_bytes,
-                                       usage_estimated=estimated or usage is None,
-                                       **(usage or {}))
+            return await self.meter.recorder(key).record(
+                rid, outcome=outcome, input_bytes=input_bytes,
+                usage_estimated=estimated or usage is None, **(usage or {}))
         except Exception as exc:  # noqa: BLE001 - the caller's call is already served
-            log.error("record of reservation %s failed (%s); it will expire and be "
-                      "committed at its estimate", rid, exc)
+            log.error("record of reservation %s not queued (%s); its hold will expire "
+                      "and be committed at its estimate", rid, exc)
             return None
 
     # --- handlers ------------------------------------------------------------
@@ -484,41 +547,41 @@ class Proxy:
                                           headers=self._upstream_headers(request),
                                           timeout=timeout)
         except asyncio.TimeoutError:
-            await self._record(client, auth.reservation_id, outcome="TIMEOUT", usage=None,
+            await self._record(key, auth.reservation_id, outcome="TIMEOUT", usage=None,
                                input_bytes=nbytes)
             raise ProxyError(504, "the upstream did not answer in time", "server_error",
                              "upstream_timeout") from None
         except aiohttp.ClientError as exc:
-            await self._record(client, auth.reservation_id, outcome="PROVIDER_ERROR",
+            await self._record(key, auth.reservation_id, outcome="PROVIDER_ERROR",
                                usage=None, input_bytes=nbytes)
             raise ProxyError(502, f"upstream unreachable: {exc}", "server_error",
                              "upstream_unreachable") from None
         try:
             if up.status >= 400 or not stream:
-                return await self._whole(request, up, kind, client, auth, nbytes, meta)
-            return await self._stream(request, up, kind, client, auth, nbytes, meta,
+                return await self._whole(request, up, kind, key, auth, nbytes, meta)
+            return await self._stream(request, up, kind, key, auth, nbytes, meta,
                                       caller_wants_usage)
         finally:
             up.release()
 
-    async def _whole(self, request, up, kind, client, auth, nbytes, meta):
+    async def _whole(self, request, up, kind, key, auth, nbytes, meta):
         """A non-streamed answer (or any upstream error): read, record, answer."""
         rid = auth.reservation_id
         try:
             raw = await up.read()
         except asyncio.TimeoutError:
-            await self._record(client, rid, outcome="TIMEOUT", usage=None, input_bytes=nbytes)
+            await self._record(key, rid, outcome="TIMEOUT", usage=None, input_bytes=nbytes)
             raise ProxyError(504, "the upstream did not answer in time", "server_error",
                              "upstream_timeout") from None
         except aiohttp.ClientError as exc:
-            await self._record(client, rid, outcome="PROVIDER_ERROR", usage=None,
+            await self._record(key, rid, outcome="PROVIDER_ERROR", usage=None,
                                input_bytes=nbytes)
             raise ProxyError(502, f"upstream failed mid-answer: {exc}", "server_error",
                              "upstream_unreachable") from None
         headers = {**self._pass_back(up), **meta}
         if up.status >= 400:
             # The provider refused or failed: nothing was generated; pass it through.
-            await self._record(client, rid, outcome="PROVIDER_ERROR", usage=None,
+            await self._record(key, rid, outcome="PROVIDER_ERROR", usage=None,
                                input_bytes=nbytes)
             return web.Response(body=raw, status=up.status, headers=headers,
                                 content_type=up.content_type or "application/json")
@@ -532,15 +595,14 @@ class Proxy:
             usage = {"input_tokens": auth.estimated_input_tokens,
                      "output_tokens": 0 if kind == "embeddings"
                      else auth.estimated_output_tokens}
-        res = await self._record(client, rid, outcome="SUCCESS", usage=usage,
-                                 input_bytes=nbytes, estimated=estimated)
-        if res is not None:
-            headers["x-p402-event-id"] = res.event_id
-            headers["x-p402-cost-nanos"] = str(res.cost_nanos)
+        event_id = await self._record(key, rid, outcome="SUCCESS", usage=usage,
+                                      input_bytes=nbytes, estimated=estimated)
+        if event_id is not None:
+            headers["x-p402-event-id"] = event_id
         return web.Response(body=raw, status=up.status, headers=headers,
                             content_type=up.content_type or "application/json")
 
-    async def _stream(self, request, up, kind, client, auth, nbytes, meta, wants_usage):
+    async def _stream(self, request, up, kind, key, auth, nbytes, meta, wants_usage):
         """Relay SSE; read usage from the final chunk/event; record at the end."""
         rid = auth.reservation_id
         resp = web.StreamResponse(status=up.status, headers={
@@ -595,7 +657,7 @@ class Proxy:
         except asyncio.CancelledError:
             if usage is None:
                 outcome = "CANCELLED"
-            await self._record(client, rid, outcome=outcome,
+            await self._record(key, rid, outcome=outcome,
                                usage=usage or self._streamed_usage(auth, chunks, out_bytes),
                                input_bytes=nbytes, estimated=usage is None)
             raise
@@ -613,7 +675,7 @@ class Proxy:
             if outcome == "SUCCESS":
                 log.warning("stream for %s ended without usage; recording the estimate", rid)
             usage = self._streamed_usage(auth, chunks, out_bytes)
-        await self._record(client, rid, outcome=outcome, usage=usage, input_bytes=nbytes,
+        await self._record(key, rid, outcome=outcome, usage=usage, input_bytes=nbytes,
                            estimated=estimated)
         return resp
 
@@ -678,11 +740,16 @@ def _sse_frame(event: dict[str, str]) -> bytes:
 # ------------------------------------------------------------------ running it
 
 
-async def start_proxy(config: ProxyConfig, target: str, listen: str, *,
-                      p402_timeout: float = 5.0) -> tuple[web.AppRunner, int]:
-    """Start the proxy on `listen` ("host:port", port 0 picks one) -> (runner, port).
-    Stop it with `await runner.cleanup()`."""
-    proxy = Proxy(config, ClientMeter(target, timeout=p402_timeout))
+async def start_proxy(config: ProxyConfig, target: str | None, listen: str, *,
+                      p402_timeout: float = 5.0, embedded=None
+                      ) -> tuple[web.AppRunner, int]:
+    """Start the proxy on `listen` ("host:port", port 0 picks one) -> (runner, port),
+    metering through the server at `target` or the in-process `embedded` runtime
+    (an `inprocess.EmbeddedP402`, started by the caller). Stop it with `await
+    runner.cleanup()`: queued Records are sent first."""
+    meter = (ClientMeter(embedded=embedded, timeout=p402_timeout) if embedded is not None
+             else ClientMeter(target, timeout=p402_timeout))
+    proxy = Proxy(config, meter)
     runner = web.AppRunner(proxy.app(), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     host, _, port = listen.rpartition(":")
@@ -692,11 +759,14 @@ async def start_proxy(config: ProxyConfig, target: str, listen: str, *,
 
 
 async def serve_proxy(config: ProxyConfig, listen: str, *, target: str | None = None,
-                      db: str | None = None, ready=None,
+                      db: str | None = None, leases: bool = False, ready=None,
                       stop_event: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop_event`). With `db`, a P402 server runs in
-    this process on a loopback port (embedded); else `target` is a running server.
-    `ready(port)` is called once the proxy accepts calls."""
+    """Serve until SIGTERM/SIGINT (or `stop_event`). With `db`, P402's runtime and
+    group-commit writer run in this process on that ledger and are called directly
+    (`leases`: HARD budgets leased in slices, for several proxies or servers on one
+    PostgreSQL ledger); else `target` is a running server. `ready(port)` is called
+    once the proxy accepts calls. On stop, queued Records are sent before the
+    runtime writes its open holds and stops."""
     import signal
 
     stop_event = stop_event or asyncio.Event()
@@ -708,31 +778,29 @@ async def serve_proxy(config: ProxyConfig, listen: str, *, target: str | None = 
             installed.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):
             pass
-    store = server = None
+    store = embedded = None
     try:
         if db:
-            from .server import create_server
+            from .inprocess import EmbeddedP402
             from .store import open_store
 
             store = await open_store(db)
-            server, p402_port = create_server("127.0.0.1:0", store=store)
-            await server.start()
-            target = f"127.0.0.1:{p402_port}"
-            log.info("embedded P402 server on %s", target)
-        if not target:
+            embedded = EmbeddedP402(store, leases=leases)
+            await embedded.start()
+        elif not target:
             raise ValueError("target: a P402 server (--target) or a ledger (--db) is required")
-        runner, port = await start_proxy(config, target, listen)
+        runner, port = await start_proxy(config, target, listen, embedded=embedded)
         try:
-            log.info("p402 proxy on %s -> %s (P402 at %s)", listen, config.upstream_base,
-                     target)
+            log.info("p402 proxy on %s -> %s (P402 %s)", listen, config.upstream_base,
+                     "in this process" if embedded is not None else f"at {target}")
             if ready is not None:
                 ready(port)
             await stop_event.wait()
         finally:
             await runner.cleanup()
     finally:
-        if server is not None:
-            await server.stop(2.0)
+        if embedded is not None:
+            await embedded.stop()
         if store is not None:
             await store.close()
         for sig in installed:
@@ -743,5 +811,5 @@ def upstream_key_from_env(var: str) -> str:
     return os.environ.get(var, "")
 
 
-__all__ = ["ProxyConfig", "Proxy", "ClientMeter", "start_proxy", "serve_proxy",
+__all__ = ["ProxyConfig", "Proxy", "ClientMeter", "PROXY_KEY", "start_proxy", "serve_proxy",
            "prompt_bytes", "usage_from", "denial", "owners_from_headers"]

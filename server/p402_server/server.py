@@ -127,24 +127,11 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
     (workers.py: several processes sharing one port).
     """
     config = config or ServerConfig()
-    # Every core module imports now: a missing compiled build fails here, with the
-    # way out (p402core.CoreNotBuilt), not as INTERNAL on the first call.
-    core = (core or p402core.load(p402core.IMPLEMENTATION)).check()
     if max_concurrent_rpcs is not None:
         config = ServerConfig(**{**_asdict(config), "max_concurrent_rpcs": max_concurrent_rpcs})
     own_writer = writer is None
-    if own_writer:
-        writer = GroupCommitWriter(store, max_batch=config.writer_max_batch,
-                                   max_delay_ms=config.writer_max_delay_ms)
-    lease_manager = None
-    if leases:
-        from .leases import LeaseManager
-
-        lease_manager = LeaseManager(store)
-    runtime = Runtime(store, writer, config, core=core, leases=lease_manager)
-    auth = KeyCache(store, revalidate_seconds=config.auth_revalidate_seconds,
-                    negative_seconds=config.auth_negative_seconds,
-                    max_entries=config.auth_cache_entries)
+    writer, runtime, auth, config = build_runtime(store, config=config, core=core,
+                                                  writer=writer, leases=leases)
     server = grpc.aio.server(
         interceptors=[LenientDecoding()],  # undecodable bytes -> INVALID_ARGUMENT
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -195,6 +182,31 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
             Dashboard(store=store, runtime=runtime, auth=auth, config=dashboard_config),
             http)
     return p402, port
+
+
+def build_runtime(store, *, config: ServerConfig | None = None, core=None, writer=None,
+                  leases: bool = False):
+    """The parts of a server that are not its transport -> (writer, runtime, auth,
+    config): the group-commit writer (a new one over `store` unless given), the
+    tenant runtime (with a LeaseManager when `leases`) and the key cache. Shared by
+    `create_server` and the in-process runtime (inprocess.EmbeddedP402)."""
+    config = config or ServerConfig()
+    # Every core module imports now: a missing compiled build fails here, with the
+    # way out (p402core.CoreNotBuilt), not as INTERNAL on the first call.
+    core = (core or p402core.load(p402core.IMPLEMENTATION)).check()
+    if writer is None:
+        writer = GroupCommitWriter(store, max_batch=config.writer_max_batch,
+                                   max_delay_ms=config.writer_max_delay_ms)
+    lease_manager = None
+    if leases:
+        from .leases import LeaseManager
+
+        lease_manager = LeaseManager(store)
+    runtime = Runtime(store, writer, config, core=core, leases=lease_manager)
+    auth = KeyCache(store, revalidate_seconds=config.auth_revalidate_seconds,
+                    negative_seconds=config.auth_negative_seconds,
+                    max_entries=config.auth_cache_entries)
+    return writer, runtime, auth, config
 
 
 def _asdict(config: ServerConfig) -> dict:
