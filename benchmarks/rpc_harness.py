@@ -53,7 +53,8 @@ except ImportError:
 
 @contextmanager
 def server_process(leases: bool = False):
-    """Start a server subprocess -> {"port", "api_key", "tenant"}; stops it at exit.
+    """Start a server subprocess -> {"port", "api_key", "tenant", "ledger" (the SQLite
+    file)}; stops it at exit.
     `leases`: HARD budgets leased from the store (`p402 serve --lease on`)."""
     tmp = tempfile.mkdtemp(prefix="p402-bench-")
     url = f"sqlite+aiosqlite:///{tmp}/bench.db"
@@ -65,7 +66,7 @@ def server_process(leases: bool = False):
         line = proc.stdout.readline()
         if not line:
             raise SystemExit("benchmark server failed to start")
-        yield json.loads(line)
+        yield {**json.loads(line), "ledger": f"{tmp}/bench.db"}
     finally:
         try:
             proc.stdin.close()
