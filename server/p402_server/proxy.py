@@ -495,8 +495,9 @@ class Proxy:
     async def _metered(self, request: web.Request) -> web.StreamResponse:
         kind = METERED[request.match_info["endpoint"]]
         key = self._caller_key(request)
+        raw = await request.read()
         try:
-            body = json.loads(await request.read())
+            body = json.loads(raw)
         except ValueError:
             raise ProxyError(400, "the request body is not JSON", "invalid_request_error",
                              "invalid_json") from None
@@ -529,21 +530,27 @@ class Proxy:
         if auth.reasons:
             meta["x-p402-reasons"] = ",".join(auth.reasons)
 
-        out = dict(body)
+        # What the upstream must see differently: the granted cap, and usage on a
+        # chat stream. A body that needs neither is forwarded as received.
+        edits: dict[str, Any] = {}
         if cap_field and auth.output_token_cap > 0:
-            out[cap_field] = min(cap, auth.output_token_cap) if cap else auth.output_token_cap
+            granted = min(cap, auth.output_token_cap) if cap else auth.output_token_cap
+            if granted != cap:
+                edits[cap_field] = granted
         stream = bool(body.get("stream")) and kind != "embeddings"
         caller_wants_usage = True
         if stream and kind == "chat":
             so = body.get("stream_options")
             caller_wants_usage = bool(isinstance(so, dict) and so.get("include_usage"))
-            out["stream_options"] = {**(so if isinstance(so, dict) else {}),
-                                     "include_usage": True}
+            if not caller_wants_usage:
+                edits["stream_options"] = {**(so if isinstance(so, dict) else {}),
+                                           "include_usage": True}
+        data = json.dumps({**body, **edits}).encode() if edits else raw
 
         url = self.config.upstream_base + "/" + request.match_info["endpoint"]
         timeout = aiohttp.ClientTimeout(total=self.config.upstream_timeout)
         try:
-            up = await self._session.post(url, data=json.dumps(out).encode(),
+            up = await self._session.post(url, data=data,
                                           headers=self._upstream_headers(request),
                                           timeout=timeout)
         except asyncio.TimeoutError:

@@ -398,3 +398,25 @@ async def test_embedded_mode_serves_with_its_own_p402_server(tmp_path):
     [ev] = events
     assert (ev.customer, ev.input_tokens, ev.output_tokens) == ("acme", u.input_tokens,
                                                                  u.output_tokens)
+
+
+async def test_a_body_within_its_grant_is_forwarded_byte_for_byte(rig):
+    """Nothing to change (the cap is within the grant): the caller's bytes go
+    upstream as they came, key order and spacing included; a body that needs the
+    grant's cap is rewritten."""
+    sent = (b'{ "messages": [{"role": "user", "content": "caf\\u00e9 \\ud83d\\ude00"}],'
+            b'  "max_tokens": 12, "model": "gpt-4o-mini", "temperature": 0.70 }')
+    headers = {"Authorization": f"Bearer {rig.meter_key}", "x-p402-customer": "acme",
+               "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(rig.base_url + "/chat/completions", data=sent,
+                          headers=headers) as r:
+            assert r.status == 200
+        assert rig.upstream.last(CHAT).raw == sent
+        uncapped = sent.replace(b'  "max_tokens": 12,', b"")
+        async with s.post(rig.base_url + "/chat/completions", data=uncapped,
+                          headers=headers) as r:
+            assert r.status == 200
+    got = rig.upstream.last(CHAT)
+    assert got.raw != uncapped and got.body["max_tokens"] > 0
+    assert got.body["messages"][0]["content"] == "café 😀"

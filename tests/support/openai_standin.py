@@ -67,6 +67,7 @@ class Received:
     headers: dict[str, str]  # lower-cased names
     body: Any  # parsed JSON, or None
     api_key: str  # the bearer token of the Authorization header ("" if none)
+    raw: bytes = b""  # the body's bytes as received
 
 
 @dataclass
@@ -263,7 +264,7 @@ class OpenAIStandin:
 
     async def _receive(self, request: web.Request) -> tuple[Any, web.StreamResponse | None]:
         """Record the request; answer auth failures and injected faults."""
-        body = None
+        body, raw = None, b""
         if request.method == "POST":
             raw = await request.read()
             try:
@@ -275,7 +276,7 @@ class OpenAIStandin:
         key = auth[7:] if auth.lower().startswith("bearer ") else ""
         self.requests.append(Received(request.method, request.path,
                                       {k.lower(): v for k, v in request.headers.items()},
-                                      body, key))
+                                      body, key, raw))
         if self.api_key is not None and key != self.api_key:
             return body, web.json_response(
                 _error_body("Incorrect API key provided.", "invalid_request_error",
