@@ -11,7 +11,8 @@ HTTP/1.1, rounds interleaved so the machine's drift hits every system alike:
 - p402 --target `p402 proxy --target` in front of `p402 serve` (gRPC, SQLite);
 - portkey      Portkey's gateway (Node, no metering), when `npx @portkey-ai/gateway`
                is installed under $P402_BENCH_PORTKEY (a directory with node_modules);
-- litellm      LiteLLM's proxy (no database), when `litellm[proxy]` is installed.
+- litellm      LiteLLM's proxy (no database), when `litellm[proxy]` is installed
+               (here, or in the Python named by $P402_BENCH_LITELLM_PYTHON).
 
 Figures per system (medians over rounds): added p50 with one connection (its p50
 minus the upstream's own, from h2load's per-request log), calls/s at 32 connections,
@@ -269,7 +270,8 @@ def main() -> None:
         if portkey and os.path.isdir(os.path.join(portkey, "node_modules")):
             port = free_port()
             pk = stack.enter_context(process(
-                ["npx", "--prefix", portkey, "@portkey-ai/gateway", f"--port={port}"], port))
+                [os.path.join(portkey, "node_modules", ".bin", "gateway"), f"--port={port}"],
+                port))
             systems.append(System("portkey", f"http://127.0.0.1:{port}/v1/chat/completions",
                                   descendants(pk.pid),
                                   ["x-portkey-provider: openai",
@@ -278,11 +280,10 @@ def main() -> None:
         else:
             print("portkey: not run (set P402_BENCH_PORTKEY to a directory where "
                   "`npm install @portkey-ai/gateway` was run)")
-        try:
-            import litellm.proxy  # noqa: F401
-            litellm_ok = True
-        except Exception:  # noqa: BLE001
-            litellm_ok = False
+        # LiteLLM's proxy pulls many packages: it may live in a venv of its own.
+        ll_py = os.environ.get("P402_BENCH_LITELLM_PYTHON", py)
+        litellm_ok = subprocess.run([ll_py, "-c", "import litellm.proxy.proxy_server"],
+                                    capture_output=True).returncode == 0
         if litellm_ok:
             cfg = os.path.join(tmp, "litellm.yaml")
             with open(cfg, "w") as f:
@@ -292,7 +293,7 @@ def main() -> None:
             port = free_port()
             try:
                 ll = stack.enter_context(process(
-                    [py, "-m", "litellm.proxy.proxy_cli", "--config", cfg, "--port",
+                    [ll_py, "-m", "litellm.proxy.proxy_cli", "--config", cfg, "--port",
                      str(port), "--host", "127.0.0.1"], port, timeout=120.0))
             except NotListening:
                 print("litellm: its proxy did not start (pip install 'litellm[proxy]')")
@@ -301,7 +302,8 @@ def main() -> None:
                                       f"http://127.0.0.1:{port}/v1/chat/completions",
                                       descendants(ll.pid), ["authorization: Bearer sk-bench"]))
         else:
-            print("litellm: not run (pip install 'litellm[proxy]')")
+            print("litellm: not run (pip install 'litellm[proxy]', or set "
+                  "P402_BENCH_LITELLM_PYTHON to a Python that has it)")
 
         for s in systems:  # warm up every path (connections, caches, JIT-free imports)
             h2load(s.url, s.headers, body_file, n=200, c=8)

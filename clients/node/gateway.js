@@ -28,7 +28,8 @@ import protoLoader from "@grpc/proto-loader";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 export const PROTO_ROOT = path.resolve(HERE, "..", "..", "proto");
-// google/type/money.proto, vendored (Apache-2.0) so no Python or googleapis checkout is needed.
+// google/type/money.proto and google/rpc/status.proto, vendored (Apache-2.0) so no Python
+// or googleapis checkout is needed.
 export const THIRD_PARTY = path.resolve(HERE, "third_party");
 const NANOS_PER_USD = 1_000_000_000n;
 

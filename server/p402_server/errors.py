@@ -129,8 +129,9 @@ def _error_for(exc: BaseException) -> ServiceError:
     return ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
 
 
-def status_for(exc: BaseException) -> grpc.Status:
-    """`exc` as a grpc.Status carrying google.rpc.Status + ErrorInfo details."""
+def rpc_status_for(exc: BaseException) -> status_pb2.Status:
+    """`exc` as a google.rpc.Status with an ErrorInfo detail (reason, field): what a
+    failed call carries in its trailers, and what a stream answers in-band."""
     err = _error_for(exc)
     metadata = dict(err.metadata)
     if err.field:
@@ -138,9 +139,12 @@ def status_for(exc: BaseException) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=err.code.value[0], message=err.message,
-                               details=[detail])
-    return rpc_status.to_status(status)
+    return status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+
+
+def status_for(exc: BaseException) -> grpc.Status:
+    """`exc` as a grpc.Status carrying google.rpc.Status + ErrorInfo details."""
+    return rpc_status.to_status(rpc_status_for(exc))
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str):
@@ -288,6 +292,7 @@ __all__ = [
     "permission_denied",
     "not_found",
     "status_for",
+    "rpc_status_for",
     "abort",
     "unary",
     "streaming",

@@ -24,7 +24,7 @@ import time
 from . import evidence, signing
 from . import privacy as _privacy
 from .auth import ANY, METER, READ
-from .errors import unary, streaming
+from .errors import rpc_status_for, streaming, unary
 from .runtime import Runtime
 
 log = logging.getLogger("p402.server.meter")
@@ -45,6 +45,24 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
         if rt.leases is None:  # one process: never awaits (no coroutine per call)
             return rt.authorize(request)
         return await rt.authorize_exact(request)
+
+    @streaming(METER)
+    async def StreamAuthorize(self, request_iterator, context, key):
+        # Requests are answered one by one, in order (a lease round trip, when one
+        # is due, delays the requests behind it). Each is answered what Authorize
+        # would answer, an error included, and the stream goes on; the key is
+        # checked again per request, so a revocation applies mid-stream.
+        runtime, auth = self.runtime, self.auth
+        async for request in request_iterator:
+            try:
+                key = await auth.authenticate(context, METER, "StreamAuthorize", "meter")
+                rt = runtime.tenants.get(key.tenant_id) or await runtime.get(key.tenant_id)
+                resp = (rt.authorize(request) if rt.leases is None
+                        else await rt.authorize_exact(request))
+            except Exception as exc:  # noqa: BLE001 - answered in-band, the one mapping
+                yield meter_pb2.StreamAuthorizeResponse(error=rpc_status_for(exc))
+                continue
+            yield meter_pb2.StreamAuthorizeResponse(response=resp)
 
     @unary(METER)
     async def Record(self, request, context, key):

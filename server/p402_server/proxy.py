@@ -28,7 +28,8 @@ durability and error mapping:
   (inprocess.py: no gRPC, no serialization; a decision in microseconds). With
   `--lease on` on a PostgreSQL ledger the proxy is one more process of the fleet
   (HARD budgets leased in slices, config sync, cross-process settlement).
-- `--target HOST:PORT`: a running `p402 serve`, over gRPC.
+- `--target HOST:PORT`: a running `p402 serve`, over gRPC: Authorize as messages on
+  one StreamAuthorize stream per caller key, Records in RecordBatch calls.
 
 Per call
 1. Authorize(model, owners, labels, input_bytes = UTF-8 bytes of the prompt text,
@@ -166,6 +167,7 @@ class ClientMeter:
         self.record_wait = record_wait
         self._clients: OrderedDict[str, Any] = OrderedDict()
         self._recorders: dict[str, Any] = {}
+        self._pipelines: dict[str, Any] = {}
         self._pinged: dict[str, float] = {}
 
     def _connect(self, api_key: str):
@@ -187,8 +189,21 @@ class ClientMeter:
         if len(self._clients) > self.max_keys:
             old_key, old = self._clients.popitem(last=False)
             self._pinged.pop(old_key, None)
-            asyncio.ensure_future(self._retire(old, self._recorders.pop(old_key, None)))
+            asyncio.ensure_future(self._retire(old, self._recorders.pop(old_key, None),
+                                               self._pipelines.pop(old_key, None)))
         return c
+
+    async def authorize(self, api_key: str, model: str, **kw: Any):
+        """Authorize with `api_key`: in process, a direct call; to a server, a message
+        on the key's StreamAuthorize stream (p402_client.pipeline), not a unary RPC."""
+        if self.embedded is not None:
+            return await self.client(api_key).authorize(model, **kw)
+        pipe = self._pipelines.get(api_key)
+        if pipe is None:
+            from p402_client import AuthorizePipeline
+
+            pipe = self._pipelines[api_key] = AuthorizePipeline(self.client(api_key))
+        return await pipe.authorize(model, **kw)
 
     def recorder(self, api_key: str):
         """The background recorder of `api_key`'s client."""
@@ -203,7 +218,9 @@ class ClientMeter:
         return r
 
     @staticmethod
-    async def _retire(client, recorder) -> None:
+    async def _retire(client, recorder, pipeline=None) -> None:
+        if pipeline is not None:
+            await pipeline.aclose()
         if recorder is not None:
             await recorder.aclose()  # flushes what it holds first
         await client.close()
@@ -225,8 +242,9 @@ class ClientMeter:
     async def close(self) -> None:
         """Flush and stop the recorders, then close the clients."""
         recorders, self._recorders = dict(self._recorders), {}
+        pipelines, self._pipelines = dict(self._pipelines), {}
         clients, self._clients = dict(self._clients), OrderedDict()
-        await asyncio.gather(*(self._retire(c, recorders.get(k))
+        await asyncio.gather(*(self._retire(c, recorders.get(k), pipelines.get(k))
                                for k, c in clients.items()))
 
 
@@ -513,10 +531,9 @@ class Proxy:
         retry_of = request.headers.get("x-p402-retry-of", "")
         cap_field, cap = requested_cap(kind, body)
         nbytes = prompt_bytes(kind, body)
-        client = self.meter.client(key)
         try:
-            auth = await client.authorize(
-                model, provider=self.config.provider, owners=owners, labels=labels or None,
+            auth = await self.meter.authorize(
+                key, model, provider=self.config.provider, owners=owners, labels=labels or None,
                 input_bytes=nbytes, max_output_tokens=cap, attempt=attempt,
                 retry_of=retry_of)
         except ProxyError:

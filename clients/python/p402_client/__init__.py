@@ -50,6 +50,7 @@ from .errors import (
 )
 from .ids import new_ulid
 from .meter import AsyncMeter, Meter, meter
+from .pipeline import AuthorizePipeline
 from .recorder import AsyncRecorder, Recorder, RecorderMetrics
 from .signing import GatewaySigner
 from .types import (
@@ -85,6 +86,7 @@ from .types import (
 )
 
 __all__ = [
+    "AuthorizePipeline",
     "__version__",
     "P402Client",
     "AsyncP402Client",

@@ -1,0 +1,110 @@
+"""AuthorizePipeline: many concurrent Authorize calls on one StreamAuthorize stream,
+against a real server: the same answers as unary Authorize, errors in-band for the
+request that caused them only, a revoked key refused mid-stream, and requests caught
+by a broken stream answered once (as unary calls with their reservation ids)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from p402_client import AsyncP402Client, AuthorizePipeline
+from p402_client import errors as e
+
+OWNERS = {"customer": "acme", "feature": "chat"}
+
+
+@pytest.fixture
+async def client(server, tenant):
+    c = AsyncP402Client(server.target, api_key=tenant[1], timeout=10.0)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def test_concurrent_requests_share_one_stream_and_match_unary(client):
+    pipe = AuthorizePipeline(client)
+    try:
+        got = await asyncio.gather(*(pipe.authorize(
+            "gpt-4o-mini", owners=OWNERS, input_bytes=400 + i, max_output_tokens=100)
+            for i in range(50)))
+        first_call = pipe._call
+        assert first_call is not None
+        more = await pipe.authorize("gpt-4o-mini", owners=OWNERS, input_bytes=400,
+                                    max_output_tokens=100)
+        assert pipe._call is first_call  # still the one stream
+        unary = await client.authorize("gpt-4o-mini", owners=OWNERS, input_bytes=400,
+                                       max_output_tokens=100)
+    finally:
+        await pipe.aclose()
+    assert all(a.allowed for a in got)
+    assert len({a.reservation_id for a in got + [more]}) == 51
+    # Answers come back to the caller that asked: sizes differ per request.
+    assert [a.estimated_input_tokens for a in got] == sorted(
+        a.estimated_input_tokens for a in got)
+    assert (more.estimated_cost_nanos, more.output_token_cap, more.decision) == (
+        unary.estimated_cost_nanos, unary.output_token_cap, unary.decision)
+    # Every reservation is a real hold: releasing it writes its event.
+    for a in got[:5]:
+        assert (await client.release(a.reservation_id)).event_id
+
+
+async def test_a_refused_request_fails_alone_and_the_stream_goes_on(client):
+    pipe = AuthorizePipeline(client)
+    try:
+        good = [pipe.authorize("gpt-4o-mini", owners=OWNERS, max_output_tokens=10)
+                for _ in range(10)]
+        bad = pipe.authorize("gpt-4o-mini", owners=OWNERS, max_output_tokens=-5)
+        results = await asyncio.gather(*good[:5], bad, *good[5:],
+                                       return_exceptions=True)
+        call = pipe._call
+        after = await pipe.authorize("gpt-4o-mini", owners=OWNERS)
+        assert pipe._call is call and after.allowed
+    finally:
+        await pipe.aclose()
+    err = results[5]
+    assert isinstance(err, e.InvalidArgument) and err.field == "max_output_tokens"
+    assert all(not isinstance(r, Exception) and r.allowed
+               for i, r in enumerate(results) if i != 5)
+
+
+async def test_a_key_revoked_mid_stream_is_refused_from_then_on(server, tenant, client):
+    meter = await client.create_key("pipeline", ["meter"])
+    c = AsyncP402Client(server.target, api_key=meter.api_key, timeout=10.0)
+    pipe = AuthorizePipeline(c)
+    try:
+        assert (await pipe.authorize("gpt-4o-mini", owners=OWNERS)).allowed
+        await client.revoke_key(meter.key.key_id)
+        with pytest.raises(e.Unauthenticated):
+            for _ in range(100):  # other servers' caches: within the revalidate period
+                await pipe.authorize("gpt-4o-mini", owners=OWNERS)
+                await asyncio.sleep(0.1)
+    finally:
+        await pipe.aclose()
+        await c.close()
+
+
+async def test_requests_caught_by_a_broken_stream_are_answered_once(client):
+    await client.put_budget("pipe-cap", limit_nanos=10**12, period="TOTAL",
+                            enforcement="HARD", scope={"customer": "pipe"})
+    owners = {"customer": "pipe"}
+    pipe = AuthorizePipeline(client)
+    try:
+        await pipe.authorize("gpt-4o-mini", owners=owners, max_output_tokens=50)
+        calls = [asyncio.ensure_future(pipe.authorize(
+            "gpt-4o-mini", owners=owners, max_output_tokens=50)) for _ in range(20)]
+        await asyncio.sleep(0)  # let some be written
+        assert pipe._pending  # requests in flight…
+        pipe._call.cancel()  # …when the connection drops
+        got = await asyncio.gather(*calls)
+        again = await pipe.authorize("gpt-4o-mini", owners=owners,
+                                     max_output_tokens=50)  # on a new stream
+    finally:
+        await pipe.aclose()
+    assert all(a.allowed for a in got) and again.allowed
+    assert len({a.reservation_id for a in got}) == 20
+    # One hold per request: a request decided before the break and sent again as a
+    # unary call got its first reservation back, not a second hold.
+    [status] = [b for b in again.budgets if b.budget_id == "pipe-cap"]
+    assert status.held_nanos == 22 * again.estimated_cost_nanos
