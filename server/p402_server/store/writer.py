@@ -994,6 +994,139 @@ class _CoreOps:
         await conn.execute(self._periods, [dict(zip(names, r)) for r in rows])
 
 
+class _PgOps(_CoreOps):
+    """PostgreSQL: the transaction of `_CoreOps` (tenant locks in tenant order, heads,
+    claims, all in one transaction), with its bulk work sent through the asyncpg
+    connection underneath SQLAlchemy's, inside the same transaction:
+
+    - the events, chained on the assumption that every one is new: seqs drawn from
+      the events sequence in one query, the rows written with binary COPY inside a
+      savepoint. The tenant locks keep every other P402 writer out, so the only
+      conflict is an event already in the ledger (a retry of a committed event): the
+      savepoint is rolled back, those events are read back, and the new ones are
+      chained again and copied (as the SQLite path does with its undo);
+    - rollups, daily spend, budget periods and contents: prepared upserts sent with
+      asyncpg's pipelined executemany.
+
+    SQLAlchemy's per-row parameter processing (insertmanyvalues pages) and a lookup
+    of every event before inserting cost more than the database's own work
+    (benchmarks/bench_record_pg.py)."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        key, sums = S.ROLLUP_KEY, S.ROLLUP_SUMS
+        dkey = S.SPEND_DAILY_KEY
+        self._sql_seqs = ("SELECT nextval(pg_get_serial_sequence('events', 'seq')) "
+                          "FROM generate_series(1, $1)")
+        self._copy_columns = ("seq", *EVENT_COLUMNS)
+        self._sql_rollups = _pg_upsert_arrays(S.rollups_hourly, key, sums)
+        self._sql_daily = _pg_upsert_arrays(S.spend_daily, dkey, sums)
+        self._sql_periods = _pg_upsert(
+            "budget_periods", ("tenant_id", "budget_id", "period_start_ms"),
+            ("committed_nanos",))
+        self._sql_contents = (
+            f"INSERT INTO contents ({', '.join(CONTENT_COLUMNS)}) VALUES "
+            f"({', '.join(f'${i}' for i in range(1, len(CONTENT_COLUMNS) + 1))}) "
+            "ON CONFLICT (tenant_id, event_id, kind) DO UPDATE SET mode = excluded.mode, "
+            "text = excluded.text, created_ms = excluded.created_ms, "
+            "expires_ms = excluded.expires_ms")
+
+    async def write_batch(
+        self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes]
+    ) -> tuple[Seqs, Existing, Links, Lost]:
+        existing: Existing = {}
+        tenants = sorted({ev.tenant_id for ev in unique})
+        async with self._engine.begin() as conn:
+            heads: Heads = {}
+            for t in tenants:  # through SQLAlchemy: this also begins the transaction
+                await conn.execute(self._lock, {"t": t})
+                heads[t] = _head_of((await conn.execute(self._head, {"t": t})).first())
+            apg = await _driver_connection(conn)
+            lost = await self._claims(conn, unique)
+            keep = [i for i in range(len(unique)) if i not in lost] if lost else None
+            # Chained on the assumption that every event is new (retries of
+            # committed events are rare); a conflict undoes the COPY alone.
+            rows, links, _ = _chain(unique, values, canon, heads, keep)
+            seqs = await self.insert_events(apg, rows) if rows else {}
+            if seqs is None:
+                keys = [(ev.tenant_id, ev.event_id) for ev in unique]
+                for i in range(0, len(keys), 500):
+                    found = (await conn.execute(_existing_stmt(keys[i : i + 500]))).mappings()
+                    existing.update(_by_key(found))
+                keep = [i for i, k in enumerate(keys) if k not in existing and i not in lost]
+                rows, links, _ = _chain(unique, values, canon, heads, keep)
+                seqs = await self.insert_events(apg, rows) if rows else {}
+                if seqs is None:  # cannot happen under the tenant locks
+                    raise RuntimeError("store: events appeared that this batch did not insert")
+            inserted = unique if keep is None else [unique[i] for i in keep]
+            if rows:
+                rollups = _aggregate_rollups(rows)  # sorted: the tables' lock order
+                await self.upsert_rollups(apg, rollups)
+                await apg.execute(self._sql_daily, *zip(*_aggregate_daily(rollups)))
+                periods = _aggregate_periods(inserted)
+                if periods:
+                    await self.upsert_periods(apg, periods)
+                contents = _content_rows(inserted)
+                if contents:
+                    await apg.executemany(self._sql_contents, contents)
+        return seqs, existing, links, lost
+
+    async def upsert_rollups(self, apg, rows: list[tuple]) -> None:
+        await apg.execute(self._sql_rollups, *zip(*rows))
+
+    async def upsert_periods(self, apg, rows: list[tuple]) -> None:
+        await apg.executemany(self._sql_periods, rows)
+
+    async def insert_events(self, apg, rows: list[tuple]) -> Seqs | None:  # type: ignore[override]
+        """COPY `rows` into events with seqs drawn from its sequence -> their seqs, or
+        None (nothing written) when one of them is already in the ledger."""
+        import asyncpg
+
+        drawn = sorted(r[0] for r in await apg.fetch(self._sql_seqs, len(rows)))
+        try:
+            async with apg.transaction():  # a savepoint: undone alone on a conflict
+                await apg.copy_records_to_table(
+                    "events", columns=self._copy_columns,
+                    records=[(seq, *row) for seq, row in zip(drawn, rows)])
+        except asyncpg.UniqueViolationError:
+            return None
+        key = _EVENT_KEY
+        return {key(row): seq for seq, row in zip(drawn, rows)}
+
+
+def _pg_upsert(table: str, key: tuple, sums: tuple) -> str:
+    """INSERT … ON CONFLICT (key) DO UPDATE adding `sums`, one row from $1…$n."""
+    cols = (*key, *sums)
+    return (f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
+            f"({', '.join(f'${i}' for i in range(1, len(cols) + 1))}) "
+            f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
+            + ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in sums))
+
+
+def _pg_upsert_arrays(table: sa.Table, key: tuple, sums: tuple) -> str:
+    """The same upsert for many rows in one statement: $1…$n are the columns as
+    arrays (rows transposed), expanded by unnest; array types from the schema."""
+    from sqlalchemy.dialects import postgresql
+
+    dialect = postgresql.dialect()
+    cols = (*key, *sums)
+    arrays = ", ".join(f"${i}::{table.c[c].type.compile(dialect=dialect)}[]"
+                       for i, c in enumerate(cols, 1))
+    return (f"INSERT INTO {table.name} ({', '.join(cols)}) "
+            f"SELECT * FROM unnest({arrays}) "
+            f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
+            + ", ".join(f"{c} = {table.name}.{c} + excluded.{c}" for c in sums))
+
+
+async def _driver_connection(conn):
+    """The asyncpg connection under an AsyncConnection, in its open transaction."""
+    raw = await conn.get_raw_connection()
+    apg = raw.driver_connection
+    if not apg.is_in_transaction():  # the statements above must have begun it
+        raise RuntimeError("store: the PostgreSQL transaction has not begun")
+    return apg
+
+
 def _by_key(rows) -> Existing:
     out: Existing = {}
     for row in rows:
@@ -1016,6 +1149,8 @@ def _make_ops(store: Any):
     url = engine.url
     if engine.dialect.name == "sqlite" and url.database not in (None, "", ":memory:"):
         return _SqliteThreadOps(url)
+    if engine.dialect.name == "postgresql":
+        return _PgOps(engine)
     return _CoreOps(engine)
 
 
