@@ -16,7 +16,7 @@ event is on disk):
   floor. The ratio is writer / raw; each side is the best of --repeat alternating
   runs (the machine may be shared).
 
-Run:  python benchmarks/bench_record_pg.py [--events N] [--repeat N]
+Run:  python benchmarks/bench_record_pg.py [--events N] [--repeat N] [--quick]
 PostgreSQL from P402_TEST_PG_URL (default postgresql+asyncpg://postgres@127.0.0.1:5432/test,
 used to create and drop the databases).
 Targets: writer >= 15,000 events/s and >= 0.5x raw.
@@ -160,7 +160,10 @@ async def amain(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=30_000)
     ap.add_argument("--repeat", type=int, default=3, help="best of N alternating runs")
+    ap.add_argument("--quick", action="store_true", help="10,000 events, one run per side")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.events, args.repeat = 10_000, 1
     try:
         await admin("SELECT 1")
     except Exception as exc:  # noqa: BLE001
