@@ -159,6 +159,12 @@ RPCS = [
         max_output_tokens=5, ttl_seconds=1, reservation_id=w["b"].hold2), {OK},
      # A's own hold of that id: none of B's budgets, B's hold untouched (snapshot).
      lambda w, r: all(s.budget_id != "b-secret" for s in r.budgets)),
+    # The same on the stream: answered in-band, A's own hold, never B's budgets.
+    ("meter", "StreamAuthorize", {METER, ADMIN}, lambda w: iter([meter_pb2.AuthorizeRequest(
+        model=MODEL, owners=common_pb2.Owners(customer="a-cust"), input_bytes=10,
+        max_output_tokens=5, ttl_seconds=1, reservation_id=w["b"].hold2)]), {OK},
+     lambda w, r: len(r) == 1 and r[0].WhichOneof("result") == "response"
+     and all(s.budget_id != "b-secret" for s in r[0].response.budgets)),
     ("meter", "Record", {METER, ADMIN}, lambda w: _record("", w["b"].hold), {NF}, None),
     # B's event id is not A's: A's own event (3 in + 2 out = 1650 nanos; B's cost
     # 4500), new on the first call, A's own duplicate on the next ones.
