@@ -9,6 +9,7 @@ everywhere else it is an int of nano-USD. No float touches money here.
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterable, Sequence
 
 from p402.v1 import admin_pb2, common_pb2, meter_pb2
@@ -27,6 +28,13 @@ from p402core import (
     Period,
     PrivacyMode,
     RateUnit,
+)
+
+from p402core.contract import (
+    event_time_problem,
+    string_problem,
+    strings_problem,
+    text_problem,
 )
 
 from . import privacy as _privacy
@@ -60,11 +68,37 @@ _RATE_UNITS = frozenset(int(x) for x in RateUnit)
 # --- scalars ---------------------------------------------------------------------
 
 def check_str(value: str, field: str, *, required: bool = False) -> str:
-    if len(value) > MAX_STRING:
-        raise InvalidArgument(field, f"longer than {MAX_STRING} characters")
+    """An id or a name: the string contract (p402core.contract: length, no control
+    characters, no lone surrogates), and not empty when `required`."""
     if required and not value:
         raise InvalidArgument(field, "must not be empty")
+    if value:
+        problem = string_problem(value)
+        if problem is not None:
+            raise InvalidArgument(field, problem)
     return value
+
+
+def check_strs(pairs: Sequence[tuple[str, str]]) -> None:
+    """check_str of several (field, value) pairs in one scan when all are fine."""
+    hit = strings_problem([v for _f, v in pairs])
+    if hit is not None:
+        raise InvalidArgument(pairs[hit[0]][0], hit[1])
+
+
+def check_text(value: str, field: str) -> str:
+    """Content text (kept only when the privacy mode says so): no lone surrogates."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise InvalidArgument(field, problem)
+    return value
+
+
+def check_event_time(ms: int, field: str) -> int:
+    problem = event_time_problem(ms, time.time_ns() // 1_000_000)
+    if problem is not None:
+        raise InvalidArgument(field, problem)
+    return ms
 
 
 def check_int(value: int, field: str, *, low: int = 0, high: int = INT64_MAX) -> int:
@@ -123,11 +157,9 @@ def set_money(m, nanos: int) -> None:
 
 def owners_from_proto(o, field: str = "owners") -> tuple:
     t = (o.customer, o.feature, o.workflow, o.task, o.department, o.employee)
-    if max(map(len, t)) > MAX_STRING:
-        for i, v in enumerate(t):
-            if len(v) > MAX_STRING:
-                raise InvalidArgument(f"{field}.{OWNER_KEYS[i]}",
-                                      f"longer than {MAX_STRING} characters")
+    hit = strings_problem(t)
+    if hit is not None:
+        raise InvalidArgument(f"{field}.{OWNER_KEYS[hit[0]]}", hit[1])
     return t
 
 
@@ -160,10 +192,12 @@ def labels_from_proto(labels, field: str = "labels") -> dict | None:
     for k, v in labels.items():
         if not k:
             raise InvalidArgument(field, "label keys must not be empty")
-        if len(k) > MAX_STRING:
-            raise InvalidArgument(field, f"label key longer than {MAX_STRING} characters")
-        if len(v) > MAX_STRING:
-            raise InvalidArgument(f"{field}.{k}", f"longer than {MAX_STRING} characters")
+        problem = string_problem(k)
+        if problem is not None:
+            raise InvalidArgument(field, f"label key {k[:40]!r}: {problem}")
+        problem = string_problem(v)
+        if problem is not None:
+            raise InvalidArgument(f"{field}.{k}", problem)
         out[k] = v
     return out
 
@@ -199,16 +233,19 @@ def set_usage(u, input_tokens, cached, cache_write, output, reasoning) -> None:
 
 # --- requests of MeterService ----------------------------------------------------
 
+_AUTHORIZE_STRS = ("model", "provider", "reservation_id", "retry_of", "request_id")
+
+
 def authorize_args(req, default_privacy: int) -> dict:
     """AuthorizeRequest -> keyword arguments of Engine.authorize (validated)."""
     model = req.model
-    if not model or len(model) > MAX_STRING:
-        check_str(model, "model", required=True)
-    # The common case is cheap: one comparison per field; details only on failure.
-    if (len(req.provider) > MAX_STRING or len(req.reservation_id) > MAX_STRING
-            or len(req.retry_of) > MAX_STRING or len(req.request_id) > MAX_STRING):
-        for name in ("provider", "reservation_id", "retry_of", "request_id"):
-            check_str(getattr(req, name), name)
+    if not model:
+        raise InvalidArgument("model", "must not be empty")
+    # The common case is cheap: one scan of the strings; details only on failure.
+    strs = (model, req.provider, req.reservation_id, req.retry_of, req.request_id)
+    hit = strings_problem(strs)
+    if hit is not None:
+        raise InvalidArgument(_AUTHORIZE_STRS[hit[0]], hit[1])
     input_bytes = req.input_bytes
     if input_bytes < -1:
         raise InvalidArgument("input_bytes", "must be >= 0 (or -1 for unknown)")
@@ -222,8 +259,8 @@ def authorize_args(req, default_privacy: int) -> dict:
     if privacy not in _PRIVACY:
         raise InvalidArgument("privacy_mode", f"not a valid PrivacyMode: {privacy}")
     content = req.content
-    if content and len(content) > 64 * 1024 * 1024:
-        raise InvalidArgument("content", "larger than 64 MiB")
+    if content:
+        check_text(content, "content")
     return {
         "provider": req.provider,
         "owners": owners_from_proto(req.owners) if req.HasField("owners") else EMPTY_OWNERS,
@@ -242,19 +279,21 @@ def authorize_args(req, default_privacy: int) -> dict:
 def validate_record(req, field: str = "") -> tuple:
     """Checks every RecordRequest field; returns (owners or None, labels, usage)."""
     p = field
-    check_str(req.event_id, p + "event_id")
-    check_str(req.reservation_id, p + "reservation_id")
-    check_str(req.model, p + "model")
-    check_str(req.provider, p + "provider")
-    check_str(req.retry_of, p + "retry_of")
+    check_strs(((p + "event_id", req.event_id), (p + "reservation_id", req.reservation_id),
+                (p + "model", req.model), (p + "provider", req.provider),
+                (p + "retry_of", req.retry_of)))
+    if req.prompt:
+        check_text(req.prompt, p + "prompt")
+    if req.response:
+        check_text(req.response, p + "response")
     if not req.reservation_id and not req.model:
         raise InvalidArgument(p + "model", "must not be empty without a reservation_id")
     if req.input_bytes < -1:
         raise InvalidArgument(p + "input_bytes", "must be >= 0 (or -1 for unknown)")
     if req.attempt < 0:
         raise InvalidArgument(p + "attempt", "must not be negative")
-    if req.event_time_ms < 0:
-        raise InvalidArgument(p + "event_time_ms", "must not be negative")
+    if req.event_time_ms:
+        check_event_time(req.event_time_ms, p + "event_time_ms")
     check_enum(req.outcome, _OUTCOMES, p + "outcome", "Outcome")
     if req.outcome in (Outcome.DENIED, Outcome.EXPIRED):
         raise InvalidArgument(p + "outcome", "DENIED and EXPIRED are set by the server")

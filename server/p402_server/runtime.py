@@ -831,9 +831,10 @@ class TenantRuntime:
             ev.evidence = int(Evidence.ESTIMATED)
         return ev
 
-    async def _write_settled(self, ev: LedgerEvent):
+    async def _write_settled(self, ev: LedgerEvent, s=None):
         """The writer's result for a settled event; on failure it is queued behind
-        (the engine, or the maker's, counted it) and the caller told to retry."""
+        (the engine, or the maker's, counted it) and the caller told to retry —
+        unless the ledger refused the event's data (`_not_committed`)."""
         try:
             return await self.writer.write(ev)
         except asyncio.CancelledError:
@@ -842,11 +843,11 @@ class TenantRuntime:
             self.writer.write_behind(ev)
             raise
         except Exception as exc:
-            raise self._not_committed(ev, exc) from exc
+            raise self._not_committed(ev, exc, s) from exc
 
     async def _commit(self, ev: LedgerEvent, s):
         # (ev is remembered already: _begin_record, _record_unsettled)
-        res = await self._write_settled(ev)
+        res = await self._write_settled(ev, s)
         if res.claimed_by:  # scale-out: another process settled the reservation first
             first = await self._lost_claim(ev, s, res.claimed_by)
             return convert.record_response(first, True, self._statuses(first.budget_ids))
@@ -863,14 +864,14 @@ class TenantRuntime:
                 self.writer.write_behind(ev)
             raise
         except Exception as exc:  # refused before anything was queued
-            return [(i, self._not_committed(ev, exc))
-                    for i, ev in zip(slots, events)]
+            return [(i, self._not_committed(ev, exc, s))
+                    for i, ev, s in zip(slots, events, settled)]
         failures = []
         lost = []
         committed = self._committed
         for i, ev, s, res in zip(slots, events, settled, results):
             if isinstance(res, BaseException):
-                failures.append((i, self._not_committed(ev, res)))
+                failures.append((i, self._not_committed(ev, res, s)))
             elif res.claimed_by:  # scale-out: settled first by another process
                 lost.append((i, ev, s, res.claimed_by))
             else:
@@ -884,9 +885,22 @@ class TenantRuntime:
                 failures.append((i, exc))
         return failures
 
-    def _not_committed(self, ev: LedgerEvent, exc: BaseException) -> ServiceError:
+    def _not_committed(self, ev: LedgerEvent, exc: BaseException, s=None) -> Exception:
         """The write of a settled event failed: queue it behind (the engine counted
-        it) and tell the caller to retry."""
+        it) and tell the caller to retry. When the ledger refused the event's own
+        data (EventRejected, or bad input found by the writer's check), a retry
+        cannot succeed: the engine's count of it (settlement `s`) is undone, it is
+        forgotten, and the caller gets that error (INVALID_ARGUMENT); the engine
+        never counts an event the ledger does not have."""
+        if isinstance(exc, InvalidArgument):
+            self._compensate(s, "could not be written (the ledger refused the event)")
+            if self._events.get(ev.event_id) is ev:
+                self._events.pop(ev.event_id, None)
+            if ev.reservation_id and self._by_reservation.get(ev.reservation_id) is ev:
+                self._by_reservation.pop(ev.reservation_id, None)
+            log.error("tenant %s: event %s refused by the ledger: %s", self.tenant_id,
+                      ev.event_id, exc)
+            return exc
         self.writer.write_behind(ev)
         log.warning("tenant %s: event %s not committed (%s); queued behind",
                     self.tenant_id, ev.event_id, exc)

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping
 from google.type import money_pb2
 
 from p402.v1 import admin_pb2, common_pb2, meter_pb2
+from p402core.contract import event_time_problem, string_problem, text_problem
 
 from .errors import InvalidArgument
 from .types import (
@@ -82,12 +83,30 @@ def check_int(field: str, value: Any, *, minimum: int | None = 0,
 
 
 def check_str(field: str, value: Any, *, required: bool = False) -> str:
+    """An id or a name, checked against the server's string contract
+    (p402core.contract: length, no control characters, no lone surrogates)."""
     if value is None:
         value = ""
     if not isinstance(value, str):
         raise InvalidArgument(field, f"must be a str, got {type(value).__name__}")
     if required and not value:
         raise InvalidArgument(field, "is required")
+    if value:
+        problem = string_problem(value)
+        if problem is not None:
+            raise InvalidArgument(field, problem)
+    return value
+
+
+def check_text(field: str, value: Any) -> str:
+    """Content text: any str without lone surrogates (p402core.contract)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidArgument(field, f"must be a str, got {type(value).__name__}")
+    problem = text_problem(value)
+    if problem is not None:
+        raise InvalidArgument(field, problem)
     return value
 
 
@@ -127,7 +146,12 @@ def owners_pb(field: str, owners: Any) -> common_pb2.Owners | None:
         o = Owners.of(owners)
     except ValueError as exc:
         raise InvalidArgument(field, str(exc)) from None
-    return common_pb2.Owners(**dict(o.items())) if o else None
+    if not o:
+        return None
+    items = dict(o.items())
+    for k, v in items.items():
+        check_str(f"{field}.{k}", v)
+    return common_pb2.Owners(**items)
 
 
 def str_map(field: str, mapping: Any) -> dict[str, str]:
@@ -139,6 +163,10 @@ def str_map(field: str, mapping: Any) -> dict[str, str]:
     for k, v in mapping.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise InvalidArgument(f"{field}.{k}", "keys and values must be str")
+        problem = string_problem(k)
+        if problem is not None:
+            raise InvalidArgument(field, f"key {k[:40]!r}: {problem}")
+        check_str(f"{field}.{k}", v)
         out[k] = v
     return out
 
@@ -186,7 +214,7 @@ def authorize_request(model: str, *, provider: str = "", owners: Any = None,
                       else check_enum("privacy_mode", PrivacyMode, privacy_mode).number),
         reservation_id=check_str("reservation_id", reservation_id),
         ttl_seconds=check_int("ttl_seconds", ttl_seconds),
-        content=check_str("content", content),
+        content=check_text("content", content),
         attempt=check_int("attempt", attempt, maximum=INT32_MAX),
         retry_of=check_str("retry_of", retry_of),
         request_id=check_str("request_id", request_id),
@@ -244,7 +272,7 @@ def record_request(reservation_id: str = "", *, event_id: str, model: str = "",
         input_bytes=max(0, check_int(prefix + "input_bytes", input_bytes, minimum=-1)),
         attempt=check_int(prefix + "attempt", attempt, maximum=INT32_MAX),
         retry_of=check_str(prefix + "retry_of", retry_of),
-        event_time_ms=time_ms(prefix + "event_time_ms", event_time_ms),
+        event_time_ms=_event_time(prefix + "event_time_ms", event_time_ms),
         privacy_mode=(0 if privacy_mode is None else
                       check_enum(prefix + "privacy_mode", PrivacyMode, privacy_mode).number),
         usage_estimated=usage_estimated,
@@ -252,6 +280,14 @@ def record_request(reservation_id: str = "", *, event_id: str, model: str = "",
     if check_int(prefix + "revenue", revenue_nanos):
         req.revenue.CopyFrom(to_money(revenue_nanos))
     return req
+
+
+def _event_time(field: str, value: Any) -> int:
+    ms = time_ms(field, value)
+    problem = event_time_problem(ms, int(time.time() * 1000))
+    if problem is not None:
+        raise InvalidArgument(field, problem)
+    return ms
 
 
 def event_filter(*, since: Any = None, until: Any = None, owners: Any = None,

@@ -133,7 +133,7 @@ from .canonical import GENESIS, VerifyResult, canonical_bytes, chain_step, verif
 from .model import Content, EventFilter, KeyInfo, LedgerEvent, SpendRow, Tenant, WriteResult
 from .queries import GROUPS
 from .schema import KINDS
-from .writer import GroupCommitWriter, WriterStats
+from .writer import EventRejected, GroupCommitWriter, WriterStats
 
 __all__ = [
     "open_store",

@@ -23,6 +23,8 @@ from p402core._enums import (
     PrivacyMode,
 )
 
+from p402core.contract import string_problem, strings_problem, text_problem
+
 from .schema import CONTENT_KINDS, KINDS
 
 INT64_MAX = 2**63 - 1
@@ -85,6 +87,9 @@ class Content(NamedTuple):
             raise InvalidArgument(f"{field}.kind", f"must be one of {', '.join(CONTENT_KINDS)}")
         if type(self.text) is not str:
             raise InvalidArgument(f"{field}.text", "must be a str")
+        problem = text_problem(self.text)
+        if problem is not None:
+            raise InvalidArgument(f"{field}.text", problem)
         for name in ("mode", "expires_ms", "created_ms"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= INT64_MAX:
@@ -207,7 +212,7 @@ class LedgerEvent:
         ints = _get_ints(self)
         if (
             _STR_ONLY.issuperset(map(type, strs))
-            and max(map(len, strs)) <= MAX_STRING
+            and strings_problem(strs) is None  # p402core.contract: length, characters
             and self.tenant_id
             and self.event_id
             and self.kind in KINDS
@@ -224,6 +229,8 @@ class LedgerEvent:
             and len(self.labels) <= MAX_LABELS
             and _STR_ONLY.issuperset(map(type, self.labels))
             and _STR_ONLY.issuperset(map(type, self.labels.values()))
+            and (not self.labels or strings_problem([*self.labels, *self.labels.values()])
+                 is None)
             and _lists_ok(self)
         ):
             return
@@ -234,8 +241,9 @@ class LedgerEvent:
             value = getattr(self, name)
             if type(value) is not str:
                 raise InvalidArgument(name, f"must be a str, got {type(value).__name__}")
-            if len(value) > MAX_STRING:
-                raise InvalidArgument(name, f"longer than {MAX_STRING} characters")
+            problem = string_problem(value)
+            if problem is not None:
+                raise InvalidArgument(name, problem)
         if not self.tenant_id:
             raise InvalidArgument("tenant_id", "must not be empty")
         if not self.event_id:
@@ -277,6 +285,9 @@ class LedgerEvent:
         for k, v in self.labels.items():
             if type(k) is not str or type(v) is not str:
                 raise InvalidArgument("labels", "keys and values must be str")
+            problem = string_problem(k) or string_problem(v)
+            if problem is not None:
+                raise InvalidArgument(f"labels.{k[:40]}", problem)
         for name in _JSON_LIST_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or any(type(x) is not str for x in value):

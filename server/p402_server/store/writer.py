@@ -34,10 +34,11 @@ Two implementations of that transaction, one contract (the same tests run both):
   read back as the rows above the previous ``max(seq)``. One thread hand-off per batch
   instead of one per driver call; ``executemany`` measured cheaper than a multi-row
   ``INSERT … RETURNING`` (benchmarks/bench_record_sqlite.py).
-- PostgreSQL (and ``sqlite://`` in memory): SQLAlchemy Core on the store's async
-  engine, executemany with insertmanyvalues (``INSERT … ON CONFLICT DO NOTHING
-  RETURNING tenant_id, event_id, seq``); rollup rows sorted so concurrent writers in
-  several processes lock in the same order.
+- PostgreSQL: the events by binary COPY and the rollups by one upsert per table,
+  through the asyncpg connection inside SQLAlchemy's transaction (`_PgOps`); rollup
+  rows sorted so concurrent writers in several processes lock in the same order.
+  ``sqlite://`` in memory: SQLAlchemy Core (``INSERT … ON CONFLICT DO NOTHING
+  RETURNING``).
 
 Idempotency is by (tenant_id, event_id): a duplicate inside the batch or against the
 table inserts nothing and touches no rollup or budget row; its caller gets the FIRST
@@ -47,6 +48,13 @@ write in it with the exception; nothing in it is acknowledged (it rolled back).
 ``write_many()`` queues a caller's events together (a RecordBatch: one future for
 the lot, not one per event) and answers them together, once every transaction
 holding them has finished.
+
+A poisoned event: when a transaction fails because of the data of one of its
+events (the database refuses a value: `is_data_error`), the batch is split in halves
+and each half committed on its own, down to the single event that fails; only that
+event fails, with `EventRejected` (not retryable: the same data fails again), and
+the others commit. Every other failure (the database unreachable, a bug) fails the
+whole transaction, as it should: a retry may succeed.
 
 ``write_behind()`` is for events off the response path (denied, expired): the caller
 does not wait. If its transaction fails, the event is retried on its own
@@ -66,11 +74,50 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from p402core import InvalidArgument
+
 from . import schema as S
 from .canonical import canonical_bytes
 from .model import EVENT_COLUMNS, LedgerEvent, WriteResult, from_row, unchained_values
 
 log = logging.getLogger("p402.store.writer")
+
+
+class EventRejected(InvalidArgument):
+    """The database refused this event's data (alone in its transaction): writing it
+    again cannot succeed. Events are checked against the contract before they are
+    queued (LedgerEvent.validate), so this means a value the contract let through."""
+
+    def __init__(self, event_id: str, cause: BaseException):
+        super().__init__("event", f"the ledger cannot store event {event_id!r}: "
+                                  f"{type(cause).__name__}: {str(cause)[:200]}")
+        self.event_id = event_id
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """Did the database (or its driver) refuse a value, rather than fail to work?
+    SQLSTATE class 22 on PostgreSQL (asyncpg.DataError, client-side encoding
+    included), sqlite3.DataError, a str it cannot encode, an int it cannot bind."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, (UnicodeError, OverflowError, EventRejected)):
+            return True
+        if isinstance(exc, sa.exc.DataError):
+            return True
+        mod = type(exc).__module__
+        if mod.startswith("asyncpg") and _asyncpg_data_error(exc):
+            return True
+        if mod == "sqlite3" and type(exc).__name__ == "DataError":
+            return True
+        exc = getattr(exc, "orig", None) or exc.__cause__
+        seen += 1
+    return False
+
+
+def _asyncpg_data_error(exc: BaseException) -> bool:
+    import asyncpg
+
+    return isinstance(exc, asyncpg.DataError)
 
 HOUR_MS = 3_600_000
 # A batch of at least twice this many, with no transaction in flight, is split in two
@@ -89,6 +136,7 @@ class WriterStats:
     retries: int = 0
     dead_letters: int = 0
     largest_batch: int = 0
+    splits: int = 0  # transactions split to isolate an event the database refused
 
 
 class _Epoch:
@@ -431,7 +479,24 @@ class GroupCommitWriter:
             results = await self._transaction(batch)
         except Exception as exc:  # every waiter in the transaction gets the error
             self.stats.failed_transactions += 1
-            log.warning("p402 store: transaction of %d events failed: %r", len(items), exc)
+            if is_data_error(exc):
+                if len(items) > 1:
+                    # One event's data broke the transaction: find it by halves, so
+                    # the others commit (module docstring).
+                    log.warning("p402 store: transaction of %d events refused a value "
+                                "(%r); committing it in halves", len(items), exc)
+                    self.stats.splits += 1
+                    mid = len(items) // 2
+                    for part in (items[:mid], items[mid:]):
+                        half = _Batch(batch.now)
+                        half.add(part)
+                        await self._commit_batch(half)
+                    return
+                exc = EventRejected(items[0].event.event_id, exc)
+                log.error("p402 store: %s", exc)
+            else:
+                log.warning("p402 store: transaction of %d events failed: %r",
+                            len(items), exc)
             for item in items:
                 if item.future is not None:
                     if not item.future.done():
@@ -451,7 +516,7 @@ class GroupCommitWriter:
 
     def _schedule_retry(self, item: _Item, exc: BaseException) -> None:
         item.attempts += 1
-        if item.attempts > self.retry_limit:
+        if item.attempts > self.retry_limit or isinstance(exc, EventRejected):
             self.stats.dead_letters += 1
             self.dead_letters.append(item.event)
             log.error(
@@ -1220,4 +1285,4 @@ def _aggregate_periods(inserted: list[LedgerEvent]) -> list[tuple[str, str, int,
     return [(t, b, p, c) for (t, b, p), c in sorted(agg.items())]
 
 
-__all__ = ["GroupCommitWriter", "WriterStats", "WriteResult"]
+__all__ = ["GroupCommitWriter", "WriterStats", "WriteResult", "EventRejected", "is_data_error"]
