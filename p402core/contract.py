@@ -19,6 +19,11 @@ Times (`event_time_ms`, milliseconds since the Unix epoch): 0 means "now"; other
 not before 2000-01-01T00:00:00Z (EARLIEST_EVENT_MS) and not more than a day ahead of
 the server's clock (MAX_FUTURE_MS: clock skew, never a booking into the future).
 
+Reports: a ledger written before these rules (or by another tool) may hold any int64
+time. Every reporting path (Query's hour/day/month groups, exports, the CLI, the
+dashboard) shows a stored time through `reportable_ms`, which clamps it into what a
+calendar can show: 1970-01-01 .. 9999-12-31T23:59:59.999Z.
+
 Each check returns the problem as a sentence, or None when the value is fine; the
 caller raises its own error type naming the field.
 """
@@ -31,6 +36,7 @@ from ._enums import MAX_STRING
 EARLIEST_EVENT_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 MAX_FUTURE_MS = 86_400_000  # one day ahead of the server's clock
 MAX_CONTENT_CHARS = 64 * 1024 * 1024
+REPORTABLE_MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
 _FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
@@ -89,5 +95,10 @@ def event_time_problem(ms: int, now_ms: int) -> str | None:
     return None
 
 
-__all__ = ["EARLIEST_EVENT_MS", "MAX_FUTURE_MS", "MAX_CONTENT_CHARS", "string_problem",
+def reportable_ms(ms: int) -> int:
+    """A stored time clamped into 1970-01-01 .. 9999-12-31 (see the module docstring)."""
+    return 0 if ms < 0 else REPORTABLE_MAX_MS if ms > REPORTABLE_MAX_MS else ms
+
+
+__all__ = ["REPORTABLE_MAX_MS", "reportable_ms", "EARLIEST_EVENT_MS", "MAX_FUTURE_MS", "MAX_CONTENT_CHARS", "string_problem",
            "strings_problem", "text_problem", "event_time_problem"]

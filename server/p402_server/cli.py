@@ -29,6 +29,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from p402core.contract import reportable_ms
+
 from .amounts import NO_REVENUE_MARK, NO_REVENUE_NOTE, Money, format_column, revenue_cell
 from .amounts import usd as usd_text
 
@@ -158,7 +160,7 @@ def parse_int(flag: str, text: str, *, minimum: int = 0) -> int:
 def _ms_str(ms: int) -> str:
     if not ms:
         return ""
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).strftime(
+    return dt.datetime.fromtimestamp(reportable_ms(ms) / 1000, tz=dt.timezone.utc).strftime(
         "%Y-%m-%d %H:%M:%S")
 
 
@@ -179,7 +181,8 @@ def group_label(key: str, value: str) -> str:
     if not value:
         return "(none)"
     if key in _TIME_GROUPS and value.lstrip("-").isdigit():
-        when = dt.datetime.fromtimestamp(int(value) / 1000, tz=dt.timezone.utc)
+        when = dt.datetime.fromtimestamp(reportable_ms(int(value)) / 1000,
+                                              tz=dt.timezone.utc)
         return when.strftime(_TIME_GROUPS[key])
     return value
 

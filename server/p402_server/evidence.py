@@ -39,6 +39,7 @@ import json
 from typing import Any, Iterable, NamedTuple
 
 from p402core import OWNER_KEYS, Decision, Evidence, Outcome, PrivacyMode
+from p402core.contract import reportable_ms
 
 from .store import canonical
 from .store.model import LedgerEvent
@@ -233,7 +234,7 @@ def _usd(nanos: int) -> str:
 
 
 def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime(
+    return dt.datetime.fromtimestamp(reportable_ms(ms) / 1000, dt.timezone.utc).strftime(
         "%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z" if ms else ""
 
 
@@ -318,7 +319,7 @@ FOCUS_X_COLUMNS = tuple("x_" + c for c in CSV_COLUMNS)
 
 
 def _focus_time(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime(
+    return dt.datetime.fromtimestamp(reportable_ms(ms) / 1000, dt.timezone.utc).strftime(
         "%Y-%m-%dT%H:%M:%SZ") if ms else ""
 
 
@@ -330,7 +331,7 @@ def focus_row(row: dict) -> dict[str, Any]:
     tags = {k: v for k, v in row["owners"].items() if v}
     tags.update({f"label.{k}": v for k, v in row["labels"].items()})
     start = row["event_time_ms"]
-    period = dt.datetime.fromtimestamp(start / 1000, dt.timezone.utc) if start else None
+    period = dt.datetime.fromtimestamp(reportable_ms(start) / 1000, dt.timezone.utc) if start else None
     month_start = month_end = ""
     if period is not None:
         m0 = period.replace(day=1, hour=0, minute=0, second=0, microsecond=0)

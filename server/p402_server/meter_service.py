@@ -121,8 +121,10 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
                     if any(rt.privacy.resolve(r.privacy_mode) == _privacy.PRIVATE_GATEWAY
                            for r in records):
                         raise signing.stream_refused()
-                    await pending.put(loop.create_task(
-                        _record_all(rt, records, parsed, False)))
+                    task = loop.create_task(_record_all(rt, records, parsed, False))
+                    await pending.put(task)
+                    if await _refused(task):
+                        break  # the stream ends with its error: nothing after it
             finally:
                 await pending.put(done)
 
@@ -157,7 +159,12 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
                     # go through Record or RecordBatch (meter.proto).
                     if rt.privacy.resolve(r.privacy_mode) == _privacy.PRIVATE_GATEWAY:
                         raise signing.stream_refused()
-                    await pending.put(asyncio.ensure_future(rt.record(r)))
+                    # Bad input ends the stream here, before anything after it starts.
+                    parsed = convert.validate_record(r)
+                    task = asyncio.ensure_future(rt.record(r, "", parsed))
+                    await pending.put(task)
+                    if await _refused(task):
+                        break  # the stream ends with its error: nothing after it
             finally:
                 await pending.put(done)
 
@@ -228,6 +235,14 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
     async def Ping(self, request, context, key):
         return meter_pb2.PingResponse(tenant=key.tenant_id,
                                       implementation=self._implementation)
+
+
+async def _refused(task: asyncio.Future) -> bool:
+    """Let a stream's record settle in the engine (it runs up to its commit) and say
+    whether it was refused there: then the stream reads nothing more (meter.proto: a
+    bad message ends the stream; what was answered before it stays)."""
+    await asyncio.sleep(0)
+    return task.done() and not task.cancelled() and task.exception() is not None
 
 
 async def _record_all(rt, records, parsed, attested: bool) -> list:

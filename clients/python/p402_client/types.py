@@ -16,6 +16,8 @@ import enum
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Generic, Iterator, Mapping, TypeVar
 
+from p402core.contract import reportable_ms
+
 OWNER_KEYS = ("customer", "feature", "workflow", "task", "department", "employee")
 NANOS_PER_USD = 1_000_000_000
 
@@ -181,7 +183,7 @@ def format_usd(nanos: int) -> str:
 def _ms_to_iso(ms: int) -> str:
     if not ms:
         return ""
-    when = _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.timezone.utc)
+    when = _dt.datetime.fromtimestamp(reportable_ms(ms) / 1000, tz=_dt.timezone.utc)
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -362,7 +364,8 @@ class Event(_Plain):
 
     @property
     def event_time(self) -> _dt.datetime:
-        return _dt.datetime.fromtimestamp(self.event_time_ms / 1000, tz=_dt.timezone.utc)
+        return _dt.datetime.fromtimestamp(reportable_ms(self.event_time_ms) / 1000,
+                                         tz=_dt.timezone.utc)
 
     def to_flat(self) -> dict[str, Any]:
         """One flat row (owners and usage inlined, ISO time, USD strings) for CSV."""

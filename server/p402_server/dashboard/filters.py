@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
 from p402core._enums import OWNER_KEYS, MAX_STRING, Decision, Evidence, Outcome
+from p402core.contract import reportable_ms
 
 from ..store import EventFilter
 
@@ -63,7 +64,7 @@ def parse_utc(field_name: str, text: str) -> int:
 
 def utc_input(ms: int) -> str:
     """Unix ms -> the value of a datetime-local input (UTC, minutes)."""
-    t = _dt.datetime.fromtimestamp(ms // 1000, tz=_dt.timezone.utc)
+    t = _dt.datetime.fromtimestamp(reportable_ms(ms) // 1000, tz=_dt.timezone.utc)
     return t.strftime("%Y-%m-%dT%H:%M")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 
 from p402core._enums import Decision, Evidence, Outcome, PrivacyMode
+from p402core.contract import reportable_ms
 
 from .. import amounts
 
@@ -47,14 +48,14 @@ def ms_to_utc(ms: int, *, seconds: bool = True, zone: bool = True) -> str:
     (for columns whose header says UTC)."""
     if not ms:
         return ""
-    t = _dt.datetime.fromtimestamp(ms // 1000, tz=_dt.timezone.utc)
+    t = _dt.datetime.fromtimestamp(reportable_ms(ms) // 1000, tz=_dt.timezone.utc)
     text = t.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
     return text + " UTC" if zone else text
 
 
 def ms_to_date(ms: int) -> str:
     """Unix ms -> "2026-05-04" (UTC)."""
-    t = _dt.datetime.fromtimestamp(ms // 1000, tz=_dt.timezone.utc)
+    t = _dt.datetime.fromtimestamp(reportable_ms(ms) // 1000, tz=_dt.timezone.utc)
     return t.strftime("%Y-%m-%d")
 
 
@@ -62,14 +63,14 @@ def ms_to_iso(ms: int) -> str:
     """Unix ms -> ISO 8601 UTC with milliseconds ("" for 0), for machine output."""
     if not ms:
         return ""
-    t = _dt.datetime.fromtimestamp(ms // 1000, tz=_dt.timezone.utc)
+    t = _dt.datetime.fromtimestamp(reportable_ms(ms) // 1000, tz=_dt.timezone.utc)
     return t.strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
 
 
 def bucket_label(ms: int, bucket: str) -> str:
     """The label of a time bucket's start: hour "05-04 13:00", day "2026-05-04",
     month "2026-05"."""
-    t = _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.timezone.utc)
+    t = _dt.datetime.fromtimestamp(reportable_ms(ms) / 1000, tz=_dt.timezone.utc)
     if bucket == "hour":
         return t.strftime("%m-%d %H:00")
     if bucket == "month":

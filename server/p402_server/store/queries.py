@@ -11,6 +11,8 @@ return identical rows for any filter both can answer (a test holds them to that)
 """
 from __future__ import annotations
 
+from p402core.contract import REPORTABLE_MAX_MS
+
 import base64
 import binascii
 from typing import Any
@@ -187,7 +189,10 @@ def _lit(n: int):
 
 
 def _month_start(dialect: str, ms):
+    # Clamped into 1970 .. 9999 (p402core.contract.reportable_ms): a ledger may hold
+    # any int64 time, and neither database's calendar goes that far.
     if dialect == "sqlite":
+        ms = sa.func.max(sa.func.min(ms, _lit(REPORTABLE_MAX_MS)), _lit(0))
         return (
             sa.cast(
                 sa.func.strftime("%s", ms / _lit(1000), "unixepoch", "start of month"),
@@ -195,6 +200,7 @@ def _month_start(dialect: str, ms):
             )
             * _lit(1000)
         )
+    ms = sa.func.greatest(sa.func.least(ms, _lit(REPORTABLE_MAX_MS)), _lit(0))
     ts = sa.func.timezone("UTC", sa.func.to_timestamp(ms / _lit(1000)))
     return sa.cast(sa.extract("epoch", sa.func.date_trunc("month", ts)) * _lit(1000), sa.BigInteger)
 
