@@ -34,9 +34,18 @@ durability and error mapping:
 Per call
 1. Authorize(model, owners, labels, input_bytes = UTF-8 bytes of the prompt text,
    max_output_tokens = the request's cap) with the caller's key.
-2. DENY: 402 (a budget reason), 429 with Retry-After (policy.rate_limited only), else
-   403; body `{"error": {"message", "type", "code", "param": null}}` with `code` the
-   first reason code, plus `"p402": {decision, reasons, rule_ids, …}`.
+2. DENY: 402 (a budget reason; the budget named in the message and in
+   `p402.budget_id`), 429 with Retry-After (policy.rate_limited only), 404 for a model
+   without a price (`model_not_found`, as OpenAI answers an unknown model), else 403
+   (a policy; its reason is the code); body `{"error": {"message", "type", "code",
+   "param"}}` with `code` the first reason code, plus `"p402": {decision, reasons,
+   rule_ids, …}`.
+
+Errors are always OpenAI-style JSON, including what aiohttp refuses before a handler
+runs (`ProxyRunner`): 400 malformed JSON (a lone "\\ud800" escape included) or an
+invalid header character, 413 a body over 32 MiB, 431 a header line too long or too
+many headers. Such a refusal is logged as one line naming the kind of fault, never
+the request's bytes, headers or key.
 3. ALLOW/WARN: the granted `output_token_cap` is written into the forwarded body
    (`max_completion_tokens`/`max_tokens` for chat — whichever the caller used, else
    `max_tokens` — and `max_output_tokens` for responses), so the call cannot spend
@@ -82,7 +91,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+import aiohttp.http_exceptions
+from aiohttp import web, web_protocol, web_server
 
 log = logging.getLogger("p402.proxy")
 
@@ -380,16 +390,35 @@ def usage_from(kind: str, usage: Any) -> dict[str, int] | None:
             "output_tokens": out, "reasoning_tokens": reasoning}
 
 
+def _denying_budget(auth: Any) -> str:
+    """The budget that refused the call: a HARD one the estimate does not fit
+    (the tightest), else the first one reported."""
+    statuses = list(getattr(auth, "budgets", ()) or ())
+    short = [b for b in statuses if getattr(b.enforcement, "name", "") == "HARD"
+             and b.remaining_nanos < auth.estimated_cost_nanos]
+    pick = min(short, key=lambda b: b.remaining_nanos) if short else (
+        statuses[0] if statuses else None)
+    return pick.budget_id if pick is not None else ""
+
+
 def denial(auth: Any) -> ProxyError:
-    """The HTTP answer to a DENY decision."""
+    """The HTTP answer to a DENY decision: 402 for a budget (naming it), 429 for a
+    rate limit, 404 for a model P402 has no price for, 403 for any other policy."""
     reasons = tuple(auth.reasons)
     extra = {"decision": "DENY", "reasons": list(reasons), "rule_ids": list(auth.rule_ids),
              "estimated_cost_nanos": auth.estimated_cost_nanos}
     text = ", ".join(reasons) or "denied"
     budget = [r for r in reasons if r.startswith("budget.")]
     if budget:
-        return ProxyError(402, f"P402 budget denied this call ({text})",
+        budget_id = _denying_budget(auth)
+        extra["budget_id"] = budget_id
+        named = f" {budget_id!r}" if budget_id else ""
+        return ProxyError(402, f"P402 budget{named} denied this call ({text})",
                           "insufficient_quota", budget[0], extra=extra)
+    if reasons and reasons[0] == "price.unknown_model":
+        return ProxyError(404, f"the model {auth.model!r} does not exist or has no price "
+                          f"in P402's catalog ({text})", "invalid_request_error",
+                          "model_not_found", param="model", extra=extra)
     if "policy.rate_limited" in reasons:
         headers = {}
         ms = getattr(auth, "retry_after_ms", 0) or 0
@@ -509,6 +538,15 @@ class Proxy:
             return await self._metered(request)
         except ProxyError as err:
             return err.response()
+        except web.HTTPRequestEntityTooLarge:
+            return ProxyError(413, f"the request body is larger than {MAX_BODY_BYTES} "
+                              "bytes", "invalid_request_error", "request_too_large"
+                              ).response()
+        except UnicodeError:
+            # json.loads accepts a lone "\ud800" escape; nothing downstream can encode it.
+            return ProxyError(400, "the request body holds a lone UTF-16 surrogate "
+                              "escape (\\ud800-\\udfff without its pair)",
+                              "invalid_request_error", "invalid_json").response()
 
     async def _metered(self, request: web.Request) -> web.StreamResponse:
         kind = METERED[request.match_info["endpoint"]]
@@ -761,6 +799,70 @@ def _sse_frame(event: dict[str, str]) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
+# ------------------------------------------------------------------ HTTP-level errors
+
+
+def _http_error(exc: BaseException | None, status: int) -> tuple[int, str, str]:
+    """(status, message, code) for a request aiohttp refused before any handler ran.
+    The message never repeats the offending bytes (they may hold a key)."""
+    from aiohttp import http_exceptions as h
+
+    if isinstance(exc, h.LineTooLong):
+        return 431, "a request line or header is too long", "header_too_large"
+    if isinstance(exc, h.BadHttpMessage) and "Too many headers" in str(exc):
+        return 431, "the request has too many headers", "too_many_headers"
+    if isinstance(exc, h.InvalidHeader) or (
+            isinstance(exc, h.BadHttpMessage) and "header" in str(exc).lower()):
+        return 400, "a request header holds a character HTTP does not allow", \
+            "invalid_header"
+    if isinstance(exc, h.PayloadEncodingError):
+        return 400, "the request body is not framed as its headers say", "invalid_body"
+    if isinstance(exc, h.HttpProcessingError):
+        return 400, "the request is not valid HTTP/1.1", "invalid_request"
+    if status >= 500:
+        return status, "the proxy failed to handle the request", "server_error"
+    return status, "the request could not be handled", "invalid_request"
+
+
+class _JsonErrorHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering what it refuses itself (malformed
+    HTTP, oversized or invalid headers) OpenAI-style in JSON, and logging it as one
+    line that names the kind of fault, never the request's bytes or headers."""
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        status, text, code = _http_error(exc, status)
+        if status >= 500 and exc is not None and not isinstance(
+                exc, aiohttp.http_exceptions.HttpProcessingError):
+            log.error("proxy: internal error (%s); answered %d", type(exc).__name__,
+                      status, exc_info=exc)
+        else:
+            log.warning("proxy: refused a request from %s: %s (%s)", request.remote,
+                        code, type(exc).__name__ if exc is not None else status)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send the error")
+        resp = ProxyError(status, text, "server_error" if status >= 500
+                          else "invalid_request_error", code).response()
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web_server.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """The proxy's AppRunner: its connections use `_JsonErrorHandler`."""
+
+    async def _make_server(self) -> web_server.Server:
+        server = await super()._make_server()
+        # aiohttp builds its Server inside Application; the subclass only changes
+        # which RequestHandler a new connection gets.
+        server.__class__ = _JsonErrorServer
+        return server
+
+
 # ------------------------------------------------------------------ running it
 
 
@@ -774,7 +876,7 @@ async def start_proxy(config: ProxyConfig, target: str | None, listen: str, *,
     meter = (ClientMeter(embedded=embedded, timeout=p402_timeout) if embedded is not None
              else ClientMeter(target, timeout=p402_timeout))
     proxy = Proxy(config, meter)
-    runner = web.AppRunner(proxy.app(), access_log=None, shutdown_timeout=5.0)
+    runner = ProxyRunner(proxy.app(), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     host, _, port = listen.rpartition(":")
     site = web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port))
