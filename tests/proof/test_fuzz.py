@@ -13,8 +13,15 @@ signed-report rule) — never UNKNOWN or INTERNAL. The server never crashes, its
 stays bounded, and a rejected case leaves the ledger as it was (its count of
 settled events and its chain head).
 
-Normal CI: P402_FUZZ_EXAMPLES (default 2500) cases spread over the RPCs. The long
-run (`pytest -m slow`) runs 100,000+ (P402_FUZZ_LONG_EXAMPLES).
+Both ledgers: every case runs against a server on SQLite and one on PostgreSQL (the
+store refuses what the other would store differently: NUL, control characters,
+times no calendar holds). And while Records are fuzzed, a steady stream of valid
+Records from another connection must never fail, and the ledger must hold exactly
+the ones acknowledged.
+
+Normal CI: P402_FUZZ_EXAMPLES (default 2500) cases spread over the RPCs on SQLite,
+P402_FUZZ_PG_EXAMPLES (default 1200) on PostgreSQL. The long run (`pytest -m slow`)
+runs 100,000+ (P402_FUZZ_LONG_EXAMPLES).
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ METHODS = (
     + [("p402.v1.AdminService", m) for m in admin_pb2.DESCRIPTOR.services_by_name["AdminService"].methods]
 )
 NORMAL = int(os.environ.get("P402_FUZZ_EXAMPLES", "2500"))
+PG_NORMAL = int(os.environ.get("P402_FUZZ_PG_EXAMPLES", "1200"))
 LONG = int(os.environ.get("P402_FUZZ_LONG_EXAMPLES", "100000"))
 RSS_LIMIT_KB = int(os.environ.get("P402_FUZZ_RSS_LIMIT_MB", "600")) * 1024
 
@@ -48,7 +56,11 @@ I64 = (-(2**63), 2**63 - 1)
 I32 = (-(2**31), 2**31 - 1)
 SPECIAL_STR = ["", " ", "\x00", "a" * 300, "x" * 70_000, "🙂" * 50, "p402_", "../../etc",
                "%s%n", "' OR 1=1 --", "\u202e", "gpt-4o-mini", "openai", "*", "customer",
-               "label.", "AAAA", "eyJzZXEiOi0xfQ", "bm90LWEtdG9rZW4=", "-1", "9" * 40]
+               "label.", "AAAA", "eyJzZXEiOi0xfQ", "bm90LWEtdG9rZW4=", "-1", "9" * 40,
+               # the string contract's edges (p402core.contract)
+               "a\x00b", "\x00", "line\nbreak", "tab\t", "\x01", "\x1f", "del\x7f",
+               "c1\x85", "\x9f", "x" * 256, "x" * 257, "é" * 256, "é" * 257, "\ufeff",
+               "\U0010ffff"]
 
 
 def _repeated(f) -> bool:
@@ -152,19 +164,52 @@ def _fill(m, values: dict) -> None:
             pass  # a value protobuf itself cannot hold (e.g. an int out of range)
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql",
+                                                                 marks=pytest.mark.postgres)])
+def live(request, tmp_path_factory):
     import asyncio
 
     tmp = tmp_path_factory.mktemp("fuzz")
-    url = sqlite_url(tmp / "ledger.db")
+    drop = None
+    if request.param == "sqlite":
+        url = sqlite_url(tmp / "ledger.db")
+    else:
+        url, drop = _pg_database()
+    try:
+        yield from _live(url, tmp, request.param)
+    finally:
+        if drop is not None:
+            asyncio.run(drop())
+
+
+def _pg_database():
+    """A fresh PostgreSQL database -> (url, async drop); skipped when unreachable,
+    unless CI=true."""
+    import asyncio
+
+    from tests.server.service_harness import IN_CI, PG_ADMIN_URL, _pg_database as make
+
+    try:
+        return asyncio.run(make())
+    except Exception as exc:  # noqa: BLE001 - any failure to connect: unreachable
+        if IN_CI:
+            pytest.fail(f"CI=true requires PostgreSQL at {PG_ADMIN_URL}: {exc!r}")
+        pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} unreachable: {exc!r}")
+
+
+def _live(url, tmp, backend: str):
+    import asyncio
+
     tenant, key = asyncio.run(_init_tenant(url, "fuzz"))
+    # Another tenant's steady traffic (test_valid_records_are_never_failed_…): the
+    # fuzzed tenant's ledger stays what the oracle compares.
+    _steady_tenant, steady_key = asyncio.run(_init_tenant(url, "steady"))
     srv = ServerProcess(url, log_path=tmp / "serve.log").start()
     ch = grpc.insecure_channel(srv.target, options=[
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     state = {"srv": srv, "ch": ch, "key": key, "tenant": tenant, "cases": 0, "codes": {},
-             "rss": [srv.rss_kb()]}
+             "rss": [srv.rss_kb()], "backend": backend, "steady_key": steady_key}
     yield state
     ch.close()
     assert srv.alive(), "the server died under fuzzing"
@@ -294,7 +339,57 @@ IDS = [f"{s.rsplit('.', 1)[-1]}.{m.name}" for s, m in METHODS]
 
 @pytest.mark.parametrize("i", range(len(METHODS)), ids=IDS)
 def test_fuzz_every_rpc(live, i):
-    _fuzz(i, max(20, NORMAL // len(METHODS)))(live)
+    total = NORMAL if live["backend"] == "sqlite" else PG_NORMAL
+    _fuzz(i, max(20, total // len(METHODS)))(live)
+
+
+def test_valid_records_are_never_failed_by_fuzzed_ones(live):
+    """A steady stream of valid Records (another connection) while Record,
+    RecordBatch and StreamRecords are fuzzed: none of them fails, and the ledger
+    holds exactly the acknowledged ones."""
+    import threading
+
+    ch = grpc.insecure_channel(live["srv"].target)
+    record = ch.unary_unary("/p402.v1.MeterService/Record",
+                            request_serializer=lambda m: m.SerializeToString(),
+                            response_deserializer=meter_pb2.RecordResponse.FromString)
+    md = bearer(live["steady_key"])
+    stop = threading.Event()
+    acked, failures = [], []
+
+    def steady():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                r = record(meter_pb2.RecordRequest(
+                    event_id=f"steady-{live['backend']}-{i}", model=MODEL,
+                    owners=common_pb2.Owners(customer="steady-customer"),
+                    usage=common_pb2.Usage(input_tokens=10, output_tokens=2)),
+                    metadata=md, timeout=30)
+                acked.append(r.event_id)
+            except grpc.RpcError as exc:
+                failures.append((exc.code(), exc.details()))
+
+    t = threading.Thread(target=steady, daemon=True)
+    t.start()
+    try:
+        for name in ("Record", "RecordBatch", "StreamRecords", "StreamRecordBatches"):
+            i = next(k for k, (_s, m) in enumerate(METHODS) if m.name == name)
+            _fuzz(i, 40)(live)
+    finally:
+        stop.set()
+        t.join(30)
+        ch.close()
+    assert not failures, failures[:3]
+    assert acked
+    q = live["ch"].unary_unary("/p402.v1.MeterService/Query",
+                               request_serializer=lambda m: m.SerializeToString(),
+                               response_deserializer=meter_pb2.QueryResponse.FromString)
+    r = q(meter_pb2.QueryRequest(group_by=["customer"], filter=meter_pb2.EventFilter(
+        owners=common_pb2.Owners(customer="steady-customer"))), metadata=md, timeout=30)
+    # (md is the steady tenant's key: its ledger holds only the steady Records.)
+    assert sum(x.event_count for x in r.rows) == len(acked)
 
 
 UNARY = [i for i, (_s, m) in enumerate(METHODS)
