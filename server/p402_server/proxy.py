@@ -300,19 +300,24 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _list(v: Any) -> list:
+    return v if isinstance(v, list) else []
+
+
 def prompt_bytes(kind: str, body: dict) -> int:
-    """UTF-8 bytes of the prompt text of an OpenAI request (what Authorize prices)."""
+    """UTF-8 bytes of the prompt text of an OpenAI request (what Authorize prices).
+    Parts of unexpected types count nothing (the upstream judges the request)."""
     if kind == "chat":
         return sum(len(_text_of(m.get("content")).encode()) +
-                   sum(len(_text_of(t.get("function"))) for t in m.get("tool_calls") or ()
-                       if isinstance(t, dict))
-                   for m in body.get("messages") or () if isinstance(m, dict))
+                   sum(len(_text_of(t.get("function")).encode())
+                       for t in _list(m.get("tool_calls")) if isinstance(t, dict))
+                   for m in _list(body.get("messages")) if isinstance(m, dict))
     if kind == "responses":
         n = len(_text_of(body.get("instructions")).encode())
         inp = body.get("input")
         if isinstance(inp, str):
             return n + len(inp.encode())
-        return n + sum(len(_text_of(item).encode()) for item in inp or ())
+        return n + sum(len(_text_of(item).encode()) for item in _list(inp))
     inp = body.get("input")
     items = inp if isinstance(inp, list) else [inp]
     total = 0
@@ -324,6 +329,18 @@ def prompt_bytes(kind: str, body: dict) -> int:
         elif isinstance(item, list):
             total += 4 * len(item)
     return total
+
+
+def check_shape(kind: str, body: dict) -> None:
+    """What OpenAI itself refuses with 400 before any work: the request's main
+    field of the wrong JSON type."""
+    field, ok = {"chat": ("messages", lambda v: isinstance(v, list)),
+                 "responses": ("input", lambda v: v is None or isinstance(v, (str, list))),
+                 "embeddings": ("input", lambda v: isinstance(v, (str, list)))}[kind]
+    if not ok(body.get(field)):
+        raise ProxyError(400, f"{field}: must be "
+                         f"{'an array' if kind == 'chat' else 'a string or an array'}",
+                         "invalid_request_error", "invalid_type", param=field)
 
 
 def requested_cap(kind: str, body: dict) -> tuple[str, int]:
@@ -557,6 +574,9 @@ class Proxy:
         except ValueError:
             raise ProxyError(400, "the request body is not JSON", "invalid_request_error",
                              "invalid_json") from None
+        except RecursionError:
+            raise ProxyError(400, "the request body's JSON is nested too deeply",
+                             "invalid_request_error", "invalid_json") from None
         if not isinstance(body, dict):
             raise ProxyError(400, "the request body must be a JSON object",
                              "invalid_request_error", "invalid_json")
@@ -564,6 +584,7 @@ class Proxy:
         if not isinstance(model, str) or not model:
             raise ProxyError(400, "model is required", "invalid_request_error",
                              "missing_model", param="model")
+        check_shape(kind, body)
         owners, labels = owners_from_headers(request.headers)
         attempt = _int_header(request.headers, "x-p402-attempt")
         retry_of = request.headers.get("x-p402-retry-of", "")

@@ -1,0 +1,162 @@
+"""Hostile HTTP to `p402 proxy` (hypothesis): generated bodies (JSON with odd types
+and strings, lone surrogate escapes, deep nesting, raw bytes) and generated header
+values (control characters, non-UTF-8 bytes, huge values) on /v1/chat/completions.
+
+Oracle: every request gets an answer below 500; every error answer is OpenAI-style
+JSON ({"error": {"message", "type", "code", "param"}}); nothing the proxy logs holds a
+traceback or the caller's key; and the ledger grows by exactly the calls the proxy
+answered 200 (each recorded once).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings, strategies as st
+
+from tests.proxy.conftest import start_rig
+
+EXAMPLES = int(os.environ.get("P402_PROXY_FUZZ_EXAMPLES", "400"))
+CHAT = "/v1/chat/completions"
+ODD = ["", "\x00", "a\x00b", "\n", "\x01", "\x7f", "\x85", "\ud800", "\udfff", "é" * 300,
+       "x" * 5000, "gpt-4o-mini", "GPT-4O-MINI", " gpt-4o-mini", "../../", "%00", "🙂"]
+
+
+class Captured(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    loop = asyncio.new_event_loop()
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    tmp = tmp_path_factory.mktemp("proxyfuzz")
+    rig, stop = asyncio.run_coroutine_threadsafe(start_rig(tmp), loop).result(60)
+    logs = Captured()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(logs)
+    root.setLevel(logging.DEBUG)
+    state = {"rig": rig, "loop": loop, "logs": logs, "ok": 0}
+    try:
+        yield state
+    finally:
+        root.removeHandler(logs)
+        root.setLevel(old_level)
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)
+
+
+def _text():
+    return st.one_of(st.sampled_from(ODD), st.text(max_size=30))
+
+
+def _json_value(depth: int = 0):
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+                     st.floats(allow_nan=False), _text())
+    if depth >= 2:
+        return leaf
+    return st.one_of(leaf, st.lists(st.deferred(lambda: _json_value(depth + 1)), max_size=3),
+                     st.dictionaries(_text(), st.deferred(lambda: _json_value(depth + 1)),
+                                     max_size=3))
+
+
+def _chat_body():
+    messages = st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"])},
+        optional={"content": st.one_of(_text(), _json_value(1))}), max_size=3)
+    return st.fixed_dictionaries({}, optional={
+        "model": st.one_of(st.sampled_from(["gpt-4o-mini"] * 3 + ODD), _json_value(2)),
+        "messages": st.one_of(messages, _json_value(1)),
+        "max_tokens": st.one_of(st.integers(-5, 2**63), st.sampled_from([None, "9", 1.5])),
+        "stream": st.one_of(st.booleans(), _json_value(2)),
+        "stream_options": _json_value(1),
+    }).map(lambda d: json.dumps(d).encode())
+
+
+VALID = json.dumps({"model": "gpt-4o-mini", "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "hi"}]}).encode()
+BODIES = st.one_of(
+    st.just(VALID),
+    _chat_body(), _chat_body(),
+    st.binary(max_size=200),
+    st.sampled_from([b'{"model": "gpt-4o-mini", "messages": [{"role": "user", '
+                     b'"content": "\\ud800"}]}',
+                     b'{"model": "\\udfff"}', b"[" * 5000 + b"]" * 5000, b"{", b"null",
+                     b'"text"', b"1e999999"]),
+)
+HEADER_VALUE = st.one_of(st.binary(max_size=40).filter(lambda b: b"\r" not in b and b"\n"
+                                                                   not in b),
+                         st.sampled_from([b"\x00", b"\x01abc", b"\xff\xfe", b"x" * 9000,
+                                          "é".encode("latin-1"), b"acme"]))
+
+
+def send(port: int, head: bytes, body: bytes) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head + body)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if b"\r\n\r\n" in data:
+                head_part, _, rest = data.partition(b"\r\n\r\n")
+                length = [int(line.split(b":", 1)[1]) for line in head_part.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")]
+                if length and len(rest) >= length[0]:
+                    break
+    head_part, _, rest = data.partition(b"\r\n\r\n")
+    return int(head_part.split()[1]), rest
+
+
+@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@example(body=VALID, customer=b"acme", feature=b"chat", key_suffix=b"")
+@example(body=VALID, customer=b"acme", feature=b"", key_suffix=b"")
+@given(body=BODIES, customer=HEADER_VALUE, feature=HEADER_VALUE,
+       key_suffix=st.sampled_from([b"", b"", b"\x01", b" ", b"\x00x"]))
+def test_hostile_http_gets_json_below_500_and_clean_logs(live, body, customer, feature,
+                                                         key_suffix):
+    rig = live["rig"]
+    head = (b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Connection: close\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + rig.meter_key.encode() + key_suffix + b"\r\n"
+            b"x-p402-customer: " + customer + b"\r\nx-p402-feature: " + feature + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    status, payload = send(rig.proxy_port, head, body)
+    assert status < 500, (status, payload[:300])
+    if status == 200:
+        live["ok"] += 1
+    else:
+        err = json.loads(payload)["error"]
+        assert set(err) >= {"message", "type", "code", "param"}, err
+    for r in live["logs"].records:
+        text = r.getMessage() + (r.exc_text or "")
+        assert rig.meter_key not in text, text[:300]
+        assert r.exc_info is None, (r.name, r.getMessage()[:300])
+
+
+def test_the_ledger_holds_every_answered_call_once(live):
+    rig = live["rig"]
+
+    async def count():
+        await asyncio.sleep(0.5)  # Records commit behind the answers
+        page = await rig.admin.query(group_by=["outcome"])
+        return sum(r.event_count for r in page.items if r.group["outcome"] != "DENIED")
+
+    assert live["ok"] > 0
+    n = asyncio.run_coroutine_threadsafe(count(), live["loop"]).result(30)
+    assert n == live["ok"]
