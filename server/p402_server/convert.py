@@ -9,6 +9,7 @@ everywhere else it is an int of nano-USD. No float touches money here.
 from __future__ import annotations
 
 import base64
+import sys
 import time
 from collections.abc import Iterable, Sequence
 
@@ -47,6 +48,7 @@ MAX_FILTER_VALUES = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 EMPTY_OWNERS = ("", "", "", "", "", "")
+_intern = sys.intern
 
 GROUP_BY_KEYS = (*OWNER_KEYS, "provider", "model", "outcome", "decision", "evidence",
                  "hour", "day", "month")
@@ -156,11 +158,17 @@ def set_money(m, nanos: int) -> None:
 # --- owners, labels, usage -------------------------------------------------------
 
 def owners_from_proto(o, field: str = "owners") -> tuple:
+    """The six owner values, validated and interned: every request decodes its own
+    copies of the same few customer and feature names, and an open hold keeps its
+    owners until it settles (a million holds of fresh copies take several hundred
+    MB more; benchmarks/bench_holds_memory.py --fresh-owners --intern). Interned
+    strings are freed like any other once no hold or event refers to them."""
     t = (o.customer, o.feature, o.workflow, o.task, o.department, o.employee)
     hit = strings_problem(t)
     if hit is not None:
         raise InvalidArgument(f"{field}.{OWNER_KEYS[hit[0]]}", hit[1])
-    return t
+    return (_intern(t[0]), _intern(t[1]), _intern(t[2]), _intern(t[3]), _intern(t[4]),
+            _intern(t[5]))
 
 
 def owners_from_mapping(d, field: str = "owners") -> tuple:

@@ -591,3 +591,28 @@ def test_each_client_has_its_own_connection():
     assert len(peers) == 3
     assert peers[0] == peers[2]  # one client keeps its connection
     assert peers[0] != peers[1]  # the other client has its own
+
+
+def test_the_sdk_checks_the_string_and_time_contract_before_sending():
+    """The same rules as the server (p402core.contract), refused locally naming the
+    field: no round trip is made (the target does not even listen)."""
+    from p402_client import P402Client
+    from p402_client.errors import InvalidArgument
+
+    with P402Client("127.0.0.1:1", api_key="p402_offline", retries=0) as c:
+        cases = [
+            (lambda: c.authorize("gpt-4o-mini", owners={"customer": "a\x00b"}),
+             "owners.customer"),
+            (lambda: c.authorize("gpt\n4o"), "model"),
+            (lambda: c.authorize("gpt-4o-mini", labels={"env": "p\x85"}), "labels.env"),
+            (lambda: c.authorize("gpt-4o-mini", content="a\ud800"), "content"),
+            (lambda: c.record(model="m", owners={"customer": "x"}, event_id="e\x7f"),
+             "event_id"),
+            (lambda: c.record(model="m", owners={"customer": "x"},
+                              event_time_ms=2**63 - 1), "event_time_ms"),
+            (lambda: c.record(model="m" * 257, owners={"customer": "x"}), "model"),
+        ]
+        for call, field in cases:
+            with pytest.raises(InvalidArgument) as err:
+                call()
+            assert err.value.field == field, (field, err.value)
