@@ -38,7 +38,7 @@ from p402_server.store import schema as S  # noqa: E402
 from p402_server.store.canonical import GENESIS, chain_step  # noqa: E402
 from p402_server.store.model import EVENT_COLUMNS, to_values  # noqa: E402
 from p402_server.store.writer import (  # noqa: E402
-    GroupCommitWriter, _aggregate_daily, _aggregate_periods, _aggregate_rollups,
+    _aggregate_daily, _aggregate_periods, _aggregate_rollups,
     _pg_upsert, _pg_upsert_arrays)
 
 ADMIN_URL = os.environ.get("P402_TEST_PG_URL",
@@ -76,26 +76,6 @@ async def drop(url: str) -> None:
     from sqlalchemy.engine import make_url
 
     await admin(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
-
-
-async def run_writer(url: str, events, concurrency: int) -> tuple[float, float]:
-    store = await open_store(url)
-    writer = GroupCommitWriter(store, max_batch=max(concurrency, 1000))
-    await writer.start()
-    feed = iter(events)
-
-    async def caller() -> None:
-        for event in feed:
-            await writer.write(event)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*[caller() for _ in range(concurrency)])
-    elapsed = time.perf_counter() - t0
-    await writer.stop()
-    stats = writer.stats
-    assert stats.events == len(events), stats
-    await store.close()
-    return elapsed, stats.events / stats.transactions
 
 
 async def run_raw(url: str, events, batch: int) -> float:
@@ -147,7 +127,7 @@ async def measure(n: int, concurrency: int, repeat: int) -> dict:
                 if side == "raw":
                     res["raw"] = max(res["raw"], n / await run_raw(url, events, concurrency))
                 else:
-                    elapsed, mean_batch = await run_writer(url, events, concurrency)
+                    elapsed, mean_batch = await common.run_writer_url(url, events, concurrency)
                     if n / elapsed > res["writer"]:
                         res["writer"], res["mean_batch"] = n / elapsed, mean_batch
             finally:

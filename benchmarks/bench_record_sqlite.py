@@ -93,7 +93,13 @@ def make_events(n: int, tenant_id: str, seed: int = 402) -> list[LedgerEvent]:
 async def run_writer(path: str, events: list[LedgerEvent], concurrency: int) -> tuple[float, float]:
     """``concurrency`` callers, each awaiting one write at a time (a server's handlers):
     while one batch commits, the next one gathers. Returns (seconds, mean batch)."""
-    store = await open_store(f"sqlite:///{path}")
+    return await run_writer_url(f"sqlite:///{path}", events, concurrency)
+
+
+async def run_writer_url(url: str, events: list[LedgerEvent],
+                         concurrency: int) -> tuple[float, float]:
+    """run_writer on any store URL (bench_record_pg.py uses it on PostgreSQL)."""
+    store = await open_store(url)
     writer = GroupCommitWriter(store, max_batch=max(concurrency, 1000))
     await writer.start()
     feed = iter(events)

@@ -51,14 +51,18 @@ def _describe(ch: str) -> str:
     return f"the control character U+{code:04X}"
 
 
-def string_problem(value: str, max_len: int = MAX_STRING) -> str | None:
-    """Why `value` cannot be an id or a name, or None."""
+def _problem(value: str, max_len: int, forbidden: re.Pattern) -> str | None:
     if len(value) > max_len:
         return f"longer than {max_len} characters ({len(value)})"
-    m = _FORBIDDEN.search(value)
+    m = forbidden.search(value)
     if m is not None:
         return f"contains {_describe(m.group())} at position {m.start()}"
     return None
+
+
+def string_problem(value: str, max_len: int = MAX_STRING) -> str | None:
+    """Why `value` cannot be an id or a name, or None."""
+    return _problem(value, max_len, _FORBIDDEN)
 
 
 def strings_problem(values) -> tuple[int, str] | None:
@@ -75,12 +79,7 @@ def strings_problem(values) -> tuple[int, str] | None:
 
 def text_problem(value: str, max_len: int = MAX_CONTENT_CHARS) -> str | None:
     """Why `value` cannot be kept as content text, or None."""
-    if len(value) > max_len:
-        return f"longer than {max_len} characters"
-    m = _NOT_TEXT.search(value)
-    if m is not None:
-        return f"contains {_describe(m.group())} at position {m.start()}"
-    return None
+    return _problem(value, max_len, _NOT_TEXT)
 
 
 def event_time_problem(ms: int, now_ms: int) -> str | None:

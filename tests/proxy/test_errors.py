@@ -43,14 +43,19 @@ def no_secret_in(caplog, *secrets: str) -> None:
                                                if r.levelno < logging.ERROR)
 
 
-async def test_a_lone_surrogate_escape_is_400_json(rig, caplog):
-    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+async def post_chat(rig, body: bytes) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as s:
         async with s.post(rig.base_url + "/chat/completions", data=body, headers={
-                "Authorization": f"Bearer {rig.meter_key}",
+                "Authorization": f"Bearer {rig.meter_key}", "x-p402-customer": "acme",
                 "Content-Type": "application/json"}) as r:
-            assert r.status == 400
-            assert_openai_error(await r.json(), "invalid_json")
+            return r.status, await r.json()
+
+
+async def test_a_lone_surrogate_escape_is_400_json(rig, caplog):
+    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    status, answer = await post_chat(rig, body)
+    assert status == 400
+    assert_openai_error(answer, "invalid_json")
     assert rig.upstream.requests == []
     no_secret_in(caplog, rig.meter_key)
 
@@ -84,12 +89,9 @@ async def test_headers_aiohttp_refuses_are_431_json(rig, caplog, case):
 
 async def test_a_body_over_32_mib_is_413_json(rig):
     big = b'{"model": "gpt-4o-mini", "pad": "' + b"x" * (33 * 1024 * 1024) + b'"}'
-    async with aiohttp.ClientSession() as s:
-        async with s.post(rig.base_url + "/chat/completions", data=big, headers={
-                "Authorization": f"Bearer {rig.meter_key}",
-                "Content-Type": "application/json"}) as r:
-            assert r.status == 413
-            assert_openai_error(await r.json(), "request_too_large")
+    status, answer = await post_chat(rig, big)
+    assert status == 413
+    assert_openai_error(answer, "request_too_large")
     assert rig.upstream.requests == []
 
 
@@ -118,13 +120,8 @@ async def test_a_budget_denial_names_the_budget(rig):
 
 @pytest.mark.parametrize("bad", ["a\x00b", "a\nb", "é" * 300])
 async def test_a_bad_model_name_is_400_and_leaves_no_event(rig, bad):
-    payload = json.dumps({"model": bad, "messages": MESSAGES}).encode()
-    async with aiohttp.ClientSession() as s:
-        async with s.post(rig.base_url + "/chat/completions", data=payload, headers={
-                "Authorization": f"Bearer {rig.meter_key}", "x-p402-customer": "acme",
-                "Content-Type": "application/json"}) as r:
-            assert r.status == 400
-            body = await r.json()
-    assert body["error"]["param"] == "model"
+    status, body = await post_chat(rig, json.dumps({"model": bad,
+                                                     "messages": MESSAGES}).encode())
+    assert status == 400 and body["error"]["param"] == "model"
     await asyncio.sleep(0.3)  # a denied event would be written behind
     assert not (await rig.admin.query(page_size=10)).items
