@@ -515,6 +515,11 @@ cdef class Engine:
     def open_holds(self):
         return len(self._holds)
 
+    def hold_model(self, reservation_id):
+        """The model an open hold reserved, or "" when the id is not open."""
+        h = self._holds.get(reservation_id)
+        return (<_Hold>h).model if h is not None else ""
+
     cdef int64_t _now(self) except -1:
         if self._clock is None:
             return p402_now_ms()
@@ -846,6 +851,7 @@ cdef class Engine:
         cdef int64_t input_bytes, now, cost, nbytes
         cdef _Hold hold
         cdef ModelPrice price
+        cdef object called, version, smodel, sprovider
         cdef BudgetSet bset
         if c + w > i:
             raise InvalidArgument("cached_input_tokens",
@@ -862,6 +868,19 @@ cdef class Engine:
         now = self._now()
         hold = self._take(rid)
         price = hold.price
+        version = hold.catalog_version
+        smodel, sprovider = hold.model, hold.provider
+        if model and model != hold.model:
+            # The call went to another model than reserved (a gateway's fallback): it
+            # is priced at the model called, on the budgets the hold reserved.
+            try:
+                called = self._catalog.lookup(model, provider or hold.provider)
+            except UnknownModel:
+                called = None  # no price for it: the reserved model's price stands
+            if called is not None and called.model != hold.model:
+                price = called
+                version = self._catalog.version
+                smodel, sprovider = called.model, called.provider
         cost = _cost_nanos(price, i, o, c, w, r)
         bset = self._book._current(hold.bset)
         self._book._settle(bset, _amount(hold.amount), _amount(cost), now)
@@ -869,10 +888,10 @@ cdef class Engine:
             nbytes = input_bytes if input_bytes >= 0 else hold.input_bytes
             if nbytes >= 0:
                 self._estimator._observe(price, nbytes, i)
-        return _settlement(rid, hold.model, hold.provider, hold.owners, hold.labels, i, o, c,
-                           w, r, cost, hold.amount,
+        return _settlement(rid, smodel, sprovider, hold.owners, hold.labels, i, o,
+                           c, w, r, cost, hold.amount,
                            cost - hold.amount if cost > hold.amount else 0,
-                           outcome, REPORTED, bset.budget_ids, hold.catalog_version, now)
+                           outcome, REPORTED, bset.budget_ids, version, now)
 
     cdef Settlement _meter(self, str model, str provider, tuple owners, dict labels,
                            int64_t i, int64_t o, int64_t c, int64_t w, int64_t r, int outcome,

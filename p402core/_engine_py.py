@@ -382,6 +382,11 @@ class Engine:
     def open_holds(self):
         return len(self._holds)
 
+    def hold_model(self, reservation_id):
+        """The model an open hold reserved, or "" when the id is not open."""
+        h = self._holds.get(reservation_id)
+        return h.model if h is not None else ""
+
     def _now(self):
         return _check_int("clock", self._clock(), 0, _MAX_NOW)
 
@@ -580,6 +585,18 @@ class Engine:
         now = self._now()
         hold = self._take(rid)
         price = hold.price
+        version = hold.catalog_version
+        smodel, sprovider = hold.model, hold.provider
+        if model and model != hold.model:
+            # The call went to another model than reserved (a gateway's fallback): it
+            # is priced at the model called, on the budgets the hold reserved.
+            try:
+                called = self._catalog.lookup(model, provider or hold.provider)
+            except UnknownModel:
+                called = None  # no price for it: the reserved model's price stands
+            if called is not None and called.model != hold.model:
+                price, version = called, self._catalog.version
+                smodel, sprovider = called.model, called.provider
         cost = price.cost_nanos(i, o, c, w, r)
         book = self._book
         bset = book.current(hold.bset)
@@ -588,9 +605,9 @@ class Engine:
             nbytes = input_bytes if input_bytes >= 0 else hold.input_bytes
             if nbytes >= 0:
                 self._estimator.observe(price, nbytes, i)
-        return Settlement(rid, hold.model, hold.provider, hold.owners, hold.labels, i, o, c, w, r,
-                          cost, hold.amount, cost - hold.amount if cost > hold.amount else 0,
-                          outcome, _REPORTED, bset.budget_ids, hold.catalog_version, now)
+        return Settlement(rid, smodel, sprovider, hold.owners, hold.labels, i, o, c,
+                          w, r, cost, hold.amount, cost - hold.amount if cost > hold.amount
+                          else 0, outcome, _REPORTED, bset.budget_ids, version, now)
 
     def record_args(self, reservation_id, model, provider, owners, labels, input_tokens,
                     output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens,

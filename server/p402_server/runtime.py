@@ -115,6 +115,9 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # A Record named a reservation this server does not hold and the ledger never
 # settled: metered without a hold (see TenantRuntime.record).
 RESERVATION_UNKNOWN = "reservation.unknown"
+# A Record named another model than its reservation's (a fallback): priced at the
+# model called, charged to the budgets the reservation held.
+MODEL_SUBSTITUTED = "model.substituted"
 # Scale-out: a Record or Release settled here a hold another process made, from its
 # saved hold (TenantRuntime._settle_foreign); the maker's lease keeps the money.
 RESERVATION_ADOPTED = "reservation.adopted"
@@ -595,6 +598,9 @@ class TenantRuntime:
             known = self._by_reservation.get(rid)
         if known is not None:
             return _KNOWN, known, None
+        # The model reserved, when the Record names one (a gateway's fallback route
+        # may have called another: it is priced at the model called).
+        reserved = self.engine.hold_model(rid) if rid and req.model else ""
         try:
             s = self._settle(req, field, rid, owners, labels, usage)
         except (NotFound, Conflict) as exc:
@@ -603,6 +609,8 @@ class TenantRuntime:
             return _UNSETTLED, exc, event_id
         ev = self._record_event(req, s, event_id, owners, labels, revenue, mode,
                                 attested, False)
+        if reserved and ev.model != reserved:
+            ev.reasons = (*ev.reasons, MODEL_SUBSTITUTED)
         # Remembered now, so a repeat later in the same batch is answered from it.
         self._remember(ev)
         return _EVENT, ev, s

@@ -97,6 +97,28 @@ def test_authorize_then_record(impl):
     assert e.open_holds() == 0
 
 
+def test_a_record_of_another_model_is_priced_at_the_model_called(impl):
+    """A gateway's fallback: reserved m2 (cheap), called m1. The settlement is m1's
+    price and name, charged to the budgets the hold reserved; an alias of the reserved
+    model, or a model without a price, changes nothing."""
+    e = engine(impl, [impl.Budget("acme", 100 * EST, scope={"customer": "acme"})])
+    a = e.authorize("m2", owners=ACME, input_bytes=300, max_output_tokens=100)
+    assert e.hold_model(a.reservation_id) == "m2"
+    s = e.record(a.reservation_id, model="m1", input_tokens=100, output_tokens=50)
+    assert (s.model, s.provider) == ("m1", "p")
+    assert s.cost_nanos == 100 * 1_000 + 50 * 2_000
+    assert s.budget_ids == ("acme",) and status(e, "acme") == (s.cost_nanos, 0)
+    assert e.hold_model(a.reservation_id) == ""
+
+    b = e.authorize("m1", owners=ACME, input_bytes=300, max_output_tokens=100)
+    s = e.record(b.reservation_id, model="m1-alias", input_tokens=10, output_tokens=5)
+    assert (s.model, s.cost_nanos) == ("m1", 10 * 1_000 + 5 * 2_000)
+    c = e.authorize("m2", owners=ACME, input_bytes=300, max_output_tokens=100)
+    s = e.record(c.reservation_id, model="no-such-model", input_tokens=1000,
+                 output_tokens=1000)
+    assert (s.model, s.cost_nanos) == ("m2", 1000 * 10 + 1000 * 20)
+
+
 def test_results_are_plain_ints_and_dicts(impl):
     e = engine(impl, [impl.Budget("tenant", 10 * EST)])
     a = e.authorize("m1", owners=ACME, input_bytes=3_000)
