@@ -17,7 +17,6 @@ from p402.v1 import admin_pb2, common_pb2, meter_pb2
 
 from p402core import (
     MAX_LABELS,
-    MAX_STRING,
     MAX_TOKENS,
     OWNER_KEYS,
     Decision,

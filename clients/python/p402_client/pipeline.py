@@ -24,7 +24,6 @@ import logging
 from typing import Any
 
 import grpc
-from p402.v1 import meter_pb2
 
 from . import _convert as cv
 from .errors import from_rpc_error
@@ -130,7 +129,8 @@ class AuthorizePipeline:
                     fut.set_result(msg.response)
         except grpc.RpcError as exc:
             if not self._closed:
-                log.warning("authorize stream ended: %s", getattr(exc, "code", lambda: exc)())
+                code = exc.code() if callable(getattr(exc, "code", None)) else exc
+                log.warning("authorize stream ended: %s", code)
         except asyncio.CancelledError:
             pass
         finally:
