@@ -1491,6 +1491,7 @@ class Runtime:
     async def _background(self) -> None:
         cfg = self.config
         next_expire = time.monotonic() + cfg.expire_interval_seconds
+        next_flush = time.monotonic() + cfg.holds_flush_interval_seconds
         # Processes share a store's config (and its admin changes) only with leases
         # on (several workers or replicas); a lone process applied every change itself.
         poll = self.leases is not None
@@ -1507,12 +1508,14 @@ class Runtime:
                         rt.expire()
                     except Exception:
                         log.exception("tenant %s: expiry sweep failed", rt.tenant_id)
-            for rt in list(self._tenants.values()):
-                try:
-                    await rt.flush_holds()
-                except Exception:
-                    log.exception("tenant %s: writing open holds failed; will retry",
-                                  rt.tenant_id)
+            if now >= next_flush:  # at its own interval, not every tick
+                next_flush = now + cfg.holds_flush_interval_seconds
+                for rt in list(self._tenants.values()):
+                    try:
+                        await rt.flush_holds()
+                    except Exception:
+                        log.exception("tenant %s: writing open holds failed; will retry",
+                                      rt.tenant_id)
             if poll:
                 await self._settle_across_processes()
             if poll and now >= next_poll:
