@@ -46,10 +46,15 @@ runs (`ProxyRunner`): 400 malformed JSON (a lone "\\ud800" escape included) or a
 invalid header character, 413 a body over 32 MiB, 431 a header line too long or too
 many headers. Such a refusal is logged as one line naming the kind of fault, never
 the request's bytes, headers or key.
-3. ALLOW/WARN: the granted `output_token_cap` is written into the forwarded body
-   (`max_completion_tokens`/`max_tokens` for chat — whichever the caller used, else
-   `max_tokens` — and `max_output_tokens` for responses), so the call cannot spend
-   past its reservation. Streaming chat gets `stream_options.include_usage = true`;
+3. ALLOW/WARN: a caller's cap above the granted `output_token_cap` is lowered to
+   it, in the parameter the caller used (`max_completion_tokens`/`max_tokens` for
+   chat, `max_output_tokens` for responses). A caller without a cap gets the grant
+   as its cap only when the call must not spend past its reservation, i.e. a HARD
+   budget is in scope (a grant clamped to fit one included); otherwise it goes uncapped and
+   its Record settles the actual cost (any excess is the event's overrun). Chat on
+   a model that takes `max_completion_tokens` (o-series, gpt-5 family, codex-mini)
+   never gets `max_tokens`: the cap goes into `max_completion_tokens`, and a
+   caller's `max_tokens` is moved there. Streaming chat gets `stream_options.include_usage = true`;
    the usage chunk (and the `"usage": null` of the other chunks) are stripped again
    when the caller had not asked for them.
 4. Record (queued: see "Records behind the answer") with the upstream's usage:
@@ -85,6 +90,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -344,7 +350,8 @@ def check_shape(kind: str, body: dict) -> None:
 
 
 def requested_cap(kind: str, body: dict) -> tuple[str, int]:
-    """(the body field that carries the output cap, its value or 0)."""
+    """(the body field that carries the caller's output cap, its value), or
+    ("", 0) when the caller set none."""
     names = {"chat": ("max_completion_tokens", "max_tokens"),
              "responses": ("max_output_tokens",)}.get(kind, ())
     for name in names:
@@ -354,7 +361,51 @@ def requested_cap(kind: str, body: dict) -> tuple[str, int]:
                 raise ProxyError(400, f"{name} must be a positive integer",
                                  "invalid_request_error", "invalid_value", param=name)
             return name, v
-    return (names[-1] if kind == "chat" else names[0]) if names else "", 0
+    return "", 0
+
+
+# OpenAI's reasoning families refuse `max_tokens` on chat completions: they take
+# `max_completion_tokens` (which counts reasoning tokens too). Matched on the name
+# without its provider prefix: o1, o3-mini, o4-mini-2025-04-16, gpt-5, gpt-5.1-mini,
+# codex-mini-latest.
+_COMPLETION_TOKENS_ONLY = re.compile(r"^(?:o\d+|gpt-5|codex-mini)(?:[-.:_@].*)?$")
+
+
+def takes_max_completion_tokens(model: str) -> bool:
+    """True for a model family that rejects `max_tokens` on chat completions."""
+    return bool(_COMPLETION_TOKENS_ONLY.match(model.rsplit("/", 1)[-1].lower()))
+
+
+def cap_edits(kind: str, model: str, body: dict, cap_field: str, cap: int,
+              granted: int, must_cap: bool) -> dict[str, Any]:
+    """The body fields to change so the call cannot spend past its reservation.
+
+    - The caller's cap is lowered to the granted one when it is larger, in the
+      parameter the caller used.
+    - A caller without a cap gets one only when `must_cap` (a HARD budget is in
+      scope, clamped grants included): otherwise the call is forwarded uncapped
+      and the Record settles what it actually cost (any excess over the estimate
+      is the event's overrun), so a reasoning model is never cut short at the
+      default estimate for nothing.
+    - Chat on a model that takes `max_completion_tokens`: the cap is sent there,
+      and a caller's `max_tokens` is renamed to it (OpenAI rejects `max_tokens` for
+      those models).
+    Returns {} when the body goes upstream as received; a None value drops the
+    field (`edited`)."""
+    edits: dict[str, Any] = {}
+    if kind not in ("chat", "responses"):
+        return edits
+    want = cap
+    if granted > 0 and (cap > granted or (not cap and must_cap)):
+        want = granted
+    field = cap_field or ("max_output_tokens" if kind == "responses" else "max_tokens")
+    if kind == "chat" and takes_max_completion_tokens(model):
+        if "max_tokens" in body:
+            edits["max_tokens"] = None  # dropped from the forwarded body
+        field = "max_completion_tokens"
+    if want and (want != cap or field != cap_field):
+        edits[field] = want
+    return edits
 
 
 def owners_from_headers(headers) -> tuple[dict[str, str], dict[str, str]]:
@@ -405,6 +456,22 @@ def usage_from(kind: str, usage: Any) -> dict[str, int] | None:
     reasoning = min(_int(odet.get("reasoning_tokens")), out) if isinstance(odet, dict) else 0
     return {"input_tokens": inp, "cached_input_tokens": cached, "cache_write_tokens": write,
             "output_tokens": out, "reasoning_tokens": reasoning}
+
+
+def edited(body: dict, edits: dict[str, Any]) -> dict:
+    """`body` with `edits` applied: a None value removes the field."""
+    out = {**body, **edits}
+    for k, v in edits.items():
+        if v is None:
+            del out[k]
+    return out
+
+
+def _must_cap(auth: Any) -> bool:
+    """An uncapped call must be capped at its grant when a HARD budget is in scope
+    (its promise is the reservation; a clamped grant only happens under one)."""
+    return any(getattr(b.enforcement, "name", "") == "HARD"
+               for b in (getattr(auth, "budgets", ()) or ()))
 
 
 def _denying_budget(auth: Any) -> str:
@@ -608,11 +675,8 @@ class Proxy:
 
         # What the upstream must see differently: the granted cap, and usage on a
         # chat stream. A body that needs neither is forwarded as received.
-        edits: dict[str, Any] = {}
-        if cap_field and auth.output_token_cap > 0:
-            granted = min(cap, auth.output_token_cap) if cap else auth.output_token_cap
-            if granted != cap:
-                edits[cap_field] = granted
+        edits = cap_edits(kind, model, body, cap_field, cap, auth.output_token_cap,
+                          _must_cap(auth))
         stream = bool(body.get("stream")) and kind != "embeddings"
         caller_wants_usage = True
         if stream and kind == "chat":
@@ -621,7 +685,7 @@ class Proxy:
             if not caller_wants_usage:
                 edits["stream_options"] = {**(so if isinstance(so, dict) else {}),
                                            "include_usage": True}
-        data = json.dumps({**body, **edits}).encode() if edits else raw
+        data = json.dumps(edited(body, edits)).encode() if edits else raw
 
         url = self.config.upstream_base + "/" + request.match_info["endpoint"]
         timeout = aiohttp.ClientTimeout(total=self.config.upstream_timeout)

@@ -130,8 +130,8 @@ async def test_responses_api_non_streaming_and_streaming(rig):
         model="gpt-4o-mini", input="And this one?", stream=True)]
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     second = rig.upstream.last("/v1/responses")
-    # No cap asked: the granted cap (the tenant's default) is written in.
-    assert second.body["max_output_tokens"] > 0
+    # No cap asked and no HARD budget: forwarded uncapped, metered at what it used.
+    assert "max_output_tokens" not in second.body
 
     evs = await rig.events(2)
     assert [e.owners.workflow for e in evs] == ["triage", "triage"]
@@ -401,9 +401,9 @@ async def test_embedded_mode_serves_with_its_own_p402_server(tmp_path):
 
 
 async def test_a_body_within_its_grant_is_forwarded_byte_for_byte(rig):
-    """Nothing to change (the cap is within the grant): the caller's bytes go
-    upstream as they came, key order and spacing included; a body that needs the
-    grant's cap is rewritten."""
+    """Nothing to change (the cap is within the grant, or no cap and no HARD
+    budget): the caller's bytes go upstream as they came, key order and spacing
+    included; a body that needs the grant's cap is rewritten."""
     sent = (b'{ "messages": [{"role": "user", "content": "caf\\u00e9 \\ud83d\\ude00"}],'
             b'  "max_tokens": 12, "model": "gpt-4o-mini", "temperature": 0.70 }')
     headers = {"Authorization": f"Bearer {rig.meter_key}", "x-p402-customer": "acme",
@@ -414,6 +414,12 @@ async def test_a_body_within_its_grant_is_forwarded_byte_for_byte(rig):
             assert r.status == 200
         assert rig.upstream.last(CHAT).raw == sent
         uncapped = sent.replace(b'  "max_tokens": 12,', b"")
+        async with s.post(rig.base_url + "/chat/completions", data=uncapped,
+                          headers=headers) as r:
+            assert r.status == 200
+        assert rig.upstream.last(CHAT).raw == uncapped
+        await rig.admin.put_budget("acme-hard", limit_nanos=10**12, period="TOTAL",
+                                   enforcement="HARD", scope={"customer": "acme"})
         async with s.post(rig.base_url + "/chat/completions", data=uncapped,
                           headers=headers) as r:
             assert r.status == 200

@@ -27,6 +27,8 @@ Usage is a pure function of the request, so tests can assert exact numbers:
 - cached tokens = min(`cached_tokens`, input); reasoning = min(`reasoning_tokens`,
   output) (both included in the totals, as OpenAI reports them).
 The text is "tok0 tok1 …", one word per output token (one SSE chunk each).
+Chat with `max_tokens` on a reasoning model (o1, o3, o4, gpt-5 …) gets OpenAI's 400
+`unsupported_parameter`.
 
 Every request is kept in `requests` (`Received`: method, path, headers, parsed JSON
 body, the bearer key used). Faults: `fail_next(status, times=…, retry_after=…)`
@@ -56,6 +58,8 @@ from aiohttp import web
 CREATED = 1_700_000_000  # fixed timestamps: answers are byte-for-byte reproducible
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o", "text-embedding-3-small")
 EMBEDDING_DIM = 8
+# Models that refuse `max_tokens` on chat completions, as OpenAI's reasoning models do.
+REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 
 
 @dataclass
@@ -322,6 +326,15 @@ class OpenAIStandin:
         body, early = await self._receive(request)
         if early is not None:
             return early
+        model = str(body.get("model", ""))
+        if "max_tokens" in body and model.startswith(REASONING_PREFIXES):
+            # OpenAI's answer, word for word, to max_tokens on a reasoning model
+            err = _error_body(
+                "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead.", "invalid_request_error",
+                "unsupported_parameter")
+            err["error"]["param"] = "max_tokens"
+            return web.json_response(err, status=400)
         u = self.usage(request.path, body)
         n = self._next_id()
         cid, model = f"chatcmpl-standin-{n}", body["model"]
