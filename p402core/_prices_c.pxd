@@ -34,6 +34,8 @@ cdef class ModelPrice:
     cdef readonly tuple tiers                 # PriceTier, ascending threshold
     cdef readonly long long max_input_tokens  # 0 = unknown
     cdef readonly long long max_output_tokens # 0 = unknown / unbounded
+    cdef dict _units                          # unit -> pico per unit (p402core._units)
+    cdef dict _service_tiers                  # batch / flex / priority -> ModelPrice
 
     # Effective rates with every fallback resolved: row 0 is the base price,
     # row i (1..n_tiers) is tier i-1. Thresholds ascend.

@@ -19,6 +19,7 @@ import json
 import os
 from collections.abc import Mapping
 
+from p402core import _units
 from p402core._enums import MAX_STRING, MAX_TOKENS, InvalidArgument, UnknownModel
 
 __all__ = [
@@ -53,7 +54,7 @@ _TIER_FIELDS = ("threshold_tokens", "input_pico", "output_pico", "cached_input_p
                 "cache_write_pico", "reasoning_pico")
 _PRICE_FIELDS = ("model", "provider", "family", "mode", "input_pico", "output_pico",
                  "cached_input_pico", "cache_write_pico", "reasoning_pico", "tiers",
-                 "max_input_tokens", "max_output_tokens")
+                 "max_input_tokens", "max_output_tokens", "units", "service_tiers")
 _CATALOG_FIELDS = ("version", "taken", "source", "prices", "aliases", "skipped", "rounded")
 
 
@@ -175,7 +176,8 @@ cdef class ModelPrice:
 
     def __init__(self, model, provider, *, input_pico, output_pico, cached_input_pico=None,
                  cache_write_pico=None, reasoning_pico=None, tiers=(), family="",
-                 max_input_tokens=0, max_output_tokens=0, mode="chat"):
+                 max_input_tokens=0, max_output_tokens=0, mode="chat", units=None,
+                 service_tiers=None):
         cdef int k, n
         self.model = _str("model", model, empty_ok=False)
         self.provider = _str("provider", provider, empty_ok=True)
@@ -222,6 +224,57 @@ cdef class ModelPrice:
             self._set_row(k + 1, i, o, i if c is None else c, i if w is None else w,
                           o if r is None else r)
         self._n_tiers = n
+        self._units = _units.check_unit_rates(units)
+        self._service_tiers = _check_service_tiers(service_tiers, self.model)
+
+    @property
+    def units(self):
+        return dict(self._units)
+
+    @property
+    def service_tiers(self):
+        return dict(self._service_tiers)
+
+    def rates_at(self, input_tokens):
+        """The effective (input, output, cached_input, cache_write, reasoning) rates,
+        in pico per token, for a call with this many input tokens."""
+        cdef long long i = _tok("input_tokens", input_tokens)
+        cdef int row = 0
+        cdef int k
+        cdef long long *p
+        for k in range(self._n_tiers - 1, -1, -1):
+            if i > self._thresholds[k]:
+                row = k + 1
+                break
+        p = &self._rates[row * P402_NRATES]
+        return (p[0], p[1], p[2], p[3], p[4])
+
+    def for_tier(self, service_tier):
+        """The price of this model in a service tier: its own rates for the tier, or
+        these (standard) ones when it has none."""
+        tier = _units.check_tier(service_tier)
+        return self._service_tiers.get(tier, self) if tier else self
+
+    def cost_units_pico(self, input_tokens=0, output_tokens=0, cached_input_tokens=0,
+                        cache_write_tokens=0, reasoning_tokens=0, units=None,
+                        service_tier=""):
+        """Exact cost in pico-USD of a usage with extra units ({field: count}) in a
+        service tier (p402core._units has the vocabulary and the formula)."""
+        self._checked(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens,
+                      reasoning_tokens)
+        extra = _units.check_units(units)
+        cdef ModelPrice p = self.for_tier(service_tier)
+        return _units.cost_pico(p.rates_at(input_tokens), input_tokens, output_tokens,
+                                cached_input_tokens, cache_write_tokens, reasoning_tokens,
+                                extra, p._units)
+
+    def cost_units_nanos(self, input_tokens=0, output_tokens=0, cached_input_tokens=0,
+                         cache_write_tokens=0, reasoning_tokens=0, units=None,
+                         service_tier=""):
+        """`cost_units_pico` rounded half-up to nano-USD (the only rounding)."""
+        return (self.cost_units_pico(input_tokens, output_tokens, cached_input_tokens,
+                                     cache_write_tokens, reasoning_tokens, units,
+                                     service_tier) + 500) // 1000
 
     cdef void _set_row(self, int row, long long i, long long o, long long c,
                               long long w, long long r):
@@ -293,6 +346,11 @@ cdef class ModelPrice:
             d["tiers"] = [t.to_dict() for t in self.tiers]
         d["max_input_tokens"] = self.max_input_tokens
         d["max_output_tokens"] = self.max_output_tokens
+        if self._units:
+            d["units"] = dict(self._units)
+        if self._service_tiers:
+            d["service_tiers"] = {k: self._service_tiers[k].to_dict()
+                                  for k in sorted(self._service_tiers)}
         return d
 
     def __reduce__(self):
@@ -314,7 +372,8 @@ cdef class ModelPrice:
                    reasoning_pico=d.get("reasoning_pico"),
                    tiers=[PriceTier.from_dict(t) for t in raw_tiers],
                    family=d.get("family", ""), max_input_tokens=d.get("max_input_tokens", 0),
-                   max_output_tokens=d.get("max_output_tokens", 0), mode=d.get("mode", "chat"))
+                   max_output_tokens=d.get("max_output_tokens", 0), mode=d.get("mode", "chat"),
+                   units=d.get("units"), service_tiers=_tiers_from_dict(d.get("service_tiers")))
 
     def __eq__(self, other):
         if not isinstance(other, ModelPrice):
@@ -331,6 +390,34 @@ cdef class ModelPrice:
     def __repr__(self):
         return (f"ModelPrice({self.model!r}, {self.provider!r}, input_pico={self.input_pico}, "
                 f"output_pico={self.output_pico}, tiers={len(self.tiers)})")
+
+
+def _check_service_tiers(tiers, str model):
+    """{tier: ModelPrice} for batch / flex / priority, each of the same model and
+    without tiers of its own."""
+    if tiers is None:
+        return {}
+    if not isinstance(tiers, Mapping):
+        raise InvalidArgument("service_tiers", "must be a mapping {tier: ModelPrice}")
+    out = {}
+    for name, p in tiers.items():
+        if _units.check_tier(name) == "":
+            raise InvalidArgument("service_tiers", "the standard tier is the price itself")
+        if not isinstance(p, ModelPrice):
+            raise InvalidArgument("service_tiers", f"must hold ModelPrice, not {type(p).__name__}")
+        if (<ModelPrice>p).model != model or (<ModelPrice>p)._service_tiers:
+            raise InvalidArgument("service_tiers", f"tier {name!r}: a price of {model!r} "
+                                                   "without service tiers of its own")
+        out[name] = p
+    return out
+
+
+def _tiers_from_dict(d):
+    if d is None:
+        return None
+    if not isinstance(d, Mapping):
+        raise InvalidArgument("service_tiers", "must be a mapping {tier: price}")
+    return {name: ModelPrice.from_dict(p) for name, p in d.items()}
 
 
 def _conservative_key(ModelPrice p):
@@ -472,10 +559,18 @@ cdef class Catalog:
                 break
         return None
 
-    def cost_nanos(self, model, *, input_tokens, output_tokens, cached_input_tokens=0,
-                   cache_write_tokens=0, reasoning_tokens=0, provider=""):
-        return self.lookup(model, provider).cost_nanos(
-            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
+    def cost_nanos(self, model, *, input_tokens=0, output_tokens=0, cached_input_tokens=0,
+                   cache_write_tokens=0, reasoning_tokens=0, provider="", service_tier="",
+                   **units):
+        """The cost in nano-USD of one call of `model`: keywords are the Usage field
+        names (p402core/README.md lists them), `service_tier` one of
+        standard / batch / flex / priority."""
+        p = self.lookup(model, provider)
+        if units or service_tier:
+            return p.cost_units_nanos(input_tokens, output_tokens, cached_input_tokens,
+                                      cache_write_tokens, reasoning_tokens, units, service_tier)
+        return p.cost_nanos(input_tokens, output_tokens, cached_input_tokens,
+                            cache_write_tokens, reasoning_tokens)
 
     def __len__(self):
         return len(self._prices)

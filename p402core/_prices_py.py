@@ -33,6 +33,7 @@ import json
 import os
 from collections.abc import Mapping
 
+from . import _units
 from ._enums import MAX_STRING, MAX_TOKENS, InvalidArgument, UnknownModel
 
 __all__ = [
@@ -66,7 +67,7 @@ _TIER_FIELDS = ("threshold_tokens", "input_pico", "output_pico", "cached_input_p
                 "cache_write_pico", "reasoning_pico")
 _PRICE_FIELDS = ("model", "provider", "family", "mode", "input_pico", "output_pico",
                  "cached_input_pico", "cache_write_pico", "reasoning_pico", "tiers",
-                 "max_input_tokens", "max_output_tokens")
+                 "max_input_tokens", "max_output_tokens", "units", "service_tiers")
 _CATALOG_FIELDS = ("version", "taken", "source", "prices", "aliases", "skipped", "rounded")
 
 
@@ -193,11 +194,13 @@ class ModelPrice:
 
     __slots__ = ("_model", "_provider", "_family", "_mode", "_input_pico", "_output_pico",
                  "_cached_input_pico", "_cache_write_pico", "_reasoning_pico", "_tiers",
-                 "_max_input_tokens", "_max_output_tokens", "_thresholds", "_rows")
+                 "_max_input_tokens", "_max_output_tokens", "_thresholds", "_rows", "_units",
+                 "_service_tiers")
 
     def __init__(self, model, provider, *, input_pico, output_pico, cached_input_pico=None,
                  cache_write_pico=None, reasoning_pico=None, tiers=(), family="",
-                 max_input_tokens=0, max_output_tokens=0, mode="chat"):
+                 max_input_tokens=0, max_output_tokens=0, mode="chat", units=None,
+                 service_tiers=None):
         self._model = _str("model", model, empty_ok=False)
         self._provider = _str("provider", provider, empty_ok=True)
         self._family = _str("family", family, empty_ok=True)
@@ -241,6 +244,8 @@ class ModelPrice:
             rows.append((i, o, i if c is None else c, i if w is None else w, o if r is None else r))
         self._thresholds = tuple(t.threshold_tokens for t in self._tiers)
         self._rows = tuple(rows)
+        self._units = _units.check_unit_rates(units)
+        self._service_tiers = _check_service_tiers(service_tiers, self._model)
 
     model = property(lambda self: self._model)
     provider = property(lambda self: self._provider)
@@ -254,6 +259,45 @@ class ModelPrice:
     tiers = property(lambda self: self._tiers)
     max_input_tokens = property(lambda self: self._max_input_tokens)
     max_output_tokens = property(lambda self: self._max_output_tokens)
+    units = property(lambda self: dict(self._units))
+    service_tiers = property(lambda self: dict(self._service_tiers))
+
+    def rates_at(self, input_tokens) -> tuple:
+        """The effective (input, output, cached_input, cache_write, reasoning) rates,
+        in pico per token, for a call with this many input tokens."""
+        i = _int_in("input_tokens", input_tokens, 0, MAX_TOKENS)
+        row = 0
+        thresholds = self._thresholds
+        for k in range(len(thresholds) - 1, -1, -1):
+            if i > thresholds[k]:
+                row = k + 1
+                break
+        return self._rows[row]
+
+    def for_tier(self, service_tier) -> "ModelPrice":
+        """The price of this model in a service tier: its own rates for the tier, or
+        these (standard) ones when it has none."""
+        tier = _units.check_tier(service_tier)
+        return self._service_tiers.get(tier, self) if tier else self
+
+    def cost_units_pico(self, input_tokens=0, output_tokens=0, cached_input_tokens=0,
+                        cache_write_tokens=0, reasoning_tokens=0, units=None,
+                        service_tier="") -> int:
+        """Exact cost in pico-USD of a usage with extra units ({field: count}) in a
+        service tier (p402core._units has the vocabulary and the formula)."""
+        i, o, c, w, r = _check_usage(input_tokens, output_tokens, cached_input_tokens,
+                                     cache_write_tokens, reasoning_tokens)
+        extra = _units.check_units(units)
+        p = self.for_tier(service_tier)
+        return _units.cost_pico(p.rates_at(i), i, o, c, w, r, extra, p._units)
+
+    def cost_units_nanos(self, input_tokens=0, output_tokens=0, cached_input_tokens=0,
+                         cache_write_tokens=0, reasoning_tokens=0, units=None,
+                         service_tier="") -> int:
+        """`cost_units_pico` rounded half-up to nano-USD (the only rounding)."""
+        return (self.cost_units_pico(input_tokens, output_tokens, cached_input_tokens,
+                                     cache_write_tokens, reasoning_tokens, units,
+                                     service_tier) + 500) // 1000
 
     def cost_pico(self, input_tokens, output_tokens, cached_input_tokens=0,
                   cache_write_tokens=0, reasoning_tokens=0) -> int:
@@ -288,6 +332,11 @@ class ModelPrice:
             d["tiers"] = [t.to_dict() for t in self._tiers]
         d["max_input_tokens"] = self._max_input_tokens
         d["max_output_tokens"] = self._max_output_tokens
+        if self._units:
+            d["units"] = dict(self._units)
+        if self._service_tiers:
+            d["service_tiers"] = {k: self._service_tiers[k].to_dict()
+                                  for k in sorted(self._service_tiers)}
         return d
 
     def __reduce__(self):
@@ -309,7 +358,8 @@ class ModelPrice:
                    reasoning_pico=d.get("reasoning_pico"),
                    tiers=[PriceTier.from_dict(t) for t in raw_tiers],
                    family=d.get("family", ""), max_input_tokens=d.get("max_input_tokens", 0),
-                   max_output_tokens=d.get("max_output_tokens", 0), mode=d.get("mode", "chat"))
+                   max_output_tokens=d.get("max_output_tokens", 0), mode=d.get("mode", "chat"),
+                   units=d.get("units"), service_tiers=_tiers_from_dict(d.get("service_tiers")))
 
     def __eq__(self, other):
         if not isinstance(other, ModelPrice):
@@ -321,6 +371,34 @@ class ModelPrice:
     def __repr__(self) -> str:
         return (f"ModelPrice({self._model!r}, {self._provider!r}, input_pico={self._input_pico}, "
                 f"output_pico={self._output_pico}, tiers={len(self._tiers)})")
+
+
+def _check_service_tiers(tiers, model: str) -> dict:
+    """{tier: ModelPrice} for batch / flex / priority, each of the same model and
+    without tiers of its own."""
+    if tiers is None:
+        return {}
+    if not isinstance(tiers, Mapping):
+        raise InvalidArgument("service_tiers", "must be a mapping {tier: ModelPrice}")
+    out = {}
+    for name, p in tiers.items():
+        if _units.check_tier(name) == "":
+            raise InvalidArgument("service_tiers", "the standard tier is the price itself")
+        if not isinstance(p, ModelPrice):
+            raise InvalidArgument("service_tiers", f"must hold ModelPrice, not {type(p).__name__}")
+        if p.model != model or p._service_tiers:
+            raise InvalidArgument("service_tiers", f"tier {name!r}: a price of {model!r} "
+                                                   "without service tiers of its own")
+        out[name] = p
+    return out
+
+
+def _tiers_from_dict(d):
+    if d is None:
+        return None
+    if not isinstance(d, Mapping):
+        raise InvalidArgument("service_tiers", "must be a mapping {tier: price}")
+    return {name: ModelPrice.from_dict(p) for name, p in d.items()}
 
 
 def _conservative_key(p):
@@ -489,10 +567,18 @@ class Catalog:
                 break
         return None
 
-    def cost_nanos(self, model, *, input_tokens, output_tokens, cached_input_tokens=0,
-                   cache_write_tokens=0, reasoning_tokens=0, provider="") -> int:
-        return self.lookup(model, provider).cost_nanos(
-            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
+    def cost_nanos(self, model, *, input_tokens=0, output_tokens=0, cached_input_tokens=0,
+                   cache_write_tokens=0, reasoning_tokens=0, provider="", service_tier="",
+                   **units) -> int:
+        """The cost in nano-USD of one call of `model`: keywords are the Usage field
+        names (p402core/README.md lists them), `service_tier` one of
+        standard / batch / flex / priority."""
+        p = self.lookup(model, provider)
+        if units or service_tier:
+            return p.cost_units_nanos(input_tokens, output_tokens, cached_input_tokens,
+                                      cache_write_tokens, reasoning_tokens, units, service_tier)
+        return p.cost_nanos(input_tokens, output_tokens, cached_input_tokens,
+                            cache_write_tokens, reasoning_tokens)
 
     def __len__(self) -> int:
         return len(self._prices)
