@@ -43,6 +43,14 @@ SELECTION = {
         "o1", "o3", "o3-pro", "o3-mini", "o4-mini",
         "text-embedding-3-small", "text-embedding-3-large",
         "azure/gpt-4o", "azure/gpt-4.1", "azure/gpt-5",
+        # audio, images and video: priced per second, character, image or token kind
+        "gpt-audio", "gpt-realtime", "whisper-1", "gpt-4o-transcribe",
+        "gpt-4o-mini-transcribe", "tts-1", "tts-1-hd", "gpt-4o-mini-tts",
+        *(f"{q}/{size}/gpt-image-1" for q in ("low", "medium", "high")
+          for size in ("1024-x-1024", "1024-x-1536", "1536-x-1024")),
+        *(f"{q}/{size}/gpt-image-1-mini" for q in ("low", "medium")
+          for size in ("1024-x-1024", "1024-x-1536", "1536-x-1024")),
+        "sora-2", "sora-2-pro",
     ],
     "Anthropic": [
         "claude-opus-5", "claude-sonnet-5", "claude-opus-4-8", "claude-opus-4-7",
@@ -78,7 +86,7 @@ SELECTION = {
     ],
     "xAI": ["xai/grok-4.5", "xai/grok-4.3", "xai/grok-4.20", "xai/grok-code-fast-1"],
     "Cohere": ["command-a-03-2025", "command-r-plus-08-2024", "command-r-08-2024",
-               "command-r7b-12-2024"],
+               "command-r7b-12-2024", "rerank-v3.5"],
     "Open weights on fast hosts": ["groq/openai/gpt-oss-120b", "groq/openai/gpt-oss-20b"],
 }
 

@@ -28,16 +28,40 @@ Fireworks: LiteLLM bills cached input at half the input rate when the map
 gives no cache-read rate (FIREWORKS_AI_DEFAULT_CACHE_READ_RATE_RATIO); the
 import makes that rate explicit.
 
-Not modelled (the standard rates are used): service tiers (`_priority`,
-`_flex`, `_batches`, …), off-peak windows, the 1-hour cache-write rate,
-per-modality (audio, image, video) token rates, regional uplifts.
+Units (p402core._units, the price's `units`): the 1-hour cache-write rate
+(`cache_creation_input_token_cost_above_1hr`), audio and image token rates in
+and out, per image (`input_cost_per_image`, else `output_cost_per_image`, as
+LiteLLM's image calculator picks), else per pixel (`input_cost_per_pixel`), per
+second of audio for transcription (`cost_per_second`, `input_cost_per_second`,
+`output_cost_per_second`, the first given) and of video for video generation
+(`output_cost_per_video_per_second`, `output_cost_per_second`) stored per
+millisecond, per character, per query, per OCR page, and web-search tool calls at
+the medium search context (`search_context_cost_per_query`). An entry priced
+only in such units is kept with 0 per-token rates.
+
+Service tiers (the price's `service_tiers`): `<key>_flex`, `<key>_priority` and
+`<key>_batches` rates replace `<key>` for that tier, per key, as LiteLLM's
+calculator falls back. Batch follows LiteLLM's batch calculator: only
+`_above_N_tokens_batches` thresholds apply, and a rate without its `_batches`
+key is half the standard one (the 50 % discount OpenAI, Azure, Anthropic and
+Bedrock publish; for a long prompt Anthropic bills half its long-context rate,
+which LiteLLM, and so P402, bills at half the base rate).
+
+Aliases: an `alias_of` entry becomes a catalog alias of its model (followed
+through chains); one whose model has no price is skipped with that reason.
+
+Not modelled (the standard rates are used): tiers other than batch / flex /
+priority (`_ultrafast`, `_balanced`), off-peak windows, unit rates above a
+long-context threshold (`…_above_1hr_above_100k_tokens`,
+`input_cost_per_audio_token_above_200k_tokens`), video input per second, video
+prices by resolution, per-request and per-credit prices, regional uplifts.
 
 Skipped (listed as (name, reason)): `sample_spec`; entries that are not an
-object; entries with no per-token price (reason names the units they are
-priced in, e.g. per image or per second); entries whose per-token rates are
-all 0 but that are billed in another unit (rerank per query: a 0 price would
-hide spend); malformed values (negative, not a
-number, above 10**10 pico, too many tiers, bad ranges).
+object; entries with neither a per-token price nor a unit price (the reason
+names the units they are priced in, e.g. per credit); entries whose rates are
+all 0 but that are billed in another unit (a 0 price would hide spend);
+malformed values (negative, not a number, above 10**10 pico per token or
+10**13 per unit, too many tiers, bad ranges).
 
 Money: float USD per token -> exact integer pico via
 Decimal(repr(value)) * 10**12. A value that is not a whole number of pico
@@ -75,6 +99,18 @@ _RATE_KEYS = (
     ("cache_read_input_token_cost", "cached_input_pico"),
     ("cache_creation_input_token_cost", "cache_write_pico"),
 )
+# per-token unit rates: LiteLLM key -> p402core._units field
+_TOKEN_UNIT_KEYS = (
+    ("cache_creation_input_token_cost_above_1hr", "cache_write_1h_tokens"),
+    ("input_cost_per_audio_token", "audio_input_tokens"),
+    ("output_cost_per_audio_token", "audio_output_tokens"),
+    ("input_cost_per_image_token", "image_input_tokens"),
+    ("output_cost_per_image_token", "image_output_tokens"),
+)
+_TOKEN_UNITS = frozenset(u for _, u in _TOKEN_UNIT_KEYS)
+MAX_UNIT_PRICE_PICO = 10**13
+# P402 service tier -> LiteLLM key suffix
+_TIER_SUFFIXES = {"batch": "batches", "flex": "flex", "priority": "priority"}
 _TIER_KEY = re.compile(
     r"^(input_cost_per_token|output_cost_per_token|cache_read_input_token_cost"
     r"|cache_creation_input_token_cost)_above_(\d+)(k?)_tokens$")
@@ -99,6 +135,7 @@ class Parsed(NamedTuple):
     version: str
     taken: str
     source: str
+    aliases: dict     # {alias: model} from `alias_of` entries whose model is priced
 
 
 class _Malformed(Exception):
@@ -114,8 +151,10 @@ def family_of(name: str) -> str:
     return ""
 
 
-def usd_to_pico(value, field: str, rounded: list, name: str) -> int:
-    """Float (or numeric string) USD per token -> exact int pico, half-up if needed."""
+def usd_to_pico(value, field: str, rounded: list, name: str, *, scale: int = PICO_PER_USD,
+                limit: int = MAX_PRICE_PICO, unit: str = "token") -> int:
+    """Float (or numeric string) USD per token (per `unit`) -> exact int pico (times
+    `scale` / 10**12: per millisecond for a per-second rate), half-up if needed."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise _Malformed(f"{field}: not a number ({value!r})")
     if isinstance(value, float):
@@ -125,7 +164,7 @@ def usd_to_pico(value, field: str, rounded: list, name: str) -> int:
     else:
         text = str(value).strip()
     try:
-        exact = Decimal(text) * PICO_PER_USD
+        exact = Decimal(text) * scale
     except InvalidOperation:
         raise _Malformed(f"{field}: not a number ({value!r})") from None
     if not exact.is_finite():
@@ -135,9 +174,76 @@ def usd_to_pico(value, field: str, rounded: list, name: str) -> int:
     pico = int(exact.to_integral_value(rounding=ROUND_HALF_UP))
     if pico != exact:
         rounded.append((name, field))
-    if pico > MAX_PRICE_PICO:
-        raise _Malformed(f"{field}: above 0.01 USD per token ({value!r})")
+    if pico > limit:
+        raise _Malformed(f"{field}: above {Decimal(limit) / scale} USD per {unit} ({value!r})")
     return pico
+
+
+def _unit_rates(name: str, entry: Mapping, rounded: list) -> dict:
+    """The `units` of a price (p402core._units) from an entry's per-unit keys."""
+    units = {}
+    for key, unit in _TOKEN_UNIT_KEYS:
+        v = entry.get(key)
+        if v is not None:
+            units[unit] = usd_to_pico(v, key, rounded, name)
+    # images: per image (in or out, LiteLLM's first one), else per pixel
+    for key in ("input_cost_per_image", "output_cost_per_image"):
+        if entry.get(key) is not None:
+            units["images"] = usd_to_pico(entry[key], key, rounded, name,
+                                          limit=MAX_UNIT_PRICE_PICO, unit="image")
+            break
+    else:
+        if entry.get("input_cost_per_pixel") is not None:
+            units["pixels"] = usd_to_pico(entry["input_cost_per_pixel"], "input_cost_per_pixel",
+                                          rounded, name, limit=MAX_UNIT_PRICE_PICO, unit="pixel")
+    mode = entry.get("mode")
+    per_second = None
+    if mode == "audio_transcription":
+        per_second = ("audio_ms", ("cost_per_second", "input_cost_per_second",
+                                   "output_cost_per_second"))
+    elif mode == "video_generation":
+        per_second = ("video_ms", ("output_cost_per_video_per_second", "output_cost_per_second"))
+    if per_second is not None:
+        unit, keys = per_second
+        for key in keys:
+            if entry.get(key) is not None:
+                units[unit] = usd_to_pico(entry[key], key, rounded, name, scale=PICO_PER_USD // 1000,
+                                          limit=MAX_UNIT_PRICE_PICO, unit="millisecond")
+                break
+    for key, unit in (("input_cost_per_character", "characters"),
+                      ("input_cost_per_query", "queries"), ("ocr_cost_per_page", "pages")):
+        if entry.get(key) is not None:
+            units[unit] = usd_to_pico(entry[key], key, rounded, name,
+                                      limit=MAX_UNIT_PRICE_PICO, unit=unit[:-1])
+    search = entry.get("search_context_cost_per_query")
+    if isinstance(search, Mapping) and search.get("search_context_size_medium") is not None:
+        units["web_search_calls"] = usd_to_pico(
+            search["search_context_size_medium"], "search_context_cost_per_query", rounded, name,
+            limit=MAX_UNIT_PRICE_PICO, unit="call")
+    return {k: v for k, v in units.items() if v or k in _TOKEN_UNITS}
+
+
+def _tier_entry(entry: Mapping, suffix: str):
+    """The entry as its service tier bills it: every `<key>_<suffix>` rate replaces
+    `<key>` (LiteLLM's per-key fallback to the standard rate); None when the entry
+    has no rate of that tier."""
+    tail = "_" + suffix
+    own = {k[:-len(tail)]: v for k, v in entry.items() if k.endswith(tail) and v is not None}
+    if not own:
+        return None
+    base = {k: v for k, v in entry.items()
+            if not any(k.endswith("_" + s) for s in _TIER_SUFFIXES.values())}
+    if suffix == "batches":
+        # LiteLLM's batch rule: only `_above_N_tokens_batches` thresholds apply, and
+        # a rate without its `_batches` key is half the standard one (the 50 %
+        # batch discount OpenAI, Azure, Anthropic and Bedrock publish)
+        base = {k: v for k, v in base.items() if "_above_" not in k or k.endswith("_above_1hr")}
+        for key, _field in _RATE_KEYS:
+            if key not in own and isinstance(entry.get(key), (int, float)) \
+                    and not isinstance(entry.get(key), bool):
+                base[key] = str(Decimal(repr(entry[key])) / 2)
+    base.update(own)
+    return base
 
 
 def _limit(value) -> int:
@@ -163,6 +269,7 @@ def _zero_but_priced_otherwise(price: dict, entry: Mapping) -> bool:
     rates = [price.get(f) for f in ("input_pico", "output_pico", "cached_input_pico",
                                      "cache_write_pico", "reasoning_pico")]
     rates += [t[f] for t in price.get("tiers", ()) for f in ("input_pico", "output_pico")]
+    rates += list(price.get("units", {}).values())
     if any(rates):
         return False
     return any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
@@ -251,7 +358,7 @@ def _range_tiers(name: str, entry: Mapping, rounded: list) -> tuple:
     return base, rows[1:]
 
 
-def entry_to_price(name: str, entry: Mapping, rounded: list) -> dict:
+def entry_to_price(name: str, entry: Mapping, rounded: list, *, tiers_too: bool = True) -> dict:
     """One LiteLLM entry -> a ModelPrice dict; raises _Malformed or returns None if unpriced."""
     provider = entry.get("litellm_provider") or ""
     mode = entry.get("mode") or ""
@@ -281,11 +388,27 @@ def entry_to_price(name: str, entry: Mapping, rounded: list) -> dict:
                 rounded.append((name, "cache_read_input_token_cost"))
         tiers = _threshold_tiers(name, entry, price, provider, rounded)
     else:
+        price["input_pico"] = price["output_pico"] = 0
+        tiers = None  # no per-token price: priced by its units alone, if any
+    units = _unit_rates(name, entry, rounded)
+    if tiers is None and not units:
         return None
+    if units:
+        price["units"] = units
     if tiers:
         price["tiers"] = tiers
     price["max_input_tokens"] = _limit(entry.get("max_input_tokens"))
     price["max_output_tokens"] = _limit(entry.get("max_output_tokens"))
+    if tiers_too:
+        service = {}
+        for tier, suffix in _TIER_SUFFIXES.items():
+            tier_entry = _tier_entry(entry, suffix)
+            if tier_entry is not None:
+                tp = entry_to_price(name, tier_entry, rounded, tiers_too=False)
+                if tp is not None and tp != price:
+                    service[tier] = tp
+        if service:
+            price["service_tiers"] = service
     return price
 
 
@@ -311,7 +434,7 @@ def parse(path_or_mapping, *, version=None, taken=None) -> Parsed:
         raise InvalidArgument("path_or_mapping", "the price map must be a JSON object")
     if taken is None:
         taken = _dt.datetime.now(_dt.timezone.utc).date().isoformat()
-    prices, skipped, rounded = [], [], []
+    prices, skipped, rounded, alias_of = [], [], [], {}
     for name in sorted(mapping):
         entry = mapping[name]
         if name == "sample_spec":
@@ -322,6 +445,11 @@ def parse(path_or_mapping, *, version=None, taken=None) -> Parsed:
             continue
         if not isinstance(entry, Mapping):
             skipped.append((name, "malformed: entry is not an object"))
+            continue
+        target = entry.get("alias_of")
+        if isinstance(target, str) and target and not any(
+                k.endswith("_per_token") or "_cost_per_" in k for k in entry):
+            alias_of[name] = target
             continue
         mark = len(rounded)
         try:
@@ -339,5 +467,18 @@ def parse(path_or_mapping, *, version=None, taken=None) -> Parsed:
                 "no per-token price", "per-token rates are 0")))
             continue
         prices.append(price)
+    priced = {p["model"] for p in prices}
+    aliases = {}
+    for name, target in sorted(alias_of.items()):
+        seen = {name}
+        while target in alias_of and target not in seen:  # an alias of an alias
+            seen.add(target)
+            target = alias_of[target]
+        if target in priced:
+            aliases[name] = target
+        else:
+            skipped.append((name, f"alias of {target[:80]}, which has no price"))
+    skipped.sort()
     return Parsed(prices, tuple(skipped), tuple(rounded),
-                  version if version is not None else version_of(mapping), taken, source)
+                  version if version is not None else version_of(mapping), taken, source,
+                  aliases)

@@ -662,7 +662,7 @@ cdef class Catalog:
         from p402core import _litellm
 
         parsed = _litellm.parse(path_or_mapping, version=version, taken=taken)
-        return cls([ModelPrice.from_dict(p) for p in parsed.prices], aliases=None,
+        return cls([ModelPrice.from_dict(p) for p in parsed.prices], aliases=parsed.aliases,
                    version=parsed.version, taken=parsed.taken, source=parsed.source,
                    skipped=parsed.skipped, rounded=parsed.rounded)
 

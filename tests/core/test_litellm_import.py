@@ -29,10 +29,14 @@ def test_what_is_priced_and_what_is_skipped(imported, sample):
     skipped = dict(imported.skipped)
     assert len(imported) + len(skipped) == len(sample)
     assert skipped["sample_spec"].startswith("sample_spec")
-    assert skipped["whisper-1"] == "no per-token price (priced per second)"
-    assert skipped["tts-1"] == "no per-token price (priced per character)"
-    assert "per image" in skipped["1024-x-1024/50-steps/bedrock/amazon.nova-canvas-v1:0"]
-    assert skipped["rerank-v3.5"] == "per-token rates are 0 (priced per query)"
+    # priced by their units (p402core._units), not skipped
+    assert imported.lookup("whisper-1").units == {"audio_ms": 100_000}  # 0.0001 USD/s
+    assert imported.lookup("tts-1").units == {"characters": 15_000_000}
+    assert imported.lookup("1024-x-1024/50-steps/bedrock/amazon.nova-canvas-v1:0").units == \
+        {"images": 60_000_000_000}
+    assert imported.lookup("rerank-v3.5").units == {"queries": 2_000_000_000}
+    assert imported.lookup("sora-2").units == {"video_ms": 100_000_000}  # 0.1 USD/s
+    assert imported.cost_nanos("whisper-1", audio_ms=90_500) == 9_050_000
     for name in ("malformed/negative-price", "malformed/not-a-number", "malformed/not-an-object",
                  "malformed/too-expensive", "malformed/range-gap"):
         assert skipped[name].startswith("malformed"), name

@@ -407,11 +407,13 @@ async def test_settings_and_prices(svc):
 
     data = b'{"house-model": {"input_cost_per_token": 0.000002, "output_cost_per_token": ' \
            b'0.000008, "litellm_provider": "house", "mode": "chat"}, "img": ' \
-           b'{"output_cost_per_image": 0.04, "mode": "image_generation"}}'
+           b'{"output_cost_per_image": 0.04, "mode": "image_generation"}, "ocr-x": ' \
+           b'{"ocr_cost_per_credit": 0.01, "mode": "ocr"}}'
     imp = await svc.admin.ImportPrices(admin_pb2.ImportPricesRequest(format="litellm",
                                                                      data=data),
                                        metadata=svc.auth)
-    assert imp.imported_count == 1 and len(imp.skipped) == 1
+    # the image model is priced per image; a per-credit price is not a unit P402 knows
+    assert imp.imported_count == 2 and len(imp.skipped) == 1
     prices = await svc.admin.ListPrices(admin_pb2.ListPricesRequest(model_filter="house"),
                                         metadata=svc.auth)
     (p,) = prices.prices
