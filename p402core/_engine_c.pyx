@@ -45,6 +45,7 @@ import time
 
 from p402core._budget_c import MAX_NANOS, _check_int, _check_str
 import p402core._budget_c as _budget_module   # Python-level owners_tuple / labels_dict
+from p402core import _units
 from p402core._holdrec import RecordParser, hold_record
 from p402core._enums import (
     BUDGET_CLAMPED,
@@ -817,26 +818,30 @@ cdef class Engine:
 
     def record(self, reservation_id="", *, model="", provider="", owners=None, labels=None,
                input_tokens=0, output_tokens=0, cached_input_tokens=0, cache_write_tokens=0,
-               reasoning_tokens=0, outcome=Outcome.SUCCESS, input_bytes=-1):
-        """Settle a hold with the actual usage, or meter a call without one."""
+               reasoning_tokens=0, outcome=Outcome.SUCCESS, input_bytes=-1, units=None,
+               service_tier=""):
+        """Settle a hold with the actual usage, or meter a call without one.
+
+        `units` ({Usage field: count}) and `service_tier` price the usage beyond the
+        five token counts (p402core._units); a bad one raises before anything changes."""
         return self._record(reservation_id, model, provider, owners, labels, input_tokens,
                             output_tokens, cached_input_tokens, cache_write_tokens,
-                            reasoning_tokens, outcome, input_bytes)
+                            reasoning_tokens, outcome, input_bytes, units, service_tier)
 
     cpdef Settlement record_args(self, object reservation_id, object model, object provider,
                                  object owners, object labels, object input_tokens,
                                  object output_tokens, object cached_input_tokens,
                                  object cache_write_tokens, object reasoning_tokens,
                                  object outcome, object input_bytes):
-        """`record` with every argument positional (no keyword parsing)."""
+        """`record` with every argument positional (no keyword parsing), text tokens only."""
         return self._record(reservation_id, model, provider, owners, labels, input_tokens,
                             output_tokens, cached_input_tokens, cache_write_tokens,
-                            reasoning_tokens, outcome, input_bytes)
+                            reasoning_tokens, outcome, input_bytes, None, "")
 
     cdef Settlement _record(self, object rid_in, object model_in, object provider_in,
                             object owners_in, object labels_in, object i_in, object o_in,
                             object c_in, object w_in, object r_in, object outcome_in,
-                            object bytes_in):
+                            object bytes_in, object units_in, object tier_in):
         cdef str rid = _str("reservation_id", rid_in, False)
         cdef str model = _str("model", model_in, False)
         cdef str provider = _str("provider", provider_in, False)
@@ -851,8 +856,10 @@ cdef class Engine:
         cdef int64_t input_bytes, now, cost, nbytes
         cdef _Hold hold
         cdef ModelPrice price
-        cdef object called, version, smodel, sprovider
+        cdef object called, version, smodel, sprovider, found
         cdef BudgetSet bset
+        cdef dict extra = None
+        cdef str tier = ""
         if c + w > i:
             raise InvalidArgument("cached_input_tokens",
                                   "cached_input_tokens + cache_write_tokens exceeds input_tokens "
@@ -862,11 +869,16 @@ cdef class Engine:
                                   "exceeds output_tokens (reasoning tokens are part of the output)")
         outcome = _outcome(outcome_in)
         input_bytes = _i64("input_bytes", bytes_in, -1, C_MAX_TOKENS)
+        if units_in:
+            extra = _units.check_units(units_in)
+        if tier_in:
+            tier = _units.check_tier(tier_in)
         if not rid:
             return self._meter(model, provider, owners, labels, i, o, c, w, r, outcome,
-                               input_bytes)
+                               input_bytes, extra, tier)
         now = self._now()
-        hold = self._take(rid)
+        found = self._holds.get(rid)
+        hold = <_Hold>found if found is not None else self._take(rid)  # raises NotFound / Conflict
         price = hold.price
         version = hold.catalog_version
         smodel, sprovider = hold.model, hold.provider
@@ -881,7 +893,11 @@ cdef class Engine:
                 price = called
                 version = self._catalog.version
                 smodel, sprovider = called.model, called.provider
-        cost = _cost_nanos(price, i, o, c, w, r)
+        if extra or tier:
+            cost = _units_nanos(price, i, o, c, w, r, extra, tier)  # may refuse: the hold stays
+        else:
+            cost = _cost_nanos(price, i, o, c, w, r)
+        self._take(rid)
         bset = self._book._current(hold.bset)
         self._book._settle(bset, _amount(hold.amount), _amount(cost), now)
         if i > 0:
@@ -895,7 +911,7 @@ cdef class Engine:
 
     cdef Settlement _meter(self, str model, str provider, tuple owners, dict labels,
                            int64_t i, int64_t o, int64_t c, int64_t w, int64_t r, int outcome,
-                           int64_t input_bytes):
+                           int64_t input_bytes, dict extra, str tier):
         cdef ModelPrice price
         cdef Catalog catalog = self._catalog
         cdef int64_t now, cost
@@ -914,7 +930,10 @@ cdef class Engine:
             if price is None:
                 raise
         now = self._now()
-        cost = _cost_nanos(price, i, o, c, w, r)
+        if extra or tier:
+            cost = _units_nanos(price, i, o, c, w, r, extra, tier)
+        else:
+            cost = _cost_nanos(price, i, o, c, w, r)
         bset = self._book._match_set(owners, labels)
         self._book._commit(bset, _amount(cost), now)
         if i > 0 and input_bytes >= 0:
@@ -1128,6 +1147,13 @@ cdef inline int64_t _cost_nanos(ModelPrice price, int64_t i, int64_t o, int64_t 
                                int64_t r) except? -1:
     # the catalog's one rounding: pico-USD half-up to nano-USD (operands >= 0)
     return (price._cost_pico(i, o, c, w, r) + 500) // 1000
+
+
+cdef int64_t _units_nanos(ModelPrice price, int64_t i, int64_t o, int64_t c, int64_t w,
+                          int64_t r, dict extra, str tier) except? -1:
+    # usage with units or a service tier: p402core._units prices it (plain Python)
+    cdef ModelPrice p = price.for_tier(tier)
+    return (_units.cost_pico(p.rates_at(i), i, o, c, w, r, extra or {}, p._units) + 500) // 1000
 
 
 cdef inline int64_t _amount(int64_t cost) noexcept:

@@ -100,6 +100,7 @@ from ._enums import (
 from ._estimate_py import Estimator
 from ._holdrec import RecordParser, hold_record
 from ._policy_py import RuleSet
+from . import _units
 from ._prices_py import Catalog, ModelPrice
 
 __all__ = ["Engine", "Authorization", "Settlement", "SETTLED_MEMORY", "MAX_TTL_SECONDS"]
@@ -148,6 +149,14 @@ def _outcome(value):
         raise InvalidArgument("outcome", f"{value} is not an outcome a record can report "
                                          "(SUCCESS, PROVIDER_ERROR, TIMEOUT or CANCELLED)")
     return value
+
+
+def _cost(price, i, o, c, w, r, extra, tier) -> int:
+    """The cost in nanos of validated token counts, with units and a service tier."""
+    if extra or tier:
+        p = price.for_tier(tier)
+        return (_units.cost_pico(p.rates_at(i), i, o, c, w, r, extra or {}, p.units) + 500) // 1000
+    return price.cost_nanos(i, o, c, w, r)
 
 
 def _usage(input_tokens, output_tokens, cached, cache_write, reasoning):
@@ -568,8 +577,12 @@ class Engine:
 
     def record(self, reservation_id="", *, model="", provider="", owners=None, labels=None,
                input_tokens=0, output_tokens=0, cached_input_tokens=0, cache_write_tokens=0,
-               reasoning_tokens=0, outcome=Outcome.SUCCESS, input_bytes=-1):
-        """Settle a hold with the actual usage, or meter a call without one."""
+               reasoning_tokens=0, outcome=Outcome.SUCCESS, input_bytes=-1, units=None,
+               service_tier=""):
+        """Settle a hold with the actual usage, or meter a call without one.
+
+        `units` ({Usage field: count}) and `service_tier` price the usage beyond the
+        five token counts (p402core._units); a bad one raises before anything changes."""
         rid = _check_str("reservation_id", reservation_id)
         model = _check_str("model", model)
         provider = _check_str("provider", provider)
@@ -579,11 +592,13 @@ class Engine:
                                cache_write_tokens, reasoning_tokens)
         outcome = _outcome(outcome)
         input_bytes = _check_int("input_bytes", input_bytes, -1, MAX_TOKENS)
+        extra = _units.check_units(units) if units else None
+        tier = _units.check_tier(service_tier) if service_tier else ""
         if not rid:
             return self._meter(model, provider, owners_t, labels, i, o, c, w, r, outcome,
-                               input_bytes)
+                               input_bytes, extra, tier)
         now = self._now()
-        hold = self._take(rid)
+        hold = self._holds.get(rid) or self._take(rid)  # _take raises NotFound / Conflict
         price = hold.price
         version = hold.catalog_version
         smodel, sprovider = hold.model, hold.provider
@@ -597,7 +612,8 @@ class Engine:
             if called is not None and called.model != hold.model:
                 price, version = called, self._catalog.version
                 smodel, sprovider = called.model, called.provider
-        cost = price.cost_nanos(i, o, c, w, r)
+        cost = _cost(price, i, o, c, w, r, extra, tier)  # may refuse: the hold stays
+        self._take(rid)
         book = self._book
         bset = book.current(hold.bset)
         book.settle(bset.indices, hold.amount, cost, now)
@@ -620,7 +636,8 @@ class Engine:
                            reasoning_tokens=reasoning_tokens, outcome=outcome,
                            input_bytes=input_bytes)
 
-    def _meter(self, model, provider, owners, labels, i, o, c, w, r, outcome, input_bytes):
+    def _meter(self, model, provider, owners, labels, i, o, c, w, r, outcome, input_bytes,
+               extra=None, tier=""):
         if not model:
             raise InvalidArgument("model", "required for a record without a reservation_id")
         if owners == _EMPTY_OWNERS:
@@ -635,7 +652,7 @@ class Engine:
             if price is None:
                 raise
         now = self._now()
-        cost = price.cost_nanos(i, o, c, w, r)
+        cost = _cost(price, i, o, c, w, r, extra, tier)
         book = self._book
         bset = book.match_set(owners, labels)
         book.commit(bset.indices, cost, now)

@@ -29,7 +29,8 @@ Each count is 0..MAX_TOKENS. A unit rate is integer pico-USD per unit: per token
 rates 0..MAX_PRICE_PICO (0.01 USD), per-quantity rates 0..MAX_UNIT_PRICE_PICO
 (10 USD; per millisecond for audio_ms and video_ms).
 
-Service tiers: "standard" (also ""), "batch", "flex", "priority". A price may carry
+Service tiers: "standard" (also "", and OpenAI's "default" and "auto"), "batch",
+"flex", "priority". A price may carry
 its own full rate set per tier (`ModelPrice.service_tiers`); a tier it does not
 price bills at the standard rates, as providers without the tier do.
 
@@ -73,6 +74,7 @@ QUANTITY_UNITS = ("images", "audio_ms", "video_ms", "characters", "queries",
                   "web_search_calls", "pages", "pixels")
 UNITS = tuple(u for u, _, _ in TOKEN_UNITS) + QUANTITY_UNITS
 SERVICE_TIERS = ("standard", "batch", "flex", "priority")
+_STANDARD = frozenset(("", "standard", "default", "auto"))
 
 _TOKEN = {u: (part, k) for u, part, k in TOKEN_UNITS}
 
@@ -118,8 +120,9 @@ def check_unit_rates(rates) -> dict:
 
 
 def check_tier(tier) -> str:
-    """The canonical tier name: "" for standard, else batch / flex / priority."""
-    if tier is None or tier == "" or tier == "standard":
+    """The canonical tier name: "" for standard (also "standard", and OpenAI's
+    "default" and "auto"), else batch / flex / priority."""
+    if tier is None or tier in _STANDARD:
         return ""
     if not isinstance(tier, str):
         raise InvalidArgument("service_tier", f"must be a string, not {type(tier).__name__}")

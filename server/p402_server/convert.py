@@ -30,6 +30,7 @@ from p402core import (
     RateUnit,
 )
 
+from p402core import _units
 from p402core.contract import (
     event_time_problem,
     string_problem,
@@ -211,31 +212,63 @@ def labels_from_proto(labels, field: str = "labels") -> dict | None:
 
 _USAGE_FIELDS = ("input_tokens", "cached_input_tokens", "cache_write_tokens",
                  "output_tokens", "reasoning_tokens")
+_UNIT_FIELDS = _units.UNITS
+_INPUT_PARTS = ("cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens",
+                "audio_input_tokens", "image_input_tokens")
+_OUTPUT_PARTS = ("reasoning_tokens", "audio_output_tokens", "image_output_tokens")
 
 
 def usage_from_proto(u, field: str = "usage") -> tuple:
-    """(input, cached_input, cache_write, output, reasoning), validated."""
+    """(input, cached_input, cache_write, output, reasoning, units, service_tier),
+    validated: units {field: count} holds the other Usage counts that are not 0,
+    service_tier is "" for standard (p402core._units)."""
     t = (u.input_tokens, u.cached_input_tokens, u.cache_write_tokens, u.output_tokens,
          u.reasoning_tokens)
     for i, v in enumerate(t):
         if v < 0 or v > MAX_TOKENS:
             raise InvalidArgument(f"{field}.{_USAGE_FIELDS[i]}",
                                   f"must be within 0..{MAX_TOKENS}, got {v}")
+    units = {}
+    for name in _UNIT_FIELDS:
+        v = getattr(u, name)
+        if v:
+            if v < 0 or v > MAX_TOKENS:
+                raise InvalidArgument(f"{field}.{name}", f"must be within 0..{MAX_TOKENS}, got {v}")
+            units[name] = v
     if t[1] + t[2] > t[0]:
         raise InvalidArgument(f"{field}.cached_input_tokens",
                               "cached_input_tokens + cache_write_tokens exceed input_tokens")
     if t[4] > t[3]:
         raise InvalidArgument(f"{field}.reasoning_tokens",
                               "reasoning_tokens exceed output_tokens")
-    return t
+    if units:
+        if t[1] + t[2] + sum(units.get(n, 0) for n in _INPUT_PARTS[2:]) > t[0]:
+            raise InvalidArgument(f"{field}.input_tokens", "less than the sum of its parts ("
+                                  + " + ".join(_INPUT_PARTS) + ")")
+        if t[4] + sum(units.get(n, 0) for n in _OUTPUT_PARTS[1:]) > t[3]:
+            raise InvalidArgument(f"{field}.output_tokens", "less than the sum of its parts ("
+                                  + " + ".join(_OUTPUT_PARTS) + ")")
+    tier = u.service_tier
+    if tier:
+        try:
+            tier = _units.check_tier(tier)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{field}.service_tier", exc.message) from None
+    return (*t, units, tier)
 
 
-def set_usage(u, input_tokens, cached, cache_write, output, reasoning) -> None:
+def set_usage(u, input_tokens, cached, cache_write, output, reasoning, units=None,
+              service_tier: str = "") -> None:
     u.input_tokens = input_tokens
     u.cached_input_tokens = cached
     u.cache_write_tokens = cache_write
     u.output_tokens = output
     u.reasoning_tokens = reasoning
+    if units:
+        for name, n in units.items():
+            setattr(u, name, n)
+    if service_tier:
+        u.service_tier = service_tier
 
 
 # --- requests of MeterService ----------------------------------------------------
@@ -382,7 +415,7 @@ def event_to_proto(ev: LedgerEvent, out=None) -> meter_pb2.Event:
     e.provider = ev.provider
     e.model = ev.model
     set_usage(e.usage, ev.input_tokens, ev.cached_input_tokens, ev.cache_write_tokens,
-              ev.output_tokens, ev.reasoning_tokens)
+              ev.output_tokens, ev.reasoning_tokens, ev.units, ev.service_tier)
     set_money(e.cost, ev.cost_nanos)
     set_money(e.estimated_cost, ev.estimated_cost_nanos)
     set_money(e.overrun, ev.overrun_nanos)

@@ -577,3 +577,47 @@ def test_catalog_must_be_this_twins(impl):
     assert e.authorize("m1", input_bytes=3_000).catalog_version == "v2"
     s = e.record(held.reservation_id, input_tokens=1_000)    # priced as at authorize
     assert (s.cost_nanos, s.catalog_version) == (1_000_000, "v1")
+
+
+# -- usage units and service tiers ------------------------------------------------------
+
+def _units_catalog(impl):
+    batch = impl.ModelPrice("m3", "p", input_pico=500_000, output_pico=1_000_000)
+    return impl.Catalog([
+        impl.ModelPrice("m3", "p", input_pico=1_000_000, output_pico=2_000_000,
+                        units={"audio_input_tokens": 40_000_000, "images": 10**12},
+                        service_tiers={"batch": batch}),
+    ], version="v1", taken="2026-11-01")
+
+
+def test_record_prices_units_and_the_service_tier(impl):
+    e = impl.Engine(_units_catalog(impl), clock=Clock())
+    a = e.authorize("m3", owners=ACME, input_bytes=400)
+    s = e.record(a.reservation_id, input_tokens=100, output_tokens=10,
+                 units={"audio_input_tokens": 60, "images": 2})
+    assert s.cost_nanos == (40 * 1_000_000 + 60 * 40_000_000 + 10 * 2_000_000
+                            + 2 * 10**12 + 500) // 1000
+    b = e.authorize("m3", owners=ACME, input_bytes=400)
+    s = e.record(b.reservation_id, input_tokens=100, output_tokens=10, service_tier="batch")
+    assert s.cost_nanos == (100 * 500_000 + 10 * 1_000_000) // 1000
+    # meter-only records price them the same way
+    s = e.record(model="m3", owners=ACME, input_tokens=0, units={"images": 1})
+    assert s.cost_nanos == 10**12 // 1000
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"units": {"audio_input_tokens": 101}}, "audio_input_tokens"),
+    ({"units": {"images": -1}}, "images"),
+    ({"units": {"nope": 1}}, "nope"),
+    ({"service_tier": "gold"}, "service_tier"),
+    ({"units": {"images": 10**8}}, "usage"),   # 10**8 x 1 USD: past 9e18 pico
+])
+def test_a_refused_record_leaves_the_hold_in_place(impl, kwargs, field):
+    e = impl.Engine(_units_catalog(impl), clock=Clock())
+    a = e.authorize("m3", owners=ACME, input_bytes=400)
+    with pytest.raises(InvalidArgument) as info:
+        e.record(a.reservation_id, input_tokens=100, output_tokens=10, **kwargs)
+    assert info.value.field == field
+    # the hold is still there: a corrected Record settles it
+    s = e.record(a.reservation_id, input_tokens=100, output_tokens=10)
+    assert s.cost_nanos == (100 * 1_000_000 + 10 * 2_000_000) // 1000

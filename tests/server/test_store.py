@@ -36,7 +36,7 @@ from p402_server.store import schema as S
 from p402_server.store.canonical import GENESIS, chain_step
 from p402core._enums import OWNER_KEYS, Decision, Evidence, InvalidArgument, NotFound, Outcome
 
-HEAD_REVISION = "0006"  # 0005: hold_claims; 0006: processes, holds.maker, settle_notices
+HEAD_REVISION = "0007"  # 0006: processes, holds.maker, settle_notices; 0007: events.units
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOUR = 3_600_000
 T0 = 1_790_000_000_000 - 1_790_000_000_000 % HOUR  # an hour boundary in 2026

@@ -52,15 +52,25 @@ Deliberately left out:
 ``recorded_ms`` is included (when the ledger accepted the event is part of the
 evidence); the writer fixes it before it hashes. Every field is in an export row, so
 the chain can be re-verified from an export alone. A future encoding gets a new
-version line and a new function; version 1 never changes.
+version line; version 1 never changes.
+
+Canonical encoding, version 2
+-----------------------------
+An event with usage units or a service tier (``units`` not empty or
+``service_tier`` not "") is encoded as version 2: ``b"p402.event.v2\n"``, every
+version 1 field as above, then ``service_tier`` (a string) and ``units`` (the list
+``name1, count1, name2, count2, …`` sorted by name; counts are integers). Every
+other event keeps its version 1 bytes, so chains written before units existed
+verify unchanged, and the version an event is encoded in follows from the event.
 """
 from __future__ import annotations
 
 import hashlib
 from typing import Any, Iterable, NamedTuple
 
-VERSION = 1
+VERSION = 2
 HEADER = b"p402.event.v1\n"
+HEADER_V2 = b"p402.event.v2\n"
 GENESIS = "0" * 64
 _NONE = "~,"
 
@@ -151,7 +161,19 @@ _LABELS: dict = {}
 
 
 def canonical_text(ev: Any) -> str:
-    """The version 1 encoding as text (``canonical_bytes`` is its UTF-8).
+    """The event's encoding as text (``canonical_bytes`` is its UTF-8): version 2 for
+    an event with units or a service tier, else version 1."""
+    text = _v1_text(ev)
+    units, tier = ev.units, ev.service_tier
+    if not units and not tier:
+        return text
+    return "".join(("p402.event.v2\n", text[len("p402.event.v1\n"):], _s(tier),
+                    _s("".join(_s(k) + _i(units[k]) for k in sorted(units))) if units
+                    else "0:,"))
+
+
+def _v1_text(ev: Any) -> str:
+    """The version 1 encoding as text.
 
     One f-string (it runs once per event in the writer): string lengths come from
     len(), which is the UTF-8 byte length only for ASCII text, so the result is kept
@@ -187,7 +209,8 @@ def canonical_text(ev: Any) -> str:
 
 
 def canonical_bytes(ev: Any) -> bytes:
-    """The version 1 canonical encoding of a LedgerEvent (module docstring).
+    """The canonical encoding of a LedgerEvent (module docstring: version 1, or 2
+    with units or a service tier).
 
     ``ev`` is anything with the LedgerEvent attributes (a ``LedgerEvent``, or one
     rebuilt from an export row with ``LedgerEvent.from_dict``)."""

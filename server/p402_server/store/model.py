@@ -15,6 +15,7 @@ from typing import Any, Mapping, NamedTuple
 from p402core._enums import (
     MAX_LABELS,
     MAX_STRING,
+    MAX_TOKENS,
     OWNER_KEYS,
     Decision,
     Evidence,
@@ -23,6 +24,7 @@ from p402core._enums import (
     PrivacyMode,
 )
 
+from p402core import _units
 from p402core.contract import string_problem, strings_problem, text_problem
 
 from .schema import CONTENT_KINDS, KINDS
@@ -157,6 +159,10 @@ class LedgerEvent:
     chain_index: int = 0
     prompt_fingerprint: str | None = None
     response_fingerprint: str | None = None
+    # Usage beyond the five token counts ({Usage field: count}, none 0) and the
+    # service tier billed ("" = standard): p402core._units.
+    units: dict[str, int] = field(default_factory=dict)
+    service_tier: str = ""
     contents: tuple[Content, ...] = field(default=(), repr=False, compare=False)
     # Not a column: with leases on (several processes), the writer claims the
     # settlement of ``reservation_id`` for this event_id in the event's transaction
@@ -175,7 +181,7 @@ class LedgerEvent:
             if f.name == "contents" or f.name == "claim":  # content: never; claim: no column
                 continue
             value = getattr(self, f.name)
-            if f.name == "labels":
+            if f.name == "labels" or f.name == "units":
                 value = dict(value)
             elif f.name == "budget_charges":
                 value = [[b, int(p)] for b, p in value]
@@ -196,7 +202,7 @@ class LedgerEvent:
                 value = tuple(value)
             elif key == "budget_charges":
                 value = tuple((str(b), int(p)) for b, p in value)
-            elif key == "labels":
+            elif key == "labels" or key == "units":
                 value = dict(value)
             elif key == "contents":
                 value = tuple(c if isinstance(c, Content) else Content(**c) for c in value)
@@ -232,6 +238,7 @@ class LedgerEvent:
             and (not self.labels or strings_problem([*self.labels, *self.labels.values()])
                  is None)
             and _lists_ok(self)
+            and (not self.units and not self.service_tier or _units_ok(self))
         ):
             return
         self._explain()
@@ -292,6 +299,13 @@ class LedgerEvent:
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or any(type(x) is not str for x in value):
                 raise InvalidArgument(name, "must be a tuple of str")
+        if not _units_ok(self):
+            if not isinstance(self.units, dict):
+                raise InvalidArgument("units", "must be a dict {Usage field: count}")
+            _units.check_units(self.units)  # names the bad unit
+            if self.service_tier != "":
+                _units.check_tier(self.service_tier)
+            raise InvalidArgument("units", "zero counts are left out")
         if not isinstance(self.budget_charges, (tuple, list)):
             raise InvalidArgument("budget_charges", "must be (budget_id, period_start_ms) pairs")
         for charge in self.budget_charges:
@@ -398,6 +412,8 @@ EVENT_COLUMNS = (
     "rule_ids",
     "budget_ids",
     "budget_charges",
+    "service_tier",
+    "units",
     *CHAIN_COLUMNS,
 )
 
@@ -453,7 +469,23 @@ def unchained_values(ev: LedgerEvent) -> tuple:
         dumps(ev.rule_ids) if ev.rule_ids else "[]",
         dumps(ev.budget_ids) if ev.budget_ids else "[]",
         dumps(ev.budget_charges) if ev.budget_charges else "[]",
+        ev.service_tier,
+        _dumps(ev.units) if ev.units else "{}",
     )
+
+
+def _units_ok(ev) -> bool:
+    """The units and service tier are what p402core._units accepts, canonical: known
+    units with counts 1..MAX_TOKENS, a tier of batch / flex / priority or ""."""
+    units = ev.units
+    if type(units) is not dict or ev.service_tier not in _TIERS:
+        return False
+    return all(name in _UNIT_NAMES and type(n) is int and 0 < n <= MAX_TOKENS
+               for name, n in units.items())
+
+
+_UNIT_NAMES = frozenset(_units.UNITS)
+_TIERS = frozenset(("", *_units.SERVICE_TIERS[1:]))
 
 
 def _cached_json(value) -> str:
@@ -500,6 +532,10 @@ def from_row(row: Mapping[str, Any]) -> LedgerEvent:
     kw["rule_ids"] = tuple(_loads(row["rule_ids"]))
     kw["budget_ids"] = tuple(_loads(row["budget_ids"]))
     kw["budget_charges"] = tuple((b, int(p)) for b, p in _loads(row["budget_charges"]))
+    # .get: a row of a ledger before migration 0007 (migration 0002 reads such rows)
+    kw["service_tier"] = row.get("service_tier") or ""
+    units = row.get("units")
+    kw["units"] = _loads(units) if units and units != "{}" else {}
     return LedgerEvent(**kw)
 
 

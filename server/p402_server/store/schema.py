@@ -134,6 +134,10 @@ events = sa.Table(
     # Added to the brief's column list: [[budget_id, period_start_ms], …] the cost was
     # committed to, so budget_periods can be recomputed from the ledger alone.
     sa.Column("budget_charges", sa.Text(), nullable=False, server_default="[]"),
+    # Migration 0007: the service tier billed ("" = standard) and the usage beyond
+    # the five token columns, a JSON object {Usage field: count} ("{}" = none).
+    sa.Column("service_tier", sa.String(), nullable=False, server_default=""),
+    sa.Column("units", sa.Text(), nullable=False, server_default="{}"),
     _enum("outcome"),
     _enum("evidence"),
     _enum("privacy_mode"),
