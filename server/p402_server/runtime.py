@@ -608,7 +608,7 @@ class TenantRuntime:
                 raise
             return _UNSETTLED, exc, event_id
         ev = self._record_event(req, s, event_id, owners, labels, revenue, mode,
-                                attested, False)
+                                attested, False, usage)
         if reserved and ev.model != reserved:
             ev.reasons = (*ev.reasons, MODEL_SUBSTITUTED)
         # Remembered now, so a repeat later in the same batch is answered from it.
@@ -648,7 +648,7 @@ class TenantRuntime:
         mode = self.privacy.resolve(req.privacy_mode)
         s = self._settle(req, field, "", owners, labels, usage)
         ev = self._record_event(req, s, event_id, owners, labels, revenue, mode,
-                                attested, True)
+                                attested, True, usage)
         self._remember(ev)
         if ev.prompt_fingerprint:
             await self._mark_duplicate(ev)
@@ -675,8 +675,8 @@ class TenantRuntime:
         i = o = c = w = r = 0
         if usage is not None:
             price = self.core.ModelPrice.from_dict(rec["price"])
-            i, c, w, o, r = usage
-            cost = price.cost_nanos(i, o, c, w, r)
+            i, c, w, o, r, units, tier = usage
+            cost = price.cost_units_nanos(i, o, c, w, r, units, tier)
             outcome = outcome or int(Outcome.SUCCESS)
             evidence = int(Evidence.REPORTED)
         elif outcome == int(Outcome.EXPIRED):
@@ -709,7 +709,7 @@ class TenantRuntime:
         if meta:
             self._hold_meta[rid] = tuple(meta)
         ev = self._record_event(req, s, event_id, owners, labels, revenue, mode,
-                                attested, False)
+                                attested, False, usage)
         ev.reasons = (*ev.reasons, RESERVATION_ADOPTED)
         if ev.prompt_fingerprint:
             await self._mark_duplicate(ev)
@@ -814,6 +814,7 @@ class TenantRuntime:
                 output_tokens=usage[3], reasoning_tokens=usage[4],
                 outcome=req.outcome or Outcome.SUCCESS,
                 input_bytes=req.input_bytes if req.input_bytes else -1,
+                units=usage[5] or None, service_tier=usage[6],
             )
         except InvalidArgument as exc:
             raise InvalidArgument(field + exc.field, exc.message) from None
@@ -821,11 +822,15 @@ class TenantRuntime:
             raise InvalidArgument(field + "model", str(exc)) from None
 
     def _record_event(self, req, s, event_id: str, owners, labels, revenue: int,
-                      mode: int, attested: bool, unknown_hold: bool) -> LedgerEvent:
+                      mode: int, attested: bool, unknown_hold: bool,
+                      usage: tuple) -> LedgerEvent:
         """A Record's LedgerEvent from its settlement, privacy applied (all but
-        duplicate_of, which `_mark_duplicate` sets)."""
+        duplicate_of, which `_mark_duplicate` sets); `usage` as validated
+        (convert.usage_from_proto) gives its units and service tier."""
         ev = self._event_from_settlement(s, event_id, "record", req, owners, labels,
                                          revenue)
+        if usage[5] or usage[6]:
+            ev.units, ev.service_tier = dict(usage[5]), usage[6]
         if unknown_hold:
             ev.reservation_id = req.reservation_id
             ev.reasons = (*ev.reasons, RESERVATION_UNKNOWN)

@@ -1177,7 +1177,8 @@ async def test_migration_chains_events_written_before_it(empty_store_url):
         async with s.engine.begin() as conn:
             await conn.run_sync(upgrade_to_0001)
             old_columns = {c.name for c in S.events.columns} - {
-                "chain_index", "prompt_fingerprint", "response_fingerprint"}
+                "chain_index", "prompt_fingerprint", "response_fingerprint",
+                "service_tier", "units"}
             from p402_server.store.model import to_values
             from p402_server.store.writer import _aggregate_rollups
 
