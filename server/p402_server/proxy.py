@@ -99,6 +99,7 @@ from typing import Any
 import aiohttp
 import aiohttp.http_exceptions
 from aiohttp import web, web_protocol, web_server
+from p402_client.openai import usage_from_openai
 
 log = logging.getLogger("p402.proxy")
 
@@ -437,25 +438,33 @@ def _int(v: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
 
-def usage_from(kind: str, usage: Any) -> dict[str, int] | None:
-    """OpenAI usage -> P402 Record keywords (cached/cache-write within input and
-    reasoning within output, as both P402 and OpenAI count them)."""
+def usage_from(kind: str, usage: Any, service_tier: Any = None,
+               searches: int = 0) -> dict[str, Any] | None:
+    """OpenAI usage (chat, responses or images shape) -> P402 Record keywords: every
+    detail OpenAI reports (cached, audio, image and reasoning tokens, the service
+    tier billed; p402_client.openai.usage_from_openai) and the web-search tool calls
+    made. None when there is no usage."""
     if not isinstance(usage, dict):
         return None
-    if kind == "responses":
-        inp, out = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
-        idet = usage.get("input_tokens_details") or {}
-        odet = usage.get("output_tokens_details") or {}
-    else:
-        inp, out = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
-        idet = usage.get("prompt_tokens_details") or {}
-        odet = usage.get("completion_tokens_details") or {}
-    cached = min(_int(idet.get("cached_tokens")), inp) if isinstance(idet, dict) else 0
-    write = (min(_int(idet.get("cache_write_tokens")), inp - cached)
-             if isinstance(idet, dict) else 0)
-    reasoning = min(_int(odet.get("reasoning_tokens")), out) if isinstance(odet, dict) else 0
-    return {"input_tokens": inp, "cached_input_tokens": cached, "cache_write_tokens": write,
-            "output_tokens": out, "reasoning_tokens": reasoning}
+    kw = usage_from_openai(usage, service_tier)
+    if kw is None:
+        return None
+    if searches:
+        kw["web_search_calls"] = searches
+    if kind == "images" and kw["output_tokens"]:
+        # the Images API's output tokens are all image tokens (gpt-image-1)
+        kw["image_output_tokens"] = kw["output_tokens"]
+    return kw
+
+
+def web_searches(response: Any) -> int:
+    """The web-search tool calls in a Responses API answer (its `web_search_call`
+    output items); 0 for anything else."""
+    output = response.get("output") if isinstance(response, dict) else None
+    if not isinstance(output, list):
+        return 0
+    return sum(1 for item in output
+               if isinstance(item, dict) and item.get("type") == "web_search_call")
 
 
 def edited(body: dict, edits: dict[str, Any]) -> dict:
@@ -733,7 +742,9 @@ class Proxy:
             return web.Response(body=raw, status=up.status, headers=headers,
                                 content_type=up.content_type or "application/json")
         try:
-            usage = usage_from(kind, json.loads(raw).get("usage"))
+            answer = json.loads(raw)
+            usage = usage_from(kind, answer.get("usage"), answer.get("service_tier"),
+                               web_searches(answer))
         except (ValueError, AttributeError):
             usage = None
         estimated = usage is None
@@ -771,7 +782,8 @@ class Proxy:
                 if isinstance(payload, dict):
                     if kind == "chat":
                         if payload.get("usage"):
-                            usage = usage_from(kind, payload["usage"])
+                            usage = usage_from(kind, payload["usage"],
+                                               payload.get("service_tier"))
                         for ch in payload.get("choices") or ():
                             text = (ch.get("delta") or {}).get("content") or ""
                             if text:
@@ -791,8 +803,9 @@ class Proxy:
                             out_bytes += len((payload.get("delta") or "").encode())
                         elif t in ("response.completed", "response.incomplete",
                                    "response.failed"):
-                            usage = usage_from(kind, (payload.get("response") or {})
-                                               .get("usage"))
+                            done = payload.get("response") or {}
+                            usage = usage_from(kind, done.get("usage"),
+                                               done.get("service_tier"), web_searches(done))
                             if t == "response.failed":
                                 outcome = "PROVIDER_ERROR"
                 await resp.write(_sse_frame(event))

@@ -426,3 +426,29 @@ async def test_a_body_within_its_grant_is_forwarded_byte_for_byte(rig):
     got = rig.upstream.last(CHAT)
     assert got.raw != uncapped and got.body["max_tokens"] > 0
     assert got.body["messages"][0]["content"] == "café 😀"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_every_usage_detail_and_the_service_tier_are_metered(rig, stream):
+    """Audio tokens inside the totals and the tier the answer names reach the
+    ledger, priced at the model's audio and tier rates (streaming included)."""
+    rig.upstream.audio_input_tokens, rig.upstream.audio_output_tokens = 5, 4
+    rig.upstream.cached_tokens = 2
+    rig.upstream.service_tier = "flex" if stream else "default"
+    client = rig.openai(x_p402_customer="acme")
+    r = await client.chat.completions.create(model="gpt-audio", messages=MESSAGES,
+                                             stream=stream)
+    if stream:
+        [x async for x in r]
+    u = rig.upstream.usage(CHAT, rig.upstream.last(CHAT).body)
+    [ev] = await rig.events()
+    assert (ev.usage.units["audio_input_tokens"], ev.usage.units["audio_output_tokens"]) \
+        == (5, 4)
+    tier = "flex" if stream else ""
+    assert ev.usage.service_tier == tier
+    assert ev.cost_nanos == CATALOG.cost_nanos(
+        "gpt-audio", input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+        cached_input_tokens=2, audio_input_tokens=5, audio_output_tokens=4,
+        service_tier=tier)
+    assert ev.cost_nanos > cost("gpt-audio", u)  # audio tokens cost more than text
+

@@ -180,6 +180,11 @@ class OpenAIStandin:
         self.output_tokens = output_tokens
         self.cached_tokens = cached_tokens
         self.reasoning_tokens = reasoning_tokens
+        # Chat only: audio tokens reported inside the totals (as gpt-audio does) and
+        # the service tier the answer names (None: the field is left out).
+        self.audio_input_tokens = 0
+        self.audio_output_tokens = 0
+        self.service_tier: str | None = None
         self.chunk_delay = chunk_delay
         self.models = models
         self.requests: list[Received] = []
@@ -345,11 +350,17 @@ class OpenAIStandin:
             "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
             "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
         }
+        if self.audio_input_tokens or self.audio_output_tokens:
+            usage["prompt_tokens_details"]["audio_tokens"] = min(
+                self.audio_input_tokens, u.input_tokens - u.cached_tokens)
+            usage["completion_tokens_details"]["audio_tokens"] = min(
+                self.audio_output_tokens, u.output_tokens - u.reasoning_tokens)
+        tier = {} if self.service_tier is None else {"service_tier": self.service_tier}
         words = _words(u.output_tokens)
         if not body.get("stream"):
             return web.json_response({
                 "id": cid, "object": "chat.completion", "created": CREATED, "model": model,
-                "system_fingerprint": "fp_standin",
+                **tier, "system_fingerprint": "fp_standin",
                 "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
                              "message": {"role": "assistant", "content": "".join(words),
                                          "refusal": None}}],
@@ -370,7 +381,7 @@ class OpenAIStandin:
         events.append(chunk({}, finish))
         if include_usage:
             events.append({"id": cid, "object": "chat.completion.chunk", "created": CREATED,
-                           "model": model, "system_fingerprint": "fp_standin",
+                           "model": model, **tier, "system_fingerprint": "fp_standin",
                            "choices": [], "usage": usage})
         return await self._sse(request, [(None, e) for e in events], token_offset=1)
 

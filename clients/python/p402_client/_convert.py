@@ -221,11 +221,21 @@ def authorize_request(model: str, *, provider: str = "", owners: Any = None,
     )
 
 
+# Usage counts beyond the five token kinds (the wire's Usage fields; what each
+# counts and how it is priced: p402core/README.md).
+UNIT_FIELDS = (
+    "cache_write_1h_tokens", "audio_input_tokens", "image_input_tokens",
+    "audio_output_tokens", "image_output_tokens", "images", "audio_ms", "video_ms",
+    "characters", "queries", "web_search_calls", "pages", "pixels",
+)
+SERVICE_TIERS = ("", "standard", "default", "auto", "batch", "flex", "priority")
+
 RECORD_FIELDS = frozenset({
     "event_id", "reservation_id", "model", "provider", "owners", "labels",
     "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens",
     "reasoning_tokens", "outcome", "input_bytes", "revenue_nanos", "attempt",
-    "retry_of", "event_time_ms", "privacy_mode", "usage_estimated",
+    "retry_of", "event_time_ms", "privacy_mode", "usage_estimated", "service_tier",
+    *UNIT_FIELDS,
 })
 
 
@@ -236,9 +246,13 @@ def record_request(reservation_id: str = "", *, event_id: str, model: str = "",
                    reasoning_tokens: int = 0, outcome: Any = Outcome.SUCCESS,
                    input_bytes: int = -1, revenue_nanos: int = 0, attempt: int = 0,
                    retry_of: str = "", event_time_ms: Any = 0, privacy_mode: Any = None,
-                   usage_estimated: bool = False,
-                   prefix: str = "") -> meter_pb2.RecordRequest:
+                   usage_estimated: bool = False, service_tier: str = "",
+                   prefix: str = "", **units: int) -> meter_pb2.RecordRequest:
     """A RecordRequest; `prefix` ("records[3].") makes field names precise in batches.
+
+    `units`: the other Usage counts by name (UNIT_FIELDS: images=2, audio_ms=61_500,
+    audio_input_tokens=…); `service_tier`: "" / "standard", "batch", "flex",
+    "priority" (OpenAI's "default" and "auto" mean standard).
 
     `usage_estimated=True`: the usage is the caller's estimate, not the provider's
     report (the event's evidence is then ESTIMATED, not REPORTED)."""
@@ -259,6 +273,15 @@ def record_request(reservation_id: str = "", *, event_id: str, model: str = "",
         output_tokens=check_int(prefix + "usage.output_tokens", output_tokens),
         reasoning_tokens=check_int(prefix + "usage.reasoning_tokens", reasoning_tokens),
     )
+    for name, value in units.items():
+        if name not in UNIT_FIELDS:
+            raise InvalidArgument(prefix + name, "unknown record field")
+        setattr(usage, name, check_int(prefix + "usage." + name, value))
+    if service_tier:
+        if service_tier not in SERVICE_TIERS:
+            raise InvalidArgument(prefix + "usage.service_tier",
+                                  "must be one of standard, batch, flex, priority")
+        usage.service_tier = service_tier
     req = meter_pb2.RecordRequest(
         event_id=check_str(prefix + "event_id", event_id),
         reservation_id=reservation_id,
@@ -411,8 +434,9 @@ def owners(pb: common_pb2.Owners) -> Owners:
 
 
 def usage(pb: common_pb2.Usage) -> Usage:
+    units = {name: getattr(pb, name) for name in UNIT_FIELDS if getattr(pb, name)}
     return Usage(pb.input_tokens, pb.cached_input_tokens, pb.cache_write_tokens,
-                 pb.output_tokens, pb.reasoning_tokens)
+                 pb.output_tokens, pb.reasoning_tokens, units, pb.service_tier)
 
 
 def _enum(cls: type[_WireEnum], number: int) -> Any:

@@ -73,6 +73,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Mapping
 
+from ._convert import UNIT_FIELDS
 from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable, denial
 from .types import (
     Authorization,
@@ -94,8 +95,9 @@ FAIL_OPEN_REASON = "client.fail_open"
 #: Errors that mean "P402 cannot be reached", the only ones fail-open absorbs.
 UNREACHABLE = (Unavailable, DeadlineExceeded, ResourceExhausted)
 ERROR_USAGE_MODES = ("auto", "estimate", "none")
-_USAGE_FIELDS = ("input_tokens", "cached_input_tokens", "cache_write_tokens",
+_TOKEN_FIELDS = ("input_tokens", "cached_input_tokens", "cache_write_tokens",
                  "output_tokens", "reasoning_tokens")
+_USAGE_FIELDS = (*_TOKEN_FIELDS, *UNIT_FIELDS)
 
 
 def outcome_for_exception(exc: BaseException | None) -> Outcome:
@@ -114,12 +116,16 @@ def outcome_for_exception(exc: BaseException | None) -> Outcome:
 
 
 def usage_kwargs(usage: Any = None, **kw: int) -> dict[str, int]:
-    """Usage as Record keywords, from a `Usage`, a mapping, or keyword ints."""
+    """Usage as Record keywords, from a `Usage`, a mapping, or keyword ints (the
+    Usage field names; `service_tier` a string)."""
     if usage is not None:
         if kw:
             raise InvalidArgument("usage", "give a Usage/mapping or keywords, not both")
         if isinstance(usage, Usage):
-            kw = {f: getattr(usage, f) for f in _USAGE_FIELDS}
+            kw = {f: getattr(usage, f) for f in _TOKEN_FIELDS}
+            kw.update(usage.units)
+            if usage.service_tier:
+                kw["service_tier"] = usage.service_tier
         elif isinstance(usage, Mapping):
             kw = dict(usage)
         else:
@@ -127,6 +133,11 @@ def usage_kwargs(usage: Any = None, **kw: int) -> dict[str, int]:
                                            f"{type(usage).__name__}")
     out: dict[str, int] = {}
     for name, value in kw.items():
+        if name == "service_tier":
+            if not isinstance(value, str):
+                raise InvalidArgument("usage.service_tier", f"must be a str, got {value!r}")
+            out[name] = value
+            continue
         if name not in _USAGE_FIELDS:
             raise InvalidArgument(f"usage.{name}", f"unknown usage field (one of "
                                                    f"{', '.join(_USAGE_FIELDS)})")

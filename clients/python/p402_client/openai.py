@@ -140,11 +140,17 @@ def _int(value: Any) -> int:
         else 0
 
 
-def usage_from_openai(usage: Any) -> dict[str, int] | None:
-    """Record keywords from an OpenAI usage object (chat or responses shape), or None.
+def usage_from_openai(usage: Any, service_tier: Any = None) -> dict[str, Any] | None:
+    """Record keywords from an OpenAI usage object (chat, responses or images shape),
+    or None; `service_tier` is the response's own field ("default", "flex",
+    "priority", …), kept when it is one P402 prices ("default" and "auto" are
+    standard, anything else is left out).
 
-    Cached input is part of the input total and reasoning part of the output total,
-    as OpenAI reports them and as P402 counts them."""
+    Every detail OpenAI reports is kept: cached, cache-write (OpenAI-compatible
+    gateways report it), audio and image input tokens as parts of the input total;
+    reasoning, audio and image output tokens as parts of the output total. A part
+    larger than what is left of its total is cut to it (an upstream that counts a
+    token twice is not billed twice)."""
     if usage is None:
         return None
     if _get(usage, "prompt_tokens") is not None or _get(usage, "completion_tokens") is not None:
@@ -157,14 +163,33 @@ def usage_from_openai(usage: Any) -> dict[str, int] | None:
         out_details = _get(usage, "output_tokens_details")
     if inp is None and out is None:
         return None
-    kw = {"input_tokens": _int(inp), "output_tokens": _int(out)}
-    cached = _int(_get(in_details, "cached_tokens"))
-    reasoning = _int(_get(out_details, "reasoning_tokens"))
-    if cached:
-        kw["cached_input_tokens"] = min(cached, kw["input_tokens"])
-    if reasoning:
-        kw["reasoning_tokens"] = min(reasoning, kw["output_tokens"])
+    kw: dict[str, Any] = {"input_tokens": _int(inp), "output_tokens": _int(out)}
+    left = kw["input_tokens"]
+    for name, key in _INPUT_PARTS:
+        n = min(_int(_get(in_details, key)), left)
+        if n:
+            kw[name] = n
+            left -= n
+    left = kw["output_tokens"]
+    for name, key in _OUTPUT_PARTS:
+        n = min(_int(_get(out_details, key)), left)
+        if n:
+            kw[name] = n
+            left -= n
+    if service_tier in _TIERS:
+        kw["service_tier"] = service_tier
     return usage_kwargs(**kw)
+
+
+# (Record keyword, OpenAI usage detail key), in the order each takes its share
+_INPUT_PARTS = (("cached_input_tokens", "cached_tokens"),
+                ("cache_write_tokens", "cache_write_tokens"),
+                ("audio_input_tokens", "audio_tokens"),
+                ("image_input_tokens", "image_tokens"))
+_OUTPUT_PARTS = (("reasoning_tokens", "reasoning_tokens"),
+                 ("audio_output_tokens", "audio_tokens"),
+                 ("image_output_tokens", "image_tokens"))
+_TIERS = frozenset(("batch", "flex", "priority"))
 
 
 def _header(exc: Any, name: str) -> str | None:
@@ -284,7 +309,7 @@ class _StreamState:
         if self.kind == CHAT:
             u = _get(item, "usage")
             if u is not None:
-                self.usage = usage_from_openai(u)
+                self.usage = usage_from_openai(u, _get(item, "service_tier"))
             for choice in _get(item, "choices") or ():
                 if _get(_get(choice, "delta"), "content"):
                     self.deltas += 1
@@ -293,7 +318,8 @@ class _StreamState:
             if etype == "response.output_text.delta":
                 self.deltas += 1
             elif etype in ("response.completed", "response.incomplete", "response.failed"):
-                u = usage_from_openai(_get(_get(item, "response"), "usage"))
+                resp = _get(item, "response")
+                u = usage_from_openai(_get(resp, "usage"), _get(resp, "service_tier"))
                 if u is not None:
                     self.usage = u
 
@@ -520,7 +546,7 @@ class MeteredOpenAI(_WrapperBase):
                 raise
             if call.stream:
                 return MeteredStream(result, _StreamState(kind, m))
-            usage = usage_from_openai(_get(result, "usage"))
+            usage = usage_from_openai(_get(result, "usage"), _get(result, "service_tier"))
             if usage is not None:
                 m.set_usage(usage)
             m.__exit__(None, None, None)
@@ -560,7 +586,7 @@ class AsyncMeteredOpenAI(_WrapperBase):
                 raise
             if call.stream:
                 return AsyncMeteredStream(result, _StreamState(kind, m))
-            usage = usage_from_openai(_get(result, "usage"))
+            usage = usage_from_openai(_get(result, "usage"), _get(result, "service_tier"))
             if usage is not None:
                 m.set_usage(usage)
             await m.__aexit__(None, None, None)

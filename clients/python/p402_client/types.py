@@ -254,14 +254,19 @@ class Owners(_Plain):
 
 @dataclass(frozen=True, slots=True)
 class Usage(_Plain):
-    """Tokens of one call or a sum. Cached and cache-write tokens are part of
-    input_tokens; reasoning tokens part of output_tokens (OpenTelemetry GenAI)."""
+    """Usage of one call or a sum. Cached and cache-write tokens are part of
+    input_tokens; reasoning tokens part of output_tokens (OpenTelemetry GenAI).
+    `units` holds the other Usage counts that are not 0 (images, audio_ms,
+    audio_input_tokens, …: p402core/README.md) and `service_tier` the tier billed
+    ("" = standard) — on events; sums carry tokens only."""
 
     input_tokens: int = 0
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    units: Mapping[str, int] = field(default_factory=dict)
+    service_tier: str = ""
 
     @property
     def total_tokens(self) -> int:
