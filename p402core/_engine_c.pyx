@@ -530,23 +530,25 @@ cdef class Engine:
 
     def authorize(self, model, *, provider="", owners=None, labels=None, input_bytes=-1,
                   content=None, max_output_tokens=0, privacy_mode=1, ttl_seconds=0,
-                  reservation_id=""):
+                  reservation_id="", units=None):
         """May this call go ahead, and with what output cap? (see `_engine_py`)"""
         return self._authorize(model, provider, owners, labels, input_bytes, content,
-                               max_output_tokens, privacy_mode, ttl_seconds, reservation_id)
+                               max_output_tokens, privacy_mode, ttl_seconds, reservation_id,
+                               units)
 
     cpdef Authorization authorize_args(self, object model, object provider, object owners,
                                        object labels, object input_bytes, object content,
                                        object max_output_tokens, object privacy_mode,
                                        object ttl_seconds, object reservation_id):
-        """`authorize` with every argument positional (no keyword parsing)."""
+        """`authorize` with every argument positional (no keyword parsing), no units."""
         return self._authorize(model, provider, owners, labels, input_bytes, content,
-                               max_output_tokens, privacy_mode, ttl_seconds, reservation_id)
+                               max_output_tokens, privacy_mode, ttl_seconds, reservation_id,
+                               None)
 
     cdef Authorization _authorize(self, object model_in, object provider_in, object owners_in,
                                   object labels_in, object input_bytes_in, object content,
                                   object max_output_in, object privacy_in, object ttl_in,
-                                  object rid_in):
+                                  object rid_in, object units_in):
         cdef str model = _str("model", model_in, True)
         cdef str provider = _str("provider", provider_in, False)
         cdef tuple owners = owners_tuple(owners_in, "owners")
@@ -564,6 +566,7 @@ cdef class Engine:
         cdef Catalog catalog
         cdef BudgetBook book
         cdef RuleSet rules
+        cdef dict extra = None
 
         if content is None:
             if type(input_bytes_in) is int and input_bytes_in == -1:
@@ -577,6 +580,8 @@ cdef class Engine:
         privacy_mode = _privacy(privacy_in)
         ttl = _i64("ttl_seconds", ttl_in, 0, C_MAX_TTL)
         rid = _str("reservation_id", rid_in, False)
+        if units_in:
+            extra = _units.check_expected(units_in)
         if rid:
             self._foreign_ids = True
             if rid in self._holds:
@@ -620,6 +625,8 @@ cdef class Engine:
                 self._estimator._estimate_content(price, content, cap, &est)
             else:
                 self._estimator._estimate(price, input_bytes, cap, &est)
+            if extra:
+                est.cost_nanos += _units.expected_nanos(price, extra)
             if pr.max_cost_nanos and est.cost_nanos > pr.max_cost_nanos:
                 decision = DENY
                 if reasons is None:
@@ -646,7 +653,8 @@ cdef class Engine:
         if decision != DENY:
             held = book._reserve_into(bset, _amount(est.cost_nanos), now, counters)
             if not held:
-                clamped = self._clamp(price, bset, est.input_tokens, est.output_tokens, now)
+                clamped = 0 if extra else self._clamp(price, bset, est.input_tokens,
+                                                      est.output_tokens, now)
                 if reasons is None:
                     reasons = list(pr.reasons)
                 if clamped:

@@ -403,8 +403,12 @@ class Engine:
 
     def authorize(self, model, *, provider="", owners=None, labels=None, input_bytes=-1,
                   content=None, max_output_tokens=0, privacy_mode=1, ttl_seconds=0,
-                  reservation_id=""):
-        """May this call go ahead, and with what output cap? (module docstring)"""
+                  reservation_id="", units=None):
+        """May this call go ahead, and with what output cap? (module docstring)
+
+        `units`: the quantities the call is expected to use beyond tokens ({"images":
+        2}, {"audio_ms": 61_500}; p402core._units.QUANTITY_UNITS): their price is
+        added to the estimate and reserved; such a call is never clamped."""
         model = _check_str("model", model, required=True)
         provider = _check_str("provider", provider)
         owners = owners_tuple(owners)
@@ -421,6 +425,7 @@ class Engine:
         privacy_mode = _privacy(privacy_mode)
         ttl_seconds = _check_int("ttl_seconds", ttl_seconds, 0, MAX_TTL_SECONDS)
         reservation_id = _check_str("reservation_id", reservation_id)
+        extra = _units.check_expected(units) if units else None
         if reservation_id and reservation_id in self._holds:
             raise Conflict(f"reservation {reservation_id!r} is already open")
         now = self._now()
@@ -457,6 +462,8 @@ class Engine:
                 in_tok, out_tok, cost = self._estimator.estimate_content(price, content, cap)
             else:
                 in_tok, out_tok, cost = self._estimator.estimate(price, input_bytes, cap)
+            if extra:
+                cost += _units.expected_nanos(price, extra)
             if pr.max_cost_nanos and cost > pr.max_cost_nanos:
                 decision = _DENY
                 _add(reasons, POLICY_COST_TOO_HIGH)
@@ -469,7 +476,7 @@ class Engine:
                 _add(reasons, POLICY_RATE_LIMITED)
                 _add(rule_ids, limited)
         if decision != _DENY and not book.reserve(bset.indices, cost, now):
-            clamped = self._clamp(price, bset, in_tok, out_tok, now)
+            clamped = 0 if extra else self._clamp(price, bset, in_tok, out_tok, now)
             if clamped:
                 out_tok = clamped
                 cost = price.cost_nanos(in_tok, out_tok)

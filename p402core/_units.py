@@ -55,7 +55,8 @@ from collections.abc import Mapping
 from ._enums import MAX_TOKENS, InvalidArgument
 
 __all__ = ["TOKEN_UNITS", "QUANTITY_UNITS", "UNITS", "SERVICE_TIERS", "MAX_UNIT_PRICE_PICO",
-           "MAX_COST_PICO", "check_units", "check_unit_rates", "check_tier", "cost_pico"]
+           "MAX_COST_PICO", "check_units", "check_expected", "check_unit_rates", "check_tier",
+           "cost_pico", "expected_nanos"]
 
 MAX_PRICE_PICO = 10**10
 MAX_UNIT_PRICE_PICO = 10**13
@@ -161,3 +162,22 @@ def cost_pico(row, i: int, o: int, c: int, w: int, r: int, units: dict, rates: d
         raise InvalidArgument("usage", f"costs more than {MAX_COST_PICO // 10**12} USD: "
                                        "not a real call")
     return cost
+
+
+def check_expected(units) -> dict:
+    """Validate the quantities an Authorize expects ({unit: count}, QUANTITY_UNITS
+    only: token counts are estimated from the prompt and the output cap)."""
+    extra = check_units(units)
+    for name in extra:
+        if name in _TOKEN:
+            raise InvalidArgument(name, "not a quantity: token counts are estimated from the "
+                                        "prompt and the output cap")
+    return extra
+
+
+def expected_nanos(price, extra: dict) -> int:
+    """The price in nanos of expected quantities (check_expected) at `price`'s
+    standard rates: what an Authorize adds to its token estimate."""
+    if not extra:
+        return 0
+    return (cost_pico(price.rates_at(0), 0, 0, 0, 0, 0, extra, price.units) + 500) // 1000

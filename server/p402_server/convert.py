@@ -257,6 +257,25 @@ def usage_from_proto(u, field: str = "usage") -> tuple:
     return (*t, units, tier)
 
 
+def expected_units(u, field: str = "expected_usage") -> dict | None:
+    """An AuthorizeRequest's expected quantities {unit: count}, validated (None: none)."""
+    for name in (*_USAGE_FIELDS, *_units.UNITS):
+        v = getattr(u, name)
+        if v and name not in _units.QUANTITY_UNITS:
+            raise InvalidArgument(f"{field}.{name}", "not a quantity: token counts are "
+                                  "estimated from input_bytes and max_output_tokens")
+    if u.service_tier:
+        raise InvalidArgument(f"{field}.service_tier", "an estimate is at standard rates")
+    units = {}
+    for name in _units.QUANTITY_UNITS:
+        v = getattr(u, name)
+        if v:
+            if v < 0 or v > MAX_TOKENS:
+                raise InvalidArgument(f"{field}.{name}", f"must be within 0..{MAX_TOKENS}, got {v}")
+            units[name] = v
+    return units or None
+
+
 def set_usage(u, input_tokens, cached, cache_write, output, reasoning, units=None,
               service_tier: str = "") -> None:
     u.input_tokens = input_tokens
@@ -301,7 +320,9 @@ def authorize_args(req, default_privacy: int) -> dict:
     content = req.content
     if content:
         check_text(content, "content")
+    units = expected_units(req.expected_usage) if req.HasField("expected_usage") else None
     return {
+        "units": units,
         "provider": req.provider,
         "owners": owners_from_proto(req.owners) if req.HasField("owners") else EMPTY_OWNERS,
         "labels": labels_from_proto(req.labels) if req.labels else None,

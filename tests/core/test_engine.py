@@ -621,3 +621,28 @@ def test_a_refused_record_leaves_the_hold_in_place(impl, kwargs, field):
     # the hold is still there: a corrected Record settles it
     s = e.record(a.reservation_id, input_tokens=100, output_tokens=10)
     assert s.cost_nanos == (100 * 1_000_000 + 10 * 2_000_000) // 1000
+
+
+def test_authorize_reserves_the_expected_quantities(impl):
+    e = impl.Engine(_units_catalog(impl), budgets=[impl.Budget("acme", 3 * 10**9 + 10**6,
+                                                               scope={"customer": "acme"})],
+                    clock=Clock())
+    a = e.authorize("m3", owners=ACME, input_bytes=0, max_output_tokens=1, units={"images": 2})
+    assert a.estimated_cost_nanos == 2 * 10**9 + 2000  # 2 images at 1 USD + 1 output token
+    assert status(e, "acme") == (0, a.estimated_cost_nanos)
+    # a third and fourth image do not fit: denied, never clamped to fewer tokens
+    b = e.authorize("m3", owners=ACME, input_bytes=0, max_output_tokens=1, units={"images": 2})
+    assert b.decision == Decision.DENY and "budget.exceeded" in b.reasons
+    s = e.record(a.reservation_id, units={"images": 2})
+    assert s.cost_nanos == 2 * 10**9 and status(e, "acme") == (2 * 10**9, 0)
+
+
+@pytest.mark.parametrize("units,field", [
+    ({"audio_input_tokens": 5}, "audio_input_tokens"), ({"images": -1}, "images"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_expected_units_are_quantities(impl, units, field):
+    e = impl.Engine(_units_catalog(impl), clock=Clock())
+    with pytest.raises(InvalidArgument) as info:
+        e.authorize("m3", owners=ACME, input_bytes=0, units=units)
+    assert info.value.field == field

@@ -95,3 +95,39 @@ async def test_bad_units_are_refused_naming_the_field(svc_any, usage, field):
         reservation_id=a.reservation_id, usage=common_pb2.Usage(input_tokens=100)),
         metadata=svc.auth)
     assert nanos(r.cost) == CATALOG.cost_nanos("gpt-4o-mini", input_tokens=100)
+
+
+async def test_authorize_reserves_expected_quantities(svc_any):
+    from p402.v1 import admin_pb2
+
+    from tests.server.service_harness import usd
+
+    svc = svc_any
+    model = "low/1024-x-1024/gpt-image-1"
+    per_image = CATALOG.cost_nanos(model, images=1)
+    assert per_image > 0
+    await svc.admin.PutBudget(admin_pb2.PutBudgetRequest(budget=admin_pb2.Budget(
+        budget_id="img", limit=usd(3 * per_image), period=common_pb2.PERIOD_TOTAL,
+        enforcement=common_pb2.ENFORCEMENT_HARD, scope={"customer": "acme"})),
+        metadata=svc.auth)
+    a = await svc.meter.Authorize(meter_pb2.AuthorizeRequest(
+        model=model, owners=owners(customer="acme"), input_bytes=40,
+        expected_usage=common_pb2.Usage(images=2)), metadata=svc.auth)
+    assert a.decision == common_pb2.DECISION_ALLOW
+    assert nanos(a.estimated_cost) >= 2 * per_image
+    # two more images do not fit the HARD budget: denied before the call
+    b = await svc.meter.Authorize(meter_pb2.AuthorizeRequest(
+        model=model, owners=owners(customer="acme"), input_bytes=40,
+        expected_usage=common_pb2.Usage(images=2)), metadata=svc.auth)
+    assert b.decision == common_pb2.DECISION_DENY and "budget.exceeded" in b.reasons
+    r = await svc.meter.Record(meter_pb2.RecordRequest(
+        reservation_id=a.reservation_id, usage=common_pb2.Usage(images=2)),
+        metadata=svc.auth)
+    assert nanos(r.cost) == 2 * per_image
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await svc.meter.Authorize(meter_pb2.AuthorizeRequest(
+            model=model, owners=owners(customer="acme"), input_bytes=40,
+            expected_usage=common_pb2.Usage(input_tokens=5)), metadata=svc.auth)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "expected_usage.input_tokens" in info.value.details()
