@@ -565,6 +565,11 @@ class Catalog:
                     return p
             if m == m.lower():
                 break
+        # "hd/1024-x-1792/dall-e-3" without a price of its own: the next shorter
+        # name prices it (an image's quality or size, then the model)
+        rest = _units.image_rest(model)
+        if rest:
+            return self._resolve(rest, provider)
         return None
 
     def cost_nanos(self, model, *, input_tokens=0, output_tokens=0, cached_input_tokens=0,

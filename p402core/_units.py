@@ -50,11 +50,12 @@ half-up to nano-USD. A cost above MAX_COST_PICO is refused (InvalidArgument
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from ._enums import MAX_TOKENS, InvalidArgument
 
-__all__ = ["TOKEN_UNITS", "QUANTITY_UNITS", "UNITS", "SERVICE_TIERS", "MAX_UNIT_PRICE_PICO",
+__all__ = ["IMAGE_QUALITIES", "image_name", "image_rest", "TOKEN_UNITS", "QUANTITY_UNITS", "UNITS", "SERVICE_TIERS", "MAX_UNIT_PRICE_PICO",
            "MAX_COST_PICO", "check_units", "check_expected", "check_unit_rates", "check_tier",
            "cost_pico", "expected_nanos"]
 
@@ -78,6 +79,34 @@ SERVICE_TIERS = ("standard", "batch", "flex", "priority")
 _STANDARD = frozenset(("", "standard", "default", "auto"))
 
 _TOKEN = {u: (part, k) for u, part, k in TOKEN_UNITS}
+
+# Image prices by size and quality are entries named "<quality>/<W>-x-<H>/<model>"
+# (LiteLLM's names: "hd/1024-x-1792/dall-e-3", "low/1024-x-1024/gpt-image-1").
+IMAGE_QUALITIES = frozenset(("standard", "hd", "low", "medium", "high", "auto"))
+_IMAGE_SIZE = re.compile(r"^([0-9]{2,5})-x-([0-9]{2,5})$")
+_SIZE_ARG = re.compile(r"^([0-9]{2,5})\s*[xX]\s*([0-9]{2,5})$")
+
+
+def image_name(model: str, size=None, quality=None) -> str:
+    """The price entry name of an image request: "<quality>/<W>-x-<H>/<model>", each
+    part only when the request gives it ("1024x1792" and "1024-x-1792" alike)."""
+    name = model
+    text = size.strip() if isinstance(size, str) else ""
+    m = _SIZE_ARG.match(text) or _IMAGE_SIZE.match(text)
+    if m:
+        name = f"{m.group(1)}-x-{m.group(2)}/{name}"
+    if isinstance(quality, str) and quality.lower() in IMAGE_QUALITIES:
+        name = f"{quality.lower()}/{name}"
+    return name
+
+
+def image_rest(name: str) -> str:
+    """`name` without its leading image quality or size ("" when it has none): a
+    catalog without a price for a size or quality prices the next shorter name."""
+    head, sep, rest = name.partition("/")
+    if sep and rest and (head.lower() in IMAGE_QUALITIES or _IMAGE_SIZE.match(head)):
+        return rest
+    return ""
 
 
 def _count(field: str, value, hi: int) -> int:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p402core import MAX_TOKENS, InvalidArgument
+from p402core import MAX_TOKENS, InvalidArgument, UnknownModel
 from p402core._units import MAX_COST_PICO, QUANTITY_UNITS, UNITS
 
 M = 10**6  # pico per token of 1 USD per million tokens
@@ -186,3 +186,20 @@ def test_twins_agree_on_any_usage(both, u, rates):
         costs.append(p.cost_units_pico(u["i"], u["o"], u["c"], u["w"], u["r"],
                                        units=u["units"], service_tier=u["tier"]))
     assert costs[0] == costs[1]
+
+
+def test_an_image_size_or_quality_without_a_price_falls_back_to_the_shorter_name(impl):
+    from p402core._units import image_name
+
+    sized = impl.ModelPrice("hd/1024-x-1792/img", "p", input_pico=0, output_pico=0,
+                            units={"images": 8 * 10**10})
+    plain = impl.ModelPrice("img", "p", input_pico=0, output_pico=0, units={"images": 10**10})
+    cat = impl.Catalog([sized, plain], version="t", taken="2026-01-02")
+    assert cat.lookup(image_name("img", "1024x1792", "hd")) == sized
+    assert cat.lookup(image_name("img", "1024x1024", "hd")) == plain   # no such size
+    assert cat.lookup(image_name("img", "512x512", None)) == plain
+    assert cat.lookup("standard/img") == plain
+    assert image_name("img", "1024X1792", "HD") == "hd/1024-x-1792/img"
+    assert image_name("img", "big", "ultra") == "img"
+    with pytest.raises(UnknownModel):
+        cat.lookup("hd/1024-x-1792/other")
