@@ -7,8 +7,16 @@ back (from the last stream chunk when streaming) and recorded, and OpenAI-style
 errors for denials. Nothing here prices or decides: the P402 server does.
 
 Endpoints: POST /v1/chat/completions (JSON and SSE), /v1/responses (JSON and SSE),
-/v1/embeddings (metered); GET /v1/models (passed through for a valid P402 key). Any
-other path answers 404: the proxy never forwards traffic it cannot meter.
+/v1/embeddings (metered by tokens: every usage detail OpenAI reports, the service tier
+and Responses' web-search calls); POST /v1/images/generations and /v1/images/edits
+(per image of the size and quality asked, plus gpt-image token usage),
+/v1/audio/transcriptions and /v1/audio/translations (multipart: the duration or the
+token usage the answer reports; reserved on `x-p402-audio-ms` when declared, else on
+the upload's size at 16 kbit/s), /v1/audio/speech (per character of `input`; speech
+answers carry no usage, so its event is ESTIMATED) — see `media_plan` and
+`media_usage`; GET /v1/models (passed through for a valid P402 key). Any other path
+(files, batches, fine-tuning, moderations, realtime, …) answers 404: the proxy never
+forwards traffic it cannot meter.
 
 The caller
 - `Authorization: Bearer p402_…` — a P402 key with the `meter` scope; the tenant comes
@@ -86,6 +94,8 @@ ledger, read it with Query or `p402 events`).
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import json
 import logging
 import math
@@ -100,12 +110,21 @@ import aiohttp
 import aiohttp.http_exceptions
 from aiohttp import web, web_protocol, web_server
 from p402_client.openai import usage_from_openai
+from p402core._units import image_name
 
 log = logging.getLogger("p402.proxy")
 
 OWNER_HEADERS = ("customer", "feature", "workflow", "task", "department", "employee")
 LABEL_PREFIX = "x-p402-label-"
 METERED = {"chat/completions": "chat", "responses": "responses", "embeddings": "embeddings"}
+# Endpoints priced by what they make or take rather than by text tokens.
+MEDIA = {"images/generations": "images", "images/edits": "images",
+         "audio/transcriptions": "transcription", "audio/translations": "transcription",
+         "audio/speech": "speech"}
+MAX_IMAGES = 10           # OpenAI's own bound on `n`
+IMAGE_TOKENS_MAX = 6240   # output tokens of the largest gpt-image-1 image (high, 1536x1024)
+AUDIO_BYTES_PER_MS = 2    # 16 kbit/s: the lowest bitrate assumed when a duration is not declared
+AUDIO_MS_HEADER = "x-p402-audio-ms"
 # Caller headers worth forwarding upstream (everything else, notably Authorization
 # and x-p402-*, stays here).
 FORWARD_HEADERS = ("accept", "openai-beta", "openai-organization", "openai-project",
@@ -438,6 +457,142 @@ def _int(v: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
 
+def json_object(raw: bytes) -> dict:
+    """A request body that must be a JSON object (400 otherwise)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ProxyError(400, "the request body is not JSON", "invalid_request_error",
+                         "invalid_json") from None
+    except RecursionError:
+        raise ProxyError(400, "the request body's JSON is nested too deeply",
+                         "invalid_request_error", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise ProxyError(400, "the request body must be a JSON object",
+                         "invalid_request_error", "invalid_json")
+    return body
+
+
+def parse_form(content_type: str, raw: bytes) -> tuple[dict[str, str], dict[str, int]]:
+    """A multipart/form-data body -> ({field: text}, {file field: size in bytes})."""
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + raw)
+    if not msg.is_multipart():
+        raise ProxyError(400, "the multipart body could not be read", "invalid_request_error",
+                         "invalid_body")
+    fields: dict[str, str] = {}
+    files: dict[str, int] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        payload = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None:
+            files[name] = files.get(name, 0) + len(payload)
+        else:
+            fields[name] = payload.decode("utf-8", "replace")
+    return fields, files
+
+
+@dataclass(frozen=True)
+class MediaPlan:
+    """What an image, transcription or speech call is authorized on."""
+
+    model: str               # the price entry ("hd/1024-x-1792/dall-e-3" for images)
+    input_bytes: int         # the text prompt's bytes
+    max_output_tokens: int   # the output tokens it may make (0: the default estimate)
+    expected: dict           # the quantities it is priced by (expected_usage)
+
+
+def _count(fields: dict, name: str, default: int, hi: int) -> int:
+    value = fields.get(name)
+    if value is None or value == "":
+        return default
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+        raise ProxyError(400, f"{name} must be an integer within 1..{hi}",
+                         "invalid_request_error", "invalid_value", param=name)
+    return value
+
+
+def media_plan(kind: str, model: str, fields: dict, files: dict, headers) -> MediaPlan:
+    """The reservation of a media call:
+    - images: n images (default 1) of the entry for the size and quality asked
+      (`p402core._units.image_name`), plus up to IMAGE_TOKENS_MAX output tokens each
+      for token-priced image models;
+    - transcription / translation: the audio's milliseconds, declared in
+      `x-p402-audio-ms` or else taken at 16 kbit/s of the uploaded file (an upper
+      bound for compressed speech), plus up to 10 text tokens per second;
+    - speech: the characters of `input`."""
+    if kind == "images":
+        n = _count(fields, "n", 1, MAX_IMAGES)
+        prompt = fields.get("prompt")
+        return MediaPlan(image_name(model, fields.get("size"), fields.get("quality")),
+                         len(prompt.encode()) if isinstance(prompt, str) else 0,
+                         n * IMAGE_TOKENS_MAX, {"images": n})
+    if kind == "transcription":
+        if "file" not in files:
+            raise ProxyError(400, "file is required (multipart/form-data)",
+                             "invalid_request_error", "missing_file", param="file")
+        declared = _int_header(headers, AUDIO_MS_HEADER)
+        ms = declared or max(1000, files["file"] // AUDIO_BYTES_PER_MS)
+        return MediaPlan(model, 0, max(16, ms // 100), {"audio_ms": ms})
+    text = fields.get("input")
+    if not isinstance(text, str) or not text:
+        raise ProxyError(400, "input is required", "invalid_request_error",
+                         "missing_input", param="input")
+    return MediaPlan(model, len(text.encode()), 0, {"characters": len(text)})
+
+
+def media_usage(kind: str, raw: bytes, content_type: str) -> dict[str, Any] | None:
+    """The usage a media answer reports (None: none; the reservation's estimate is
+    recorded): images generated (and token usage of gpt-image models), the
+    transcription's duration or token usage (JSON, verbose JSON or the final SSE
+    event of a stream). Speech answers are audio and report nothing."""
+    if kind == "speech":
+        return None
+    if content_type.startswith("text/event-stream"):
+        answer = None
+        for line in raw.decode("utf-8", "replace").splitlines():
+            if line.startswith("data:"):
+                try:
+                    event = json.loads(line[5:].strip())
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and isinstance(event.get("usage"), dict):
+                    answer = event
+        if answer is None:
+            return None
+    elif "json" in content_type:
+        answer = json.loads(raw)
+        if not isinstance(answer, dict):
+            return None
+    else:
+        return None  # a plain-text transcript: no usage
+    usage = answer.get("usage")
+    if kind == "images":
+        out = usage_from("images", usage) or {}
+        data = answer.get("data")
+        if isinstance(data, list) and data:
+            out["images"] = len(data)
+        return out or None
+    if isinstance(usage, dict) and usage.get("type") == "duration":
+        seconds = usage.get("seconds")
+    elif isinstance(usage, dict) and usage.get("type") == "tokens":
+        details = usage.get("input_token_details") or {}
+        out = usage_from("transcription", {"input_tokens": usage.get("input_tokens"),
+                                           "output_tokens": usage.get("output_tokens"),
+                                           "input_tokens_details": {
+                                               "audio_tokens": details.get("audio_tokens")}})
+        return out
+    else:
+        seconds = answer.get("duration")
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0:
+        return {"audio_ms": int(round(seconds * 1000))}
+    return None
+
+
 def usage_from(kind: str, usage: Any, service_tier: Any = None,
                searches: int = 0) -> dict[str, Any] | None:
     """OpenAI usage (chat, responses or images shape) -> P402 Record keywords: every
@@ -550,6 +705,9 @@ class Proxy:
         app[PROXY_KEY] = self
         app.router.add_post("/v1/{endpoint:chat/completions|responses|embeddings}",
                             self.metered)
+        app.router.add_post("/v1/{endpoint:images/generations|images/edits|"
+                            "audio/transcriptions|audio/translations|audio/speech}",
+                            self.metered)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.models)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
@@ -600,7 +758,9 @@ class Proxy:
     async def not_found(self, request: web.Request) -> web.StreamResponse:
         return ProxyError(404, f"{request.method} {request.path} is not served by the P402 "
                           "proxy (metered: /v1/chat/completions, /v1/responses, "
-                          "/v1/embeddings; /v1/models)", "invalid_request_error",
+                          "/v1/embeddings, /v1/images/generations, /v1/images/edits, "
+                          "/v1/audio/transcriptions, /v1/audio/translations, "
+                          "/v1/audio/speech; /v1/models)", "invalid_request_error",
                           "unknown_url").response()
 
     async def models(self, request: web.Request) -> web.StreamResponse:
@@ -642,20 +802,13 @@ class Proxy:
                               "invalid_request_error", "invalid_json").response()
 
     async def _metered(self, request: web.Request) -> web.StreamResponse:
-        kind = METERED[request.match_info["endpoint"]]
+        endpoint = request.match_info["endpoint"]
+        if endpoint in MEDIA:
+            return await self._media(request, endpoint, MEDIA[endpoint])
+        kind = METERED[endpoint]
         key = self._caller_key(request)
         raw = await request.read()
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise ProxyError(400, "the request body is not JSON", "invalid_request_error",
-                             "invalid_json") from None
-        except RecursionError:
-            raise ProxyError(400, "the request body's JSON is nested too deeply",
-                             "invalid_request_error", "invalid_json") from None
-        if not isinstance(body, dict):
-            raise ProxyError(400, "the request body must be a JSON object",
-                             "invalid_request_error", "invalid_json")
+        body = json_object(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise ProxyError(400, "model is required", "invalid_request_error",
@@ -720,8 +873,11 @@ class Proxy:
         finally:
             up.release()
 
-    async def _whole(self, request, up, kind, key, auth, nbytes, meta):
-        """A non-streamed answer (or any upstream error): read, record, answer."""
+    async def _whole(self, request, up, kind, key, auth, nbytes, meta, read_usage=None,
+                     fallback=None):
+        """A non-streamed answer (or any upstream error): read, record, answer.
+        `read_usage(raw, content_type)` reads the usage of a media answer, `fallback`
+        is recorded (as an estimate) when the answer has none."""
         rid = auth.reservation_id
         try:
             raw = await up.read()
@@ -742,17 +898,22 @@ class Proxy:
             return web.Response(body=raw, status=up.status, headers=headers,
                                 content_type=up.content_type or "application/json")
         try:
-            answer = json.loads(raw)
-            usage = usage_from(kind, answer.get("usage"), answer.get("service_tier"),
-                               web_searches(answer))
-        except (ValueError, AttributeError):
+            if read_usage is not None:
+                usage = read_usage(raw, up.content_type or "")
+            else:
+                answer = json.loads(raw)
+                usage = usage_from(kind, answer.get("usage"), answer.get("service_tier"),
+                                   web_searches(answer))
+        except (ValueError, AttributeError, UnicodeError):
             usage = None
         estimated = usage is None
         if usage is None:
-            log.warning("upstream answer to %s had no usage; recording the estimate", rid)
-            usage = {"input_tokens": auth.estimated_input_tokens,
-                     "output_tokens": 0 if kind == "embeddings"
-                     else auth.estimated_output_tokens}
+            if kind != "speech":  # speech answers are audio: never any usage
+                log.warning("upstream answer to %s had no usage; recording the estimate",
+                            rid)
+            usage = fallback or {"input_tokens": auth.estimated_input_tokens,
+                                 "output_tokens": 0 if kind == "embeddings"
+                                 else auth.estimated_output_tokens}
         event_id = await self._record(key, rid, outcome="SUCCESS", usage=usage,
                                       input_bytes=nbytes, estimated=estimated)
         if event_id is not None:
@@ -838,6 +999,66 @@ class Proxy:
         await self._record(key, rid, outcome=outcome, usage=usage, input_bytes=nbytes,
                            estimated=estimated)
         return resp
+
+    async def _media(self, request: web.Request, endpoint: str, kind: str
+                     ) -> web.StreamResponse:
+        """Images, transcriptions and speech: authorized with what they are priced by
+        (`media_plan`: images, seconds of audio, characters), forwarded as received
+        (JSON or multipart), recorded from the answer (`media_usage`)."""
+        key = self._caller_key(request)
+        raw = await request.read()
+        ctype = request.headers.get("Content-Type", "")
+        if ctype.lower().startswith("multipart/form-data"):
+            fields, files = parse_form(ctype, raw)
+        else:
+            fields, files = json_object(raw), {}
+        model = fields.get("model")
+        if not isinstance(model, str) or not model:
+            raise ProxyError(400, "model is required", "invalid_request_error",
+                             "missing_model", param="model")
+        plan = media_plan(kind, model, fields, files, request.headers)
+        owners, labels = owners_from_headers(request.headers)
+        try:
+            auth = await self.meter.authorize(
+                key, plan.model, provider=self.config.provider, owners=owners,
+                labels=labels or None, input_bytes=plan.input_bytes,
+                max_output_tokens=plan.max_output_tokens, expected_usage=plan.expected,
+                attempt=_int_header(request.headers, "x-p402-attempt"),
+                retry_of=request.headers.get("x-p402-retry-of", ""))
+        except ProxyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - P402 client errors -> HTTP
+            raise _p402_error(exc) from None
+        if not auth.allowed:
+            raise denial(auth)
+        meta = {"x-p402-reservation-id": auth.reservation_id,
+                "x-p402-decision": auth.decision.name}
+        if auth.reasons:
+            meta["x-p402-reasons"] = ",".join(auth.reasons)
+        headers = self._upstream_headers(request)
+        headers["Content-Type"] = ctype or "application/json"
+        rid, nbytes = auth.reservation_id, plan.input_bytes
+        try:
+            up = await self._session.post(
+                self.config.upstream_base + "/" + endpoint, data=raw, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.config.upstream_timeout))
+        except asyncio.TimeoutError:
+            await self._record(key, rid, outcome="TIMEOUT", usage=None, input_bytes=nbytes)
+            raise ProxyError(504, "the upstream did not answer in time", "server_error",
+                             "upstream_timeout") from None
+        except aiohttp.ClientError as exc:
+            await self._record(key, rid, outcome="PROVIDER_ERROR", usage=None,
+                               input_bytes=nbytes)
+            raise ProxyError(502, f"upstream unreachable: {exc}", "server_error",
+                             "upstream_unreachable") from None
+        fallback = {"input_tokens": auth.estimated_input_tokens,
+                    "output_tokens": auth.estimated_output_tokens, **plan.expected}
+        try:
+            return await self._whole(request, up, kind, key, auth, nbytes, meta,
+                                     read_usage=lambda body, ct: media_usage(kind, body, ct),
+                                     fallback=fallback)
+        finally:
+            up.release()
 
     @staticmethod
     def _streamed_usage(auth, chunks: int, out_bytes: int) -> dict[str, int]:

@@ -342,7 +342,7 @@ async def test_retries_are_attributed_from_headers(rig):
 
 async def test_unknown_path_is_404_and_not_forwarded(rig):
     async with aiohttp.ClientSession() as s:
-        async with s.post(rig.base_url + "/images/generations", json={},
+        async with s.post(rig.base_url + "/fine_tuning/jobs", json={},
                           headers={"Authorization": f"Bearer {rig.meter_key}"}) as r:
             assert r.status == 404
             assert (await r.json())["error"]["code"] == "unknown_url"

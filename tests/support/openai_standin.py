@@ -15,6 +15,9 @@ proxy) to talk to it as to the real thing:
   (whose `response.usage` carries the usage).
 - POST /v1/embeddings — float lists, or base64 float32 (the `openai` package asks
   for base64 by default).
+- POST /v1/images/generations, /v1/images/edits (multipart), /v1/audio/transcriptions
+  and /v1/audio/translations (multipart), /v1/audio/speech — see "images and audio"
+  below for what they answer.
 - GET /v1/models — the configured model ids.
 
 Usage is a pure function of the request, so tests can assert exact numbers:
@@ -58,6 +61,7 @@ from aiohttp import web
 CREATED = 1_700_000_000  # fixed timestamps: answers are byte-for-byte reproducible
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o", "text-embedding-3-small")
 EMBEDDING_DIM = 8
+IMAGE_TOKENS = 272  # output tokens per generated image (gpt-image-1, low quality, square)
 # Models that refuse `max_tokens` on chat completions, as OpenAI's reasoning models do.
 REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 
@@ -242,6 +246,11 @@ class OpenAIStandin:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/images/generations", self._images)
+        app.router.add_post("/v1/images/edits", self._images)
+        app.router.add_post("/v1/audio/transcriptions", self._transcription)
+        app.router.add_post("/v1/audio/translations", self._transcription)
+        app.router.add_post("/v1/audio/speech", self._speech)
         app.router.add_get("/v1/models", self._models)
         # handler_cancellation: a hanging answer stops when its caller goes away, so
         # stop() never waits on it.
@@ -274,7 +283,13 @@ class OpenAIStandin:
     async def _receive(self, request: web.Request) -> tuple[Any, web.StreamResponse | None]:
         """Record the request; answer auth failures and injected faults."""
         body, raw = None, b""
-        if request.method == "POST":
+        if request.method == "POST" and request.content_type == "multipart/form-data":
+            # form fields as strings; a file as {"filename", "size"}
+            form = await request.post()
+            body = {k: v if isinstance(v, str) else {"filename": v.filename,
+                                                     "size": len(v.file.read())}
+                    for k, v in form.items()}
+        elif request.method == "POST":
             raw = await request.read()
             try:
                 body = json.loads(raw) if raw else None
@@ -485,6 +500,63 @@ class OpenAIStandin:
         return web.json_response({"object": "list", "data": data, "model": body["model"],
                                   "usage": {"prompt_tokens": u.input_tokens,
                                             "total_tokens": u.input_tokens}})
+
+
+    # --- images and audio ------------------------------------------------------
+    # Images: one "data" item per image asked (n, default 1); gpt-image-* models
+    # also report token usage: input = ceil(prompt bytes / 4) text tokens (+ 100
+    # image tokens per input image of an edit), output = IMAGE_TOKENS per image.
+    # Transcription: the audio lasts file bytes / 4 ms (32 kbit/s); whisper-1
+    # reports {"type": "duration", "seconds"}, gpt-4o*-transcribe token usage
+    # (audio input tokens = seconds x 10, output = the text's words); "text"
+    # format answers plain text, without usage. Speech: binary audio, no usage.
+
+    async def _images(self, request: web.Request) -> web.StreamResponse:
+        body, early = await self._receive(request)
+        if early is not None:
+            return early
+        n = int(body.get("n") or 1)
+        model = str(body.get("model") or "dall-e-2")
+        out: dict[str, Any] = {"created": CREATED, "data": [
+            {"b64_json": base64.b64encode(b"img%d" % i).decode()} for i in range(n)]}
+        if model.startswith("gpt-image"):
+            text = -(-len(str(body.get("prompt", "")).encode()) // 4)
+            images_in = 100 * sum(1 for v in body.values() if isinstance(v, dict))
+            out["usage"] = {"input_tokens": text + images_in, "output_tokens": n * IMAGE_TOKENS,
+                            "total_tokens": text + images_in + n * IMAGE_TOKENS,
+                            "input_tokens_details": {"text_tokens": text,
+                                                     "image_tokens": images_in}}
+        return web.json_response(out)
+
+    async def _transcription(self, request: web.Request) -> web.StreamResponse:
+        body, early = await self._receive(request)
+        if early is not None:
+            return early
+        size = (body.get("file") or {}).get("size", 0) if isinstance(body, dict) else 0
+        seconds = size / 4000
+        text = " ".join(["word"] * max(1, int(seconds)))
+        fmt = body.get("response_format", "json")
+        if fmt == "text":
+            return web.Response(text=text, content_type="text/plain")
+        out: dict[str, Any] = {"text": text}
+        if str(body.get("model", "")).startswith("gpt-4o"):
+            audio = int(seconds * 10)
+            words = len(text.split())
+            out["usage"] = {"type": "tokens", "input_tokens": audio, "output_tokens": words,
+                            "total_tokens": audio + words,
+                            "input_token_details": {"text_tokens": 0, "audio_tokens": audio}}
+        else:
+            out["usage"] = {"type": "duration", "seconds": seconds}
+        if fmt == "verbose_json":
+            out.update(task="transcribe", language="english", duration=seconds)
+        return web.json_response(out)
+
+    async def _speech(self, request: web.Request) -> web.StreamResponse:
+        body, early = await self._receive(request)
+        if early is not None:
+            return early
+        return web.Response(body=b"ID3" + bytes(len(str(body.get("input", "")))),
+                            content_type="audio/mpeg")
 
 
 @dataclass

@@ -196,8 +196,10 @@ def authorize_request(model: str, *, provider: str = "", owners: Any = None,
                       labels: Any = None, input_bytes: int = -1, content: Any = None,
                       max_output_tokens: int = 0, privacy_mode: Any = None,
                       reservation_id: str = "", ttl_seconds: int = 0, attempt: int = 0,
-                      retry_of: str = "", request_id: str = ""
-                      ) -> meter_pb2.AuthorizeRequest:
+                      retry_of: str = "", request_id: str = "",
+                      expected_usage: Any = None) -> meter_pb2.AuthorizeRequest:
+    """An AuthorizeRequest; `expected_usage` ({"images": 2}, {"audio_ms": 61_500}, …:
+    the quantities a call is priced by) adds their price to the reservation."""
     if isinstance(content, (bytes, bytearray, memoryview)):
         try:
             content = bytes(content).decode("utf-8")
@@ -218,7 +220,22 @@ def authorize_request(model: str, *, provider: str = "", owners: Any = None,
         attempt=check_int("attempt", attempt, maximum=INT32_MAX),
         retry_of=check_str("retry_of", retry_of),
         request_id=check_str("request_id", request_id),
+        expected_usage=_expected("expected_usage", expected_usage),
     )
+
+
+def _expected(field: str, units: Any) -> common_pb2.Usage | None:
+    if units is None:
+        return None
+    if not isinstance(units, Mapping):
+        raise InvalidArgument(field, f"must be a mapping {{unit: count}}, got "
+                                     f"{type(units).__name__}")
+    usage = common_pb2.Usage()
+    for name, value in units.items():
+        if name not in UNIT_FIELDS:
+            raise InvalidArgument(f"{field}.{name}", "not a usage unit")
+        setattr(usage, name, check_int(f"{field}.{name}", value))
+    return usage
 
 
 # Usage counts beyond the five token kinds (the wire's Usage fields; what each
