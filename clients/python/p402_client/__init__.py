@@ -53,6 +53,7 @@ from .meter import AsyncMeter, Meter, meter
 from .pipeline import AuthorizePipeline
 from .recorder import AsyncRecorder, Recorder, RecorderMetrics
 from .signing import GatewaySigner
+from .usage import usage_from_anthropic, usage_from_gemini
 from .types import (
     ApiKey,
     Authorization,
@@ -86,6 +87,8 @@ from .types import (
 )
 
 __all__ = [
+    "usage_from_anthropic",
+    "usage_from_gemini",
     "AuthorizePipeline",
     "__version__",
     "P402Client",
