@@ -106,9 +106,14 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         budget = convert.budget_from_proto(request.budget, rt.core)
         async with rt.admin_lock:
             await self.store.put_budget(key.tenant_id, budget.budget_id, budget.to_dict())
+            # Mid-period: start from the spend already in the ledger for its scope.
+            await rt.open_budget(budget)
+            committed = ({} if budget.budget_id in rt.budgets
+                         else await rt.ledger_committed((budget,)))
             budgets = dict(rt.budgets)
             budgets[budget.budget_id] = budget
             rt.swap_budgets(budgets)
+            rt.set_ledger_committed(committed)
         return convert.budget_to_proto(budget, self._status(rt, budget.budget_id))
 
     @unary(READ)

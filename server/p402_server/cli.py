@@ -476,7 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_Parser)
     p = bs.add_parser("set", help="create or replace a budget", **_fmt(
         "Create or replace a budget. A HARD budget denies calls past its limit; "
-        "--soft only warns.",
+        "--soft only warns. A budget created in the middle of a period starts from the "
+        "spend already in the ledger for its scope and period (not from zero); "
+        "replacing one (a new limit) keeps what its period has committed.",
         "p402 budgets set acme-monthly --limit 25.00 --period month --soft-limit 20 "
         "--scope customer=acme --scope label.env=prod"))
     p.add_argument("budget_id", metavar="ID")

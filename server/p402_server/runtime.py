@@ -1300,6 +1300,42 @@ class TenantRuntime:
         if self.leases is not None:  # scale-out: new HARD budgets start unleased (0)
             self.leases.budgets_changed(self)
 
+    async def open_budget(self, budget) -> int | None:
+        """Before `budget` (created or replaced) is swapped in: when it has no total
+        for its current period yet, start the period from the spend already in the
+        ledger for its scope (Store.open_budget_period) and return that opening;
+        None when the period has a total (its events were charged as they came).
+        Events committed while this runs, and not yet charged to the budget, are
+        the only ones it can miss."""
+        now = _now_ms()
+        start = self.core.period_bounds(budget.period, now)[0]
+        scope = budget.scope
+        owners = {k: v for k, v in scope.items() if not k.startswith("label.")}
+        matches = budget.matches if len(owners) < len(scope) else None
+        return await self.store.open_budget_period(self.tenant_id, budget.budget_id, start,
+                                                   now, owners, matches)
+
+    async def ledger_committed(self, budgets) -> dict:
+        """{(budget_id, period_start_ms): nanos} of the current period of `budgets`
+        (Budget objects) from the ledger: read before they are swapped in, so the
+        engine gets them with no await in between (no commit of its own is lost)."""
+        if not budgets:
+            return {}
+        totals = await self.store.budget_totals(self.tenant_id)
+        now = _now_ms()
+        out = {}
+        for b in budgets:
+            key = (b.budget_id, self.core.period_bounds(b.period, now)[0])
+            if totals.get(key):
+                out[key] = totals[key]
+        return out
+
+    def set_ledger_committed(self, committed: dict) -> None:
+        """Apply `ledger_committed` to the engine (budgets new to it start there)."""
+        for (budget_id, start), nanos in committed.items():
+            if budget_id in self.budgets:
+                self.engine.set_committed(budget_id, start, nanos)
+
     def swap_rules(self, rules: dict) -> None:
         self.engine.set_rules(tuple(rules.values()))
         self.rules = rules
@@ -1344,7 +1380,10 @@ class TenantRuntime:
             swapped = []
             budgets = {b.budget_id: b for b in budgets}
             if _canonical(budgets) != _canonical(self.budgets):
+                committed = await self.ledger_committed(
+                    [b for k, b in budgets.items() if k not in self.budgets])
                 self.swap_budgets(budgets)
+                self.set_ledger_committed(committed)
                 swapped.append("budgets")
             rules = {r.rule_id: r for r in rules}
             if _canonical(rules) != _canonical(self.rules):

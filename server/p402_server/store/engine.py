@@ -659,9 +659,15 @@ class Store:
         return {(b, int(p)): int(c) for b, p, c in rows}
 
     async def recompute_budget_totals(self, tenant_id: str) -> dict[tuple[str, int], int]:
-        """The same totals recomputed from the events' budget_charges (verification)."""
-        ev = S.events
+        """The same totals recomputed from the events' budget_charges and the budgets'
+        openings (verification)."""
+        ev, bo = S.events, S.budget_openings
         totals: dict[tuple[str, int], int] = {}
+        async with self.engine.connect() as conn:
+            for b, p, n in (await conn.execute(
+                    sa.select(bo.c.budget_id, bo.c.period_start_ms, bo.c.opening_nanos)
+                    .where(bo.c.tenant_id == tenant_id))).all():
+                totals[(b, int(p))] = int(n)
         after = 0
         while True:
             async with self.engine.connect() as conn:
@@ -685,6 +691,56 @@ class Store:
                     key = (budget_id, int(period_start_ms))
                     totals[key] = totals.get(key, 0) + int(cost)
             after = rows[-1][0]
+
+    async def open_budget_period(self, tenant_id: str, budget_id: str, period_start_ms: int,
+                                 until_ms: int, owners: Mapping[str, str],
+                                 matches: Callable[[Mapping[str, str], dict], bool] | None
+                                 ) -> int | None:
+        """Start a budget's period from the spend already in the ledger, when the
+        budget has no total for that period yet (it is new, or new to the period).
+
+        Sums the cost of the tenant's events with ``period_start_ms <= event_ms <=
+        until_ms`` whose owners equal ``owners`` (and, when ``matches`` is given, for
+        which ``matches(owners, labels)`` holds: label conditions), writes it as the
+        period's budget_periods total and as a budget_openings row, in one
+        transaction, and returns it. Returns None, changing nothing, when the period
+        already has a total: its events were charged to the budget as they came."""
+        ev, bp, bo = S.events, S.budget_periods, S.budget_openings
+        key = (bp.c.tenant_id == tenant_id, bp.c.budget_id == budget_id,
+               bp.c.period_start_ms == period_start_ms)
+        conds = [ev.c.tenant_id == tenant_id, ev.c.event_ms >= period_start_ms,
+                 ev.c.event_ms <= until_ms, ev.c.cost_nanos != 0]
+        conds += [ev.c[dim] == value for dim, value in owners.items()]
+        try:
+            async with self.engine.begin() as conn:
+                if (await conn.execute(sa.select(bp.c.committed_nanos).where(*key))).first():
+                    return None
+                if matches is None:
+                    total, through = (await conn.execute(
+                        sa.select(sa.func.coalesce(sa.func.sum(ev.c.cost_nanos), 0),
+                                  sa.func.coalesce(sa.func.max(ev.c.seq), 0))
+                        .where(*conds))).one()
+                    total, through = int(total), int(through)
+                else:
+                    total = through = 0
+                    rows = await conn.stream(
+                        sa.select(ev.c.seq, ev.c.cost_nanos, ev.c.labels,
+                                  *[ev.c[d] for d in OWNER_KEYS]).where(*conds))
+                    async for row in rows:
+                        who = {d: row[3 + i] for i, d in enumerate(OWNER_KEYS) if row[3 + i]}
+                        if matches(who, json.loads(row[2]) if row[2] else {}):
+                            total += int(row[1])
+                            through = max(through, int(row[0]))
+                await conn.execute(bp.insert().values(
+                    tenant_id=tenant_id, budget_id=budget_id, period_start_ms=period_start_ms,
+                    committed_nanos=total))
+                await conn.execute(bo.insert().values(
+                    tenant_id=tenant_id, budget_id=budget_id, period_start_ms=period_start_ms,
+                    opening_nanos=total, through_seq=through,
+                    created_ms=int(time.time() * 1000)))
+        except sa.exc.IntegrityError:
+            return None  # the writer (or another process) started the period meanwhile
+        return total
 
     async def settled_reservations(
         self, tenant_id: str, reservation_ids: Iterable[str]

@@ -308,6 +308,22 @@ hold_claims = sa.Table(
     sa.Index(None, "claimed_ms"),
 )
 
+# Migration 0008: the spend a budget found in the ledger when it was created in the
+# middle of a period (events of its scope and period from before it existed, which
+# carry no charge of it): budget_periods starts from this, and recomputing the totals
+# from the events adds it back (Store.recompute_budget_totals).
+budget_openings = sa.Table(
+    "budget_openings",
+    metadata,
+    sa.Column("tenant_id", sa.String(), primary_key=True),
+    sa.Column("budget_id", sa.String(), primary_key=True),
+    sa.Column("period_start_ms", sa.BigInteger(), primary_key=True),
+    sa.Column("opening_nanos", sa.BigInteger(), nullable=False),
+    # The last event counted (events.seq) and when: what the opening covers.
+    sa.Column("through_seq", sa.BigInteger(), nullable=False),
+    sa.Column("created_ms", sa.BigInteger(), nullable=False),
+)
+
 # Migration 0006: the processes serving with leases on (alive while `expires_ms` is
 # renewed), and the notices a process leaves a reservation's maker when it settled
 # that reservation from its saved hold (runtime.py, "Settling across processes").
