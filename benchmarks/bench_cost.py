@@ -11,7 +11,9 @@ no network).
 
 Run:  /work/venv/bin/python -m pytest benchmarks/bench_cost.py --benchmark-only
 or:   /work/venv/bin/python benchmarks/bench_cost.py
-Targets: compiled cost_nanos ≤ 150 ns; litellm.cost_per_token / compiled ≥ 500×.
+Targets: compiled cost_nanos ≤ 150 ns; litellm.cost_per_token / compiled ≥ 500×;
+compiled cost_units_nanos with a multi-unit usage (audio tokens in and out, a 1-hour
+cache write, images: UNITS_CALLS) ≤ 150 ns.
 """
 from __future__ import annotations
 
@@ -35,6 +37,15 @@ from p402core import _impl  # noqa: E402
 MODELS = ("gpt-4o", "claude-sonnet-4-5", "gemini/gemini-2.5-pro")
 USAGE = (1200, 800, 300, 100, 0)  # input, output, cached, cache write, reasoning
 INNER = 1000  # calls per timed round
+# Multi-unit usages: (model, five token counts, units)
+UNITS_CALLS = (
+    ("gpt-audio", (1200, 800, 300, 0, 0), {"audio_input_tokens": 400,
+                                           "audio_output_tokens": 500}),
+    ("claude-sonnet-4-5", (5000, 800, 2000, 500, 0), {"cache_write_1h_tokens": 1000,
+                                                      "web_search_calls": 2}),
+    ("low/1024-x-1024/gpt-image-1", (40, 544, 0, 0, 0), {"images": 2,
+                                                         "image_output_tokens": 544}),
+)
 
 KINDS = ["python"] if _impl.NO_EXTENSIONS else ["python", "compiled"]
 RESULTS: dict = {}  # label -> seconds per call (the fastest round / its calls)
@@ -73,6 +84,19 @@ def p402_loop(kind: str):
                 f(i, o, c, w, r)
 
     return run, (INNER // len(calls) + 1) * len(calls)
+
+
+def p402_units_loop(kind: str):
+    cat = p402core.load(kind).Catalog.default()
+    calls = [(cat.lookup(m).cost_units_nanos, t, u) for m, t, u in UNITS_CALLS]
+    n = INNER // len(calls) + 1
+
+    def run():
+        for f, (i, o, c, w, r), u in calls:
+            for _ in range(n):
+                f(i, o, c, w, r, u)
+
+    return run, n * len(calls)
 
 
 def litellm_loop():
@@ -133,6 +157,9 @@ def report(write):
         write(f"[bench_cost] litellm / compiled          {lite / comp:>12,.0f}x   (target >= 500x)")
     if comp:
         write(f"[bench_cost] compiled per call           {comp * 1e9:>12,.0f} ns  (target <= 150 ns)")
+    units = RESULTS.get("cost_units_nanos[compiled]")
+    if units:
+        write(f"[bench_cost] compiled multi-unit call    {units * 1e9:>12,.0f} ns  (target <= 150 ns)")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -141,6 +168,14 @@ def test_cost_nanos(benchmark, machine, kind):
     benchmark.extra_info["calls_per_round"] = calls
     benchmark.pedantic(run, rounds=200, warmup_rounds=5)
     RESULTS[f"cost_nanos[{kind}]"] = benchmark.stats.stats.min / calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cost_units_nanos(benchmark, machine, kind):
+    run, calls = p402_units_loop(kind)
+    benchmark.extra_info["calls_per_round"] = calls
+    benchmark.pedantic(run, rounds=200, warmup_rounds=5)
+    RESULTS[f"cost_units_nanos[{kind}]"] = benchmark.stats.stats.min / calls
 
 
 def test_litellm_cost_per_token(benchmark, machine):
@@ -159,6 +194,7 @@ def main() -> None:
 
     for kind in KINDS:
         RESULTS[f"cost_nanos[{kind}]"] = best(*p402_loop(kind), rounds=200)
+        RESULTS[f"cost_units_nanos[{kind}]"] = best(*p402_units_loop(kind), rounds=200)
     try:
         check_same_answer()
         RESULTS["litellm.cost_per_token"] = best(*litellm_loop(), rounds=10)

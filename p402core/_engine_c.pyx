@@ -1159,9 +1159,9 @@ cdef inline int64_t _cost_nanos(ModelPrice price, int64_t i, int64_t o, int64_t 
 
 cdef int64_t _units_nanos(ModelPrice price, int64_t i, int64_t o, int64_t c, int64_t w,
                           int64_t r, dict extra, str tier) except? -1:
-    # usage with units or a service tier: p402core._units prices it (plain Python)
-    cdef ModelPrice p = price.for_tier(tier)
-    return (_units.cost_pico(p.rates_at(i), i, o, c, w, r, extra or {}, p._units) + 500) // 1000
+    # usage with units or a service tier (p402core._units), priced in C
+    cdef ModelPrice p = price if not tier else <ModelPrice>price.for_tier(tier)
+    return (p._cost_units(i, o, c, w, r, extra) + 500) // 1000
 
 
 cdef inline int64_t _amount(int64_t cost) noexcept:

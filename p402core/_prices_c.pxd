@@ -10,6 +10,10 @@ cdef enum:
     P402_MAX_TIERS = 8
     # rates per row: input, output, cached input, cache write, reasoning
     P402_NRATES = 5
+    # usage units beyond the five token counts (p402core._units.UNITS, in order):
+    # 5 token kinds (parts of input or output), then 8 quantities
+    P402_NUNITS = 13
+    P402_NTOKEN_UNITS = 5
 
 
 cdef class PriceTier:
@@ -36,6 +40,9 @@ cdef class ModelPrice:
     cdef readonly long long max_output_tokens # 0 = unknown / unbounded
     cdef dict _units                          # unit -> pico per unit (p402core._units)
     cdef dict _service_tiers                  # batch / flex / priority -> ModelPrice
+    # _units as C: the rate of UNITS[k], or -1 for none (a token kind then bills at
+    # its fallback rate of the row, a quantity at 0)
+    cdef long long _unit_rates[P402_NUNITS]
 
     # Effective rates with every fallback resolved: row 0 is the base price,
     # row i (1..n_tiers) is tier i-1. Thresholds ascend.
@@ -61,6 +68,10 @@ cdef class ModelPrice:
                             object cached_input_tokens=*, object cache_write_tokens=*,
                             object reasoning_tokens=*)
     cpdef dict to_dict(self)
+    # The exact cost of validated token counts with extra units ({unit: count},
+    # validated here, errors as p402core._units names them), at these rates.
+    cdef object _cost_units(self, long long i, long long o, long long c, long long w,
+                            long long r, object units)
 
 
 cdef class Catalog:

@@ -12,7 +12,13 @@ Overflow: rates <= 10**10 and token counts <= MAX_TOKENS = 10**8 with
 cached + cache_write <= input and reasoning <= output, so the input part and
 the output part are each <= 10**18 and the sum <= 2 * 10**18 < 2**63.
 """
+from cpython.dict cimport PyDict_Next
 from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.ref cimport PyObject
+
+cdef extern from *:
+    # gcc/clang 128-bit integers: a sum of unit costs (each <= 10**21) cannot wrap
+    ctypedef long long p402_i128 "__int128"
 
 import datetime as _dt
 import json
@@ -226,6 +232,8 @@ cdef class ModelPrice:
         self._n_tiers = n
         self._units = _units.check_unit_rates(units)
         self._service_tiers = _check_service_tiers(service_tiers, self.model)
+        for k in range(P402_NUNITS):
+            self._unit_rates[k] = self._units.get(_UNIT_NAMES[k], -1)
 
     @property
     def units(self):
@@ -260,21 +268,74 @@ cdef class ModelPrice:
                         service_tier=""):
         """Exact cost in pico-USD of a usage with extra units ({field: count}) in a
         service tier (p402core._units has the vocabulary and the formula)."""
-        self._checked(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens,
-                      reasoning_tokens)
-        extra = _units.check_units(units)
-        cdef ModelPrice p = self.for_tier(service_tier)
-        return _units.cost_pico(p.rates_at(input_tokens), input_tokens, output_tokens,
-                                cached_input_tokens, cache_write_tokens, reasoning_tokens,
-                                extra, p._units)
+        cdef long long t[5]
+        _check5(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens,
+                reasoning_tokens, t)
+        cdef ModelPrice p = (self if service_tier is None or service_tier == ""
+                             else <ModelPrice>self.for_tier(service_tier))
+        return p._cost_units(t[0], t[1], t[2], t[3], t[4], units)
+
+    cdef object _cost_units(self, long long i, long long o, long long c, long long w,
+                            long long r, object units):
+        cdef long long q[P402_NUNITS]
+        cdef int order[P402_NUNITS]
+        cdef int n = 0, k, row = 0
+        cdef Py_ssize_t pos
+        cdef PyObject *key
+        cdef PyObject *val
+        cdef long long *rates
+        cdef long long text_in = i - c - w, text_out = o - r, rate
+        cdef p402_i128 cost
+        if units is not None:
+            pos = 0
+            if type(units) is dict:  # the common case: no item tuples, no ABC check
+                while PyDict_Next(units, &pos, &key, &val):
+                    n = _take_unit(<object>key, <object>val, q, order, n)
+            elif isinstance(units, Mapping):
+                for name, value in units.items():
+                    n = _take_unit(name, value, q, order, n)
+            else:
+                raise InvalidArgument("units", f"must be a mapping, not {type(units).__name__}")
+        for k in range(self._n_tiers - 1, -1, -1):
+            if i > self._thresholds[k]:
+                row = k + 1
+                break
+        rates = &self._rates[row * P402_NRATES]
+        cost = <p402_i128>c * rates[2] + <p402_i128>w * rates[3] + <p402_i128>r * rates[4]
+        for j in range(n):
+            k = order[j]
+            rate = self._unit_rates[k]
+            if k >= P402_NTOKEN_UNITS:
+                if rate > 0:
+                    cost += <p402_i128>q[k] * rate
+                continue
+            if rate < 0:
+                rate = rates[_UNIT_FALLBACK[k]]
+            cost += <p402_i128>q[k] * rate
+            if _UNIT_IS_INPUT[k]:
+                text_in -= q[k]
+                if text_in < 0:
+                    raise InvalidArgument(_UNIT_NAMES[k], _UNITS_EXCEED_INPUT)
+            else:
+                text_out -= q[k]
+                if text_out < 0:
+                    raise InvalidArgument(_UNIT_NAMES[k], _UNITS_EXCEED_OUTPUT)
+        cost += <p402_i128>text_in * rates[0] + <p402_i128>text_out * rates[1]
+        if cost > C_MAX_COST:
+            raise InvalidArgument("usage", _COST_TOO_HIGH)
+        return <long long>cost
 
     def cost_units_nanos(self, input_tokens=0, output_tokens=0, cached_input_tokens=0,
                          cache_write_tokens=0, reasoning_tokens=0, units=None,
                          service_tier=""):
         """`cost_units_pico` rounded half-up to nano-USD (the only rounding)."""
-        return (self.cost_units_pico(input_tokens, output_tokens, cached_input_tokens,
-                                     cache_write_tokens, reasoning_tokens, units,
-                                     service_tier) + 500) // 1000
+        cdef long long t[5]
+        _check5(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens,
+                reasoning_tokens, t)
+        cdef ModelPrice p = (self if service_tier is None or service_tier == ""
+                             else <ModelPrice>self.for_tier(service_tier))
+        cdef long long cost = p._cost_units(t[0], t[1], t[2], t[3], t[4], units)
+        return (cost + 500) // 1000
 
     cdef void _set_row(self, int row, long long i, long long o, long long c,
                               long long w, long long r):
@@ -302,21 +363,10 @@ cdef class ModelPrice:
     cdef long long _checked(self, object input_tokens, object output_tokens,
                                    object cached_input_tokens, object cache_write_tokens,
                                    object reasoning_tokens) except -1:
-        cdef long long i = _tok("input_tokens", input_tokens)
-        cdef long long o = _tok("output_tokens", output_tokens)
-        cdef long long c = _tok("cached_input_tokens", cached_input_tokens)
-        cdef long long w = _tok("cache_write_tokens", cache_write_tokens)
-        cdef long long r = _tok("reasoning_tokens", reasoning_tokens)
-        if c > i:
-            raise InvalidArgument("cached_input_tokens",
-                                  "exceeds input_tokens (cached tokens are part of the input)")
-        if c + w > i:
-            raise InvalidArgument("cache_write_tokens",
-                                  "cached_input_tokens + cache_write_tokens exceeds input_tokens")
-        if r > o:
-            raise InvalidArgument("reasoning_tokens",
-                                  "exceeds output_tokens (reasoning tokens are part of the output)")
-        return self._cost_pico(i, o, c, w, r)
+        cdef long long t[5]
+        _check5(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens,
+                reasoning_tokens, t)
+        return self._cost_pico(t[0], t[1], t[2], t[3], t[4])
 
     cpdef object cost_pico(self, object input_tokens, object output_tokens,
                            object cached_input_tokens=0, object cache_write_tokens=0,
@@ -390,6 +440,59 @@ cdef class ModelPrice:
     def __repr__(self):
         return (f"ModelPrice({self.model!r}, {self.provider!r}, input_pico={self.input_pico}, "
                 f"output_pico={self.output_pico}, tiers={len(self.tiers)})")
+
+
+cdef int _check5(object input_tokens, object output_tokens, object cached_input_tokens,
+                 object cache_write_tokens, object reasoning_tokens, long long* t) except -1:
+    """The five token counts validated into t (i, o, c, w, r); errors name the field."""
+    t[0] = _tok("input_tokens", input_tokens)
+    t[1] = _tok("output_tokens", output_tokens)
+    t[2] = _tok("cached_input_tokens", cached_input_tokens)
+    t[3] = _tok("cache_write_tokens", cache_write_tokens)
+    t[4] = _tok("reasoning_tokens", reasoning_tokens)
+    if t[2] > t[0]:
+        raise InvalidArgument("cached_input_tokens",
+                              "exceeds input_tokens (cached tokens are part of the input)")
+    if t[2] + t[3] > t[0]:
+        raise InvalidArgument("cache_write_tokens",
+                              "cached_input_tokens + cache_write_tokens exceeds input_tokens")
+    if t[4] > t[1]:
+        raise InvalidArgument("reasoning_tokens",
+                              "exceeds output_tokens (reasoning tokens are part of the output)")
+    return 0
+
+
+cdef inline int _take_unit(object name, object value, long long* q, int* order,
+                           int n) except -1:
+    """One {unit: count} item validated into q (order: the units given, in order)."""
+    idx = _UNIT_INDEX.get(name)
+    if idx is None:
+        raise InvalidArgument(str(name), _UNKNOWN_UNIT)
+    cdef int k = idx
+    q[k] = _tok(name, value)
+    if q[k]:
+        order[n] = k
+        n += 1
+    return n
+
+
+# p402core._units' vocabulary as C tables (same order as _units.UNITS)
+cdef tuple _UNIT_NAMES = _units.UNITS
+cdef dict _UNIT_INDEX = {name: k for k, name in enumerate(_units.UNITS)}
+cdef int _UNIT_FALLBACK[P402_NTOKEN_UNITS]
+cdef bint _UNIT_IS_INPUT[P402_NTOKEN_UNITS]
+for _k, (_name, _part, _fallback) in enumerate(_units.TOKEN_UNITS):
+    assert _UNIT_NAMES[_k] == _name
+    _UNIT_FALLBACK[_k] = _fallback
+    _UNIT_IS_INPUT[_k] = _part == "input"
+assert len(_UNIT_NAMES) == P402_NUNITS
+cdef long long C_MAX_COST = _units.MAX_COST_PICO
+_UNKNOWN_UNIT = "unknown usage unit (known: " + ", ".join(_units.UNITS) + ")"
+_UNITS_EXCEED_INPUT = ("with cached_input_tokens, cache_write_tokens and the other input "
+                       "kinds exceeds input_tokens (they are part of the input)")
+_UNITS_EXCEED_OUTPUT = ("with reasoning_tokens and the other output kinds exceeds "
+                        "output_tokens (they are part of the output)")
+_COST_TOO_HIGH = f"costs more than {_units.MAX_COST_PICO // 10**12} USD: not a real call"
 
 
 def _check_service_tiers(tiers, str model):

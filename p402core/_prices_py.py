@@ -287,8 +287,8 @@ class ModelPrice:
         service tier (p402core._units has the vocabulary and the formula)."""
         i, o, c, w, r = _check_usage(input_tokens, output_tokens, cached_input_tokens,
                                      cache_write_tokens, reasoning_tokens)
-        extra = _units.check_units(units)
         p = self.for_tier(service_tier)
+        extra = _units.check_units(units)
         return _units.cost_pico(p.rates_at(i), i, o, c, w, r, extra, p._units)
 
     def cost_units_nanos(self, input_tokens=0, output_tokens=0, cached_input_tokens=0,
