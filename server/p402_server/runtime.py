@@ -666,15 +666,27 @@ class TenantRuntime:
             await asyncio.sleep(wait)
         return None
 
-    def _foreign_settlement(self, rid: str, rec: dict, usage=None, outcome: int = 0):
+    def _foreign_settlement(self, rid: str, rec: dict, usage=None, outcome: int = 0,
+                            called: tuple[str, str] = ("", "")):
         """The Settlement of another process's saved hold `rec` (a hold record), made
         without this engine: for a Record (`usage` given: priced at the hold's price,
         as the maker's engine prices it), else for a Release (cost 0) or, with
         `outcome` EXPIRED, an expiry at the estimate."""
         amount = int(rec["amount_nanos"])
+        model, provider, version = rec["model"], rec["provider"], rec["catalog_version"]
         i = o = c = w = r = 0
         if usage is not None:
             price = self.core.ModelPrice.from_dict(rec["price"])
+            if called[0] and called[0] != model:
+                # Another model than reserved was called (a gateway's fallback): priced
+                # at it, as the maker's engine would (Engine.record).
+                try:
+                    other = self.catalog.lookup(called[0], called[1] or provider)
+                except UnknownModel:
+                    other = None  # no price for it: the reserved model's price stands
+                if other is not None and other.model != model:
+                    price, version = other, self.catalog.version
+                    model, provider = other.model, other.provider
             i, c, w, o, r, units, tier = usage
             cost = price.cost_units_nanos(i, o, c, w, r, units, tier)
             outcome = outcome or int(Outcome.SUCCESS)
@@ -686,12 +698,12 @@ class TenantRuntime:
         else:
             cost, outcome, evidence = 0, int(Outcome.CANCELLED), int(Evidence.ESTIMATED)
         return _Settled(
-            reservation_id=rid, model=rec["model"], provider=rec["provider"],
+            reservation_id=rid, model=model, provider=provider,
             owners=tuple(rec["owners"]), labels=dict(rec.get("labels") or {}),
             input_tokens=i, cached_input_tokens=c, cache_write_tokens=w, output_tokens=o,
             reasoning_tokens=r, cost_nanos=cost, estimated_cost_nanos=amount,
             overrun_nanos=max(0, cost - amount), outcome=outcome, evidence=evidence,
-            budget_ids=tuple(rec["budget_ids"]), catalog_version=rec["catalog_version"],
+            budget_ids=tuple(rec["budget_ids"]), catalog_version=version,
             settled_ms=_now_ms())
 
     async def _settle_foreign(self, req, field: str, hold: dict, event_id: str, owners,
@@ -704,13 +716,16 @@ class TenantRuntime:
         rid = req.reservation_id
         mode = self.privacy.resolve(req.privacy_mode)
         self._check_record_privacy(req, mode, field)
-        s = self._foreign_settlement(rid, hold["hold"], usage, req.outcome)
+        s = self._foreign_settlement(rid, hold["hold"], usage, req.outcome,
+                                     (req.model, req.provider))
         meta = hold.get("meta")
         if meta:
             self._hold_meta[rid] = tuple(meta)
         ev = self._record_event(req, s, event_id, owners, labels, revenue, mode,
                                 attested, False, usage)
         ev.reasons = (*ev.reasons, RESERVATION_ADOPTED)
+        if ev.model != hold["hold"]["model"]:
+            ev.reasons = (*ev.reasons, MODEL_SUBSTITUTED)
         if ev.prompt_fingerprint:
             await self._mark_duplicate(ev)
         res = await self._write_foreign(ev, hold.get("maker", ""))

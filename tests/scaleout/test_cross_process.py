@@ -285,3 +285,25 @@ def test_a_dead_process_holds_are_settled_by_a_survivor(ledger_url, monkeypatch)
         more = await _hold_until_denied(p, 1, settle=4.0)
         assert (len(more) + 1) * est >= LIMIT - total - 2 * est, (len(more), est, total)
     _run(ledger_url, body)
+
+
+def test_a_fallback_model_recorded_on_the_other_process_is_priced_as_called(ledger_url):
+    """A gateway reserves one model, falls back to another, and its Record lands on
+    the other process: priced at the model called (as the maker's engine would), on
+    the reserved budgets, with reasons reservation.adopted and model.substituted."""
+    import p402core
+
+    async def body(p: _Pair):
+        rid = (await p.authorize_until_allowed(0)).reservation_id
+        await p.wait_hold_saved(rid)
+        called = "gpt-4o" if MODEL != "gpt-4o" else "gpt-4o-mini"
+        r = await p.meters[1].Record(meter_pb2.RecordRequest(
+            reservation_id=rid, model=called,
+            usage=common_pb2.Usage(input_tokens=1000, output_tokens=300)), metadata=p.md)
+        want = p402core.Catalog.default().cost_nanos(called, input_tokens=1000,
+                                                    output_tokens=300)
+        assert _nanos(r.cost) == want
+        ev = (await p.ledger(rid))[0]
+        assert ev.model == called
+        assert {"reservation.adopted", "model.substituted"} <= set(ev.reasons)
+    _run(ledger_url, body)
