@@ -39,6 +39,7 @@ import json
 from typing import Any, Iterable, NamedTuple
 
 from p402core import OWNER_KEYS, Decision, Evidence, Outcome, PrivacyMode
+from p402core import _units
 from p402core.contract import reportable_ms
 
 from .store import canonical
@@ -220,6 +221,9 @@ class ChainedExport:
 
 _USAGE = ("input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",
           "reasoning_tokens")
+# The other Usage counts (p402core._units.UNITS): exported as numbers (0 = unused);
+# with service_tier, part of what the chain covers (canonical encoding v2).
+_UNIT_COLS = _units.UNITS
 _MONEY = ("cost", "estimated_cost", "overrun", "revenue")
 
 
@@ -260,7 +264,8 @@ def event_row(e) -> dict[str, Any]:
         "labels": dict(sorted(e.labels.items())),
         "provider": e.provider,
         "model": e.model,
-        "usage": {k: getattr(e.usage, k) for k in _USAGE},
+        "usage": {**{k: getattr(e.usage, k) for k in (*_USAGE, *_UNIT_COLS)},
+                  "service_tier": e.usage.service_tier},
     }
     for m in _MONEY:
         row[f"{m}_nanos"] = _nanos(getattr(e, m))
@@ -423,7 +428,7 @@ def ledger_event(row: dict, tenant_id: str) -> LedgerEvent:
     """A LedgerEvent (with chain_index / chain_hash attributes) from an export row in
     its nested (jsonl) or flat (csv, focus x_) form."""
     owners = row.get("owners") or {k: row.get(k, "") for k in OWNER_KEYS}
-    usage = row.get("usage") or {k: _int(row.get(k)) for k in _USAGE}
+    usage = row.get("usage") or {k: row.get(k) for k in (*_USAGE, *_UNIT_COLS, "service_tier")}
     ev = LedgerEvent(
         tenant_id=tenant_id,
         event_id=row["event_id"],
@@ -436,6 +441,8 @@ def ledger_event(row: dict, tenant_id: str) -> LedgerEvent:
         provider=row.get("provider") or "",
         model=row.get("model") or "",
         **{k: _int(usage.get(k)) for k in _USAGE},
+        units={k: _int(usage.get(k)) for k in _UNIT_COLS if _int(usage.get(k))},
+        service_tier=usage.get("service_tier") or "",
         cost_nanos=_int(row["cost_nanos"]),
         estimated_cost_nanos=_int(row["estimated_cost_nanos"]),
         overrun_nanos=_int(row["overrun_nanos"]),

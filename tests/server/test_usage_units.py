@@ -131,3 +131,34 @@ async def test_authorize_reserves_expected_quantities(svc_any):
             expected_usage=common_pb2.Usage(input_tokens=5)), metadata=svc.auth)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "expected_usage.input_tokens" in info.value.details()
+
+
+async def test_exports_carry_units_so_v2_events_verify_from_the_export(svc_any):
+    import csv
+    import io
+
+    from p402_server import evidence
+
+    svc = svc_any
+    await svc.meter.Record(meter_pb2.RecordRequest(
+        model="whisper-1", owners=owners(customer="acme"),
+        usage=common_pb2.Usage(audio_ms=2_500)), metadata=svc.auth)
+    await svc.meter.Record(meter_pb2.RecordRequest(
+        model="gpt-4o-mini", owners=owners(customer="acme"),
+        usage=common_pb2.Usage(input_tokens=100, output_tokens=5, service_tier="flex")),
+        metadata=svc.auth)
+    stored = {e.event_id: e for e in (await svc.store.query_events(svc.tenant_id,
+                                                                   page_size=10))[0]}
+    for e in await _events(svc):
+        row = evidence.event_row(e)
+        assert row["usage"]["audio_ms"] == (2_500 if e.model == "whisper-1" else 0)
+        # nested (jsonl) and flat (csv, every value a string) rows rebuild the event
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=evidence.CSV_COLUMNS)
+        w.writeheader()
+        w.writerow(evidence.flat_row(row))
+        [flat] = list(csv.DictReader(io.StringIO(buf.getvalue())))
+        for r in (row, flat):
+            rebuilt = evidence.ledger_event(r, svc.tenant_id)
+            assert canonical.canonical_bytes(rebuilt) == \
+                canonical.canonical_bytes(stored[e.event_id])
