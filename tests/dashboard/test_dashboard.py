@@ -490,3 +490,20 @@ async def test_every_page_opens_on_the_same_range(dash, http):
         assert '<option value="30d" selected>' in page, path
         assert 'id="filter-summary">Last 30 days<' in page
         assert "export?range=30d&amp;format=csv" in page
+
+
+async def test_event_detail_shows_usage_units_and_the_service_tier(dash, http):
+    from p402.v1 import common_pb2, meter_pb2
+
+    r = await dash.meter.Record(meter_pb2.RecordRequest(
+        event_id="ev-audio", model="gpt-audio", owners=common_pb2.Owners(customer="acme"),
+        usage=common_pb2.Usage(input_tokens=1500, output_tokens=400, audio_input_tokens=1200,
+                               audio_output_tokens=350, service_tier="priority")),
+        metadata=md(dash.a.admin_key))
+    await sign_in(http, dash.base, dash.a.read_key)
+    async with http.get(dash.base + "/dashboard/meter/events/" + r.event_id) as resp:
+        page = await resp.text()
+    assert re.search(r'data-field="audio_input_tokens"[^>]*>1,200</dd>', page)
+    assert re.search(r'data-field="audio_output_tokens"[^>]*>350</dd>', page)
+    assert re.search(r'data-field="service_tier"[^>]*>priority</dd>', page)
+    assert 'data-field="images"' not in page  # units the call did not use are not shown
