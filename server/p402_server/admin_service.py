@@ -247,6 +247,34 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             rt.swap_settings(new)
         return convert.settings_to_proto(new)
 
+    # --- evidence keys (receipts.py, evidence.py) ----------------------------------
+
+    @unary(READ)
+    async def GetEvidenceKeys(self, request, context, key):
+        return _evidence_keys(await self._rt(key))
+
+    @unary(ADMIN)
+    async def RotateEvidenceKey(self, request, context, key):
+        """A new active evidence key; the old one stays published as retired, so what
+        it signed (receipts, export digests) still verifies."""
+        from .evidence import new_evidence_key
+
+        rt = await self._rt(key)
+        async with rt.admin_lock:
+            settings = _copy_settings(rt.settings)
+            secrets = settings[_privacy.SECRETS]
+            old_public = rt.receipt_signer().public_hex
+            retired = list(secrets.get("evidence_keys_retired") or ())
+            retired.insert(0, {"public_key": old_public,
+                               "retired_ms": time.time_ns() // 1_000_000})
+            secrets["evidence_keys_retired"] = retired
+            secrets["evidence_key"] = signing.seal(new_evidence_key())
+            await self.store.put_settings(key.tenant_id, settings)
+            rt.swap_settings(settings)
+        log.info("tenant %s: evidence key rotated (retired %s)", key.tenant_id,
+                 old_public[:16])
+        return _evidence_keys(rt)
+
     # --- gateways (signed reports, privacy mode private_gateway; signing.py) -------
     # Kept in the tenant's settings under "secrets" (sealed; never returned again).
 
@@ -321,5 +349,15 @@ def _gateway_proto(gateway_id: str, gw: dict) -> admin_pb2.Gateway:
                              revoke_time_ms=gw.get("revoked_ms") or 0)
 
 
-__all__ = ["AdminService"]
+def _evidence_keys(rt) -> admin_pb2.EvidenceKeys:
+    """The tenant's published evidence key set as an EvidenceKeys message."""
+    data = rt.evidence_keys()
+    resp = admin_pb2.EvidenceKeys(tenant_id=rt.tenant_id, key_set_json=json.dumps(
+        data, sort_keys=True, separators=(",", ":")))
+    for k in data["keys"]:
+        resp.keys.add(key_id=k["kid"], public_key_hex=k["public_key_hex"], status=k["status"],
+                      retired_time_ms=k.get("retired_ms", 0))
+    return resp
 
+
+__all__ = ["AdminService"]

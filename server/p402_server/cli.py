@@ -467,6 +467,46 @@ def build_parser() -> argparse.ArgumentParser:
     _remote(p)
     _json_flag(p)
     p.set_defaults(func=cmd_keys_revoke)
+    p = ks.add_parser("evidence", help="the tenant's evidence keys (receipts, exports)", **_fmt(
+        "The tenant's evidence keys: Ed25519 keys that sign receipts and export "
+        "digests. --public prints the public key set (JSON Web Keys) anyone needs to "
+        "verify them, the same as /.well-known/p402-keys.json?tenant=ID on the HTTP "
+        "port; --rotate makes a new active key (admin) and keeps the old one "
+        "published as retired, so what it signed still verifies.",
+        "p402 keys evidence --public > keys.json"))
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--public", action="store_true",
+                   help="print the public key set as JSON (the default)")
+    g.add_argument("--rotate", action="store_true", help="rotate the active key (admin)")
+    _remote(p)
+    p.set_defaults(func=cmd_keys_evidence)
+
+    # receipts
+    receipts = sub.add_parser("receipts", help="signed receipts of ledger events", **_fmt(
+        "Signed receipts: one event as a compact JSON document signed with the tenant's "
+        "evidence key (no content, ever). Anyone checks one offline with the public "
+        "key set alone.",
+        "p402 receipts get evt_01J… > r.json && p402 receipts verify r.json --keys keys.json"))
+    rs = receipts.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                 parser_class=_Parser)
+    p = rs.add_parser("get", help="print an event's receipt", **_fmt(
+        "Print the signed receipt of a committed event (read scope).",
+        "p402 receipts get evt_01J… > receipt.json"))
+    p.add_argument("event_id")
+    _remote(p)
+    p.set_defaults(func=cmd_receipts_get)
+    p = rs.add_parser("verify", help="check a receipt offline", **_fmt(
+        "Check a receipt against a public key set: exit 0 when valid, 1 when altered "
+        "or signed by a key not in the set, 2 on bad usage (unreadable file or keys). "
+        "Needs no server and no API key.",
+        "p402 receipts verify receipt.json --keys keys.json\n"
+        "  p402 receipts verify receipt.json --keys "
+        "'http://127.0.0.1:4021/.well-known/p402-keys.json?tenant=t_01J…'"))
+    p.add_argument("file", metavar="FILE", help="the receipt (JSON), or - for stdin")
+    p.add_argument("--keys", required=True, metavar="FILE|URL",
+                   help="the public key set: a JSON file, or an http(s) URL")
+    _json_flag(p)
+    p.set_defaults(func=cmd_receipts_verify)
 
     # budgets
     budgets = sub.add_parser("budgets", help="budgets", **_fmt(
@@ -1027,6 +1067,72 @@ def cmd_keys_revoke(args: argparse.Namespace, out: Output) -> int:
     else:
         out.print(f"Key {key.key_id} revoked.")
     return 0
+
+
+def cmd_keys_evidence(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        data = p402.rotate_evidence_key() if args.rotate else p402.evidence_keys()
+    out.json(data)
+    return 0
+
+
+def cmd_receipts_get(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        receipt = p402.get_receipt(args.event_id)
+    out.print(receipt, markup=False, soft_wrap=True, highlight=False)
+    return 0
+
+
+def _read_text(flag: str, path: str) -> str:
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(flag, f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _key_set(source: str) -> dict[str, str]:
+    """{kid: public key hex} from a key set file or URL (exit 2 when unreadable)."""
+    from . import receipts
+
+    if source.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(source, timeout=10) as resp:  # noqa: S310
+                text = resp.read().decode("utf-8")
+        except Exception as exc:  # noqa: BLE001 - any fetch failure is bad usage
+            raise UsageError("--keys", f"cannot fetch {source}: {exc}") from None
+    else:
+        text = _read_text("--keys", source)
+    try:
+        keys = receipts.keys_from_set(json.loads(text))
+    except ValueError as exc:
+        raise UsageError("--keys", f"not JSON: {exc}") from None
+    if not keys:
+        raise UsageError("--keys", "no Ed25519 key in the key set")
+    return keys
+
+
+def cmd_receipts_verify(args: argparse.Namespace, out: Output) -> int:
+    """Exit 0 when the receipt holds, 1 when altered or signed by an unknown key."""
+    from . import receipts
+
+    text = _read_text("FILE", args.file)
+    keys = _key_set(args.keys)
+    ok, reason, doc = receipts.verify(text.strip(), keys)
+    if args.json:
+        out.json({"ok": ok, "reason": reason, "event_id": (doc or {}).get("event_id"),
+                  "kid": (doc or {}).get("kid"), "cost_nanos": (doc or {}).get("cost_nanos")})
+    elif ok:
+        out.print(f"OK: receipt of {doc['event_id']} ({usd(doc['cost_nanos'])} USD, "
+                  f"chain index {doc['chain_index']}) signed by key {doc['kid']}",
+                  markup=False)
+    else:
+        out.print(f"INVALID: {reason}", markup=False)
+    return 0 if ok else 1
 
 
 def _budget_dict(b: Any) -> dict[str, Any]:

@@ -194,6 +194,12 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
         return resp
 
     @unary(READ)
+    async def GetReceipt(self, request, context, key):
+        event_id = convert.check_str(request.event_id, "event_id", required=True)
+        rt = self.runtime.tenants.get(key.tenant_id) or await self.runtime.get(key.tenant_id)
+        return meter_pb2.GetReceiptResponse(receipt=await rt.receipt(event_id))
+
+    @unary(READ)
     async def Query(self, request, context, key):
         flt = convert.filter_from_proto(request.filter)
         group_by = convert.group_by_from_proto(request.group_by)

@@ -224,6 +224,7 @@ class TenantRuntime:
         self.price_specs = {s["model"]: s for s in price_specs}
         self.catalog = _catalog_for(core, list(self.price_specs.values()))
         self._prefixes: set[str] = set()  # reservation-id prefixes of our engines
+        self._signer = None  # receipts.Signer of the active evidence key (receipt_signer)
         self.engine = self._new_engine()
         # Idempotency memory: event_id -> LedgerEvent (seq 0 until acknowledged) and
         # reservation_id -> the event that settled it.
@@ -508,12 +509,16 @@ class TenantRuntime:
         `attested`: the call's signature was verified (meter_service)."""
         step, a, b = self._begin_record(req, field, parsed, attested)
         if step is _KNOWN:
-            return await self._replay(a)
-        if step is _UNSETTLED:
-            return await self._record_unsettled(req, field, parsed, attested, a, b)
-        if a.prompt_fingerprint:
-            await self._mark_duplicate(a)
-        return await self._commit(a, b)
+            resp = await self._replay(a)
+        elif step is _UNSETTLED:
+            resp = await self._record_unsettled(req, field, parsed, attested, a, b)
+        else:
+            if a.prompt_fingerprint:
+                await self._mark_duplicate(a)
+            resp = await self._commit(a, b)
+        if req.want_receipt:
+            resp.receipt = await self.receipt(resp.event_id)
+        return resp
 
     async def record_batch(self, records, parsed: list, *, attested: bool = False) -> list:
         """Every Record of a batch (RecordBatch, StreamRecordBatches), responses in
@@ -579,6 +584,9 @@ class TenantRuntime:
             raise
         if failures:
             raise min(failures, key=lambda f: f[0])[1]
+        for req, resp in zip(records, out):
+            if req.want_receipt:
+                resp.receipt = await self.receipt(resp.event_id)
         return out
 
     def _begin_record(self, req, field: str, parsed, attested: bool) -> tuple:
@@ -1306,6 +1314,34 @@ class TenantRuntime:
                         self._hold_upserts.setdefault(rid, h)
             self._hold_deletes |= deletes
             raise
+
+    # --- receipts and evidence keys (receipts.py) ---------------------------------
+
+    def receipt_signer(self):
+        """The active evidence key as a receipts.Signer (unsealed once per key)."""
+        sealed = (self.settings.get(_privacy.SECRETS) or {}).get("evidence_key")
+        if sealed is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "NO_EVIDENCE_KEY",
+                               "the tenant has no evidence key")
+        if self._signer is None or self._signer[0] != sealed:
+            from . import receipts, signing
+
+            self._signer = (sealed, receipts.Signer(signing.unseal(sealed)))
+        return self._signer[1]
+
+    async def receipt(self, event_id: str) -> str:
+        """The signed receipt of a committed event of this tenant (NotFound if none)."""
+        ev = await self.store.get_event(self.tenant_id, event_id)
+        if ev is None:
+            raise NotFound("event", event_id)
+        return self.receipt_signer().sign(ev)
+
+    def evidence_keys(self) -> dict:
+        """The published key set (receipts.key_set): the active key, then the retired."""
+        from . import receipts
+
+        retired = (self.settings.get(_privacy.SECRETS) or {}).get("evidence_keys_retired") or ()
+        return receipts.key_set(self.tenant_id, self.receipt_signer().public_hex, retired)
 
     # --- admin swaps (callers hold admin_lock and have persisted first) -----------
 

@@ -411,3 +411,40 @@ def test_demo_runs_to_completion(tmp_path):
     assert "duplicate=True" in out
     assert "P402_API_KEY=p402_" in out
     assert not list(tmp_path.iterdir())  # nothing left behind
+
+
+def test_receipts_get_and_verify_offline_with_exit_codes(tenant, capsys, server, tmp_path):
+    with pc.P402Client(server.target, api_key=tenant[1]) as p402:
+        r = p402.record(model="gpt-4o-mini", owners={"customer": "acme"}, input_tokens=900,
+                        output_tokens=100, want_receipt=True)
+    assert r.receipt
+    code, out, err = run(capsys, "receipts", "get", r.event_id)
+    assert code == 0 and out.strip() == r.receipt
+    receipt = tmp_path / "r.json"
+    receipt.write_text(out)
+    code, out, _ = run(capsys, "keys", "evidence", "--public")
+    assert code == 0 and json.loads(out)["keys"][0]["status"] == "active"
+    keys = tmp_path / "keys.json"
+    keys.write_text(out)
+    # valid: 0, no server or key needed
+    os.environ.pop("P402_API_KEY", None)
+    doc = run_json(capsys, "receipts", "verify", str(receipt), "--keys", str(keys))
+    assert doc["ok"] and doc["event_id"] == r.event_id and doc["cost_nanos"] == r.cost_nanos
+    # tampered: 1
+    forged = json.loads(r.receipt)
+    forged["cost_nanos"] = 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(forged))
+    code, out, _ = run(capsys, "receipts", "verify", str(bad), "--keys", str(keys))
+    assert code == 1 and "INVALID" in out
+    # unknown key (a set without it): 1
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"keys": [{"public_key_hex": "11" * 32}]}))
+    code, out, _ = run(capsys, "receipts", "verify", str(receipt), "--keys", str(other))
+    assert code == 1 and "unknown key" in out
+    # bad usage: 2
+    code, _, err = run(capsys, "receipts", "verify", str(tmp_path / "missing.json"),
+                       "--keys", str(keys))
+    assert code == 2 and "FILE" in err
+    code, _, err = run(capsys, "receipts", "verify", str(receipt), "--keys", str(receipt))
+    assert code == 2 and "--keys" in err

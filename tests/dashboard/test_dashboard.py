@@ -507,3 +507,29 @@ async def test_event_detail_shows_usage_units_and_the_service_tier(dash, http):
     assert re.search(r'data-field="audio_output_tokens"[^>]*>350</dd>', page)
     assert re.search(r'data-field="service_tier"[^>]*>priority</dd>', page)
     assert 'data-field="images"' not in page  # units the call did not use are not shown
+
+
+async def test_well_known_key_set_is_public_per_tenant(dash, http):
+    """Anyone (no sign-in) fetches a tenant's public evidence keys; they verify its
+    receipts; the query names the tenant; an unknown tenant is a 404."""
+    from p402.v1 import common_pb2, meter_pb2
+
+    from p402_server import receipts
+
+    r = await dash.meter.Record(meter_pb2.RecordRequest(
+        model="gpt-4o-mini", owners=common_pb2.Owners(customer="acme"),
+        usage=common_pb2.Usage(input_tokens=10), want_receipt=True),
+        metadata=md(dash.a.admin_key))
+    url = dash.base + "/.well-known/p402-keys.json"
+    async with http.get(url, params={"tenant": dash.a.tenant_id}) as resp:
+        assert resp.status == 200 and "max-age" in resp.headers["Cache-Control"]
+        data = await resp.json()
+    assert data["tenant_id"] == dash.a.tenant_id and data["keys"][0]["crv"] == "Ed25519"
+    assert receipts.verify(r.receipt, receipts.keys_from_set(data))[0]
+    async with http.get(url, params={"tenant": dash.b.tenant_id}) as resp:
+        other = await resp.json()
+    assert not receipts.verify(r.receipt, receipts.keys_from_set(other))[0]
+    async with http.get(url) as resp:
+        assert resp.status == 400
+    async with http.get(url, params={"tenant": "t_nobody"}) as resp:
+        assert resp.status == 404

@@ -252,6 +252,7 @@ RECORD_FIELDS = frozenset({
     "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens",
     "reasoning_tokens", "outcome", "input_bytes", "revenue_nanos", "attempt",
     "retry_of", "event_time_ms", "privacy_mode", "usage_estimated", "service_tier",
+    "want_receipt",
     *UNIT_FIELDS,
 })
 
@@ -264,6 +265,7 @@ def record_request(reservation_id: str = "", *, event_id: str, model: str = "",
                    input_bytes: int = -1, revenue_nanos: int = 0, attempt: int = 0,
                    retry_of: str = "", event_time_ms: Any = 0, privacy_mode: Any = None,
                    usage_estimated: bool = False, service_tier: str = "",
+                   want_receipt: bool = False,
                    prefix: str = "", **units: int) -> meter_pb2.RecordRequest:
     """A RecordRequest; `prefix` ("records[3].") makes field names precise in batches.
 
@@ -276,6 +278,9 @@ def record_request(reservation_id: str = "", *, event_id: str, model: str = "",
     if not isinstance(usage_estimated, bool):
         raise InvalidArgument(prefix + "usage_estimated",
                               f"must be a bool, got {type(usage_estimated).__name__}")
+    if not isinstance(want_receipt, bool):
+        raise InvalidArgument(prefix + "want_receipt",
+                              f"must be a bool, got {type(want_receipt).__name__}")
     reservation_id = check_str(prefix + "reservation_id", reservation_id)
     model = check_str(prefix + "model", model)
     if not reservation_id and not model:
@@ -316,6 +321,7 @@ def record_request(reservation_id: str = "", *, event_id: str, model: str = "",
         privacy_mode=(0 if privacy_mode is None else
                       check_enum(prefix + "privacy_mode", PrivacyMode, privacy_mode).number),
         usage_estimated=usage_estimated,
+        want_receipt=want_receipt,
     )
     if check_int(prefix + "revenue", revenue_nanos):
         req.revenue.CopyFrom(to_money(revenue_nanos))
@@ -494,6 +500,7 @@ def record_result(pb: meter_pb2.RecordResponse) -> RecordResult:
         duplicate=pb.duplicate,
         budgets=_statuses(pb.budgets),
         catalog_version=pb.catalog_version,
+        receipt=pb.receipt,
     )
 
 

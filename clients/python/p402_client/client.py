@@ -368,6 +368,29 @@ class P402Client(_Common):
         """Authenticated no-op: the key's tenant and the server's core implementation."""
         return cv.ping(self._call(self._meter.Ping, meter_pb2.PingRequest()))
 
+    def get_receipt(self, event_id: str) -> str:
+        """The signed receipt of a committed event (canonical JSON text; anyone checks
+        it offline with evidence_keys(): `p402 receipts verify`)."""
+        req = meter_pb2.GetReceiptRequest(
+            event_id=cv.check_str("event_id", event_id, required=True))
+        return self._call(self._meter.GetReceipt, req).receipt
+
+    def evidence_keys(self) -> dict:
+        """The tenant's published evidence key set (JSON Web Keys; the active key
+        first, then the retired ones, which still verify what they signed)."""
+        import json
+
+        return json.loads(self._call(self._admin.GetEvidenceKeys,
+                                     admin_pb2.GetEvidenceKeysRequest()).key_set_json)
+
+    def rotate_evidence_key(self) -> dict:
+        """A new active evidence key (admin); returns the new key set."""
+        import json
+
+        return json.loads(self._call(self._admin.RotateEvidenceKey,
+                                     admin_pb2.RotateEvidenceKeyRequest(),
+                                     idempotent=False).key_set_json)
+
     # -- admin ---------------------------------------------------------------------
 
     def create_key(self, name: str = "", scopes: Any = ("meter",)) -> CreatedKey:
@@ -589,6 +612,24 @@ class AsyncP402Client(_Common):
 
     async def ping(self) -> Ping:
         return cv.ping(await self._call(self._meter.Ping, meter_pb2.PingRequest()))
+
+    async def get_receipt(self, event_id: str) -> str:
+        req = meter_pb2.GetReceiptRequest(
+            event_id=cv.check_str("event_id", event_id, required=True))
+        return (await self._call(self._meter.GetReceipt, req)).receipt
+
+    async def evidence_keys(self) -> dict:
+        import json
+
+        return json.loads((await self._call(self._admin.GetEvidenceKeys,
+                                            admin_pb2.GetEvidenceKeysRequest())).key_set_json)
+
+    async def rotate_evidence_key(self) -> dict:
+        import json
+
+        return json.loads((await self._call(self._admin.RotateEvidenceKey,
+                                            admin_pb2.RotateEvidenceKeyRequest(),
+                                            idempotent=False)).key_set_json)
 
     # -- admin ---------------------------------------------------------------------
 

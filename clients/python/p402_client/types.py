@@ -327,6 +327,9 @@ class RecordResult(_Plain):
     duplicate: bool
     budgets: tuple[BudgetStatus, ...]
     catalog_version: str
+    # The event's signed receipt (str, canonical JSON; server/p402_server/receipts.py)
+    # when the Record asked for it (want_receipt=True), else "".
+    receipt: str = ""
 
 
 @dataclass(frozen=True, slots=True)

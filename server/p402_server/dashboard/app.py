@@ -147,7 +147,22 @@ class Dashboard:
         r.add_get(PREFIX + "/export", self._page(self.export))
         r.add_static(PREFIX + "/static", HERE / "static", append_version=False)
         r.add_get("/favicon.ico", self._favicon)
+        r.add_get("/.well-known/p402-keys.json", self.evidence_keys)
         return app
+
+    async def evidence_keys(self, request: web.Request) -> web.Response:
+        """A tenant's public evidence keys (receipts.key_set), with no sign-in: anyone
+        may verify receipts and export digests. `?tenant=<tenant id>` is required."""
+        tenant_id = request.query.get("tenant", "")
+        if not tenant_id:
+            return web.json_response({"error": "tenant is required: "
+                                      "/.well-known/p402-keys.json?tenant=<tenant id>"},
+                                     status=400)
+        if len(tenant_id) > 256 or await self.store.get_tenant(tenant_id) is None:
+            return web.json_response({"error": "no such tenant"}, status=404)
+        rt = await self.runtime.get(tenant_id)
+        return web.json_response(rt.evidence_keys(),
+                                 headers={"Cache-Control": "public, max-age=300"})
 
     @web.middleware
     async def _headers_mw(self, request: web.Request, handler):
