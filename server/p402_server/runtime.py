@@ -1330,10 +1330,14 @@ class TenantRuntime:
         return self._signer[1]
 
     async def receipt(self, event_id: str) -> str:
-        """The signed receipt of a committed event of this tenant (NotFound if none)."""
-        ev = await self.store.get_event(self.tenant_id, event_id)
-        if ev is None:
-            raise NotFound("event", event_id)
+        """The signed receipt of a committed event of this tenant (NotFound if none):
+        from memory when this process committed it (the writer set its chain
+        position), else from the store."""
+        ev = self._events.get(event_id)
+        if ev is None or not ev.seq or not ev.chain_index:
+            ev = await self.store.get_event(self.tenant_id, event_id)
+            if ev is None:
+                raise NotFound("event", event_id)
         return self.receipt_signer().sign(ev)
 
     def evidence_keys(self) -> dict:
