@@ -247,6 +247,32 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             rt.swap_settings(new)
         return convert.settings_to_proto(new)
 
+    # --- the price book (pricebook.py) --------------------------------------------
+
+    @unary(ADMIN)
+    async def PutPriceBook(self, request, context, key):
+        from .pricebook import PriceBook
+
+        try:
+            doc = json.loads(request.document_json or "{}")
+        except ValueError as exc:
+            raise InvalidArgument("document_json", f"not JSON: {exc}") from None
+        rt = await self._rt(key)
+        book = PriceBook(doc, rt.core) if doc else None  # validates, naming the field
+        async with rt.admin_lock:
+            settings = _copy_settings(rt.settings)
+            if book is None:
+                settings.pop("price_book", None)
+            else:
+                settings["price_book"] = book.to_dict()
+            await self.store.put_settings(key.tenant_id, settings)
+            rt.swap_settings(settings)
+        return _price_book(rt)
+
+    @unary(READ)
+    async def GetPriceBook(self, request, context, key):
+        return _price_book(await self._rt(key))
+
     # --- evidence keys (receipts.py, evidence.py) ----------------------------------
 
     @unary(READ)
@@ -347,6 +373,14 @@ def _gateway_proto(gateway_id: str, gw: dict) -> admin_pb2.Gateway:
     return admin_pb2.Gateway(gateway_id=gateway_id, name=gw.get("name", ""),
                              create_time_ms=gw.get("created_ms", 0),
                              revoke_time_ms=gw.get("revoked_ms") or 0)
+
+
+def _price_book(rt) -> admin_pb2.PriceBook:
+    book = rt.price_book()
+    if book is None:
+        return admin_pb2.PriceBook(document_json="{}")
+    return admin_pb2.PriceBook(document_json=json.dumps(book.to_dict(), sort_keys=True),
+                               version=book.version)
 
 
 def _evidence_keys(rt) -> admin_pb2.EvidenceKeys:

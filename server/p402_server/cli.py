@@ -508,6 +508,28 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(p)
     p.set_defaults(func=cmd_receipts_verify)
 
+    # the price book
+    pb = sub.add_parser("pricebook", help="what the tenant charges its customers", **_fmt(
+        "The tenant's price book: cost-plus percentages, per-model sell prices (per "
+        "token and per unit), per-customer overrides and a minimum per call. A Record "
+        "that carries no revenue is sold at it, so margin per customer and feature is "
+        "complete. The document's format is in server/p402_server/pricebook.py.",
+        "p402 pricebook set book.json && p402 pricebook show"))
+    pbs = pb.add_subparsers(dest="action", metavar="ACTION", required=True,
+                            parser_class=_Parser)
+    p = pbs.add_parser("set", help="replace the price book (admin)", **_fmt(
+        "Replace the price book with a JSON file ({} removes it). Example file: "
+        '{"markup_pct": "20", "min_per_call_usd": "0.0005", "models": {"gpt-4o": '
+        '{"markup_pct": "35"}}, "customers": {"acme": {"markup_pct": "10"}}}',
+        "p402 pricebook set book.json"))
+    p.add_argument("file", metavar="FILE", help="the price book (JSON), or - for stdin")
+    _remote(p)
+    p.set_defaults(func=cmd_pricebook_set)
+    p = pbs.add_parser("show", help="print the price book and its version", **_fmt(
+        "Print the price book (JSON) with its version.", "p402 pricebook show"))
+    _remote(p)
+    p.set_defaults(func=cmd_pricebook_show)
+
     # budgets
     budgets = sub.add_parser("budgets", help="budgets", **_fmt(
         "Create, list and delete budgets. Money in USD.",
@@ -1066,6 +1088,24 @@ def cmd_keys_revoke(args: argparse.Namespace, out: Output) -> int:
         out.json(key.to_dict())
     else:
         out.print(f"Key {key.key_id} revoked.")
+    return 0
+
+
+def cmd_pricebook_set(args: argparse.Namespace, out: Output) -> int:
+    text = _read_text("FILE", args.file)
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise UsageError("FILE", f"not JSON: {exc}") from None
+    with _client(args) as p402:
+        book = p402.put_price_book(doc)
+    out.json(book)
+    return 0
+
+
+def cmd_pricebook_show(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        out.json(p402.get_price_book())
     return 0
 
 

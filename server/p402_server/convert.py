@@ -712,11 +712,15 @@ SETTINGS_DEFAULTS.update(_privacy.PRIVACY_DEFAULTS)
 SETTINGS_FIELDS = tuple(SETTINGS_DEFAULTS)
 
 
+PRICE_BOOK = "price_book"  # the settings key of the tenant's price book
+
+
 def settings_with_defaults(stored: dict | None) -> dict:
     out = dict(SETTINGS_DEFAULTS)
     for k, v in (stored or {}).items():
-        # The tenant's secrets ride along in the stored dict (never on the wire).
-        if k in out or k == _privacy.SECRETS:
+        # The tenant's secrets ride along in the stored dict (never on the wire), and
+        # its price book (AdminService.Put/GetPriceBook, pricebook.py).
+        if k in out or k == _privacy.SECRETS or k == PRICE_BOOK:
             out[k] = v
     return out
 

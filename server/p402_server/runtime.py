@@ -225,6 +225,7 @@ class TenantRuntime:
         self.catalog = _catalog_for(core, list(self.price_specs.values()))
         self._prefixes: set[str] = set()  # reservation-id prefixes of our engines
         self._signer = None  # receipts.Signer of the active evidence key (receipt_signer)
+        self._price_book = None  # (document, pricebook.PriceBook) of settings["price_book"]
         self.engine = self._new_engine()
         # Idempotency memory: event_id -> LedgerEvent (seq 0 until acknowledged) and
         # reservation_id -> the event that settled it.
@@ -854,6 +855,12 @@ class TenantRuntime:
                                          revenue)
         if usage[5] or usage[6]:
             ev.units, ev.service_tier = dict(usage[5]), usage[6]
+        if not revenue and not req.HasField("revenue"):
+            book = self.price_book()
+            if book is not None:
+                ev.revenue_nanos = book.revenue(
+                    customer=ev.customer, model=ev.model, cost_nanos=ev.cost_nanos,
+                    usage=usage[:5], units=usage[5], service_tier=usage[6])
         if unknown_hold:
             ev.reservation_id = req.reservation_id
             ev.reasons = (*ev.reasons, RESERVATION_UNKNOWN)
@@ -1339,6 +1346,18 @@ class TenantRuntime:
             if ev is None:
                 raise NotFound("event", event_id)
         return self.receipt_signer().sign(ev)
+
+    def price_book(self):
+        """The tenant's price book (pricebook.PriceBook), or None (parsed once per
+        document)."""
+        doc = self.settings.get("price_book")
+        if not doc:
+            return None
+        if self._price_book is None or self._price_book[0] is not doc:
+            from .pricebook import PriceBook
+
+            self._price_book = (doc, PriceBook(doc, self.core))
+        return self._price_book[1]
 
     def evidence_keys(self) -> dict:
         """The published key set (receipts.key_set): the active key, then the retired."""

@@ -448,3 +448,20 @@ def test_receipts_get_and_verify_offline_with_exit_codes(tenant, capsys, server,
     assert code == 2 and "FILE" in err
     code, _, err = run(capsys, "receipts", "verify", str(receipt), "--keys", str(receipt))
     assert code == 2 and "--keys" in err
+
+
+def test_pricebook_set_and_show(tenant, capsys, tmp_path):
+    book = tmp_path / "book.json"
+    book.write_text(json.dumps({"markup_pct": "25", "customers": {"acme": {"markup_pct": "5"}}}))
+    code, out, err = run(capsys, "pricebook", "set", str(book))
+    assert code == 0, err
+    set_doc = json.loads(out)
+    assert set_doc["version"].startswith("pb-")
+    code, out, _ = run(capsys, "pricebook", "show")
+    assert json.loads(out) == set_doc
+    book.write_text(json.dumps({"markup_pct": "a lot"}))
+    code, _, err = run(capsys, "pricebook", "set", str(book))
+    assert code == 2 and "markup_pct" in err
+    book.write_text("{not json")
+    code, _, err = run(capsys, "pricebook", "set", str(book))
+    assert code == 2 and "FILE" in err

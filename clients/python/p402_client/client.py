@@ -383,6 +383,21 @@ class P402Client(_Common):
         return json.loads(self._call(self._admin.GetEvidenceKeys,
                                      admin_pb2.GetEvidenceKeysRequest()).key_set_json)
 
+    def put_price_book(self, document: Mapping[str, Any]) -> dict:
+        """Replace the tenant's price book (admin; {} removes it): {"document", "version"}."""
+        import json
+
+        resp = self._call(self._admin.PutPriceBook, admin_pb2.PriceBook(
+            document_json=json.dumps(dict(document))), idempotent=False)
+        return {"document": json.loads(resp.document_json), "version": resp.version}
+
+    def get_price_book(self) -> dict:
+        """The tenant's price book: {"document", "version"} ({} and "" when none)."""
+        import json
+
+        resp = self._call(self._admin.GetPriceBook, admin_pb2.GetPriceBookRequest())
+        return {"document": json.loads(resp.document_json), "version": resp.version}
+
     def rotate_evidence_key(self) -> dict:
         """A new active evidence key (admin); returns the new key set."""
         import json
