@@ -273,6 +273,45 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def GetPriceBook(self, request, context, key):
         return _price_book(await self._rt(key))
 
+    # --- statements (statements.py) ------------------------------------------------
+
+    @unary(ADMIN)
+    async def CloseStatements(self, request, context, key):
+        rt = await self._rt(key)
+        convert.check_str(request.customer, "customer")
+        async with rt.admin_lock:  # one close at a time per tenant in this process
+            customers = (await rt.statement_customers(request.period)
+                         if request.every_customer else [request.customer])
+            docs = [await rt.close_statement(request.period, c) for c in customers]
+        return admin_pb2.Statements(statements=[_statement(d) for d in docs if d])
+
+    @unary(READ)
+    async def GetStatement(self, request, context, key):
+        from . import statements as st
+
+        st.period_bounds(request.period)
+        customer = convert.check_str(request.customer, "customer")
+        doc = await self.store.get_statement(key.tenant_id, request.period, customer)
+        if doc is None:
+            raise not_found("period", "statement", f"{request.period}/{customer}")
+        return _statement(doc)
+
+    @unary(READ)
+    async def ListStatements(self, request, context, key):
+        customer = None if request.every_customer else convert.check_str(
+            request.customer, "customer")
+        resp = admin_pb2.ListStatementsResponse()
+        for period, cust, ms, through in await self.store.list_statements(key.tenant_id,
+                                                                          customer):
+            resp.statements.add(period=period, customer=cust, close_time_ms=ms,
+                                through_index=through)
+        return resp
+
+    @unary(READ)
+    async def VerifyStatement(self, request, context, key):
+        ok, reason, diff = await (await self._rt(key)).verify_statement(request.document_json)
+        return admin_pb2.VerifyStatementResponse(ok=ok, reason=reason, differences=diff)
+
     # --- evidence keys (receipts.py, evidence.py) ----------------------------------
 
     @unary(READ)
@@ -373,6 +412,12 @@ def _gateway_proto(gateway_id: str, gw: dict) -> admin_pb2.Gateway:
     return admin_pb2.Gateway(gateway_id=gateway_id, name=gw.get("name", ""),
                              create_time_ms=gw.get("created_ms", 0),
                              revoke_time_ms=gw.get("revoked_ms") or 0)
+
+
+def _statement(document: str) -> admin_pb2.Statement:
+    from . import statements as st
+
+    return admin_pb2.Statement(document_json=document, csv=st.to_csv(json.loads(document)))
 
 
 def _price_book(rt) -> admin_pb2.PriceBook:

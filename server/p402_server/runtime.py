@@ -1347,6 +1347,88 @@ class TenantRuntime:
                 raise NotFound("event", event_id)
         return self.receipt_signer().sign(ev)
 
+    # --- statements (statements.py) ----------------------------------------------
+
+    async def close_statement(self, period: str, customer: str) -> str | None:
+        """Close `period` for `customer` (statements.py: what it covers): the stored
+        statement when it was closed before, else a new one, signed and stored; None
+        when there is nothing to state (no spend in the period, no late events)."""
+        from . import statements as st
+
+        start, end = st.period_bounds(period)
+        store, tid = self.store, self.tenant_id
+        stored = await store.get_statement(tid, period, customer)
+        if stored is not None:
+            return stored
+        if end > _now_ms():
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "PERIOD_OPEN",
+                               f"period {period} has not ended: it can be closed from "
+                               f"{st.period_of(end)}-01 00:00 UTC")
+        closes = await store.list_statements(tid, customer)
+        after = max((t for *_x, t in closes), default=0)
+        closed = {p for p, *_x in closes}
+        through, head = await store.chain_head(tid)
+        regular = await store.statement_rows(tid, customer, max_index=through,
+                                             since_ms=start, until_ms=end)
+        late = [e for e in await store.statement_rows(tid, customer, max_index=through,
+                                                      min_index=after)
+                if st.period_of(e.event_ms) in closed and st.period_of(e.event_ms) != period]
+        book = self.price_book()
+        doc = st.body(tenant_id=tid, period=period, customer=customer, closed_ms=_now_ms(),
+                      through=through, after=after, head_hash=head, regular=regular,
+                      late=late, price_book_version=book.version if book else "")
+        if not doc["totals"]["events"]:
+            return None
+        return await store.put_statement(tid, period, customer, doc["closed_ms"], through,
+                                         st.sign(doc, self.receipt_signer()))
+
+    async def statement_customers(self, period: str) -> list[str]:
+        """Every customer with spend in `period` or a statement before (late events)."""
+        from . import statements as st
+
+        start, end = st.period_bounds(period)
+        through, _head = await self.store.chain_head(self.tenant_id)
+        rows = await self.store.statement_rows(self.tenant_id, None, max_index=through,
+                                               since_ms=start, until_ms=end)
+        known = {c for _p, c, *_x in await self.store.list_statements(self.tenant_id)}
+        return sorted({e.customer for e in rows if e.cost_nanos or e.revenue_nanos} | known)
+
+    async def verify_statement(self, text: str) -> tuple[bool, str, list[str]]:
+        """A statement checked against the ledger: its signature with this tenant's
+        keys, and its lines, adjustments, totals and range recomputed from the events
+        it claims to cover."""
+        from . import receipts
+        from . import statements as st
+
+        keys = receipts.keys_from_set(self.evidence_keys())
+        ok, why, doc = st.verify_document(text, keys)
+        if not ok:
+            return False, why, []
+        if doc["tenant_id"] != self.tenant_id:
+            return False, "a statement of another tenant", []
+        period, customer = doc["period"], doc["customer"]
+        start, end = st.period_bounds(period)
+        through, after = int(doc["through_index"]), int(doc["after_index"])
+        closed = {p for p, _c, ms, _t in await self.store.list_statements(self.tenant_id,
+                                                                          customer)
+                  if ms < doc["closed_ms"] and p != period}
+        regular = await self.store.statement_rows(self.tenant_id, customer, max_index=through,
+                                                  since_ms=start, until_ms=end)
+        late = [e for e in await self.store.statement_rows(
+            self.tenant_id, customer, max_index=through, min_index=after)
+            if st.period_of(e.event_ms) in closed]
+        head = (await self.store.statement_rows(self.tenant_id, None, max_index=through,
+                                                min_index=through - 1)) if through else []
+        again = st.body(tenant_id=self.tenant_id, period=period, customer=customer,
+                        closed_ms=doc["closed_ms"], through=through, after=after,
+                        head_hash=head[0].chain_hash if head else doc["head_hash"],
+                        regular=regular, late=late,
+                        price_book_version=doc["price_book_version"])
+        diff = st.differences(doc, again)
+        if diff:
+            return False, "the statement differs from the ledger: " + ", ".join(diff), diff
+        return True, "", []
+
     def price_book(self):
         """The tenant's price book (pricebook.PriceBook), or None (parsed once per
         document)."""

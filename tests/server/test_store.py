@@ -36,7 +36,7 @@ from p402_server.store import schema as S
 from p402_server.store.canonical import GENESIS, chain_step
 from p402core._enums import OWNER_KEYS, Decision, Evidence, InvalidArgument, NotFound, Outcome
 
-HEAD_REVISION = "0008"  # 0007: events.units, service_tier; 0008: budget_openings
+HEAD_REVISION = "0009"  # 0008: budget_openings; 0009: statements
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOUR = 3_600_000
 T0 = 1_790_000_000_000 - 1_790_000_000_000 % HOUR  # an hour boundary in 2026

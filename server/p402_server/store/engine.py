@@ -768,6 +768,63 @@ class Store:
 
     # -- hash chain (canonical.py) ------------------------------------------------------
 
+    # --- statements (statements.py) ------------------------------------------------
+
+    async def statement_rows(self, tenant_id: str, customer: str | None, *,
+                             max_index: int, min_index: int = 0, since_ms: int = 0,
+                             until_ms: int = 0) -> list[LedgerEvent]:
+        """The tenant's chained events with min_index < chain_index <= max_index (and
+        since_ms <= event_ms < until_ms when given) of one customer (None: every
+        customer), in chain order: what a statement covers."""
+        ev = S.events
+        conds = [ev.c.tenant_id == tenant_id, ev.c.chain_index > min_index,
+                 ev.c.chain_index <= max_index]
+        if customer is not None:
+            conds.append(ev.c.customer == customer)
+        if since_ms:
+            conds.append(ev.c.event_ms >= since_ms)
+        if until_ms:
+            conds.append(ev.c.event_ms < until_ms)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(ev).where(*conds)
+                                       .order_by(ev.c.chain_index))).mappings().all()
+        return [from_row(r) for r in rows]
+
+    async def get_statement(self, tenant_id: str, period: str, customer: str) -> str | None:
+        st = S.statements
+        async with self.engine.connect() as conn:
+            return (await conn.execute(sa.select(st.c.document).where(
+                st.c.tenant_id == tenant_id, st.c.period == period,
+                st.c.customer == customer))).scalar()
+
+    async def list_statements(self, tenant_id: str, customer: str | None = None
+                              ) -> list[tuple[str, str, int, int]]:
+        """(period, customer, closed_ms, through_index) of the tenant's statements, in
+        the order they were closed."""
+        st = S.statements
+        q = sa.select(st.c.period, st.c.customer, st.c.closed_ms, st.c.through_index).where(
+            st.c.tenant_id == tenant_id)
+        if customer is not None:
+            q = q.where(st.c.customer == customer)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q.order_by(st.c.through_index, st.c.closed_ms,
+                                                  st.c.period))).all()
+        return [(p, c, int(ms), int(t)) for p, c, ms, t in rows]
+
+    async def put_statement(self, tenant_id: str, period: str, customer: str, closed_ms: int,
+                            through_index: int, document: str) -> str:
+        """Write a statement unless one exists; returns the stored document (a
+        statement is immutable: closing twice gives the first one)."""
+        st = S.statements
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(st.insert().values(
+                    tenant_id=tenant_id, period=period, customer=customer,
+                    closed_ms=closed_ms, through_index=through_index, document=document))
+        except sa.exc.IntegrityError:
+            pass
+        return await self.get_statement(tenant_id, period, customer)
+
     async def chain_head(self, tenant_id: str) -> tuple[int, str]:
         """(chain_index, chain_hash) of the tenant's last chained event; (0, GENESIS)
         for a tenant with no events."""

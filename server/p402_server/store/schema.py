@@ -324,6 +324,21 @@ budget_openings = sa.Table(
     sa.Column("created_ms", sa.BigInteger(), nullable=False),
 )
 
+# Migration 0009: closed period statements, one per (tenant, period, customer),
+# immutable once written (statements.py owns the document).
+statements = sa.Table(
+    "statements",
+    metadata,
+    sa.Column("tenant_id", sa.String(), primary_key=True),
+    sa.Column("period", sa.String(), primary_key=True),       # "YYYY-MM" (UTC)
+    sa.Column("customer", sa.String(), primary_key=True),     # "" = no customer
+    sa.Column("closed_ms", sa.BigInteger(), nullable=False),
+    # The tenant's chain head when it was closed: the events it covers have a
+    # chain_index at most this; later ones are adjustments of a later statement.
+    sa.Column("through_index", sa.BigInteger(), nullable=False),
+    sa.Column("document", sa.Text(), nullable=False),          # the signed JSON
+)
+
 # Migration 0006: the processes serving with leases on (alive while `expires_ms` is
 # renewed), and the notices a process leaves a reservation's maker when it settled
 # that reservation from its saved hold (runtime.py, "Settling across processes").
