@@ -508,6 +508,48 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(p)
     p.set_defaults(func=cmd_receipts_verify)
 
+    # statements
+    sts = sub.add_parser("statements", help="closed monthly statements per customer", **_fmt(
+        "Statements: a month's spend of one customer, closed once and signed with the "
+        "tenant's evidence key (lines by feature and model, totals of cost and revenue, "
+        "the ledger range it covers). Closing again gives the same statement; events "
+        "that arrive late for a closed month go into the next statement as adjustments.",
+        "p402 statements close --period 2026-11 --format csv"))
+    ss2 = sts.add_subparsers(dest="action", metavar="ACTION", required=True,
+                             parser_class=_Parser)
+    p = ss2.add_parser("close", help="close a month (admin)", **_fmt(
+        "Close a month (UTC, YYYY-MM) that has ended, for one customer or every customer "
+        "with spend in it; prints the statements (JSON list, or CSV).",
+        "p402 statements close --period 2026-11 --customer acme"))
+    p.add_argument("--period", required=True, help="the month, YYYY-MM (UTC)")
+    p.add_argument("--customer", default=None, help="one customer (default: every one)")
+    p.add_argument("--format", choices=("json", "csv"), default="json")
+    _remote(p)
+    p.set_defaults(func=cmd_statements_close)
+    p = ss2.add_parser("show", help="print a closed statement", **_fmt(
+        "Print one closed statement (JSON, or CSV).",
+        "p402 statements show --period 2026-11 --customer acme > st.json"))
+    p.add_argument("--period", required=True)
+    p.add_argument("--customer", required=True)
+    p.add_argument("--format", choices=("json", "csv"), default="json")
+    _remote(p)
+    p.set_defaults(func=cmd_statements_show)
+    p = ss2.add_parser("verify", help="check a statement", **_fmt(
+        "Check a statement: its signature against a public key set (--keys, offline), "
+        "or, with --ledger, against the server's ledger (every line recomputed from the "
+        "events it covers). Exit 0 valid, 1 altered or not backed by the ledger, 2 bad "
+        "usage.",
+        "p402 statements verify st.json --keys keys.json\n"
+        "  p402 statements verify st.json --ledger"))
+    p.add_argument("file", metavar="FILE", help="the statement (JSON), or - for stdin")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--keys", metavar="FILE|URL", help="the public key set (offline check)")
+    g.add_argument("--ledger", action="store_true",
+                   help="recompute it from the server's ledger (read scope)")
+    _remote(p)
+    _json_flag(p)
+    p.set_defaults(func=cmd_statements_verify)
+
     # the price book
     pb = sub.add_parser("pricebook", help="what the tenant charges its customers", **_fmt(
         "The tenant's price book: cost-plus percentages, per-model sell prices (per "
@@ -1089,6 +1131,56 @@ def cmd_keys_revoke(args: argparse.Namespace, out: Output) -> int:
     else:
         out.print(f"Key {key.key_id} revoked.")
     return 0
+
+
+def _print_statements(out: Output, docs: list[dict], fmt: str) -> None:
+    from .statements import to_csv
+
+    if fmt == "csv":
+        for i, d in enumerate(docs):
+            text = to_csv(d)
+            out.print(text if i == 0 else text.split("\n", 1)[1], markup=False,
+                      soft_wrap=True, highlight=False, end="")
+    else:
+        out.json(docs)
+
+
+def cmd_statements_close(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        docs = p402.close_statements(args.period, args.customer)
+    _print_statements(out, docs, args.format)
+    return 0
+
+
+def cmd_statements_show(args: argparse.Namespace, out: Output) -> int:
+    with _client(args) as p402:
+        doc = p402.get_statement(args.period, args.customer)
+    if args.format == "csv":
+        _print_statements(out, [doc], "csv")
+    else:
+        out.json(doc)
+    return 0
+
+
+def cmd_statements_verify(args: argparse.Namespace, out: Output) -> int:
+    """Exit 0 when the statement holds, 1 when altered or not backed by the ledger."""
+    from . import statements
+
+    text = _read_text("FILE", args.file).strip()
+    if args.ledger:
+        with _client(args) as p402:
+            v = p402.verify_statement(text)
+        ok, reason, diff = v["ok"], v["reason"], v["differences"]
+    else:
+        ok, reason, _doc = statements.verify_document(text, _key_set(args.keys))
+        diff = []
+    if args.json:
+        out.json({"ok": ok, "reason": reason, "differences": diff})
+    else:
+        out.print("OK: statement intact" + (" and backed by the ledger" if args.ledger else
+                                            " (signature)") if ok else f"INVALID: {reason}",
+                  markup=False)
+    return 0 if ok else 1
 
 
 def cmd_pricebook_set(args: argparse.Namespace, out: Output) -> int:

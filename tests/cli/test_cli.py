@@ -465,3 +465,40 @@ def test_pricebook_set_and_show(tenant, capsys, tmp_path):
     book.write_text("{not json")
     code, _, err = run(capsys, "pricebook", "set", str(book))
     assert code == 2 and "FILE" in err
+
+
+def test_statements_close_show_and_verify(tenant, capsys, server, tmp_path):
+    import datetime as dt
+
+    when = int(dt.datetime(2026, 10, 9, tzinfo=dt.timezone.utc).timestamp() * 1000)
+    with pc.P402Client(server.target, api_key=tenant[1]) as p402:
+        costs = [p402.record(model="gpt-4o-mini", owners={"customer": c, "feature": "chat"},
+                             input_tokens=5000, output_tokens=500, event_time_ms=when).cost_nanos
+                 for c in ("acme", "acme", "globex")]
+    code, out, err = run(capsys, "statements", "close", "--period", "2026-10")
+    assert code == 0, err
+    docs = {d["customer"]: d for d in json.loads(out)}
+    assert docs["acme"]["totals"]["cost_nanos"] == costs[0] + costs[1]
+    code, out, _ = run(capsys, "statements", "show", "--period", "2026-10", "--customer",
+                       "acme", "--format", "csv")
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0][0] == "section" and rows[-1][0] == "total"
+    code, out, _ = run(capsys, "statements", "show", "--period", "2026-10", "--customer",
+                       "acme")
+    st = tmp_path / "st.json"
+    st.write_text(out)
+    code, keys_json, _ = run(capsys, "keys", "evidence")
+    keys = tmp_path / "keys.json"
+    keys.write_text(keys_json)
+    assert run(capsys, "statements", "verify", str(st), "--keys", str(keys))[0] == 0
+    assert run(capsys, "statements", "verify", str(st), "--ledger")[0] == 0
+    forged = json.loads(out)
+    forged["totals"]["cost_nanos"] += 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(forged))
+    assert run(capsys, "statements", "verify", str(bad), "--keys", str(keys))[0] == 1
+    assert run(capsys, "statements", "verify", str(bad), "--ledger")[0] == 1
+    code, _, err = run(capsys, "statements", "close", "--period", "2026-13")
+    assert code == 2 and "period" in err
+    code, _, err = run(capsys, "statements", "verify", str(st))
+    assert code == 2

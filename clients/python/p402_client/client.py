@@ -398,6 +398,35 @@ class P402Client(_Common):
         resp = self._call(self._admin.GetPriceBook, admin_pb2.GetPriceBookRequest())
         return {"document": json.loads(resp.document_json), "version": resp.version}
 
+    def close_statements(self, period: str, customer: str | None = None) -> list[dict]:
+        """Close `period` ("YYYY-MM") for `customer`, or for every customer with spend
+        (None): the signed statements (dicts; closing again returns the same ones)."""
+        import json
+
+        req = (admin_pb2.CloseStatementsRequest(period=period, every_customer=True)
+               if customer is None else
+               admin_pb2.CloseStatementsRequest(period=period,
+                                                customer=cv.check_str("customer", customer)))
+        resp = self._call(self._admin.CloseStatements, req)
+        return [json.loads(x.document_json) for x in resp.statements]
+
+    def get_statement(self, period: str, customer: str) -> dict:
+        import json
+
+        resp = self._call(self._admin.GetStatement, admin_pb2.GetStatementRequest(
+            period=period, customer=cv.check_str("customer", customer)))
+        return json.loads(resp.document_json)
+
+    def verify_statement(self, document: str | Mapping[str, Any]) -> dict:
+        """A statement checked against the ledger and its signature, server-side:
+        {"ok", "reason", "differences"}."""
+        import json
+
+        text = document if isinstance(document, str) else json.dumps(dict(document))
+        resp = self._call(self._admin.VerifyStatement,
+                          admin_pb2.Statement(document_json=text))
+        return {"ok": resp.ok, "reason": resp.reason, "differences": list(resp.differences)}
+
     def rotate_evidence_key(self) -> dict:
         """A new active evidence key (admin); returns the new key set."""
         import json
