@@ -29,6 +29,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from p402core import InvalidArgument
 from p402core.contract import reportable_ms
 
 from .amounts import NO_REVENUE_MARK, NO_REVENUE_NOTE, Money, format_column, revenue_cell
@@ -549,6 +550,31 @@ def build_parser() -> argparse.ArgumentParser:
     _remote(p)
     _json_flag(p)
     p.set_defaults(func=cmd_statements_verify)
+
+    # billing exports
+    bill = sub.add_parser("billing", help="usage events for billing systems", **_fmt(
+        "Billing exports: a month's (or a time range's) ledger events as Stripe Billing "
+        "meter events, OpenMeter CloudEvents or Lago events, one per event that cost or "
+        "sold something, keyed by the event id so re-exporting never bills twice "
+        "(formats: server/p402_server/billing.py). JSON lines on stdout or --output.",
+        "p402 billing export --period 2026-11 --format stripe --output meter_events.jsonl"))
+    bs2 = bill.add_subparsers(dest="action", metavar="ACTION", required=True,
+                              parser_class=_Parser)
+    p = bs2.add_parser("export", help="export a month's events (read scope)", **_fmt(
+        "Export a month's events (by event time, UTC) for billing.",
+        "p402 billing export --period 2026-11 --customer acme --format openmeter"))
+    p.add_argument("--period", required=True, help="the month, YYYY-MM (UTC)")
+    p.add_argument("--customer", default=None, help="one customer (default: every one)")
+    p.add_argument("--format", required=True, choices=("stripe", "openmeter", "lago"))
+    p.add_argument("--name", default="", help="meter event name / CloudEvents type / "
+                                              "Lago code (a default per format)")
+    p.add_argument("--value", default="revenue", choices=("revenue", "cost"),
+                   help="Stripe's value: revenue (default) or cost, in micro-USD")
+    p.add_argument("--customer-map", default=None, metavar="FILE",
+                   help="JSON {p402 customer: billing system customer id}")
+    p.add_argument("--output", "-o", default="-", help="a file (default stdout)")
+    _remote(p)
+    p.set_defaults(func=cmd_billing_export)
 
     # the price book
     pb = sub.add_parser("pricebook", help="what the tenant charges its customers", **_fmt(
@@ -1130,6 +1156,59 @@ def cmd_keys_revoke(args: argparse.Namespace, out: Output) -> int:
         out.json(key.to_dict())
     else:
         out.print(f"Key {key.key_id} revoked.")
+    return 0
+
+
+def cmd_billing_export(args: argparse.Namespace, out: Output) -> int:
+    from . import billing, statements
+    from .store.model import LedgerEvent
+
+    try:
+        start, end = statements.period_bounds(args.period)
+    except InvalidArgument as exc:
+        raise UsageError("--period", exc.message) from None
+    customers = None
+    if args.customer_map:
+        try:
+            customers = json.loads(_read_text("--customer-map", args.customer_map))
+        except ValueError as exc:
+            raise UsageError("--customer-map", f"not JSON: {exc}") from None
+        if not isinstance(customers, dict):
+            raise UsageError("--customer-map", "must be a JSON object")
+    filters: dict[str, Any] = {"since": start, "until": end}
+    if args.customer is not None:
+        filters["owners"] = {"customer": args.customer}
+    events = []
+    with _client(args) as p402:
+        tenant_id = p402.ping().tenant
+        for e in p402.iter_query(page_size=1000, **filters):
+            u = e.usage
+            events.append(LedgerEvent(
+                tenant_id=tenant_id, event_id=e.event_id, event_ms=e.event_time_ms,
+                customer=e.owners.customer, feature=e.owners.feature,
+                workflow=e.owners.workflow, model=e.model, provider=e.provider,
+                input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
+                cache_write_tokens=u.cache_write_tokens, output_tokens=u.output_tokens,
+                reasoning_tokens=u.reasoning_tokens, units=dict(u.units),
+                service_tier=u.service_tier, cost_nanos=e.cost_nanos,
+                revenue_nanos=e.revenue_nanos))
+    events.sort(key=lambda ev: (ev.event_ms, ev.event_id))
+    try:
+        rows = billing.export(events, args.format, tenant_id=tenant_id, name=args.name,
+                              value=args.value, customers=customers)
+    except InvalidArgument as exc:
+        raise UsageError("--" + exc.field if exc.field != "customer" else "--customer-map",
+                         exc.message) from None
+    text = "".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in rows)
+    if args.output in ("-", ""):
+        sys.stdout.write(text)
+    else:
+        try:
+            with open(args.output, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError as exc:
+            raise UsageError("--output", f"{args.output}: {exc.strerror}") from None
+        out.err.print(f"{len(rows)} event(s) written to {args.output}")
     return 0
 
 
