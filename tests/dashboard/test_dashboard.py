@@ -533,3 +533,41 @@ async def test_well_known_key_set_is_public_per_tenant(dash, http):
         assert resp.status == 400
     async with http.get(url, params={"tenant": "t_nobody"}) as resp:
         assert resp.status == 404
+
+
+async def test_statements_pages_list_show_and_download(dash, http):
+    """Close a month over the admin API; the dashboard lists it, shows its lines and
+    totals (the stored document's), and serves its JSON (byte for byte) and CSV."""
+    import datetime as dt
+
+    from p402.v1 import admin_pb2, common_pb2, meter_pb2
+
+    when = int(dt.datetime(2026, 9, 9, tzinfo=dt.timezone.utc).timestamp() * 1000)
+    for feature in ("chat", "search"):
+        await dash.meter.Record(meter_pb2.RecordRequest(
+            model="gpt-4o-mini", owners=common_pb2.Owners(customer="acme", feature=feature),
+            usage=common_pb2.Usage(input_tokens=5000, output_tokens=400), event_time_ms=when),
+            metadata=md(dash.a.admin_key))
+    closed = await dash.admin.CloseStatements(admin_pb2.CloseStatementsRequest(
+        period="2026-09", customer="acme"), metadata=md(dash.a.admin_key))
+    doc = json.loads(closed.statements[0].document_json)
+    await sign_in(http, dash.base, dash.a.read_key)
+    async with http.get(dash.base + "/dashboard/statements") as r:
+        page = await r.text()
+    assert "2026-09" in page and "acme" in page
+    url = dash.base + "/dashboard/statements/2026-09"
+    async with http.get(url, params={"customer": "acme"}) as r:
+        page = await r.text()
+    assert r.status == 200 and page.count("<tr>") >= 3  # header + two lines
+    assert re.search(r'data-field="cost_nanos"[^>]*>' + re.escape(usd(doc["totals"]["cost_nanos"])),
+                     page)
+    async with http.get(url, params={"customer": "acme", "format": "json"}) as r:
+        assert await r.text() == closed.statements[0].document_json
+    async with http.get(url, params={"customer": "acme", "format": "csv"}) as r:
+        assert (await r.text()) == closed.statements[0].csv
+    async with http.get(url, params={"customer": "nobody"}) as r:
+        assert r.status == 404
+    # another tenant does not see it
+    await sign_in(http, dash.base, dash.b.read_key)
+    async with http.get(url, params={"customer": "acme"}) as r:
+        assert r.status == 404

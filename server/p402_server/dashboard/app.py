@@ -145,10 +145,45 @@ class Dashboard:
         r.add_get(PREFIX + "/api/events", self._api(self.api_events))
         r.add_get(PREFIX + "/spend", self._page(self.spend_page))
         r.add_get(PREFIX + "/export", self._page(self.export))
+        r.add_get(PREFIX + "/statements", self._page(self.statements_page))
+        r.add_get(PREFIX + "/statements/{period}", self._page(self.statement_page))
         r.add_static(PREFIX + "/static", HERE / "static", append_version=False)
         r.add_get("/favicon.ico", self._favicon)
         r.add_get("/.well-known/p402-keys.json", self.evidence_keys)
         return app
+
+    async def statements_page(self, request: web.Request, s: Session) -> web.Response:
+        """The tenant's closed statements, in the order they were closed."""
+        rows = await self.store.list_statements(s.tenant_id)
+        items = [{"period": p, "customer": c, "closed_ms": ms, "through_index": t}
+                 for p, c, ms, t in rows]
+        return self._html(request, "statements.html", nav="statements", title="Statements",
+                          statements=items)
+
+    async def statement_page(self, request: web.Request, s: Session) -> web.Response:
+        """One statement: a printable page, or its JSON or CSV (?format=)."""
+        from .. import statements as st
+
+        period = request.match_info["period"]
+        customer = request.query.get("customer", "")
+        try:
+            st.period_bounds(period)
+        except Exception:  # noqa: BLE001 - a bad month is just not a page
+            raise web.HTTPNotFound() from None
+        text = await self.store.get_statement(s.tenant_id, period, customer)
+        if text is None:
+            raise web.HTTPNotFound()
+        doc = json.loads(text)
+        name = f"statement-{period}-{customer or 'none'}"
+        fmt_ = request.query.get("format", "")
+        if fmt_ == "json":
+            return web.Response(text=text, content_type="application/json", headers={
+                "Content-Disposition": f'attachment; filename="{name}.json"'})
+        if fmt_ == "csv":
+            return web.Response(text=st.to_csv(doc), content_type="text/csv", headers={
+                "Content-Disposition": f'attachment; filename="{name}.csv"'})
+        return self._html(request, "statement.html", nav="statements",
+                          title=f"Statement {period}", st=doc)
 
     async def evidence_keys(self, request: web.Request) -> web.Response:
         """A tenant's public evidence keys (receipts.key_set), with no sign-in: anyone
