@@ -537,16 +537,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_statements_show)
     p = ss2.add_parser("verify", help="check a statement", **_fmt(
         "Check a statement: its signature against a public key set (--keys, offline), "
-        "or, with --ledger, against the server's ledger (every line recomputed from the "
-        "events it covers). Exit 0 valid, 1 altered or not backed by the ledger, 2 bad "
-        "usage.",
-        "p402 statements verify st.json --keys keys.json\n"
+        "and with --export against an export of the ledger (`p402 export`: its chain "
+        "and digest checked, every line recomputed from its rows); or, with --ledger, "
+        "against the server's ledger. Exit 0 valid, 1 altered or not backed by the "
+        "ledger or export, 2 bad usage.",
+        "p402 statements verify st.json --keys keys.json --export ledger.jsonl\n"
         "  p402 statements verify st.json --ledger"))
     p.add_argument("file", metavar="FILE", help="the statement (JSON), or - for stdin")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--keys", metavar="FILE|URL", help="the public key set (offline check)")
     g.add_argument("--ledger", action="store_true",
                    help="recompute it from the server's ledger (read scope)")
+    p.add_argument("--export", metavar="FILE", default=None,
+                   help="with --keys: recompute it from this export (jsonl, csv or focus)")
     _remote(p)
     _json_flag(p)
     p.set_defaults(func=cmd_statements_verify)
@@ -1251,8 +1254,12 @@ def cmd_statements_verify(args: argparse.Namespace, out: Output) -> int:
             v = p402.verify_statement(text)
         ok, reason, diff = v["ok"], v["reason"], v["differences"]
     else:
-        ok, reason, _doc = statements.verify_document(text, _key_set(args.keys))
+        if args.export and args.ledger:
+            raise UsageError("--export", "goes with --keys, not --ledger")
+        ok, reason, doc = statements.verify_document(text, _key_set(args.keys))
         diff = []
+        if ok and args.export:
+            ok, reason, diff = _statement_vs_export(doc, args.export)
     if args.json:
         out.json({"ok": ok, "reason": reason, "differences": diff})
     else:
@@ -1260,6 +1267,28 @@ def cmd_statements_verify(args: argparse.Namespace, out: Output) -> int:
                                             " (signature)") if ok else f"INVALID: {reason}",
                   markup=False)
     return 0 if ok else 1
+
+
+def _statement_vs_export(doc: dict, path: str) -> tuple[bool, str, list[str]]:
+    """A statement recomputed from an export's rows (whose chain and digest must hold)."""
+    from . import statements
+    from .evidence import BadInput, ledger_event, read_export, verify_rows
+
+    try:
+        fmt, rows, digest = read_export(path)
+    except BadInput as exc:
+        raise UsageError("--export", str(exc)) from None
+    v = verify_rows(rows, digest, fmt=fmt)
+    if not v.ok:
+        return False, f"the export is broken: {v.reason}", []
+    events = [ledger_event(r, doc["tenant_id"]) for r in rows]
+    again = statements.recompute(doc, events)
+    at = [e.chain_hash for e in events if e.chain_index == doc["through_index"]]
+    again["head_hash"] = at[0] if at else doc["head_hash"]  # an export may end earlier
+    diff = statements.differences(doc, again)
+    if diff:
+        return False, "the statement differs from the export: " + ", ".join(diff), diff
+    return True, "", []
 
 
 def cmd_pricebook_set(args: argparse.Namespace, out: Output) -> int:

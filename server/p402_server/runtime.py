@@ -1368,15 +1368,20 @@ class TenantRuntime:
         after = max((t for *_x, t in closes), default=0)
         closed = {p for p, *_x in closes}
         through, head = await store.chain_head(tid)
-        regular = await store.statement_rows(tid, customer, max_index=through,
-                                             since_ms=start, until_ms=end)
-        late = [e for e in await store.statement_rows(tid, customer, max_index=through,
-                                                      min_index=after)
-                if st.period_of(e.event_ms) in closed and st.period_of(e.event_ms) != period]
+        candidates = await store.statement_rows(tid, customer, max_index=through,
+                                                since_ms=start, until_ms=end)
+        candidates += await store.statement_rows(tid, customer, max_index=through,
+                                                 min_index=after)
+        regular, late = st.select(
+            {"customer": customer, "period_start_ms": start, "period_end_ms": end,
+             "through_index": through, "after_index": after,
+             "closed_before": closed - {period}},
+            {e.event_id: e for e in candidates}.values())
         book = self.price_book()
         doc = st.body(tenant_id=tid, period=period, customer=customer, closed_ms=_now_ms(),
                       through=through, after=after, head_hash=head, regular=regular,
-                      late=late, price_book_version=book.version if book else "")
+                      late=late, closed_before=closed - {period},
+                      price_book_version=book.version if book else "")
         if not doc["totals"]["events"]:
             return None
         return await store.put_statement(tid, period, customer, doc["closed_ms"], through,
@@ -1406,24 +1411,16 @@ class TenantRuntime:
             return False, why, []
         if doc["tenant_id"] != self.tenant_id:
             return False, "a statement of another tenant", []
-        period, customer = doc["period"], doc["customer"]
-        start, end = st.period_bounds(period)
+        start, end = doc["period_start_ms"], doc["period_end_ms"]
         through, after = int(doc["through_index"]), int(doc["after_index"])
-        closed = {p for p, _c, ms, _t in await self.store.list_statements(self.tenant_id,
-                                                                          customer)
-                  if ms < doc["closed_ms"] and p != period}
-        regular = await self.store.statement_rows(self.tenant_id, customer, max_index=through,
-                                                  since_ms=start, until_ms=end)
-        late = [e for e in await self.store.statement_rows(
-            self.tenant_id, customer, max_index=through, min_index=after)
-            if st.period_of(e.event_ms) in closed]
+        candidates = await self.store.statement_rows(
+            self.tenant_id, doc["customer"], max_index=through, since_ms=start, until_ms=end)
+        candidates += await self.store.statement_rows(
+            self.tenant_id, doc["customer"], max_index=through, min_index=after)
+        again = st.recompute(doc, {e.event_id: e for e in candidates}.values())
         head = (await self.store.statement_rows(self.tenant_id, None, max_index=through,
                                                 min_index=through - 1)) if through else []
-        again = st.body(tenant_id=self.tenant_id, period=period, customer=customer,
-                        closed_ms=doc["closed_ms"], through=through, after=after,
-                        head_hash=head[0].chain_hash if head else doc["head_hash"],
-                        regular=regular, late=late,
-                        price_book_version=doc["price_book_version"])
+        again["head_hash"] = head[0].chain_hash if head else ""
         diff = st.differences(doc, again)
         if diff:
             return False, "the statement differs from the ledger: " + ", ".join(diff), diff

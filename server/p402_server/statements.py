@@ -27,7 +27,8 @@ Document, version 1: canonical JSON (sorted keys, no whitespace, UTF-8) of
     v 1, typ "p402.statement", tenant_id, period, customer, period_start_ms,
     period_end_ms, closed_ms, through_index (T), after_index (L),
     first_index / last_index (the lowest and highest chain_index it includes),
-    head_hash (the chain hash at T),
+    head_hash (the chain hash at T), closed_before (the customer's months already
+    closed when it was closed: the months whose late events are adjustments),
     lines [{feature, model, events, cost_nanos, revenue_nanos, usage {unit: total}}],
     adjustments [{period, feature, model, events, cost_nanos, revenue_nanos, usage}],
     totals {events, cost_nanos, revenue_nanos, margin_nanos},
@@ -102,8 +103,36 @@ def _counted(events: Iterable) -> list:
     return [e for e in events if e.cost_nanos or e.revenue_nanos]
 
 
+def select(doc: dict, events: Iterable) -> tuple[list, list]:
+    """(lines' events, adjustments' events) of the statement `doc` among `events` (any
+    superset of them: the ledger's, or an export's rows), by the rules above."""
+    start, end = doc["period_start_ms"], doc["period_end_ms"]
+    through, after = int(doc["through_index"]), int(doc["after_index"])
+    closed = set(doc["closed_before"])
+    regular, late = [], []
+    for e in events:
+        if e.customer != doc["customer"] or not e.chain_index or e.chain_index > through:
+            continue
+        if start <= e.event_ms < end:
+            regular.append(e)
+        elif e.chain_index > after and period_of(e.event_ms) in closed:
+            late.append(e)
+    key = (lambda e: e.chain_index)
+    return sorted(regular, key=key), sorted(late, key=key)
+
+
+def recompute(doc: dict, events: Iterable) -> dict:
+    """The statement `doc` built again from `events` (compare with `differences`)."""
+    regular, late = select(doc, events)
+    return body(tenant_id=doc["tenant_id"], period=doc["period"], customer=doc["customer"],
+                closed_ms=doc["closed_ms"], through=int(doc["through_index"]),
+                after=int(doc["after_index"]), head_hash=doc["head_hash"],
+                regular=regular, late=late, closed_before=doc["closed_before"],
+                price_book_version=doc["price_book_version"])
+
+
 def body(*, tenant_id: str, period: str, customer: str, closed_ms: int, through: int,
-         after: int, head_hash: str, regular: list, late: list,
+         after: int, head_hash: str, regular: list, late: list, closed_before,
          price_book_version: str) -> dict:
     """The unsigned document of a statement from its events (module docstring)."""
     start, end = period_bounds(period)
@@ -117,7 +146,8 @@ def body(*, tenant_id: str, period: str, customer: str, closed_ms: int, through:
         "closed_ms": closed_ms, "through_index": through, "after_index": after,
         "first_index": min((e.chain_index for e in included), default=0),
         "last_index": max((e.chain_index for e in included), default=0),
-        "head_hash": head_hash, "lines": lines, "adjustments": adjustments,
+        "head_hash": head_hash, "closed_before": sorted(closed_before),
+        "lines": lines, "adjustments": adjustments,
         "totals": {"events": len(included), "cost_nanos": cost, "revenue_nanos": revenue,
                    "margin_nanos": revenue - cost},
         "price_book_version": price_book_version,
@@ -178,5 +208,6 @@ def to_csv(doc: dict) -> str:
     return out.getvalue()
 
 
-__all__ = ["VERSION", "TYPE", "period_bounds", "period_of", "body", "sign",
+__all__ = ["VERSION", "TYPE", "period_bounds", "period_of", "select", "recompute", "body",
+           "sign",
            "verify_document", "differences", "to_csv", "CSV_COLUMNS"]

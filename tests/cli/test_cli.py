@@ -498,6 +498,27 @@ def test_statements_close_show_and_verify(tenant, capsys, server, tmp_path):
     bad.write_text(json.dumps(forged))
     assert run(capsys, "statements", "verify", str(bad), "--keys", str(keys))[0] == 1
     assert run(capsys, "statements", "verify", str(bad), "--ledger")[0] == 1
+    # against an export of the ledger: the whole tenant's events (jsonl, with its digest)
+    export = tmp_path / "ledger.jsonl"
+    assert run(capsys, "export", "--format", "jsonl", "--output", str(export))[0] == 0
+    assert run(capsys, "statements", "verify", str(st), "--keys", str(keys), "--export",
+               str(export))[0] == 0
+    # an export with an event cut out is broken (its chain and digest say so)
+    lines = export.read_text().splitlines()
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines[1:]) + "\n")
+    code, out2, _ = run(capsys, "statements", "verify", str(cut), "--keys", str(keys))
+    assert code == 1
+    code, out2, _ = run(capsys, "statements", "verify", str(st), "--keys", str(keys),
+                        "--export", str(cut))
+    assert code == 1 and "broken" in out2
+    # a sound export of other events (globex only) does not back acme's statement
+    other = tmp_path / "globex.jsonl"
+    assert run(capsys, "export", "--format", "jsonl", "--customer", "globex", "--output",
+               str(other))[0] == 0
+    code, out2, _ = run(capsys, "statements", "verify", str(st), "--keys", str(keys),
+                        "--export", str(other))
+    assert code == 1 and "differs from the export" in out2
     code, _, err = run(capsys, "statements", "close", "--period", "2026-13")
     assert code == 2 and "period" in err
     code, _, err = run(capsys, "statements", "verify", str(st))
