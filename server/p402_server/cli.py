@@ -564,9 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
     bs2 = bill.add_subparsers(dest="action", metavar="ACTION", required=True,
                               parser_class=_Parser)
     p = bs2.add_parser("export", help="export a month's events (read scope)", **_fmt(
-        "Export a month's events (by event time, UTC) for billing.",
-        "p402 billing export --period 2026-11 --customer acme --format openmeter"))
-    p.add_argument("--period", required=True, help="the month, YYYY-MM (UTC)")
+        "Export a month's events (by event time, UTC), or exactly the events a closed "
+        "statement covers (its lines and adjustments), for billing.",
+        "p402 billing export --period 2026-11 --customer acme --format openmeter\n"
+        "  p402 billing export --statement st.json --format stripe"))
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--period", help="the month, YYYY-MM (UTC)")
+    g.add_argument("--statement", metavar="FILE",
+                   help="a statement (JSON, `p402 statements show`): its events")
     p.add_argument("--customer", default=None, help="one customer (default: every one)")
     p.add_argument("--format", required=True, choices=("stripe", "openmeter", "lago"))
     p.add_argument("--name", default="", help="meter event name / CloudEvents type / "
@@ -1166,10 +1171,23 @@ def cmd_billing_export(args: argparse.Namespace, out: Output) -> int:
     from . import billing, statements
     from .store.model import LedgerEvent
 
-    try:
-        start, end = statements.period_bounds(args.period)
-    except InvalidArgument as exc:
-        raise UsageError("--period", exc.message) from None
+    doc = None
+    if args.statement:
+        try:
+            doc = json.loads(_read_text("--statement", args.statement))
+            start, end = doc["period_start_ms"], doc["period_end_ms"]
+            args.customer = doc["customer"]
+            # late events of the months closed before it may be adjustments
+            for month in doc["closed_before"]:
+                start = min(start, statements.period_bounds(month)[0])
+            end = max(end, int(time.time() * 1000) + 86_400_000)  # events committed since, of closed months
+        except (ValueError, KeyError, TypeError, InvalidArgument) as exc:
+            raise UsageError("--statement", f"not a P402 statement: {exc}") from None
+    else:
+        try:
+            start, end = statements.period_bounds(args.period)
+        except InvalidArgument as exc:
+            raise UsageError("--period", exc.message) from None
     customers = None
     if args.customer_map:
         try:
@@ -1194,7 +1212,10 @@ def cmd_billing_export(args: argparse.Namespace, out: Output) -> int:
                 cache_write_tokens=u.cache_write_tokens, output_tokens=u.output_tokens,
                 reasoning_tokens=u.reasoning_tokens, units=dict(u.units),
                 service_tier=u.service_tier, cost_nanos=e.cost_nanos,
-                revenue_nanos=e.revenue_nanos))
+                revenue_nanos=e.revenue_nanos, chain_index=e.chain_index))
+    if doc is not None:
+        regular, late = statements.select(doc, events)
+        events = regular + late
     events.sort(key=lambda ev: (ev.event_ms, ev.event_id))
     try:
         rows = billing.export(events, args.format, tenant_id=tenant_id, name=args.name,

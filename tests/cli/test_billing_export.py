@@ -94,3 +94,21 @@ def test_lago_events_and_refusals(recorded, capsys, tmp_path):
     bad.write_text("[1]")
     assert _run(capsys, "billing", "export", "--period", "2026-11", "--format", "stripe",
                 "--customer-map", str(bad))[0] == 2
+
+
+def test_a_statement_exports_exactly_its_events(recorded, capsys, server, tenant, tmp_path):
+    code, out, err = _run(capsys, "statements", "close", "--period", "2026-11",
+                          "--customer", "acme")
+    assert code == 0, err
+    [doc] = json.loads(out)
+    st = tmp_path / "st.json"
+    st.write_text(json.dumps(doc))
+    code, out, err = _run(capsys, "billing", "export", "--statement", str(st), "--format",
+                          "lago")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["transaction_id"] for r in rows] == [r.event_id for r in recorded[:2]]
+    assert sum(int(r["properties"]["cost_nanos"]) for r in rows) == doc["totals"]["cost_nanos"]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert _run(capsys, "billing", "export", "--statement", str(bad), "--format", "lago")[0] == 2

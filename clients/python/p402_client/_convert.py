@@ -537,6 +537,7 @@ def event(pb: meter_pb2.Event) -> Event:
         catalog_version=pb.catalog_version,
         duplicate_of=pb.duplicate_of,
         chain_hash=pb.chain_hash,
+        chain_index=pb.chain_index,
     )
 
 

@@ -369,6 +369,8 @@ class Event(_Plain):
     catalog_version: str
     duplicate_of: str
     chain_hash: str
+    # The event's position in the tenant's hash chain (0 until it is committed).
+    chain_index: int = 0
 
     @property
     def event_time(self) -> _dt.datetime:
