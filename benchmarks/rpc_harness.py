@@ -36,7 +36,7 @@ async def main():
     tenant, key = await init_tenant(store, "bench")
     server, port = create_server("127.0.0.1:0", store=store,
                                  config=ServerConfig.from_env(max_concurrent_rpcs=4096),
-                                 leases={leases!r})
+                                 leases={leases!r}, metrics={metrics!r})
     await server.start()
     print(json.dumps({{"port": port, "api_key": key, "tenant": tenant}}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -52,15 +52,17 @@ except ImportError:
 
 
 @contextmanager
-def server_process(leases: bool = False):
+def server_process(leases: bool = False, metrics: bool = True):
     """Start a server subprocess -> {"port", "api_key", "tenant", "ledger" (the SQLite
     file)}; stops it at exit.
-    `leases`: HARD budgets leased from the store (`p402 serve --lease on`)."""
+    `leases`: HARD budgets leased from the store (`p402 serve --lease on`);
+    `metrics`: False serves without metrics (`p402 serve --no-metrics`)."""
     tmp = tempfile.mkdtemp(prefix="p402-bench-")
     url = f"sqlite+aiosqlite:///{tmp}/bench.db"
     paths = [ROOT, os.path.join(ROOT, "server"), os.path.join(ROOT, "clients", "python")]
     proc = subprocess.Popen([sys.executable, "-c",
-                             _SERVER.format(paths=paths, url=url, leases=leases)],
+                             _SERVER.format(paths=paths, url=url, leases=leases,
+                                            metrics=metrics)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

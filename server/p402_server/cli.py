@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ext-authz-strip-authorization", action="store_true",
                    help="remove the caller's authorization header before the upstream")
     # -- scale-out (p402_server.leases, p402_server.workers; issue 7) --
+    p.add_argument("--no-metrics", action="store_true",
+                   help="do not count decisions, latencies and the writer's work "
+                        "(metrics are served at /metrics on the --http port)")
     p.add_argument("--lease", choices=("on", "off"),
                    default=os.environ.get("P402_LEASE") or None,
                    help="lease HARD budgets from the store in slices (needed when several "
@@ -934,6 +937,8 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     if args.workers > 1 and args.lease == "off":
         raise UsageError("--lease", "several workers share budgets: leases must be on")
     kwargs["leases"] = args.lease == "on" or args.workers > 1
+    if args.no_metrics:
+        kwargs["metrics"] = False
     logging.getLogger("p402.cli").info("p402 serve: starting (db %s, listen %s, core: %s)",
                                        _redact_url(args.db), args.listen, core.describe())
     if args.workers > 1:

@@ -31,8 +31,10 @@ log = logging.getLogger("p402.server.meter")
 
 
 class MeterService(meter_pb2_grpc.MeterServiceServicer):
-    def __init__(self, runtime: Runtime, auth, *, max_batch_records: int = 10_000):
+    def __init__(self, runtime: Runtime, auth, *, max_batch_records: int = 10_000,
+                 metrics=None):
         self.runtime = runtime
+        self.metrics = metrics  # metrics.Metrics, or None
         self.store = runtime.store
         self.auth = auth
         self.max_batch_records = max_batch_records
@@ -41,10 +43,15 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
 
     @unary(METER)
     async def Authorize(self, request, context, key):
+        started = time.perf_counter()
         rt = self.runtime.tenants.get(key.tenant_id) or await self.runtime.get(key.tenant_id)
         if rt.leases is None:  # one process: never awaits (no coroutine per call)
-            return rt.authorize(request)
-        return await rt.authorize_exact(request)
+            resp = rt.authorize(request)
+        else:
+            resp = await rt.authorize_exact(request)
+        if self.metrics is not None:
+            self.metrics.authorized(resp, started)
+        return resp
 
     @streaming(METER)
     async def StreamAuthorize(self, request_iterator, context, key):
@@ -66,9 +73,13 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
 
     @unary(METER)
     async def Record(self, request, context, key):
+        started = time.perf_counter()
         rt = self.runtime.tenants.get(key.tenant_id) or await self.runtime.get(key.tenant_id)
         attested = self._attest(rt, context, "Record", request, (request,))
-        return await rt.record(request, attested=attested)
+        resp = await rt.record(request, attested=attested)
+        if self.metrics is not None:
+            self.metrics.recorded((request.outcome,), started)
+        return resp
 
     # --- signed reports (privacy mode private_gateway; signing.py) ------------------
 
@@ -93,10 +104,14 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
             raise InvalidArgument("records", f"at most {self.max_batch_records} per batch")
         rt = self.runtime.tenants.get(key.tenant_id) or await self.runtime.get(key.tenant_id)
         # Validate every record first: a bad one fails the call before anything settles.
+        started = time.perf_counter()
         parsed = [convert.validate_record(r, f"records[{i}].") for i, r in enumerate(records)]
         attested = self._attest(rt, context, "RecordBatch", request, records)
-        return meter_pb2.RecordBatchResponse(
+        resp = meter_pb2.RecordBatchResponse(
             results=await _record_all(rt, records, parsed, attested))
+        if self.metrics is not None:
+            self.metrics.recorded([r.outcome for r in records], started, batch=True)
+        return resp
 
     @streaming(METER)
     async def StreamRecordBatches(self, request_iterator, context, key):

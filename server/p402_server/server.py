@@ -112,7 +112,8 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
                   max_concurrent_rpcs: int | None = None, writer=None,
                   core=None, http: str | None = None,
                   dashboard_config=None, ext_authz=None,
-                  leases: bool = False, reuse_port: bool = False) -> tuple[P402Server, int]:
+                  leases: bool = False, reuse_port: bool = False,
+                  metrics: bool = True) -> tuple[P402Server, int]:
     """Build the server on `address` ("host:port"; port 0 picks one) -> (server, port).
 
     `writer` defaults to a new GroupCommitWriter over `store`, started and stopped
@@ -124,7 +125,8 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
     envoy.service.auth.v3.Authorization/Check on the same port (needs xds-protos).
     `leases`: HARD budgets are leased from the store in slices (leases.py; several
     processes or replicas on one ledger); `reuse_port`: bind with SO_REUSEPORT
-    (workers.py: several processes sharing one port).
+    (workers.py: several processes sharing one port). `metrics`: count decisions,
+    latencies and the writer's work (metrics.py), served at /metrics on the HTTP port.
     """
     config = config or ServerConfig()
     if max_concurrent_rpcs is not None:
@@ -147,8 +149,12 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
              2 * max(config.max_pending_calls, config.max_concurrent_rpcs)),
         ],
     )
+    from .metrics import Metrics
+
+    meters = Metrics(runtime, writer) if metrics else None
     meter_pb2_grpc.add_MeterServiceServicer_to_server(
-        MeterService(runtime, auth, max_batch_records=config.max_batch_records), server)
+        MeterService(runtime, auth, max_batch_records=config.max_batch_records,
+                     metrics=meters), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(runtime, auth), server)
     services = SERVICE_NAMES
     if ext_authz:  # Envoy ext_authz (p402_server.envoy), same runtime and key cache
@@ -175,11 +181,13 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
                       auth=auth, health_servicer=health_servicer, config=config,
                       own_writer=own_writer)
     p402.service_names = services
+    p402.metrics = meters
     if http:
         from .dashboard import Dashboard, DashboardServer
 
         p402.dashboard = DashboardServer(
-            Dashboard(store=store, runtime=runtime, auth=auth, config=dashboard_config),
+            Dashboard(store=store, runtime=runtime, auth=auth, config=dashboard_config,
+                      metrics=meters),
             http)
     return p402, port
 
@@ -225,7 +233,7 @@ async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
                 max_concurrent_rpcs: int | None = None, ready=None,
                 stop_event: asyncio.Event | None = None, http: str | None = None,
                 dashboard_config=None, ext_authz=None, leases: bool = False,
-                reuse_port: bool = False) -> None:
+                reuse_port: bool = False, metrics: bool = True) -> None:
     """Serve until SIGTERM/SIGINT (or `stop_event`), then shut down gracefully.
 
     `ready`, if given, is called with the bound port once the server accepts calls.
@@ -253,7 +261,7 @@ async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
                                          max_concurrent_rpcs=max_concurrent_rpcs,
                                          http=http, dashboard_config=dashboard_config,
                                          ext_authz=ext_authz, leases=leases,
-                                         reuse_port=reuse_port)
+                                         reuse_port=reuse_port, metrics=metrics)
             await server.start()
             try:
                 log.info("p402 listening on %s (port %d), ledger %s", listen, port,

@@ -571,3 +571,43 @@ async def test_statements_pages_list_show_and_download(dash, http):
     await sign_in(http, dash.base, dash.b.read_key)
     async with http.get(url, params={"customer": "acme"}) as r:
         assert r.status == 404
+
+
+async def test_metrics_are_scraped_and_parse_after_traffic(dash, http):
+    """/metrics after traffic: Prometheus text that prometheus_client's own parser
+    reads, with the decisions, latencies, records, writer and holds the calls made."""
+    from p402.v1 import common_pb2, meter_pb2
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = dash.meter
+    for _ in range(3):
+        a = await m.Authorize(meter_pb2.AuthorizeRequest(
+            model="gpt-4o-mini", owners=common_pb2.Owners(customer="acme"), input_bytes=40),
+            metadata=md(dash.a.admin_key))
+    await m.Record(meter_pb2.RecordRequest(reservation_id=a.reservation_id,
+                                           usage=common_pb2.Usage(input_tokens=10)),
+                   metadata=md(dash.a.admin_key))
+    denied = await m.Authorize(meter_pb2.AuthorizeRequest(
+        model="no-such-model-xyz", owners=common_pb2.Owners(customer="acme"), input_bytes=4),
+        metadata=md(dash.a.admin_key))
+    assert denied.decision == common_pb2.DECISION_DENY
+    await dash.server.writer.flush()
+    async with http.get(dash.base + "/metrics") as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        text = await r.text()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    dec = {(s.labels["decision"], s.labels["reason"]): s.value
+           for s in fams["p402_decisions"].samples if s.name == "p402_decisions_total"}
+    assert dec[("ALLOW", "none")] >= 3 and dec[("DENY", "price.unknown_model")] >= 1
+    count = {s.labels["method"]: s.value for s in fams["p402_rpc_duration_seconds"].samples
+             if s.name == "p402_rpc_duration_seconds_count"}
+    assert count["Authorize"] >= 4 and count["Record"] >= 1
+    rec = {s.labels["outcome"]: s.value for s in fams["p402_records"].samples
+           if s.name == "p402_records_total"}
+    assert rec["SUCCESS"] >= 1
+    assert [s.value for s in fams["p402_writer_events"].samples][0] >= 1
+    assert any(s.value >= 1 for s in fams["p402_writer_batch_events"].samples
+               if s.name.endswith("_count"))
+    holds = {s.labels["tenant"]: s.value for s in fams["p402_open_holds"].samples}
+    assert holds[dash.a.tenant_id] == 2  # three authorized, one recorded
+    assert "p402_writer_queue_depth" in fams

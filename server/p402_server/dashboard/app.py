@@ -102,8 +102,10 @@ def _static_version() -> str:
 class Dashboard:
     """One dashboard over one server's store, runtime and key cache."""
 
-    def __init__(self, *, store, runtime, auth, config: DashboardConfig | None = None):
+    def __init__(self, *, store, runtime, auth, config: DashboardConfig | None = None,
+                 metrics=None):
         self.store = store
+        self.metrics = metrics  # metrics.Metrics: served at /metrics (None: not served)
         self.runtime = runtime
         self.auth = auth
         self.config = config or DashboardConfig()
@@ -150,7 +152,15 @@ class Dashboard:
         r.add_static(PREFIX + "/static", HERE / "static", append_version=False)
         r.add_get("/favicon.ico", self._favicon)
         r.add_get("/.well-known/p402-keys.json", self.evidence_keys)
+        if self.metrics is not None:
+            r.add_get("/metrics", self.prometheus)
         return app
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        """Prometheus text exposition of the server's metrics (metrics.py)."""
+        return web.Response(body=self.metrics.exposition(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; "
+                                                     "charset=utf-8"})
 
     async def statements_page(self, request: web.Request, s: Session) -> web.Response:
         """The tenant's closed statements, in the order they were closed."""

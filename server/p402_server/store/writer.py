@@ -228,6 +228,8 @@ class GroupCommitWriter:
         self.stats = WriterStats()
         self.dead_letters: list[LedgerEvent] = []
         self._queue: list[_Item] = []
+        # Called with (events, seconds) after each successful transaction (metrics.py).
+        self.on_commit = None
         self._retry: list[_Item] = []
         self._epoch = _Epoch()
         self._epochs: list[_Epoch] = [self._epoch]
@@ -469,14 +471,21 @@ class GroupCommitWriter:
             if len(queue) == before or time.monotonic() >= deadline:
                 return
 
+    def queue_depth(self) -> int:
+        """Events waiting for a transaction (or for their retry)."""
+        return len(self._queue) + len(self._retry)
+
     async def _commit_batch(self, batch: "_Batch") -> None:
         """Run one transaction and answer every item in it (never raises)."""
         items = batch.items
         self.stats.transactions += 1
         if len(items) > self.stats.largest_batch:
             self.stats.largest_batch = len(items)
+        started = time.perf_counter()
         try:
             results = await self._transaction(batch)
+            if self.on_commit is not None:
+                self.on_commit(len(items), time.perf_counter() - started)
         except Exception as exc:  # every waiter in the transaction gets the error
             self.stats.failed_transactions += 1
             if is_data_error(exc):
