@@ -160,9 +160,13 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
     if ext_authz:  # Envoy ext_authz (p402_server.envoy), same runtime and key cache
         from . import envoy
 
-        envoy.add_to_server(server, runtime, auth,
-                            ext_authz if isinstance(ext_authz, envoy.EnvoyConfig) else None)
-        services = (*services, envoy.SERVICE_NAME)
+        from . import ext_proc
+
+        envoy_config = ext_authz if isinstance(ext_authz, envoy.EnvoyConfig) else None
+        envoy.add_to_server(server, runtime, auth, envoy_config)
+        # ... and Envoy's external processor (the Record half): ext_proc.py
+        ext_proc.add_to_server(server, runtime, auth, envoy_config)
+        services = (*services, envoy.SERVICE_NAME, ext_proc.SERVICE_NAME)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # Every served service is listed by reflection and has a health status.
