@@ -350,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"HOST:PORT to listen on (env P402_LISTEN; default {DEFAULT_LISTEN})")
     p.add_argument("--max-concurrent-rpcs", type=int, default=None,
                    help="calls in flight before RESOURCE_EXHAUSTED (backpressure)")
+    p.add_argument("--log-format", default=os.environ.get("P402_LOG_FORMAT", "text"),
+                   choices=("text", "json"), type=str.lower,
+                   help="text (default) or json: one JSON object per line with the "
+                        "request id (the caller's x-request-id, else a new one); env "
+                        "P402_LOG_FORMAT")
     p.add_argument("--log-level", default=os.environ.get("P402_LOG_LEVEL", "INFO"),
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
                    help="logging level (default INFO)")
@@ -418,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --db: lease HARD budgets from the store in slices, so this "
                         "proxy shares budgets with other proxies and servers on the same "
                         "PostgreSQL ledger (env P402_LEASE; default off)")
+    p.add_argument("--log-format", default=os.environ.get("P402_LOG_FORMAT", "text"),
+                   choices=("text", "json"), type=str.lower,
+                   help="text (default) or json: one JSON object per line with the "
+                        "request id (the caller's x-request-id, else a new one); env "
+                        "P402_LOG_FORMAT")
     p.add_argument("--log-level", default=os.environ.get("P402_LOG_LEVEL", "INFO"),
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
                    help="logging level (default INFO)")
@@ -906,8 +916,9 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     # Before anything starts: a build without the compiled core fails here, with
     # the way out, and the start-up log names the core that really loaded.
     core = p402core.load(p402core.IMPLEMENTATION).check()
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import logs
+
+    logs.configure(args.log_level, args.log_format)
     if args.log_level != "DEBUG":  # migration chatter is not news on every start
         logging.getLogger("alembic").setLevel(logging.WARNING)
     from . import server
@@ -962,8 +973,9 @@ def cmd_proxy(args: argparse.Namespace, out: Output) -> int:
     if args.lease == "on" and not args.db:
         raise UsageError("--lease", "leases are held by the process that decides: use "
                          "it with --db (with --target the server holds them)")
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import logs
+
+    logs.configure(args.log_level, args.log_format)
     if args.log_level != "DEBUG":
         logging.getLogger("alembic").setLevel(logging.WARNING)
     from .proxy import ProxyConfig, serve_proxy

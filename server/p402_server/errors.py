@@ -36,6 +36,8 @@ from grpc_status import rpc_status
 
 from p402core import Conflict, InvalidArgument, NotFound, UnknownModel
 
+from . import logs as _logs
+
 log = logging.getLogger("p402.server")
 
 DOMAIN = "p402.dev"
@@ -231,6 +233,8 @@ def unary(scopes: frozenset, name: str | None = None) -> Callable:
 
         @functools.wraps(fn)
         async def wrapper(self, request, context):
+            if _logs.enabled:  # --log-format json: every line names its request
+                _logs.REQUEST_ID.set(_logs.request_id_from(context.invocation_metadata()))
             try:
                 if type(request) is MalformedRequest:
                     raise _malformed(request)
