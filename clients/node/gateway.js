@@ -92,7 +92,9 @@ export class P402Gateway {
    * @param {string} target HOST:PORT of `p402 serve`
    * @param {string} apiKey a P402 key with the meter scope (read for query, admin for admin calls)
    */
-  constructor(target, apiKey, { timeoutMs = 5000, credentials, protoRoot } = {}) {
+  // `signer`: a signing.GatewaySigner; Record calls are then signed (privacy mode
+  // private_gateway; the server marks verified reports ATTESTED).
+  constructor(target, apiKey, { timeoutMs = 5000, credentials, protoRoot, signer } = {}) {
     if (!target) throw new TypeError("target is required (HOST:PORT)");
     if (!apiKey) throw new TypeError("apiKey is required");
     const p402 = loadP402(protoRoot);
@@ -102,10 +104,16 @@ export class P402Gateway {
     this.metadata = new grpc.Metadata();
     this.metadata.set("authorization", `Bearer ${apiKey}`);
     this.timeoutMs = timeoutMs;
+    this.signer = signer ?? null;
   }
 
   call(service, method, request) {
-    return unary(this[service], method, request, this.metadata, this.timeoutMs);
+    let metadata = this.metadata;
+    if (this.signer && service === "meter" && (method === "Record" || method === "RecordBatch")) {
+      metadata = this.metadata.clone(); // fresh per call: a nonce is single-use
+      for (const [k, v] of this.signer.metadata(method, request)) metadata.set(k, v);
+    }
+    return unary(this[service], method, request, metadata, this.timeoutMs);
   }
 
   async ping() {

@@ -162,3 +162,24 @@ test("meteredCall records the provider's usage, and a DENY stops the call", asyn
   assert.equal(events.length, 1);
   assert.equal(events[0].costNanos, 0n);
 });
+
+test("a signed Record from Node is verified by the server (ATTESTED)", async () => {
+  const { GatewaySigner } = await import("../signing.js");
+  const reg = await gw.call("admin", "RegisterGateway", { gateway_id: "gw-node", name: "node" });
+  const target = gw.meter.getChannel().getTarget().replace(/^dns:/, "");
+  const signed = new P402Gateway(target, apiKey, {
+    signer: new GatewaySigner("gw-node", reg.secret),
+  });
+  const res = await signed.record({
+    model: "gpt-4o-mini", owners: { customer: "acme", feature: "signed" },
+    usage: { inputTokens: 900, outputTokens: 90 },
+  });
+  assert.equal(res.evidence, "EVIDENCE_ATTESTED");
+  // a wrong secret is refused before anything is settled
+  const forged = new P402Gateway(target, apiKey, {
+    signer: new GatewaySigner("gw-node", "00".repeat(32)),
+  });
+  await assert.rejects(forged.record({ model: "gpt-4o-mini", owners: { customer: "acme" },
+                                       usage: { inputTokens: 1 } }),
+                       (err) => err.code === 16); // UNAUTHENTICATED
+});
