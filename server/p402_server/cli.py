@@ -376,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ext-authz-strip-authorization", action="store_true",
                    help="remove the caller's authorization header before the upstream")
     # -- scale-out (p402_server.leases, p402_server.workers; issue 7) --
+    p.add_argument("--otel-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+                   metavar="URL",
+                   help="send a span per Authorize/Record and the decision and latency "
+                        "metrics to this OTLP/HTTP collector (pip install -e '.[otel]'; "
+                        "env OTEL_EXPORTER_OTLP_ENDPOINT); default off")
     p.add_argument("--no-metrics", action="store_true",
                    help="do not count decisions, latencies and the writer's work "
                         "(metrics are served at /metrics on the --http port)")
@@ -950,6 +955,8 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     kwargs["leases"] = args.lease == "on" or args.workers > 1
     if args.no_metrics:
         kwargs["metrics"] = False
+    if args.otel_endpoint:
+        kwargs["otel_endpoint"] = args.otel_endpoint
     logging.getLogger("p402.cli").info("p402 serve: starting (db %s, listen %s, core: %s)",
                                        _redact_url(args.db), args.listen, core.describe())
     if args.workers > 1:

@@ -32,9 +32,10 @@ log = logging.getLogger("p402.server.meter")
 
 class MeterService(meter_pb2_grpc.MeterServiceServicer):
     def __init__(self, runtime: Runtime, auth, *, max_batch_records: int = 10_000,
-                 metrics=None):
+                 metrics=None, otel=None):
         self.runtime = runtime
         self.metrics = metrics  # metrics.Metrics, or None
+        self.otel = otel  # otel.Otel (spans and metrics over OTLP), or None
         self.store = runtime.store
         self.auth = auth
         self.max_batch_records = max_batch_records
@@ -51,6 +52,8 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
             resp = await rt.authorize_exact(request)
         if self.metrics is not None:
             self.metrics.authorized(resp, started)
+        if self.otel is not None:
+            self.otel.authorized(key.tenant_id, request, resp, started)
         return resp
 
     @streaming(METER)
@@ -79,6 +82,8 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
         resp = await rt.record(request, attested=attested)
         if self.metrics is not None:
             self.metrics.recorded((request.outcome,), started)
+        if self.otel is not None:
+            self.otel.recorded(key.tenant_id, request, resp, started)
         return resp
 
     # --- signed reports (privacy mode private_gateway; signing.py) ------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 import grpc
@@ -113,7 +114,7 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
                   core=None, http: str | None = None,
                   dashboard_config=None, ext_authz=None,
                   leases: bool = False, reuse_port: bool = False,
-                  metrics: bool = True) -> tuple[P402Server, int]:
+                  metrics: bool = True, otel=None) -> tuple[P402Server, int]:
     """Build the server on `address` ("host:port"; port 0 picks one) -> (server, port).
 
     `writer` defaults to a new GroupCommitWriter over `store`, started and stopped
@@ -127,6 +128,7 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
     processes or replicas on one ledger); `reuse_port`: bind with SO_REUSEPORT
     (workers.py: several processes sharing one port). `metrics`: count decisions,
     latencies and the writer's work (metrics.py), served at /metrics on the HTTP port.
+    `otel`: an otel.Otel (spans and metrics over OTLP), or None (off).
     """
     config = config or ServerConfig()
     if max_concurrent_rpcs is not None:
@@ -154,7 +156,7 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
     meters = Metrics(runtime, writer) if metrics else None
     meter_pb2_grpc.add_MeterServiceServicer_to_server(
         MeterService(runtime, auth, max_batch_records=config.max_batch_records,
-                     metrics=meters), server)
+                     metrics=meters, otel=otel), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(runtime, auth), server)
     services = SERVICE_NAMES
     if ext_authz:  # Envoy ext_authz (p402_server.envoy), same runtime and key cache
@@ -237,7 +239,8 @@ async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
                 max_concurrent_rpcs: int | None = None, ready=None,
                 stop_event: asyncio.Event | None = None, http: str | None = None,
                 dashboard_config=None, ext_authz=None, leases: bool = False,
-                reuse_port: bool = False, metrics: bool = True) -> None:
+                reuse_port: bool = False, metrics: bool = True,
+                otel_endpoint: str = "") -> None:
     """Serve until SIGTERM/SIGINT (or `stop_event`), then shut down gracefully.
 
     `ready`, if given, is called with the bound port once the server accepts calls.
@@ -265,7 +268,8 @@ async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
                                          max_concurrent_rpcs=max_concurrent_rpcs,
                                          http=http, dashboard_config=dashboard_config,
                                          ext_authz=ext_authz, leases=leases,
-                                         reuse_port=reuse_port, metrics=metrics)
+                                         reuse_port=reuse_port, metrics=metrics,
+                                         otel=_otel(otel_endpoint))
             await server.start()
             try:
                 log.info("p402 listening on %s (port %d), ledger %s", listen, port,
@@ -280,6 +284,18 @@ async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+def _otel(endpoint: str):
+    """An otel.Otel exporting to `endpoint` (or OTEL_EXPORTER_OTLP_ENDPOINT); None
+    when neither is set."""
+    endpoint = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    if not endpoint:
+        return None
+    from .otel import Otel
+
+    log.info("OpenTelemetry export to %s", endpoint)
+    return Otel(endpoint=endpoint)
 
 
 def run(db_url: str, listen: str, **kwargs) -> None:
