@@ -819,21 +819,9 @@ class Proxy:
         retry_of = request.headers.get("x-p402-retry-of", "")
         cap_field, cap = requested_cap(kind, body)
         nbytes = prompt_bytes(kind, body)
-        try:
-            auth = await self.meter.authorize(
-                key, model, provider=self.config.provider, owners=owners, labels=labels or None,
-                input_bytes=nbytes, max_output_tokens=cap, attempt=attempt,
-                retry_of=retry_of)
-        except ProxyError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - P402 client errors -> HTTP
-            raise _p402_error(exc) from None
-        if not auth.allowed:
-            raise denial(auth)
-        meta = {"x-p402-reservation-id": auth.reservation_id,
-                "x-p402-decision": auth.decision.name}
-        if auth.reasons:
-            meta["x-p402-reasons"] = ",".join(auth.reasons)
+        auth, meta = await self._authorize(
+            key, model, owners=owners, labels=labels or None, input_bytes=nbytes,
+            max_output_tokens=cap, attempt=attempt, retry_of=retry_of)
 
         # What the upstream must see differently: the granted cap, and usage on a
         # chat stream. A body that needs neither is forwarded as received.
@@ -849,22 +837,8 @@ class Proxy:
                                            "include_usage": True}
         data = json.dumps(edited(body, edits)).encode() if edits else raw
 
-        url = self.config.upstream_base + "/" + request.match_info["endpoint"]
-        timeout = aiohttp.ClientTimeout(total=self.config.upstream_timeout)
-        try:
-            up = await self._session.post(url, data=data,
-                                          headers=self._upstream_headers(request),
-                                          timeout=timeout)
-        except asyncio.TimeoutError:
-            await self._record(key, auth.reservation_id, outcome="TIMEOUT", usage=None,
-                               input_bytes=nbytes)
-            raise ProxyError(504, "the upstream did not answer in time", "server_error",
-                             "upstream_timeout") from None
-        except aiohttp.ClientError as exc:
-            await self._record(key, auth.reservation_id, outcome="PROVIDER_ERROR",
-                               usage=None, input_bytes=nbytes)
-            raise ProxyError(502, f"upstream unreachable: {exc}", "server_error",
-                             "upstream_unreachable") from None
+        up = await self._post(key, auth, request.match_info["endpoint"], data,
+                              self._upstream_headers(request), nbytes)
         try:
             if up.status >= 400 or not stream:
                 return await self._whole(request, up, kind, key, auth, nbytes, meta)
@@ -1000,6 +974,43 @@ class Proxy:
                            estimated=estimated)
         return resp
 
+    async def _authorize(self, key: str, model: str, **kw: Any) -> tuple[Any, dict]:
+        """Authorize with the caller's key -> (the allowed authorization, the
+        x-p402-* response headers); a denial or a P402 error as its HTTP answer."""
+        try:
+            auth = await self.meter.authorize(key, model, provider=self.config.provider,
+                                              **kw)
+        except ProxyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - P402 client errors -> HTTP
+            raise _p402_error(exc) from None
+        if not auth.allowed:
+            raise denial(auth)
+        meta = {"x-p402-reservation-id": auth.reservation_id,
+                "x-p402-decision": auth.decision.name}
+        if auth.reasons:
+            meta["x-p402-reasons"] = ",".join(auth.reasons)
+        return auth, meta
+
+    async def _post(self, key: str, auth: Any, endpoint: str, data: bytes, headers: dict,
+                    nbytes: int) -> aiohttp.ClientResponse:
+        """POST to the upstream; no answer in time or none at all is recorded
+        (TIMEOUT / PROVIDER_ERROR) and answered 504 / 502."""
+        try:
+            return await self._session.post(
+                self.config.upstream_base + "/" + endpoint, data=data, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.config.upstream_timeout))
+        except asyncio.TimeoutError:
+            await self._record(key, auth.reservation_id, outcome="TIMEOUT", usage=None,
+                               input_bytes=nbytes)
+            raise ProxyError(504, "the upstream did not answer in time", "server_error",
+                             "upstream_timeout") from None
+        except aiohttp.ClientError as exc:
+            await self._record(key, auth.reservation_id, outcome="PROVIDER_ERROR",
+                               usage=None, input_bytes=nbytes)
+            raise ProxyError(502, f"upstream unreachable: {exc}", "server_error",
+                             "upstream_unreachable") from None
+
     async def _media(self, request: web.Request, endpoint: str, kind: str
                      ) -> web.StreamResponse:
         """Images, transcriptions and speech: authorized with what they are priced by
@@ -1018,39 +1029,16 @@ class Proxy:
                              "missing_model", param="model")
         plan = media_plan(kind, model, fields, files, request.headers)
         owners, labels = owners_from_headers(request.headers)
-        try:
-            auth = await self.meter.authorize(
-                key, plan.model, provider=self.config.provider, owners=owners,
-                labels=labels or None, input_bytes=plan.input_bytes,
-                max_output_tokens=plan.max_output_tokens, expected_usage=plan.expected,
-                attempt=_int_header(request.headers, "x-p402-attempt"),
-                retry_of=request.headers.get("x-p402-retry-of", ""))
-        except ProxyError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - P402 client errors -> HTTP
-            raise _p402_error(exc) from None
-        if not auth.allowed:
-            raise denial(auth)
-        meta = {"x-p402-reservation-id": auth.reservation_id,
-                "x-p402-decision": auth.decision.name}
-        if auth.reasons:
-            meta["x-p402-reasons"] = ",".join(auth.reasons)
+        auth, meta = await self._authorize(
+            key, plan.model, owners=owners, labels=labels or None,
+            input_bytes=plan.input_bytes, max_output_tokens=plan.max_output_tokens,
+            expected_usage=plan.expected,
+            attempt=_int_header(request.headers, "x-p402-attempt"),
+            retry_of=request.headers.get("x-p402-retry-of", ""))
         headers = self._upstream_headers(request)
         headers["Content-Type"] = ctype or "application/json"
-        rid, nbytes = auth.reservation_id, plan.input_bytes
-        try:
-            up = await self._session.post(
-                self.config.upstream_base + "/" + endpoint, data=raw, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.config.upstream_timeout))
-        except asyncio.TimeoutError:
-            await self._record(key, rid, outcome="TIMEOUT", usage=None, input_bytes=nbytes)
-            raise ProxyError(504, "the upstream did not answer in time", "server_error",
-                             "upstream_timeout") from None
-        except aiohttp.ClientError as exc:
-            await self._record(key, rid, outcome="PROVIDER_ERROR", usage=None,
-                               input_bytes=nbytes)
-            raise ProxyError(502, f"upstream unreachable: {exc}", "server_error",
-                             "upstream_unreachable") from None
+        nbytes = plan.input_bytes
+        up = await self._post(key, auth, endpoint, raw, headers, nbytes)
         fallback = {"input_tokens": auth.estimated_input_tokens,
                     "output_tokens": auth.estimated_output_tokens, **plan.expected}
         try:

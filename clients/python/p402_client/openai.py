@@ -164,21 +164,21 @@ def usage_from_openai(usage: Any, service_tier: Any = None) -> dict[str, Any] | 
     if inp is None and out is None:
         return None
     kw: dict[str, Any] = {"input_tokens": _int(inp), "output_tokens": _int(out)}
-    left = kw["input_tokens"]
-    for name, key in _INPUT_PARTS:
-        n = min(_int(_get(in_details, key)), left)
-        if n:
-            kw[name] = n
-            left -= n
-    left = kw["output_tokens"]
-    for name, key in _OUTPUT_PARTS:
-        n = min(_int(_get(out_details, key)), left)
-        if n:
-            kw[name] = n
-            left -= n
+    _take_parts(kw, "input_tokens", in_details, _INPUT_PARTS)
+    _take_parts(kw, "output_tokens", out_details, _OUTPUT_PARTS)
     if service_tier in _TIERS:
         kw["service_tier"] = service_tier
     return usage_kwargs(**kw)
+
+
+def _take_parts(kw: dict, total: str, details: Any, parts: tuple) -> None:
+    """The parts of `total` from OpenAI's details, each cut to what is left of it."""
+    left = kw[total]
+    for name, key in parts:
+        n = min(_int(_get(details, key)), left)
+        if n:
+            kw[name] = n
+            left -= n
 
 
 # (Record keyword, OpenAI usage detail key), in the order each takes its share
