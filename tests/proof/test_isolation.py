@@ -100,6 +100,10 @@ def world(tmp_path_factory):
         event_id="evt-b-1", model=MODEL, owners=common_pb2.Owners(customer="b-cust"),
         usage=common_pb2.Usage(input_tokens=10, output_tokens=5),
         outcome=common_pb2.OUTCOME_SUCCESS), metadata=mb).event_id
+    # An event id A never uses: A must not get its receipt.
+    meter.Record(meter_pb2.RecordRequest(
+        event_id="evt-b-receipt", model=MODEL, owners=common_pb2.Owners(customer="b-cust"),
+        usage=common_pb2.Usage(input_tokens=10, output_tokens=5)), metadata=mb)
     # A has ledger events of its own, so its reads are not trivially empty.
     meter.Record(meter_pb2.RecordRequest(
         event_id="evt-a-1", model=MODEL, owners=common_pb2.Owners(customer="a-cust"),
@@ -223,6 +227,30 @@ RPCS = [
     ("admin", "RevokeGateway", {ADMIN},
      lambda w: admin_pb2.RevokeGatewayRequest(gateway_id=w["b"].gateway),
      {NF, OK}, None),  # OK only if RegisterGateway above gave A its own gateway of that id
+    ("meter", "GetReceipt", {READ, ADMIN},
+     lambda w: meter_pb2.GetReceiptRequest(event_id="evt-b-receipt"), {NF}, None),
+    ("admin", "GetEvidenceKeys", {READ, ADMIN}, lambda w: admin_pb2.GetEvidenceKeysRequest(),
+     {OK}, lambda w, r: r.tenant_id == w["a"].tenant_id
+     and w["b_settings_key"] not in {k.public_key_hex for k in r.keys}),
+    ("admin", "RotateEvidenceKey", {ADMIN}, lambda w: admin_pb2.RotateEvidenceKeyRequest(),
+     {OK}, lambda w, r: r.tenant_id == w["a"].tenant_id),
+    ("admin", "PutPriceBook", {ADMIN},
+     lambda w: admin_pb2.PriceBook(document_json='{"markup_pct": "10"}'), {OK}, None),
+    ("admin", "GetPriceBook", {READ, ADMIN}, lambda w: admin_pb2.GetPriceBookRequest(), {OK},
+     None),
+    ("admin", "CloseStatements", {ADMIN}, lambda w: admin_pb2.CloseStatementsRequest(
+        period="2026-01", every_customer=True), {OK},
+     lambda w, r: all(json.loads(x.document_json)["tenant_id"] == w["a"].tenant_id
+                      for x in r.statements)),
+    ("admin", "GetStatement", {READ, ADMIN}, lambda w: admin_pb2.GetStatementRequest(
+        period="2026-01", customer="b-cust"), {NF}, None),
+    ("admin", "ListStatements", {READ, ADMIN},
+     lambda w: admin_pb2.ListStatementsRequest(every_customer=True), {OK},
+     lambda w, r: "b-cust" not in {x.customer for x in r.statements}),
+    ("admin", "VerifyStatement", {READ, ADMIN}, lambda w: admin_pb2.Statement(
+        document_json=json.dumps({"v": 1, "typ": "p402.statement", "tenant_id": w["b"].tenant_id,
+                                  "kid": "0" * 16, "sig": "00"})), {OK},
+     lambda w, r: not r.ok),
 ]
 
 ROWS = [pytest.param(i, cred, id=f"{svc}.{m}[{i}]-{cred}")
@@ -337,11 +365,16 @@ def _cli_rows(tmp):
         (["export", "--since", "7d", "--format", "csv"], {READ, ADMIN}, 0),
         (["settings", "get"], {READ, ADMIN}, 0),
         (["settings", "set", "--hold-ttl", "60"], {ADMIN}, 0),
+        (["keys", "evidence"], {READ, ADMIN}, 0),
+        (["receipts", "get", "evt-b-receipt"], {READ, ADMIN}, 1),
+        (["pricebook", "show"], {READ, ADMIN}, 0),
+        (["statements", "close", "--period", "2026-01"], {ADMIN}, 0),
+        (["billing", "export", "--period", "2026-01", "--format", "lago"], {READ, ADMIN}, 0),
     ]
 
 
 REMOTE_CLI = {"ping", "keys", "budgets", "policies", "prices", "events", "spend", "export",
-              "settings"}
+              "settings", "receipts", "pricebook", "statements", "billing"}
 
 
 def test_cli_rows_cover_every_remote_command(tmp_path):
