@@ -18,7 +18,8 @@ Read when scraped (nothing on the request path):
 - p402_writer_{transactions,events,duplicates,retries,dead_letters,splits}_total,
   p402_writer_queue_depth (events waiting for a transaction);
 - p402_open_holds{tenant}, p402_held_nanos{tenant, budget} (reserved, not settled);
-- p402_lease_nanos{tenant, budget}: HARD budget headroom leased to this process.
+- p402_lease_nanos{tenant, budget}: HARD budget headroom leased to this process;
+  p402_lease_store_round_trips_total and p402_lease_exact_takes_total (with leases on).
 """
 from __future__ import annotations
 
@@ -115,6 +116,14 @@ class _Collector:
         rt = self.m._runtime
         if rt is None:
             return
+        lm = getattr(rt, "leases", None)  # the LeaseManager (scale-out), or None
+        if lm is not None:
+            yield CounterMetricFamily("p402_lease_store_round_trips",
+                                      "Store transactions the lease manager issued",
+                                      value=lm.round_trips)
+            yield CounterMetricFamily("p402_lease_exact_takes",
+                                      "Per-request takes at the very end of a budget",
+                                      value=lm.exact_takes)
         holds = GaugeMetricFamily("p402_open_holds", "Open reservations", labels=("tenant",))
         held = GaugeMetricFamily("p402_held_nanos", "Nano-USD reserved on a budget and not "
                                  "settled", labels=("tenant", "budget"))

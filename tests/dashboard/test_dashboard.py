@@ -611,3 +611,19 @@ async def test_metrics_are_scraped_and_parse_after_traffic(dash, http):
     holds = {s.labels["tenant"]: s.value for s in fams["p402_open_holds"].samples}
     assert holds[dash.a.tenant_id] == 2  # three authorized, one recorded
     assert "p402_writer_queue_depth" in fams
+
+
+def test_lease_metrics_when_leases_are_on():
+    from types import SimpleNamespace as NS
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from p402_server.metrics import Metrics
+
+    m = Metrics(runtime=NS(tenants={}, leases=NS(round_trips=5, exact_takes=2)))
+    fams = {f.name: f for f in text_string_to_metric_families(m.exposition().decode())}
+    assert fams["p402_lease_store_round_trips"].samples[0].value == 5
+    assert fams["p402_lease_exact_takes"].samples[0].value == 2
+    assert "p402_lease_store_round_trips" not in {
+        f.name for f in text_string_to_metric_families(
+            Metrics(runtime=NS(tenants={}, leases=None)).exposition().decode())}
