@@ -628,9 +628,10 @@ class TenantRuntime:
                                 exc: Exception, event_id: str):
         """A Record of a reservation the engine does not hold (NotFound/Conflict)."""
         rid = req.reservation_id
-        if rid in self._expiring:
-            # Expired here; its EXPIRED event is pending: write it now, then answer
-            # with it as every process does (duplicate=True).
+        if rid in self._expiring or self._expire_lock.locked():
+            # Expired here; its EXPIRED event is pending, or being written right now
+            # (the lock is held while a batch of them commits): write it / wait for
+            # it, then answer with it as every process does (duplicate=True).
             await self._expire_claimed()
         first = await self._settled_in_ledger(rid)
         if first is not None:
