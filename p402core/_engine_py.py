@@ -155,7 +155,7 @@ def _cost(price, i, o, c, w, r, extra, tier) -> int:
     """The cost in nanos of validated token counts, with units and a service tier."""
     if extra or tier:
         p = price.for_tier(tier)
-        return (_units.cost_pico(p.rates_at(i), i, o, c, w, r, extra or {}, p.units) + 500) // 1000
+        return (_units.cost_pico(p.rates_at(i), i, o, c, w, r, extra or {}, p._units) + 500) // 1000
     return price.cost_nanos(i, o, c, w, r)
 
 

@@ -54,12 +54,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from p402.v1 import common_pb2
+from p402_client import _convert as cv
 
 from p402core import InvalidArgument
 
-from . import envoy
+from . import envoy, proxy
 from .auth import METER
 from .errors import ServiceError
+from .runtime import new_ulid
 
 log = logging.getLogger("p402.server.ext_proc")
 
@@ -133,8 +135,6 @@ class _Exchange:
         return await self._decide(body, "request_body")
 
     async def _decide(self, body: bytes, kind: str) -> pb.ProcessingResponse:
-        from . import proxy
-
         check = external_auth_pb2.CheckRequest(attributes=attribute_context_pb2.AttributeContext(
             request=attribute_context_pb2.AttributeContext.Request(
                 http=attribute_context_pb2.AttributeContext.HttpRequest(
@@ -179,7 +179,7 @@ class _Exchange:
                 cap_field, cap = "", 0
             edits = proxy.cap_edits(self.kind, str(parsed.get("model", "")), parsed,
                                     cap_field, cap, resp.output_token_cap,
-                                    proxy._must_cap(_Statuses(resp)))
+                                    _under_hard_budget(resp))
             if self.kind == "chat" and parsed.get("stream"):
                 so = parsed.get("stream_options")
                 if not (isinstance(so, dict) and so.get("include_usage")):
@@ -213,8 +213,6 @@ class _Exchange:
         return _continue("response_body")
 
     def _read_sse(self, chunk: bytes) -> None:
-        from . import proxy
-
         data = self.buffer + chunk
         lines = data.split(b"\n")
         self.buffer = lines.pop()  # the unfinished line waits for the next chunk
@@ -255,8 +253,6 @@ class _Exchange:
     # --- recording ---------------------------------------------------------------
 
     async def _finish(self, cancelled: bool = False) -> None:
-        from . import proxy
-
         if self.auth is None or self.recorded:
             return
         self.recorded = True
@@ -286,10 +282,6 @@ class _Exchange:
                 usage = {"input_tokens": self.auth.estimated_input_tokens,
                          "output_tokens": 0 if self.kind == "embeddings"
                          else self.auth.estimated_output_tokens}
-        from p402_client import _convert as cv
-
-        from .runtime import new_ulid
-
         req = cv.record_request(self.auth.reservation_id, event_id="evt_" + new_ulid(),
                                 outcome=outcome, input_bytes=self.nbytes,
                                 usage_estimated=estimated, **usage)
@@ -300,18 +292,9 @@ class _Exchange:
                       "committed at its estimate", self.auth.reservation_id, exc)
 
 
-class _Statuses:
-    """proxy._must_cap reads `budgets` with `enforcement.name`: an AuthorizeResponse's
-    budgets carry the enforcement as a number."""
-
-    def __init__(self, resp):
-        self.budgets = [_Enf(b.enforcement) for b in resp.budgets]
-
-
-class _Enf:
-    def __init__(self, number: int):
-        self.enforcement = type("E", (), {"name": common_pb2.Enforcement.Name(number)
-                                          .removeprefix("ENFORCEMENT_")})
+def _under_hard_budget(resp) -> bool:
+    """proxy._must_cap's rule on an AuthorizeResponse: a HARD budget is in scope."""
+    return any(b.enforcement == common_pb2.ENFORCEMENT_HARD for b in resp.budgets)
 
 
 class ExtProcService(pb_grpc.ExternalProcessorServicer):

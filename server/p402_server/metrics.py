@@ -29,13 +29,27 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from p402core import Decision, Outcome
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
             0.5, 1.0, 2.5)
 _BATCH = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
-_DECISIONS = {0: "UNSPECIFIED", 1: "ALLOW", 2: "WARN", 3: "DENY"}
-_OUTCOMES = {0: "UNSPECIFIED", 1: "SUCCESS", 2: "PROVIDER_ERROR", 3: "TIMEOUT", 4: "CANCELLED",
-             5: "DENIED", 6: "EXPIRED"}
+def decision_name(number: int) -> str:
+    """ALLOW / WARN / DENY (p402core.Decision), or the number of an unknown one."""
+    try:
+        return Decision(number).name
+    except ValueError:
+        return str(number)
+
+
+def outcome_name(number: int) -> str:
+    """SUCCESS, PROVIDER_ERROR, … (p402core.Outcome); unset is SUCCESS, as a Record's
+    outcome is."""
+    try:
+        return Outcome(number or Outcome.SUCCESS).name
+    except ValueError:
+        return str(number)
 
 
 class Metrics:
@@ -74,13 +88,13 @@ class Metrics:
             child = children.get(key)
             if child is None:  # label lookups once per (decision, reason)
                 child = children[key] = self.decisions.labels(
-                    _DECISIONS.get(resp.decision, str(resp.decision)), reason)
+                    decision_name(resp.decision), reason)
             child.inc()
 
     def recorded(self, outcomes, started: float, batch: bool = False) -> None:
         (self._record_batch if batch else self._record).observe(time.perf_counter() - started)
         for outcome in outcomes:
-            self.records.labels(_OUTCOMES.get(outcome or 1, str(outcome))).inc()
+            self.records.labels(outcome_name(outcome)).inc()
 
     def committed(self, events: int, seconds: float) -> None:
         self.batch.observe(events)

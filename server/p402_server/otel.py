@@ -17,9 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-_DECISIONS = {1: "ALLOW", 2: "WARN", 3: "DENY"}
-_OUTCOMES = {0: "SUCCESS", 1: "SUCCESS", 2: "PROVIDER_ERROR", 3: "TIMEOUT", 4: "CANCELLED",
-             5: "DENIED", 6: "EXPIRED"}
+from .metrics import decision_name, outcome_name
 
 
 def _nanos(m) -> str:
@@ -75,7 +73,7 @@ class Otel:
         span.end(end_time=now_ns)
 
     def authorized(self, tenant: str, req: Any, resp: Any, started: float) -> None:
-        decision = _DECISIONS.get(resp.decision, str(resp.decision))
+        decision = decision_name(resp.decision)
         self._span("p402.authorize", started, {
             "p402.tenant.id": tenant, "gen_ai.request.model": req.model,
             "gen_ai.provider.name": resp.provider or req.provider,
@@ -94,7 +92,7 @@ class Otel:
             "gen_ai.provider.name": req.provider,
             "gen_ai.usage.input_tokens": int(u.input_tokens),
             "gen_ai.usage.output_tokens": int(u.output_tokens),
-            "p402.outcome": _OUTCOMES.get(req.outcome, str(req.outcome)),
+            "p402.outcome": outcome_name(req.outcome),
             "p402.reservation.id": req.reservation_id, "p402.event.id": resp.event_id,
             "p402.cost_nanos": _nanos(resp.cost)})
         self.duration.record(time.perf_counter() - started, {"method": "Record"})

@@ -88,8 +88,12 @@ class Signer:
 
     def sign(self, ev) -> str:
         """The receipt of `ev` (a committed LedgerEvent) as JSON text."""
-        doc = document(ev)
-        doc["kid"] = self.kid
+        return self.sign_document(document(ev))
+
+    def sign_document(self, doc: dict) -> str:
+        """`doc` with this key's kid and its signature ("sig": hex Ed25519 over the
+        canonical JSON of every other field), as canonical JSON text."""
+        doc = {**doc, "kid": self.kid}
         doc["sig"] = self._key.sign(canonical(doc)).hex()
         return canonical(doc).decode()
 
@@ -98,9 +102,11 @@ def build(ev, private: bytes) -> str:
     return Signer(private).sign(ev)
 
 
-def verify(text: str | bytes, keys: dict[str, str]) -> tuple[bool, str, dict | None]:
-    """Check a receipt against `keys` ({kid: public key hex}): (valid, why not, the
-    document). Invalid when it is not a version-1 receipt, names a key not in the set,
+def verify_signed(text: str | bytes, keys: dict[str, str], typ: str, version: int,
+                  fields: frozenset | None = None) -> tuple[bool, str, dict | None]:
+    """Check a document Signer.sign_document made against `keys` ({kid: public key
+    hex}): (valid, why not, the document). Invalid when it is not a `typ` document of
+    `version`, has a field outside `fields` (when given), names a key not in the set,
     or was changed in any byte that matters (the signature covers every field)."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -109,9 +115,10 @@ def verify(text: str | bytes, keys: dict[str, str]) -> tuple[bool, str, dict | N
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError):
         return False, "not JSON", None
-    if not isinstance(doc, dict) or doc.get("typ") != TYPE or doc.get("v") != VERSION:
-        return False, "not a version 1 P402 receipt", None
-    extra = set(doc) - _FIELDS
+    what = typ.split(".")[-1]
+    if not isinstance(doc, dict) or doc.get("typ") != typ or doc.get("v") != version:
+        return False, f"not a version {version} P402 {what}", None
+    extra = set(doc) - fields if fields is not None else set()
     if extra:
         return False, f"unknown field {sorted(extra)[0]!r}", doc
     kid, sig = doc.get("kid"), doc.get("sig")
@@ -124,8 +131,13 @@ def verify(text: str | bytes, keys: dict[str, str]) -> tuple[bool, str, dict | N
         public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(keys[kid]))
         public.verify(bytes.fromhex(sig), canonical(body))
     except (ValueError, InvalidSignature):
-        return False, "the signature does not verify: the receipt was altered", doc
+        return False, f"the signature does not verify: the {what} was altered", doc
     return True, "", doc
+
+
+def verify(text: str | bytes, keys: dict[str, str]) -> tuple[bool, str, dict | None]:
+    """Check a receipt against `keys` ({kid: public key hex}) (verify_signed)."""
+    return verify_signed(text, keys, TYPE, VERSION, _FIELDS)
 
 
 # --- the published key set -------------------------------------------------------
@@ -178,4 +190,4 @@ def keys_from_set(data: Any) -> dict[str, str]:
 
 
 __all__ = ["VERSION", "TYPE", "canonical", "key_id", "document", "Signer", "build",
-           "verify", "jwk", "key_set", "keys_from_set"]
+           "verify", "verify_signed", "jwk", "key_set", "keys_from_set"]

@@ -1369,15 +1369,11 @@ class TenantRuntime:
         after = max((t for *_x, t in closes), default=0)
         closed = {p for p, *_x in closes}
         through, head = await store.chain_head(tid)
-        candidates = await store.statement_rows(tid, customer, max_index=through,
-                                                since_ms=start, until_ms=end)
-        candidates += await store.statement_rows(tid, customer, max_index=through,
-                                                 min_index=after)
         regular, late = st.select(
             {"customer": customer, "period_start_ms": start, "period_end_ms": end,
              "through_index": through, "after_index": after,
              "closed_before": closed - {period}},
-            {e.event_id: e for e in candidates}.values())
+            await self._statement_candidates(customer, start, end, through, after))
         book = self.price_book()
         doc = st.body(tenant_id=tid, period=period, customer=customer, closed_ms=_now_ms(),
                       through=through, after=after, head_hash=head, regular=regular,
@@ -1387,6 +1383,17 @@ class TenantRuntime:
             return None
         return await store.put_statement(tid, period, customer, doc["closed_ms"], through,
                                          st.sign(doc, self.receipt_signer()))
+
+    async def _statement_candidates(self, customer: str, start: int, end: int,
+                                    through: int, after: int) -> list:
+        """The events a statement can cover (statements.select picks): the customer's
+        events of [start, end) up to `through`, and those committed in (after,
+        through] whatever their month."""
+        rows = await self.store.statement_rows(self.tenant_id, customer, max_index=through,
+                                               since_ms=start, until_ms=end)
+        rows += await self.store.statement_rows(self.tenant_id, customer,
+                                                max_index=through, min_index=after)
+        return list({e.event_id: e for e in rows}.values())
 
     async def statement_customers(self, period: str) -> list[str]:
         """Every customer with spend in `period` or a statement before (late events)."""
@@ -1414,11 +1421,8 @@ class TenantRuntime:
             return False, "a statement of another tenant", []
         start, end = doc["period_start_ms"], doc["period_end_ms"]
         through, after = int(doc["through_index"]), int(doc["after_index"])
-        candidates = await self.store.statement_rows(
-            self.tenant_id, doc["customer"], max_index=through, since_ms=start, until_ms=end)
-        candidates += await self.store.statement_rows(
-            self.tenant_id, doc["customer"], max_index=through, min_index=after)
-        again = st.recompute(doc, {e.event_id: e for e in candidates}.values())
+        again = st.recompute(doc, await self._statement_candidates(
+            doc["customer"], start, end, through, after))
         head = (await self.store.statement_rows(self.tenant_id, None, max_index=through,
                                                 min_index=through - 1)) if through else []
         again["head_hash"] = head[0].chain_hash if head else ""

@@ -94,7 +94,18 @@ async def test_rotation_keeps_old_receipts_verifiable(svc_any):
     assert not ok and "unknown key" in why
     # and survives a restart (kept in the tenant's settings)
     await svc.restart()
-    assert [k["status"] for k in (await _keys(svc))["keys"]] == ["active", "retired"]
+    keys = await _keys(svc)
+    assert [k["status"] for k in keys["keys"]] == ["active", "retired"]
+    # a process that did not commit the event signs it from the store, with the key
+    # active now: the same document, and it verifies
+    doc = json.loads(old)
+    again = (await svc.meter.GetReceipt(meter_pb2.GetReceiptRequest(
+        event_id=doc["event_id"]), metadata=svc.auth)).receipt
+    ok, why, redone = receipts.verify(again, receipts.keys_from_set(keys))
+    assert ok, why
+    assert {k: v for k, v in redone.items() if k not in ("kid", "sig")} == \
+        {k: v for k, v in doc.items() if k not in ("kid", "sig")}
+    assert redone["kid"] == keys["keys"][0]["kid"] != doc["kid"]
 
 
 @pytest.mark.parametrize("mode", [1, 2, 3, 5])

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping
 from google.type import money_pb2
 
 from p402.v1 import admin_pb2, common_pb2, meter_pb2
+from p402core import _units
 from p402core.contract import event_time_problem, string_problem, text_problem
 
 from .errors import InvalidArgument
@@ -240,12 +241,7 @@ def _expected(field: str, units: Any) -> common_pb2.Usage | None:
 
 # Usage counts beyond the five token kinds (the wire's Usage fields; what each
 # counts and how it is priced: p402core/README.md).
-UNIT_FIELDS = (
-    "cache_write_1h_tokens", "audio_input_tokens", "image_input_tokens",
-    "audio_output_tokens", "image_output_tokens", "images", "audio_ms", "video_ms",
-    "characters", "queries", "web_search_calls", "pages", "pixels",
-)
-SERVICE_TIERS = ("", "standard", "default", "auto", "batch", "flex", "priority")
+UNIT_FIELDS = _units.UNITS
 
 RECORD_FIELDS = frozenset({
     "event_id", "reservation_id", "model", "provider", "owners", "labels",
@@ -300,9 +296,10 @@ def record_request(reservation_id: str = "", *, event_id: str, model: str = "",
             raise InvalidArgument(prefix + name, "unknown record field")
         setattr(usage, name, check_int(prefix + "usage." + name, value))
     if service_tier:
-        if service_tier not in SERVICE_TIERS:
-            raise InvalidArgument(prefix + "usage.service_tier",
-                                  "must be one of standard, batch, flex, priority")
+        try:
+            _units.check_tier(service_tier)
+        except _units.InvalidArgument as exc:  # p402core's: the SDK's has its own class
+            raise InvalidArgument(prefix + "usage.service_tier", exc.message) from None
         usage.service_tier = service_tier
     req = meter_pb2.RecordRequest(
         event_id=check_str(prefix + "event_id", event_id),
