@@ -112,8 +112,7 @@ class _Exchange:
         self.status = 0
         self.sse = False
         self.buffer = b""       # a JSON body, or the unfinished SSE line
-        self.usage = None
-        self.chunks = self.out_bytes = 0
+        self.seen = proxy.StreamUsage("chat")  # an SSE answer as it passes
         self.recorded = False
         self.nbytes = 0
 
@@ -123,6 +122,7 @@ class _Exchange:
         self.headers = _header_map(msg)
         path = self.headers.get(":path", "").split("?", 1)[0]
         self.kind = next((k for suffix, k in _KINDS if path.endswith(suffix)), "")
+        self.seen = proxy.StreamUsage(self.kind or "chat")
         if msg.end_of_stream:  # no body will come: decide now
             return await self._decide(b"", "request_headers")
         return _continue("request_headers")
@@ -218,33 +218,8 @@ class _Exchange:
         self.buffer = lines.pop()  # the unfinished line waits for the next chunk
         for line in lines:
             line = line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            try:
-                payload = json.loads(line[5:].strip())
-            except ValueError:
-                continue  # "[DONE]" and the like
-            if not isinstance(payload, dict):
-                continue
-            if self.kind == "chat":
-                if payload.get("usage"):
-                    self.usage = proxy.usage_from("chat", payload["usage"],
-                                                  payload.get("service_tier"))
-                for ch in payload.get("choices") or ():
-                    text = (ch.get("delta") or {}).get("content") or ""
-                    if text:
-                        self.chunks += 1
-                        self.out_bytes += len(text.encode())
-            else:
-                t = payload.get("type", "")
-                if t == "response.output_text.delta":
-                    self.chunks += 1
-                    self.out_bytes += len((payload.get("delta") or "").encode())
-                elif t in ("response.completed", "response.incomplete", "response.failed"):
-                    done = payload.get("response") or {}
-                    self.usage = proxy.usage_from("responses", done.get("usage"),
-                                                  done.get("service_tier"),
-                                                  proxy.web_searches(done))
+            if line.startswith(b"data:"):
+                self.seen.observe_data(line[5:].strip())
 
     async def response_trailers(self) -> pb.ProcessingResponse:
         await self._finish()
@@ -262,13 +237,13 @@ class _Exchange:
             usage, estimated = {}, True
         elif cancelled:
             outcome = common_pb2.OUTCOME_CANCELLED
-            usage = self.usage or {
-                "input_tokens": self.auth.estimated_input_tokens,
-                "output_tokens": max(self.chunks, -(-self.out_bytes // 4))}
-            estimated = self.usage is None
+            usage = self.seen.usage or self.seen.estimate(self.auth)
+            estimated = self.seen.usage is None
         else:
             if self.sse:
-                usage = self.usage
+                usage = self.seen.usage
+                if self.seen.failed:
+                    outcome = common_pb2.OUTCOME_PROVIDER_ERROR
             elif self.buffer:
                 try:
                     answer = json.loads(self.buffer)

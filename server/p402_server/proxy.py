@@ -457,6 +457,58 @@ def _int(v: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
 
+class StreamUsage:
+    """What an OpenAI SSE answer (chat or responses) says as it passes: its usage (the
+    chat usage chunk, the responses `response.completed` / `.incomplete` / `.failed`
+    event), whether it failed, and the content streamed so far."""
+
+    __slots__ = ("kind", "usage", "failed", "chunks", "out_bytes")
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.usage: dict | None = None
+        self.failed = False
+        self.chunks = self.out_bytes = 0
+
+    def observe_data(self, data: str | bytes | None) -> dict | None:
+        """One event's data; returns its JSON object (None: none, or "[DONE]")."""
+        if data is None or data in ("[DONE]", b"[DONE]"):
+            return None
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return None
+        if not isinstance(payload, dict):
+            return None
+        if self.kind == "chat":
+            if payload.get("usage"):
+                self.usage = usage_from("chat", payload["usage"], payload.get("service_tier"))
+            for ch in payload.get("choices") or ():
+                text = (ch.get("delta") or {}).get("content") or "" if isinstance(ch, dict) \
+                    else ""
+                if text:
+                    self.chunks += 1
+                    self.out_bytes += len(text.encode())
+        else:
+            t = payload.get("type", "")
+            if t == "response.output_text.delta":
+                self.chunks += 1
+                self.out_bytes += len((payload.get("delta") or "").encode())
+            elif t in ("response.completed", "response.incomplete", "response.failed"):
+                done = payload.get("response") or {}
+                self.usage = usage_from(self.kind, done.get("usage"),
+                                        done.get("service_tier"), web_searches(done))
+                self.failed = t == "response.failed"
+        return payload
+
+    def estimate(self, auth: Any) -> dict[str, int]:
+        """The usage of a stream that ended without one: the estimate's input, one
+        output token per content chunk (OpenAI streams about one per chunk), never
+        fewer than ceil(bytes / 4): what the caller received is never under-counted."""
+        return {"input_tokens": auth.estimated_input_tokens,
+                "output_tokens": max(self.chunks, -(-self.out_bytes // 4))}
+
+
 def json_object(raw: bytes) -> dict:
     """A request body that must be a JSON object (400 otherwise)."""
     try:
@@ -901,60 +953,32 @@ class Proxy:
         resp = web.StreamResponse(status=up.status, headers={
             **self._pass_back(up), **meta, "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache"})
-        usage: dict | None = None
-        chunks = out_bytes = 0  # content streamed to the caller so far
+        seen = StreamUsage(kind)
         outcome = "SUCCESS"
         try:
             await resp.prepare(request)
             async for event in _sse_events(up.content):
-                data = event.get("data")
-                payload = None
-                if data is not None and data != "[DONE]":
-                    try:
-                        payload = json.loads(data)
-                    except ValueError:
-                        payload = None
-                if isinstance(payload, dict):
-                    if kind == "chat":
-                        if payload.get("usage"):
-                            usage = usage_from(kind, payload["usage"],
-                                               payload.get("service_tier"))
-                        for ch in payload.get("choices") or ():
-                            text = (ch.get("delta") or {}).get("content") or ""
-                            if text:
-                                chunks += 1
-                                out_bytes += len(text.encode())
-                        if not wants_usage:
-                            if not payload.get("choices") and "usage" in payload:
-                                continue  # the usage chunk the caller did not ask for
-                            if "usage" in payload and payload["usage"] is None:
-                                del payload["usage"]
-                                event = {**event, "data": json.dumps(
-                                    payload, separators=(",", ":"))}
-                    else:
-                        t = payload.get("type", "")
-                        if t == "response.output_text.delta":
-                            chunks += 1
-                            out_bytes += len((payload.get("delta") or "").encode())
-                        elif t in ("response.completed", "response.incomplete",
-                                   "response.failed"):
-                            done = payload.get("response") or {}
-                            usage = usage_from(kind, done.get("usage"),
-                                               done.get("service_tier"), web_searches(done))
-                            if t == "response.failed":
-                                outcome = "PROVIDER_ERROR"
+                payload = seen.observe_data(event.get("data"))
+                if kind == "chat" and payload is not None and not wants_usage:
+                    if not payload.get("choices") and "usage" in payload:
+                        continue  # the usage chunk the caller did not ask for
+                    if "usage" in payload and payload["usage"] is None:
+                        del payload["usage"]
+                        event = {**event, "data": json.dumps(payload, separators=(",", ":"))}
+                if seen.failed:
+                    outcome = "PROVIDER_ERROR"
                 await resp.write(_sse_frame(event))
             await resp.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # The caller went away: charge what was streamed to it.
-            if usage is None:
+            if seen.usage is None:
                 outcome = "CANCELLED"
         except asyncio.CancelledError:
-            if usage is None:
+            if seen.usage is None:
                 outcome = "CANCELLED"
             await self._record(key, rid, outcome=outcome,
-                               usage=usage or self._streamed_usage(auth, chunks, out_bytes),
-                               input_bytes=nbytes, estimated=usage is None)
+                               usage=seen.usage or seen.estimate(auth),
+                               input_bytes=nbytes, estimated=seen.usage is None)
             raise
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             # The upstream broke mid-stream: tell the caller in-band (the status line
@@ -965,11 +989,11 @@ class Proxy:
             await _send_stream_error(resp, kind, "upstream_timeout" if timed_out
                                      else "upstream_stream_broken",
                                      "the upstream stream ended before its end")
-        estimated = usage is None
+        usage, estimated = seen.usage, seen.usage is None
         if usage is None:
             if outcome == "SUCCESS":
                 log.warning("stream for %s ended without usage; recording the estimate", rid)
-            usage = self._streamed_usage(auth, chunks, out_bytes)
+            usage = seen.estimate(auth)
         await self._record(key, rid, outcome=outcome, usage=usage, input_bytes=nbytes,
                            estimated=estimated)
         return resp
@@ -1048,12 +1072,6 @@ class Proxy:
         finally:
             up.release()
 
-    @staticmethod
-    def _streamed_usage(auth, chunks: int, out_bytes: int) -> dict[str, int]:
-        # One token per content chunk (OpenAI streams about one per chunk), never fewer
-        # than ceil(bytes / 4): what the caller received is never under-counted.
-        return {"input_tokens": auth.estimated_input_tokens,
-                "output_tokens": max(chunks, -(-out_bytes // 4))}
 
 
 async def _sse_events(content: aiohttp.StreamReader):
