@@ -66,15 +66,32 @@ def string_problem(value: str, max_len: int = MAX_STRING) -> str | None:
 
 
 def strings_problem(values) -> tuple[int, str] | None:
-    """(index, problem) of the first value of `values` that is not a valid id or
-    name, or None. One scan for the common case where all are fine."""
-    if not _FORBIDDEN.search("".join(values)) and max(map(len, values), default=0) <= MAX_STRING:
+    """(index, problem) of the first value of `values` (a sequence of str) that is not
+    a valid id or name, or None. The common case where all are fine is one compiled
+    pass (the core's ``strings_ok``)."""
+    if strings_ok(values):
         return None
     for i, v in enumerate(values):
         p = string_problem(v)
         if p is not None:
             return i, p
     return None  # pragma: no cover - the joined scan found a problem in one of them
+
+
+def strings_ok(values) -> bool:
+    """True when every value is exactly a str that is a valid id or name (the core's
+    compiled check unless P402_NO_EXTENSIONS=1; ``strings_problem`` says why not)."""
+    return _strings_ok(values)
+
+
+def _strings_ok(values) -> bool:
+    # Bound on first use: the core's twins import this module, and importing the
+    # ledger must not need the compiled core (a server without it says so at start).
+    global _strings_ok
+    from ._impl import IMPLEMENTATION, load
+
+    _strings_ok = load(IMPLEMENTATION).strings_ok
+    return _strings_ok(values)
 
 
 def text_problem(value: str, max_len: int = MAX_CONTENT_CHARS) -> str | None:
@@ -100,4 +117,4 @@ def reportable_ms(ms: int) -> int:
 
 
 __all__ = ["REPORTABLE_MAX_MS", "reportable_ms", "EARLIEST_EVENT_MS", "MAX_FUTURE_MS", "MAX_CONTENT_CHARS", "string_problem",
-           "strings_problem", "text_problem", "event_time_problem"]
+           "strings_problem", "strings_ok", "text_problem", "event_time_problem"]

@@ -130,7 +130,7 @@ def test_serve_without_the_compiled_core_fails_at_start_with_the_hint(tmp_path):
 def test_the_loaded_core_is_described_as_it_is():
     assert p402core.load("python").check().describe().startswith("pure-Python twins")
     if p402core.IMPLEMENTATION == "compiled":
-        assert p402core.load("compiled").check().describe() == "compiled (6 Cython modules)"
+        assert p402core.load("compiled").check().describe() == "compiled (7 Cython modules)"
 
 
 # ---------------------------------------------------------------- read commands

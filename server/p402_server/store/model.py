@@ -25,7 +25,7 @@ from p402core._enums import (
 )
 
 from p402core import _units
-from p402core.contract import string_problem, strings_problem, text_problem
+from p402core.contract import string_problem, strings_ok, text_problem
 
 from .schema import CONTENT_KINDS, KINDS
 
@@ -217,8 +217,7 @@ class LedgerEvent:
         strs = _get_strs(self)
         ints = _get_ints(self)
         if (
-            _STR_ONLY.issuperset(map(type, strs))
-            and strings_problem(strs) is None  # p402core.contract: length, characters
+            strings_ok(strs)  # exact strs the contract accepts (p402core.contract)
             and self.tenant_id
             and self.event_id
             and self.kind in KINDS
@@ -233,10 +232,7 @@ class LedgerEvent:
             and not self.contents
             and type(self.labels) is dict
             and len(self.labels) <= MAX_LABELS
-            and _STR_ONLY.issuperset(map(type, self.labels))
-            and _STR_ONLY.issuperset(map(type, self.labels.values()))
-            and (not self.labels or strings_problem([*self.labels, *self.labels.values()])
-                 is None)
+            and (not self.labels or strings_ok(self.labels) and strings_ok(self.labels.values()))
             and _lists_ok(self)
             and (not self.units and not self.service_tier or _units_ok(self))
         ):

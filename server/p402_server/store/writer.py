@@ -77,7 +77,7 @@ import sqlalchemy as sa
 from p402core import InvalidArgument
 
 from . import schema as S
-from .canonical import canonical_bytes
+from .canonical import encoder
 from .model import EVENT_COLUMNS, LedgerEvent, WriteResult, from_row, unchained_values
 
 log = logging.getLogger("p402.store.writer")
@@ -596,6 +596,7 @@ class _Batch:
         self.items.extend(items)
         now, first_of, unique, slot, values, canon = (
             self.now, self.first_of, self.unique, self.slot, self.values, self.canon)
+        encode = encoder()
         try:
             for item in items:
                 ev = item.event
@@ -609,7 +610,7 @@ class _Batch:
                     idx = first_of[key] = len(unique)
                     unique.append(ev)
                     values.append(unchained_values(ev))
-                    canon.append(canonical_bytes(ev))
+                    canon.append(encode(ev))
                 slot.append(idx)
         except Exception as exc:  # validated events cannot fail here; if one does,
             self.error = exc  # the whole batch fails like a failed transaction

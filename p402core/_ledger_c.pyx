@@ -1,0 +1,270 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The ledger's per-event work — the compiled twin of `_ledger_py`.
+
+Same canonical encoding of a ledger event, byte for byte, and the same answers of
+`strings_ok` (see `_ledger_py` for the definitions). What is compiled: the encoding
+is written field by field into one growing C buffer (ASCII text copied straight from
+the str's own storage, integers printed by the C library, nested lists built in a
+second buffer and copied in behind their length), so an event costs one bytes object
+instead of a few dozen temporary strings; `strings_ok` is one pass over each str's
+code units.
+"""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.unicode cimport (
+    PyUnicode_1BYTE_DATA,
+    PyUnicode_GET_LENGTH,
+    PyUnicode_AsEncodedString,
+)
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from libc.string cimport memcpy
+
+from operator import index as _index
+
+from p402core._enums import MAX_STRING
+
+cdef extern from "Python.h":
+    # Compact ASCII strs keep their characters as one byte each, which are also
+    # their UTF-8 bytes.
+    bint PyUnicode_IS_ASCII(object o)
+
+cdef Py_ssize_t _MAX_STRING = MAX_STRING
+
+
+cdef inline Py_ssize_t _decimal(char* out, unsigned long long v) noexcept:
+    """Write v in decimal at out; return the number of digits (1..20)."""
+    cdef char tmp[20]
+    cdef Py_ssize_t k = 0, i
+    while True:
+        tmp[k] = <char>(48 + v % 10)
+        k += 1
+        v //= 10
+        if v == 0:
+            break
+    for i in range(k):
+        out[i] = tmp[k - 1 - i]
+    return k
+
+
+cdef class _Buf:
+    """A growable byte buffer, freed with its owner (also when encoding fails)."""
+    cdef char* data
+    cdef Py_ssize_t n
+    cdef Py_ssize_t cap
+
+    def __cinit__(self, Py_ssize_t cap=512):
+        self.data = <char*>PyMem_Malloc(cap)
+        if self.data == NULL:
+            raise MemoryError()
+        self.n = 0
+        self.cap = cap
+
+    def __dealloc__(self):
+        PyMem_Free(self.data)
+
+    cdef int reserve(self, Py_ssize_t more) except -1:
+        cdef Py_ssize_t want = self.n + more
+        cdef Py_ssize_t cap = self.cap
+        cdef char* grown
+        if want <= cap:
+            return 0
+        while cap < want:
+            cap *= 2
+        grown = <char*>PyMem_Realloc(self.data, cap)
+        if grown == NULL:
+            raise MemoryError()
+        self.data = grown
+        self.cap = cap
+        return 0
+
+    cdef int put(self, const char* s, Py_ssize_t k) except -1:
+        self.reserve(k)
+        memcpy(self.data + self.n, s, k)
+        self.n += k
+        return 0
+
+    cdef int netstring(self, const char* s, Py_ssize_t k) except -1:
+        """<k in decimal>:<s>,"""
+        self.reserve(k + 24)
+        self.n += _decimal(self.data + self.n, <unsigned long long>k)
+        self.data[self.n] = b':'
+        self.n += 1
+        memcpy(self.data + self.n, s, k)
+        self.n += k
+        self.data[self.n] = b','
+        self.n += 1
+        return 0
+
+    cdef int string(self, object value, str field) except -1:
+        cdef bytes raw
+        if not isinstance(value, str):
+            raise TypeError(f"{field}: canonical encoding: expected a str, got "
+                            f"{type(value).__name__}")
+        if PyUnicode_IS_ASCII(value):
+            return self.netstring(<const char*>PyUnicode_1BYTE_DATA(value),
+                                  PyUnicode_GET_LENGTH(value))
+        raw = PyUnicode_AsEncodedString(value, "utf-8", "surrogatepass")
+        return self.netstring(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+
+    cdef int optional(self, object value, str field) except -1:
+        if value is None:
+            return self.put("~,", 2)
+        return self.string(value, field)
+
+    cdef int integer(self, object value, str field) except -1:
+        cdef int overflow = 0
+        cdef long long v
+        cdef bytes digits
+        if type(value) is not int:
+            try:
+                value = _index(value)  # an IntEnum member is its number; never a float
+            except TypeError:
+                raise TypeError(f"{field}: canonical encoding: expected an int, got "
+                                f"{type(value).__name__}") from None
+        v = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow:
+            digits = str(value).encode("ascii")
+            self.put(PyBytes_AS_STRING(digits), PyBytes_GET_SIZE(digits))
+            return self.put(",", 1)
+        self.reserve(24)
+        if v < 0:
+            self.data[self.n] = b'-'
+            self.n += 1
+            # -(v + 1) + 1: also right for the smallest long long
+            self.n += _decimal(self.data + self.n, <unsigned long long>(-(v + 1)) + 1)
+        else:
+            self.n += _decimal(self.data + self.n, <unsigned long long>v)
+        self.data[self.n] = b','
+        self.n += 1
+        return 0
+
+    cdef int nested(self, _Buf inner) except -1:
+        return self.netstring(inner.data, inner.n)
+
+    cdef int strings(self, object items, str field) except -1:
+        cdef _Buf inner
+        if not items:
+            return self.put("0:,", 3)
+        inner = _Buf(256)
+        for x in items:
+            inner.string(x, field)
+        return self.nested(inner)
+
+    cdef int labels(self, object labels, str field) except -1:
+        cdef _Buf inner
+        if not labels:
+            return self.put("0:,", 3)
+        inner = _Buf(256)
+        for k in sorted(labels):
+            inner.string(k, field)
+            inner.string(labels[k], field)
+        return self.nested(inner)
+
+    cdef int units(self, object units, str field) except -1:
+        cdef _Buf inner
+        if not units:
+            return self.put("0:,", 3)
+        inner = _Buf(256)
+        for k in sorted(units):
+            inner.string(k, field)
+            inner.integer(units[k], field)
+        return self.nested(inner)
+
+    cdef int charges(self, object charges, str field) except -1:
+        cdef _Buf inner, pair
+        if not charges:
+            return self.put("0:,", 3)
+        inner = _Buf(256)
+        pair = _Buf(128)
+        for b, p in charges:
+            pair.n = 0
+            pair.string(b, field)
+            pair.integer(p, field)
+            inner.nested(pair)
+        return self.nested(inner)
+
+
+def event_bytes(ev):
+    """The canonical encoding of a ledger event (`_ledger_py.event_bytes`)."""
+    cdef _Buf b = _Buf(512)
+    units = ev.units
+    tier = ev.service_tier
+    cdef bint v2 = bool(units) or bool(tier)
+    b.put(b"p402.event.v2\n" if v2 else b"p402.event.v1\n", 14)
+    b.string(ev.tenant_id, "tenant_id")
+    b.string(ev.event_id, "event_id")
+    b.integer(ev.event_ms, "event_ms")
+    b.integer(ev.recorded_ms, "recorded_ms")
+    b.string(ev.kind, "kind")
+    b.string(ev.reservation_id, "reservation_id")
+    b.string(ev.customer, "customer")
+    b.string(ev.feature, "feature")
+    b.string(ev.workflow, "workflow")
+    b.string(ev.task, "task")
+    b.string(ev.department, "department")
+    b.string(ev.employee, "employee")
+    b.labels(ev.labels, "labels")
+    b.string(ev.provider, "provider")
+    b.string(ev.model, "model")
+    b.integer(ev.input_tokens, "input_tokens")
+    b.integer(ev.cached_input_tokens, "cached_input_tokens")
+    b.integer(ev.cache_write_tokens, "cache_write_tokens")
+    b.integer(ev.output_tokens, "output_tokens")
+    b.integer(ev.reasoning_tokens, "reasoning_tokens")
+    b.integer(ev.cost_nanos, "cost_nanos")
+    b.integer(ev.estimated_cost_nanos, "estimated_cost_nanos")
+    b.integer(ev.overrun_nanos, "overrun_nanos")
+    b.integer(ev.revenue_nanos, "revenue_nanos")
+    b.integer(ev.decision, "decision")
+    b.strings(ev.reasons, "reasons")
+    b.strings(ev.rule_ids, "rule_ids")
+    b.strings(ev.budget_ids, "budget_ids")
+    b.charges(ev.budget_charges, "budget_charges")
+    b.integer(ev.outcome, "outcome")
+    b.integer(ev.evidence, "evidence")
+    b.integer(ev.privacy_mode, "privacy_mode")
+    b.integer(ev.attempt, "attempt")
+    b.string(ev.retry_of, "retry_of")
+    b.string(ev.catalog_version, "catalog_version")
+    b.optional(ev.duplicate_of, "duplicate_of")
+    b.optional(ev.prompt_fingerprint, "prompt_fingerprint")
+    b.optional(ev.response_fingerprint, "response_fingerprint")
+    if v2:
+        b.string(tier, "service_tier")
+        b.units(units, "units")
+    return PyBytes_FromStringAndSize(b.data, b.n)
+
+
+def event_text(ev):
+    """The event's canonical encoding as text (`_ledger_py.event_text`)."""
+    return event_bytes(ev).decode("utf-8", "surrogatepass")
+
+
+cdef bint _str_ok(str s):
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(s), i
+    cdef const unsigned char* p
+    cdef Py_UCS4 ch
+    if n > _MAX_STRING:
+        return False
+    if PyUnicode_IS_ASCII(s):
+        p = <const unsigned char*>PyUnicode_1BYTE_DATA(s)
+        for i in range(n):
+            if p[i] < 0x20 or p[i] == 0x7f:
+                return False
+        return True
+    for ch in s:
+        if ch < 0x20 or 0x7f <= ch <= 0x9f or 0xd800 <= ch <= 0xdfff:
+            return False
+    return True
+
+
+def strings_ok(values):
+    """True when every value is exactly a str that p402core.contract accepts as an id
+    or a name (`_ledger_py.strings_ok`)."""
+    for v in values:
+        if type(v) is not str or not _str_ok(<str>v):
+            return False
+    return True
+
+
+__all__ = ["event_bytes", "event_text", "strings_ok"]
