@@ -475,6 +475,9 @@ async def test_rollups_equal_group_by_over_events(store, writer, tenant):
     await write_all(writer, make_events(tenant, 250) + make_events(other, 50, seed=9))
     # written in several batches too, so rollup rows get updated, not only inserted
     await write_all(writer, make_events(tenant, 100, seed=2, prefix="late"))
+    # and batches mixing events already in the ledger with new ones: only the new ones
+    # may reach the rollups
+    await write_all(writer, make_events(tenant, 60) + make_events(tenant, 30, seed=3, prefix="mix"))
     ev, ru = S.events, S.rollups_hourly
     dims = [ev.c[d] for d in S.ROLLUP_DIMS]
     hour = (ev.c.event_ms - ev.c.event_ms % sa.literal_column(str(HOUR))).label("hour_ms")

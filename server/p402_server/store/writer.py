@@ -545,7 +545,7 @@ class GroupCommitWriter:
             raise batch.error
         unique, slot = batch.unique, batch.slot
         seqs, existing, links, lost = await self._ops.write_batch(
-            unique, batch.values, batch.canon)
+            unique, batch.values, batch.canon, batch.rollups())
 
         inserted = 0
         for ev in unique:
@@ -580,7 +580,8 @@ class _Batch:
     """The items of one transaction, deduplicated by (tenant_id, event_id) and turned
     into row values as they are added (possibly while the previous batch commits)."""
 
-    __slots__ = ("now", "items", "unique", "slot", "values", "canon", "first_of", "error")
+    __slots__ = ("now", "items", "unique", "slot", "values", "canon", "first_of", "groups",
+                 "error")
 
     def __init__(self, now_ms: int):
         self.now = now_ms
@@ -590,6 +591,7 @@ class _Batch:
         self.values: list[tuple] = []  # per unique event, without the chain columns
         self.canon: list[bytes] = []  # per unique event: canonical_bytes
         self.first_of: dict[tuple[str, str], int] = {}
+        self.groups: dict[tuple, list[tuple]] = {}  # rollup groups of every unique event
         self.error: Exception | None = None
 
     def add(self, items: list[_Item]) -> None:
@@ -597,6 +599,7 @@ class _Batch:
         now, first_of, unique, slot, values, canon = (
             self.now, self.first_of, self.unique, self.slot, self.values, self.canon)
         encode = encoder()
+        start = len(unique)
         try:
             for item in items:
                 ev = item.event
@@ -612,8 +615,16 @@ class _Batch:
                     values.append(unchained_values(ev))
                     canon.append(encode(ev))
                 slot.append(idx)
+            _group_rollups(values[start:], self.groups)  # the events new to the batch
         except Exception as exc:  # validated events cannot fail here; if one does,
             self.error = exc  # the whole batch fails like a failed transaction
+
+    def rollups(self) -> list[tuple]:
+        """The hourly rollup rows of every unique event, sorted (the lock order): what
+        the transaction adds when every event is new, the common case. Grouped as
+        events join the batch, on the event loop, while the previous transaction is
+        on its way to disk, instead of inside the transaction."""
+        return _rollup_rows(self.groups)
 
 
 Seqs = dict[tuple[str, str], int]
@@ -834,9 +845,10 @@ class _SqliteThreadOps:
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def write_batch(
-        self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes]
+        self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes],
+        rollups: list[tuple],
     ) -> tuple[Seqs, Existing, Links, Lost]:
-        return await self._run(self._write_sync, unique, values, canon)
+        return await self._run(self._write_sync, unique, values, canon, rollups)
 
     def _claims_sync(self, conn, unique: list[LedgerEvent], now_ms: int) -> Lost:
         claimers = _claimers(unique)
@@ -867,7 +879,8 @@ class _SqliteThreadOps:
         return heads
 
     def _write_sync(
-        self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes]
+        self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes],
+        rollups: list[tuple],
     ) -> tuple[Seqs, Existing, Links, Lost]:
         conn = self._conn
         assert conn is not None
@@ -904,7 +917,8 @@ class _SqliteThreadOps:
             seqs: Seqs = {(ev.tenant_id, ev.event_id): seq
                           for seq, ev in enumerate(inserted, before + 1)}
             if inserted_rows:
-                rollups = _aggregate_rollups(inserted_rows, ordered=False)
+                if len(inserted_rows) != len(unique):  # the batch's rollups are too many
+                    rollups = _aggregate_rollups(inserted_rows, ordered=False)
                 self.upsert_rollups(conn, rollups)
                 conn.exec_driver_sql(sql.daily, _aggregate_daily(rollups, ordered=False))
                 periods = _aggregate_periods(inserted)
@@ -994,7 +1008,8 @@ class _CoreOps:
         pass
 
     async def write_batch(
-        self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes]
+        self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes],
+        rollups: list[tuple],
     ) -> tuple[Seqs, Existing, Links, Lost]:
         existing: Existing = {}
         lost: Lost = {}
@@ -1018,7 +1033,8 @@ class _CoreOps:
             if len(seqs) != len(rows):  # cannot happen under the tenant locks
                 raise RuntimeError("store: an event appeared that this batch did not insert")
             if rows:
-                rollups = _aggregate_rollups(rows)
+                if len(rows) != len(unique):
+                    rollups = _aggregate_rollups(rows)
                 await self.upsert_rollups(conn, rollups)
                 names = self._daily_names
                 await conn.execute(
@@ -1107,7 +1123,8 @@ class _PgOps(_CoreOps):
             "expires_ms = excluded.expires_ms")
 
     async def write_batch(
-        self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes]
+        self, unique: list[LedgerEvent], values: list[tuple], canon: list[bytes],
+        rollups: list[tuple],
     ) -> tuple[Seqs, Existing, Links, Lost]:
         existing: Existing = {}
         tenants = sorted({ev.tenant_id for ev in unique})
@@ -1135,7 +1152,8 @@ class _PgOps(_CoreOps):
                     raise RuntimeError("store: events appeared that this batch did not insert")
             inserted = unique if keep is None else [unique[i] for i in keep]
             if rows:
-                rollups = _aggregate_rollups(rows)  # sorted: the tables' lock order
+                if len(rows) != len(unique):  # sorted: the tables' lock order
+                    rollups = _aggregate_rollups(rows)
                 await self.upsert_rollups(apg, rollups)
                 await apg.execute(self._sql_daily, *zip(*_aggregate_daily(rollups)))
                 periods = _aggregate_periods(inserted)
@@ -1241,6 +1259,12 @@ def _aggregate_rollups(values: list[tuple], *, ordered: bool = True) -> list[tup
     events' row values. ``ordered`` sorts the rows: a stable lock order, so concurrent
     writers on PostgreSQL cannot deadlock (SQLite has one writer and skips it)."""
     groups: dict[tuple, list[tuple]] = {}
+    _group_rollups(values, groups)
+    return _rollup_rows(groups, ordered=ordered)
+
+
+def _group_rollups(values: list[tuple], groups: dict[tuple, list[tuple]]) -> None:
+    """Add the events' row values to ``groups`` (rollup key -> the events' sums)."""
     dims_of, sums_of, at_ms = _ROLLUP_DIMS_OF, _ROLLUP_SUMS_OF, _EVENT_MS
     for v in values:
         ms = v[at_ms]
@@ -1250,6 +1274,9 @@ def _aggregate_rollups(values: list[tuple], *, ordered: bool = True) -> list[tup
             groups[key] = [sums_of(v)]
         else:
             group.append(sums_of(v))
+
+
+def _rollup_rows(groups: dict[tuple, list[tuple]], *, ordered: bool = True) -> list[tuple]:
     # key = (tenant_id, *dims, hour_ms) → row = (tenant_id, hour_ms, *dims, events, *sums)
     rows = [
         (key[0], key[-1], *key[1:-1], len(group), *map(sum, zip(*group)))
