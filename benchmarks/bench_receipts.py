@@ -33,7 +33,7 @@ def record(want: bool) -> meter_pb2.RecordRequest:
 
 def signing_us(n: int) -> float:
     """Microseconds per receipt: sign a committed-looking event n times."""
-    from p402_server.evidence import new_evidence_key
+    from p402_server.signing import new_evidence_key
     from p402_server.receipts import Signer
     from p402_server.store.model import LedgerEvent
 

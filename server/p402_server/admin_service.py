@@ -322,8 +322,6 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def RotateEvidenceKey(self, request, context, key):
         """A new active evidence key; the old one stays published as retired, so what
         it signed (receipts, export digests) still verifies."""
-        from .evidence import new_evidence_key
-
         rt = await self._rt(key)
         async with rt.admin_lock:
             settings = _copy_settings(rt.settings)
@@ -333,7 +331,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             retired.insert(0, {"public_key": old_public,
                                "retired_ms": time.time_ns() // 1_000_000})
             secrets["evidence_keys_retired"] = retired
-            secrets["evidence_key"] = signing.seal(new_evidence_key())
+            secrets["evidence_key"] = signing.seal(signing.new_evidence_key())
             await self.store.put_settings(key.tenant_id, settings)
             rt.swap_settings(settings)
         log.info("tenant %s: evidence key rotated (retired %s)", key.tenant_id,

@@ -730,8 +730,7 @@ def settings_to_proto(s: dict) -> admin_pb2.Settings:
     msg = admin_pb2.Settings(**{k: s[k] for k in SETTINGS_FIELDS})
     key = (s.get(_privacy.SECRETS) or {}).get("evidence_key")
     if key:
-        from .evidence import public_key_hex
-        from .signing import unseal
+        from .signing import public_key_hex, unseal
 
         msg.evidence_public_key = public_key_hex(unseal(key))
     return msg

@@ -36,12 +36,13 @@ import datetime as dt
 import hashlib
 import io
 import json
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 from p402core import OWNER_KEYS, Decision, Evidence, Outcome, PrivacyMode
 from p402core import _units
 from p402core.contract import reportable_ms
 
+from .signing import public_key_hex
 from .store import canonical
 from .store.model import LedgerEvent
 
@@ -61,26 +62,6 @@ def evidence_for(base: int, *, fingerprinted: bool = False, attested: bool = Fal
     if fingerprinted and base == _REPORTED:
         return _FINGERPRINTED
     return int(base)
-
-
-# --- the evidence key -------------------------------------------------------------
-
-def new_evidence_key() -> bytes:
-    """32 raw bytes of a new Ed25519 private key."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import (Encoding, NoEncryption,
-                                                              PrivateFormat)
-
-    return Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw,
-                                                      NoEncryption())
-
-
-def public_key_hex(private: bytes) -> str:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    key = Ed25519PrivateKey.from_private_bytes(private)
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
 
 
 def _canonical_json(d: dict) -> bytes:
@@ -610,8 +591,6 @@ __all__ = [
     "flat_row",
     "focus_row",
     "ledger_event",
-    "new_evidence_key",
-    "public_key_hex",
     "read_export",
     "sign_digest",
     "verify_digest_signature",

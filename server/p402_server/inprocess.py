@@ -167,7 +167,7 @@ class EmbeddedP402:
     def __init__(self, store, *, config=None, core=None, leases: bool = False):
         from .admin_service import AdminService
         from .meter_service import MeterService
-        from .server import build_runtime
+        from .assembly import build_runtime
 
         self.store = store
         self.writer, self.runtime, self.auth, self.config = build_runtime(

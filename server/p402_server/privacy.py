@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 from p402core import InvalidArgument, PrivacyMode
 
-from .signing import seal, unseal
+from .signing import new_evidence_key, seal, unseal
 
 METADATA_ONLY = int(PrivacyMode.METADATA_ONLY)
 FINGERPRINT_ONLY = int(PrivacyMode.FINGERPRINT_ONLY)
@@ -102,8 +102,6 @@ def validate_settings(out: dict, prefix: str = "settings.") -> dict:
 
 def new_secrets() -> dict:
     """A tenant's secrets: the fingerprint salt and the evidence (Ed25519) key."""
-    from .evidence import new_evidence_key
-
     return {
         "fingerprint_salt": seal(os.urandom(32)),
         "evidence_key": seal(new_evidence_key()),

@@ -39,7 +39,7 @@ from typing import Any, Iterable
 
 from p402core import OWNER_KEYS, Evidence
 
-from . import evidence as _evidence
+from . import signing as _signing
 
 VERSION = 1
 TYPE = "p402.receipt"
@@ -83,7 +83,7 @@ class Signer:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         self._key = Ed25519PrivateKey.from_private_bytes(private)
-        self.public_hex = _evidence.public_key_hex(private)
+        self.public_hex = _signing.public_key_hex(private)
         self.kid = key_id(self.public_hex)
 
     def sign(self, ev) -> str:

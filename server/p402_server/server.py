@@ -25,12 +25,12 @@ import os
 import signal
 
 import grpc
-import p402core
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from p402.v1 import admin_pb2, admin_pb2_grpc, meter_pb2, meter_pb2_grpc
 
 from .admin_service import AdminService
+from .assembly import build_runtime
 from .auth import KeyCache
 from .config import ServerConfig
 from .errors import LenientDecoding
@@ -38,7 +38,7 @@ from .listen import busy, listen_error
 from .meter_service import MeterService
 from .runtime import Runtime
 from .signing import warn_if_unsealed
-from .store import GroupCommitWriter, open_store
+from .store import open_store
 
 log = logging.getLogger("p402.server")
 
@@ -196,31 +196,6 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
                       metrics=meters),
             http)
     return p402, port
-
-
-def build_runtime(store, *, config: ServerConfig | None = None, core=None, writer=None,
-                  leases: bool = False):
-    """The parts of a server that are not its transport -> (writer, runtime, auth,
-    config): the group-commit writer (a new one over `store` unless given), the
-    tenant runtime (with a LeaseManager when `leases`) and the key cache. Shared by
-    `create_server` and the in-process runtime (inprocess.EmbeddedP402)."""
-    config = config or ServerConfig()
-    # Every core module imports now: a missing compiled build fails here, with the
-    # way out (p402core.CoreNotBuilt), not as INTERNAL on the first call.
-    core = (core or p402core.load(p402core.IMPLEMENTATION)).check()
-    if writer is None:
-        writer = GroupCommitWriter(store, max_batch=config.writer_max_batch,
-                                   max_delay_ms=config.writer_max_delay_ms)
-    lease_manager = None
-    if leases:
-        from .leases import LeaseManager
-
-        lease_manager = LeaseManager(store)
-    runtime = Runtime(store, writer, config, core=core, leases=lease_manager)
-    auth = KeyCache(store, revalidate_seconds=config.auth_revalidate_seconds,
-                    negative_seconds=config.auth_negative_seconds,
-                    max_entries=config.auth_cache_entries)
-    return writer, runtime, auth, config
 
 
 def _asdict(config: ServerConfig) -> dict:

@@ -245,4 +245,28 @@ __all__ = [
     "unseal",
     "warn_if_unsealed",
     "new_gateway_secret",
+    "new_evidence_key",
+    "public_key_hex",
 ]
+
+
+# --- the evidence key: the tenant's Ed25519 signing key (exports, receipts,
+# statements), kept sealed in its secrets like the others -----------------------
+
+def new_evidence_key() -> bytes:
+    """32 raw bytes of a new Ed25519 private key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (Encoding, NoEncryption,
+                                                              PrivateFormat)
+
+    return Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw,
+                                                      NoEncryption())
+
+
+def public_key_hex(private: bytes) -> str:
+    """The hex of the Ed25519 public key of a raw private key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = Ed25519PrivateKey.from_private_bytes(private)
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()

@@ -498,12 +498,8 @@ async def _shielded(coro: Any) -> None:
 
 def meter(client: Any, model: str, **kw: Any) -> Meter | AsyncMeter:
     """A meter on `client`: a `Meter` for P402Client, an `AsyncMeter` for
-    AsyncP402Client (the same as `client.meter(model, ...)`)."""
-    from .client import AsyncP402Client
-
-    if isinstance(client, AsyncP402Client):
-        return AsyncMeter(client, model, **kw)
-    return Meter(client, model, **kw)
+    AsyncP402Client: the same as `client.meter(model, ...)`, which it is."""
+    return client.meter(model, **kw)
 
 
 __all__ = ["meter", "Meter", "AsyncMeter", "outcome_for_exception", "usage_kwargs",
