@@ -202,7 +202,7 @@ async def _run(db: str | None, listen: str, keep_running: bool, seed: int, out: 
     from p402_client import AsyncP402Client
     from rich.markup import escape
 
-    from .cli import EVENT_COLUMNS, EVENT_DROP, event_row, print_spend, usd_short
+    from .cli.output import EVENT_COLUMNS, EVENT_DROP, event_row, print_spend, usd_short
     from .server import create_server, init_tenant
     from .store import open_store
 

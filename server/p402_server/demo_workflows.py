@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,7 +148,7 @@ async def _spend(p402: Any, group_by: list[str]) -> list:
 
 async def _print_tables(ctx: Context, res: WorkflowResult, p402: Any,
                         tables: list[tuple[str, list[str]]]) -> None:
-    from .cli import print_spend
+    from .cli.output import print_spend
 
     for title, group_by in tables:
         rows = await _spend(p402, group_by)
@@ -448,23 +449,29 @@ async def _unsigned_is_refused(ctx: Context, res: WorkflowResult, meter_key: str
 
 
 async def _export_and_verify(ctx: Context, res: WorkflowResult, admin: Any) -> None:
-    """`p402 export` then `p402 verify --file`, through the CLI itself (on a thread:
-    the CLI blocks, and this loop serves the server it talks to)."""
-    from . import cli
-
+    """`p402 export` then `p402 verify --file`, through the command line itself, in
+    its own process as a user would run it (this loop serves the server it talks
+    to meanwhile)."""
     key = admin.demo_api_key
     path = os.path.join(ctx.workdir, "finance-evidence.jsonl")
     base = ["--target", ctx.target, "--api-key", key]
     ctx.out.print(f"\n$ p402 export --format jsonl --output {path}")
-    rc = await asyncio.to_thread(cli.main, ["export", *base, "--format", "jsonl",
-                                            "--output", path])
+    rc = await _p402("export", *base, "--format", "jsonl", "--output", path)
     if rc != 0:
         res.notes.append(f"export failed (exit {rc})")
         return
     ctx.out.print(f"$ p402 verify --file {path}")
-    rc = await asyncio.to_thread(cli.main, ["verify", "--file", path])
+    rc = await _p402("verify", "--file", path)
     res.notes.append(f"verify exit {rc}")
     res.tables["export"] = (["path"], [path])
+
+
+async def _p402(*argv: str) -> int:
+    """Run `p402 ARGV...` (python -m p402_server.cli) and return its exit code; its
+    output goes where this process's does."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "p402_server.cli",
+                                                *argv)
+    return await proc.wait()
 
 
 RUNNERS = {"support": support, "code-review": code_review, "extraction": extraction,
