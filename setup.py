@@ -57,7 +57,7 @@ def generate_stubs() -> None:
                 fh.write('"""Generated from proto/ at build time; do not edit."""\n')
     # The API reference from the protos' comments (reflection carries none).
     spec = importlib.util.spec_from_file_location(
-        "p402_apiref", os.path.join(ROOT, "server", "p402_server", "apiref.py"))
+        "p402_apiref", os.path.join(ROOT, "server", "p402_server", "api", "apiref.py"))
     apiref = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(apiref)
     with open(os.path.join(STUB_ROOT, "p402", "v1", "API.md"), "w", encoding="utf-8") as fh:

@@ -1,4 +1,4 @@
-"""What do settlement claims cost the ledger's writer? (issue 7, scale-out)
+"""What do settlement claims cost the ledger's writer? (scale-out)
 
 With leases on, every settling event (record, release, expiry) carries
 ``LedgerEvent.claim``: the group-commit writer inserts a hold_claims row for its
@@ -32,8 +32,8 @@ if HERE not in sys.path:
 
 from bench_record_sqlite import machine, make_events  # noqa: E402  (sets sys.path)
 
-from p402_server.store import open_store  # noqa: E402
-from p402_server.store.writer import GroupCommitWriter  # noqa: E402
+from p402_server.ledger import open_store  # noqa: E402
+from p402_server.ledger.writer import GroupCommitWriter  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("P402_BENCH_PG_URL",
                               "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")

@@ -17,7 +17,7 @@ HTTP/1.1, rounds interleaved so the machine's drift hits every system alike:
 Figures per system (medians over rounds): added p50 with one connection (its p50
 minus the upstream's own, from h2load's per-request log), calls/s at 32 connections,
 CPU per call at 32 (user+system time of the gateway's processes, from /proc,
-divided by the calls). Targets (issue "the metering tax"): added p50 <= 2x bare's;
+divided by the calls). Targets: added p50 <= 2x bare's;
 calls/s >= 0.5x bare's; CPU per call <= 2x bare's; and against Portkey when present.
 Every P402 system's ledger is counted after the run: each call must be there once.
 
@@ -88,7 +88,7 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 _P402_PROXY = r"""
 import asyncio, json, sys
 sys.path[:0] = {paths!r}
-from p402_server.proxy import ProxyConfig, serve_proxy
+from p402_server.gateways.proxy import ProxyConfig, serve_proxy
 async def main():
     target, db = {target!r}, {db!r}
     await serve_proxy(ProxyConfig(upstream={upstream!r}), "127.0.0.1:{port}",
@@ -105,7 +105,7 @@ _INIT = r"""
 import asyncio, json, sys
 sys.path[:0] = {paths!r}
 from p402_server.server import init_tenant
-from p402_server.store import open_store
+from p402_server.ledger import open_store
 async def main():
     store = await open_store({url!r})
     tenant, key = await init_tenant(store, "bench")

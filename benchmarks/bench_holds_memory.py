@@ -8,7 +8,7 @@ gateway's callers repeat. `--fresh-owners` builds new owner strings and tuples
 for every request instead (what a server decoding each request from the wire
 would hold per reservation unless it interns them): the worst case. `--intern`
 (with --fresh-owners) takes them through the server's own conversion instead
-(p402_server.convert.owners_from_proto on an Owners message: decoded, checked and
+(p402_server.wire.convert.owners_from_proto on an Owners message: decoded, checked and
 interned), which is what `p402 serve` keeps.
 
 Run:  python benchmarks/bench_holds_memory.py [--holds N] [--fresh-owners [--intern]]
@@ -41,7 +41,7 @@ def child(kind: str, holds: int, fresh: bool, intern: bool = False) -> dict:
     convert = None
     if intern:
         from p402.v1 import common_pb2
-        from p402_server import convert
+        from p402_server.wire import convert
     from conftest import make_engine, make_requests
     import p402core
 

@@ -58,7 +58,7 @@ def per_call_us(n: int = 100_000) -> float:
     import time
     from types import SimpleNamespace
 
-    from p402_server.metrics import Metrics
+    from p402_server.observe.metrics import Metrics
 
     m, resp = Metrics(), SimpleNamespace(decision=1, reasons=())
     best = float("inf")

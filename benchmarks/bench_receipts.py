@@ -33,9 +33,9 @@ def record(want: bool) -> meter_pb2.RecordRequest:
 
 def signing_us(n: int) -> float:
     """Microseconds per receipt: sign a committed-looking event n times."""
-    from p402_server.signing import new_evidence_key
-    from p402_server.receipts import Signer
-    from p402_server.store.model import LedgerEvent
+    from p402_server.privacy.signing import new_evidence_key
+    from p402_server.ledger.receipts import Signer
+    from p402_server.ledger.model import LedgerEvent
 
     signer = Signer(new_evidence_key())
     ev = LedgerEvent(tenant_id="t_bench", event_id="evt_01J000000000000000000000",

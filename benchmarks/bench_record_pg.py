@@ -33,11 +33,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_record_sqlite as common  # noqa: E402  (sets sys.path)
-from p402_server.store import open_store  # noqa: E402
-from p402_server.store import schema as S  # noqa: E402
-from p402_server.store.canonical import GENESIS, chain_step  # noqa: E402
-from p402_server.store.model import EVENT_COLUMNS, to_values  # noqa: E402
-from p402_server.store.writer import (  # noqa: E402
+from p402_server.ledger import open_store  # noqa: E402
+from p402_server.ledger import schema as S  # noqa: E402
+from p402_server.ledger.canonical import GENESIS, chain_step  # noqa: E402
+from p402_server.ledger.model import EVENT_COLUMNS, to_values  # noqa: E402
+from p402_server.ledger.writer import (  # noqa: E402
     _aggregate_daily, _aggregate_periods, _aggregate_rollups,
     _pg_upsert, _pg_upsert_arrays)
 

@@ -42,11 +42,11 @@ for p in (ROOT, os.path.join(ROOT, "server")):
 
 import sqlalchemy  # noqa: E402
 
-from p402_server.store import GroupCommitWriter, LedgerEvent, open_store  # noqa: E402
-from p402_server.store import schema as S  # noqa: E402
-from p402_server.store.canonical import GENESIS, chain_step  # noqa: E402
-from p402_server.store.model import EVENT_COLUMNS, to_values  # noqa: E402
-from p402_server.store.writer import (  # noqa: E402
+from p402_server.ledger import GroupCommitWriter, LedgerEvent, open_store  # noqa: E402
+from p402_server.ledger import schema as S  # noqa: E402
+from p402_server.ledger.canonical import GENESIS, chain_step  # noqa: E402
+from p402_server.ledger.model import EVENT_COLUMNS, to_values  # noqa: E402
+from p402_server.ledger.writer import (  # noqa: E402
     _aggregate_daily,
     _aggregate_periods,
     _aggregate_rollups,

@@ -48,9 +48,9 @@ for p in (ROOT, os.path.join(ROOT, "server")):
 
 import sqlalchemy  # noqa: E402
 
-from p402_server.store import EventFilter, open_store  # noqa: E402
-from p402_server.store import schema as S  # noqa: E402
-from p402_server.store.model import EVENT_COLUMNS  # noqa: E402
+from p402_server.ledger import EventFilter, open_store  # noqa: E402
+from p402_server.ledger import schema as S  # noqa: E402
+from p402_server.ledger.model import EVENT_COLUMNS  # noqa: E402
 
 HOUR_MS = 3_600_000
 MONTH_START = int(datetime(2026, 10, 1, tzinfo=timezone.utc).timestamp() * 1000)

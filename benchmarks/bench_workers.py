@@ -1,4 +1,4 @@
-"""Scale-out (issue 7): Authorize throughput with 1 vs 2 workers of `p402 serve`, and
+"""Scale-out: Authorize throughput with 1 vs 2 workers of `p402 serve`, and
 the cost of leasing (decisions per store round trip) far from a limit and near it.
 
 Run: `python benchmarks/bench_workers.py [--quick] [--driver h2load|python]
@@ -122,7 +122,7 @@ CLI = [sys.executable, "-c",
 # LeaseManager, so each worker starts its own thread.
 PROBE = [sys.executable, "-c", r"""
 import os, sys, threading, time
-from p402_server import leases
+from p402_server.runtime import leases
 _orig = leases.LeaseManager.__init__
 def _init(self, *a, **k):
     _orig(self, *a, **k)

@@ -1,4 +1,4 @@
-"""The benchmark report behind `p402 bench` (issue 6).
+"""The benchmark report behind `p402 bench`.
 
 Owns turning the output of every `benchmarks/bench_*.py` run (each a subprocess,
 streamed by the CLI) into one Markdown report, `<out_dir>/<date>-<machine>.md`, and a

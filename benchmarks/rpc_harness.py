@@ -27,9 +27,9 @@ for p in (ROOT, os.path.join(ROOT, "server"), os.path.join(ROOT, "clients", "pyt
 _SERVER = r"""
 import asyncio, json, logging, sys
 sys.path[:0] = {paths!r}
-from p402_server.config import ServerConfig
+from p402_server.runtime.config import ServerConfig
 from p402_server.server import create_server, init_tenant
-from p402_server.store import open_store
+from p402_server.ledger import open_store
 
 async def main():
     store = await open_store({url!r})

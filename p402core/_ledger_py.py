@@ -47,7 +47,7 @@ verify unchanged, and the version an event is encoded in follows from the event.
 A future encoding gets a new version line; versions 1 and 2 never change.
 
 What is left out of the encoding, and why, is the ledger's to say
-(server/p402_server/store/canonical.py).
+(server/p402_server/ledger/canonical.py).
 
 Strings
 -------

@@ -1,6 +1,6 @@
 """The ledger's input contract: what a string or a time may be before it is decided on
 or stored. One definition, used by the server at the edge of every request
-(server/p402_server/convert.py, the proxy) and by the Python SDK before it sends
+(server/p402_server/wire/convert.py, the proxy) and by the Python SDK before it sends
 (clients/python/p402_client/_convert.py), so both refuse the same values with the
 same words, on SQLite and on PostgreSQL alike.
 

@@ -6,11 +6,10 @@ the embedded runtime of `p402 proxy --db` (inprocess.py) calls them directly.
 from __future__ import annotations
 
 import p402core
-
-from .auth import KeyCache
-from .config import ServerConfig
-from .runtime import Runtime
-from .store import GroupCommitWriter
+from p402_server.api.auth import KeyCache
+from p402_server.ledger import GroupCommitWriter
+from p402_server.runtime.config import ServerConfig
+from p402_server.runtime.tenant import Runtime
 
 
 def build_runtime(store, *, config: ServerConfig | None = None, core=None, writer=None,
@@ -28,7 +27,7 @@ def build_runtime(store, *, config: ServerConfig | None = None, core=None, write
                                    max_delay_ms=config.writer_max_delay_ms)
     lease_manager = None
     if leases:
-        from .leases import LeaseManager
+        from p402_server.runtime.leases import LeaseManager
 
         lease_manager = LeaseManager(store)
     runtime = Runtime(store, writer, config, core=core, leases=lease_manager)

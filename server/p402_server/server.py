@@ -27,18 +27,18 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from p402.v1 import admin_pb2, admin_pb2_grpc, meter_pb2, meter_pb2_grpc
 
-from .admin_service import AdminService
-from .assembly import build_runtime
-from .auth import KeyCache
-from .config import ServerConfig
-from .errors import LenientDecoding
-from .listen import busy, listen_error
-from .meter_service import MeterService
-from .runtime import Runtime
-from .signing import warn_if_unsealed
-from .store import open_store
+from p402.v1 import admin_pb2, admin_pb2_grpc, meter_pb2, meter_pb2_grpc
+from p402_server.api.admin_service import AdminService
+from p402_server.api.auth import KeyCache
+from p402_server.api.meter_service import MeterService
+from p402_server.assembly import build_runtime
+from p402_server.ledger import open_store
+from p402_server.listen import busy, listen_error
+from p402_server.privacy.signing import warn_if_unsealed
+from p402_server.runtime.config import ServerConfig
+from p402_server.runtime.tenant import Runtime
+from p402_server.wire.errors import LenientDecoding
 
 log = logging.getLogger("p402.server")
 
@@ -151,7 +151,7 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
              2 * max(config.max_pending_calls, config.max_concurrent_rpcs)),
         ],
     )
-    from .metrics import Metrics
+    from p402_server.observe.metrics import Metrics
 
     meters = Metrics(runtime, writer) if metrics else None
     meter_pb2_grpc.add_MeterServiceServicer_to_server(
@@ -159,10 +159,8 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
                      metrics=meters, otel=otel), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(runtime, auth), server)
     services = SERVICE_NAMES
-    if ext_authz:  # Envoy ext_authz (p402_server.envoy), same runtime and key cache
-        from . import envoy
-
-        from . import ext_proc
+    if ext_authz:  # Envoy ext_authz (p402_server.gateways.envoy), same runtime and key cache
+        from p402_server.gateways import envoy, ext_proc
 
         envoy_config = ext_authz if isinstance(ext_authz, envoy.EnvoyConfig) else None
         envoy.add_to_server(server, runtime, auth, envoy_config)
@@ -189,7 +187,7 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
     p402.service_names = services
     p402.metrics = meters
     if http:
-        from .dashboard import Dashboard, DashboardServer
+        from p402_server.dashboard import Dashboard, DashboardServer
 
         p402.dashboard = DashboardServer(
             Dashboard(store=store, runtime=runtime, auth=auth, config=dashboard_config,
@@ -267,7 +265,7 @@ def _otel(endpoint: str):
     endpoint = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
     if not endpoint:
         return None
-    from .otel import Otel
+    from p402_server.observe.otel import Otel
 
     log.info("OpenTelemetry export to %s", endpoint)
     return Otel(endpoint=endpoint)

@@ -1,4 +1,4 @@
-"""`p402 serve --workers N`: N server processes sharing one port (issue 7).
+"""`p402 serve --workers N`: N server processes sharing one port.
 
 Owns `run_workers`. One Python process uses one core (grpc.aio runs best on one
 thread); several cores need several processes. The parent migrates the ledger once,
@@ -29,7 +29,7 @@ RESTART_WINDOW_SECONDS = 60.0
 
 
 def _migrate(db_url: str) -> None:
-    from .store import open_store
+    from p402_server.ledger import open_store
 
     async def go():
         store = await open_store(db_url)  # migrates to head
@@ -39,7 +39,7 @@ def _migrate(db_url: str) -> None:
 
 
 def _child(db_url: str, listen: str, kwargs: dict) -> None:
-    from . import server
+    from p402_server import server
 
     try:
         server.run(db_url, listen, reuse_port=True, **kwargs)

@@ -45,7 +45,7 @@ class ServerThread:
 
     async def _start(self) -> None:
         from p402_server.server import create_server
-        from p402_server.store import open_store
+        from p402_server.ledger import open_store
 
         if self._delay:
             await asyncio.sleep(self._delay)

@@ -205,7 +205,7 @@ def test_timeout_charges_the_estimated_input(p402):
     assert ev.outcome is pc.Outcome.TIMEOUT
     assert ev.usage == pc.Usage(input_tokens=m.authorization.estimated_input_tokens)
     assert ev.cost_nanos == cost_of(p402, m.authorization.estimated_input_tokens, 0)
-    # Charged the estimate's input tokens: the estimate's evidence (issue 5).
+    # Charged the estimate's input tokens: the estimate's evidence.
     assert ev.evidence is pc.Evidence.ESTIMATED
     assert m.result.evidence is pc.Evidence.ESTIMATED
 

@@ -13,7 +13,7 @@ import pytest
 import p402_client as pc
 from p402.v1 import meter_pb2
 from p402_client.signing import GatewaySigner
-from p402_server import signing as server_signing
+from p402_server.privacy import signing as server_signing
 
 MODEL = "gpt-4o-mini"
 OWNERS = {"customer": "acme", "department": "finance"}

@@ -16,10 +16,10 @@ import pytest
 from google.type import money_pb2
 from p402.v1 import admin_pb2, admin_pb2_grpc, common_pb2, meter_pb2, meter_pb2_grpc
 
-from p402_server.config import ServerConfig
+from p402_server.runtime.config import ServerConfig
 from p402_server.dashboard import DashboardConfig
 from p402_server.server import create_server, init_tenant
-from p402_server.store import open_store
+from p402_server.ledger import open_store
 
 MODEL = "gpt-4o-mini"  # default catalog: 150,000 pico-USD/token in, 600,000 out
 FAST = dict(expire_interval_seconds=0.05, holds_flush_interval_seconds=0.05,

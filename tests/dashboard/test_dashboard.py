@@ -13,10 +13,10 @@ import aiohttp
 import pytest
 from p402.v1 import admin_pb2
 
-from p402_server import evidence
+from p402_server.ledger import evidence
 from p402_server.dashboard import fmt
 from p402_server.dashboard.fmt import usd
-from p402_server.store import EventFilter, LedgerEvent
+from p402_server.ledger import EventFilter, LedgerEvent
 
 from dash_harness import _start, close, csrf_of, md, seed, sign_in
 
@@ -307,7 +307,7 @@ async def test_event_detail_shows_the_stored_fields(dash, http):
 
 async def test_content_only_for_admin_keys_when_the_privacy_mode_kept_it(dash, http):
     try:
-        from p402_server.store.model import Content
+        from p402_server.ledger.model import Content
     except ImportError:
         pytest.skip("the store has no content table in this build")
     from p402core._enums import PrivacyMode
@@ -514,7 +514,7 @@ async def test_well_known_key_set_is_public_per_tenant(dash, http):
     receipts; the query names the tenant; an unknown tenant is a 404."""
     from p402.v1 import common_pb2, meter_pb2
 
-    from p402_server import receipts
+    from p402_server.ledger import receipts
 
     r = await dash.meter.Record(meter_pb2.RecordRequest(
         model="gpt-4o-mini", owners=common_pb2.Owners(customer="acme"),
@@ -618,7 +618,7 @@ def test_lease_metrics_when_leases_are_on():
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from p402_server.metrics import Metrics
+    from p402_server.observe.metrics import Metrics
 
     m = Metrics(runtime=NS(tenants={}, leases=NS(round_trips=5, exact_takes=2)))
     fams = {f.name: f for f in text_string_to_metric_families(m.exposition().decode())}

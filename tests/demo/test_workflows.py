@@ -12,7 +12,7 @@ from p402core import Decision, Evidence, Outcome, PrivacyMode
 
 from p402_server.amounts import column_decimals, usd
 from p402_server.cli import Output
-from p402_server.demo_workflows import (DUPLICATES, EXTRACTION_DOCS, FAILING,
+from p402_server.cli.demo_workflows import (DUPLICATES, EXTRACTION_DOCS, FAILING,
                                         SUPPORT_CUSTOMERS)
 
 
@@ -31,7 +31,7 @@ class Recording(Output):
 
 
 async def run(tmp_path, name: str):
-    from p402_server.demo import _run_workflows
+    from p402_server.cli.demo import _run_workflows
 
     out = Recording()
     results: list = []
@@ -44,8 +44,8 @@ async def run(tmp_path, name: str):
 
 
 async def ledger(db: str, tenant_id: str) -> list:
-    from p402_server.store import open_store
-    from p402_server.store.model import EventFilter
+    from p402_server.ledger import open_store
+    from p402_server.ledger.model import EventFilter
 
     store = await open_store(db)
     try:

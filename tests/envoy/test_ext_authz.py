@@ -64,9 +64,9 @@ class Rig:
 
 async def _start(tmp_path, **envoy_kw):
     from p402_client import AsyncP402Client
-    from p402_server.envoy import EnvoyConfig
+    from p402_server.gateways.envoy import EnvoyConfig
     from p402_server.server import create_server, init_tenant
-    from p402_server.store import open_store
+    from p402_server.ledger import open_store
 
     store = await open_store(f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
     server, port = create_server("127.0.0.1:0", store=store,
@@ -235,7 +235,7 @@ async def test_health_and_reflection_include_the_authorization_service(tmp_path)
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    from p402_server.envoy import SERVICE_NAME
+    from p402_server.gateways.envoy import SERVICE_NAME
 
     assert SERVICE_NAME == "envoy.service.auth.v3.Authorization"
     rig, stop = await _start(tmp_path)
@@ -266,9 +266,9 @@ async def test_health_and_reflection_include_the_authorization_service(tmp_path)
 async def test_without_ext_authz_the_service_is_not_announced(tmp_path):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from p402_server.envoy import SERVICE_NAME
+    from p402_server.gateways.envoy import SERVICE_NAME
     from p402_server.server import create_server
-    from p402_server.store import open_store
+    from p402_server.ledger import open_store
 
     store = await open_store(f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
     server, port = create_server("127.0.0.1:0", store=store)

@@ -175,7 +175,7 @@ def run_async(coro):
 
 async def _init_tenant(db_url: str, name: str) -> tuple[str, str]:
     from p402_server.server import init_tenant
-    from p402_server.store import open_store
+    from p402_server.ledger import open_store
 
     store = await open_store(db_url)
     try:
@@ -205,7 +205,7 @@ class LedgerFacts:
 
 
 async def _ledger_facts(db_url: str, tenant_id: str) -> LedgerFacts:
-    from p402_server.store import open_store
+    from p402_server.ledger import open_store
 
     store = await open_store(db_url, create=False)
     try:

@@ -1,4 +1,4 @@
-"""Budget invariant under concurrency (issue 6, DESIGN §6), through a live `p402 serve`.
+"""Budget invariant under concurrency (DESIGN §6), through a live `p402 serve`.
 
 Hundreds of concurrent clients Authorize against HARD budgets sized for a few dozen
 holds, then Record (actual cost at most the estimate), Release, or walk away (the

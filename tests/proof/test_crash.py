@@ -1,4 +1,4 @@
-"""Crash safety (issue 6): a real `p402 serve` under sustained Record load is killed
+"""Crash safety: a real `p402 serve` under sustained Record load is killed
 with SIGKILL at random (seeded) moments and restarted on the same SQLite ledger.
 
 Afterwards:

@@ -1,4 +1,4 @@
-"""Hostile input (issue 6): hypothesis drives every RPC of a live `p402 serve`.
+"""Hostile input: hypothesis drives every RPC of a live `p402 serve`.
 
 Requests are generated from the protobuf descriptors themselves (so a new field is
 fuzzed without touching this file): extreme and negative int64/int32 (negative

@@ -1,4 +1,4 @@
-"""Tenant isolation matrix (issue 6, DESIGN §9), against a real `p402 serve` process.
+"""Tenant isolation matrix (DESIGN §9), against a real `p402 serve` process.
 
 Two tenants, A and B, on one server. B owns a budget, a policy rule, a gateway, an
 open hold, a recorded event and its keys. Every RPC of MeterService and

@@ -1,4 +1,4 @@
-"""Soak (issue 6): mixed load on a real `p402 serve`; RSS and open holds stay bounded.
+"""Soak: mixed load on a real `p402 serve`; RSS and open holds stay bounded.
 
 Clients Authorize, Record (unary and batched), Release, abandon holds (1 s TTL, the
 expiry sweep settles them), and read (Query, spend rows, ListBudgets) for

@@ -49,9 +49,9 @@ class Rig:
 
 async def start_rig(tmp_path, *, upstream_timeout: float = 20.0, **standin_kw: Any):
     from p402_client import AsyncP402Client
-    from p402_server.proxy import ProxyConfig, start_proxy
+    from p402_server.gateways.proxy import ProxyConfig, start_proxy
     from p402_server.server import create_server, init_tenant
-    from p402_server.store import open_store
+    from p402_server.ledger import open_store
 
     store = await open_store(f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
     server, port = create_server("127.0.0.1:0", store=store)

@@ -13,11 +13,11 @@ import openai
 import pytest
 from p402_client import errors as e
 
-from p402_server.inprocess import EmbeddedP402, InProcessClient
-from p402_server.proxy import PROXY_KEY, ProxyConfig, start_proxy
+from p402_server.gateways.inprocess import EmbeddedP402, InProcessClient
+from p402_server.gateways.proxy import PROXY_KEY, ProxyConfig, start_proxy
 from p402_server.server import init_tenant
-from p402_server.store import open_store
-from p402_server.store.model import EventFilter
+from p402_server.ledger import open_store
+from p402_server.ledger.model import EventFilter
 from tests.proxy.conftest import UPSTREAM_KEY
 from tests.support.openai_standin import OpenAIStandin
 

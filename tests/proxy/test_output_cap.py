@@ -8,7 +8,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from p402_server.proxy import cap_edits, takes_max_completion_tokens
+from p402_server.gateways.proxy import cap_edits, takes_max_completion_tokens
 
 MESSAGES = [{"role": "user", "content": "Think hard, then answer in one word."}]
 CHAT = "/v1/chat/completions"

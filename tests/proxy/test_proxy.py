@@ -364,9 +364,9 @@ async def test_spend_by_customer_from_proxied_calls(rig):
 
 async def test_embedded_mode_serves_with_its_own_p402_server(tmp_path):
     """`p402 proxy --db URL`: a P402 server inside the proxy process, same behaviour."""
-    from p402_server.proxy import ProxyConfig, serve_proxy
+    from p402_server.gateways.proxy import ProxyConfig, serve_proxy
     from p402_server.server import init_tenant
-    from p402_server.store import open_store
+    from p402_server.ledger import open_store
     from tests.support.openai_standin import OpenAIStandin
 
     url = f"sqlite+aiosqlite:///{tmp_path}/embedded.db"
@@ -390,7 +390,7 @@ async def test_embedded_mode_serves_with_its_own_p402_server(tmp_path):
         u = up.usage(CHAT, up.last(CHAT).body)
     store = await open_store(url)
     try:
-        from p402_server.store.model import EventFilter
+        from p402_server.ledger.model import EventFilter
 
         events, _ = await store.query_events(tenant, EventFilter(), page_size=10)
     finally:

@@ -2,7 +2,7 @@
 detail kept, parts cut to what is left of their totals, tiers P402 prices kept."""
 from __future__ import annotations
 
-from p402_server.proxy import usage_from, web_searches
+from p402_server.gateways.proxy import usage_from, web_searches
 
 
 def test_chat_usage_with_every_detail():

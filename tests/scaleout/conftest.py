@@ -1,5 +1,5 @@
 """Scale-out fixtures: a fresh PostgreSQL database per test, and `p402 serve --lease on`
-replicas as subprocesses on loopback ports (issue 7).
+replicas as subprocesses on loopback ports.
 
 PostgreSQL comes from P402_TEST_PG_URL (default postgresql+asyncpg://postgres@
 127.0.0.1:5432/test, the database used to CREATE/DROP the per-test ones). Unreachable:
@@ -52,7 +52,7 @@ def pg_url():
     url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
 
     async def migrate():
-        from p402_server.store import open_store
+        from p402_server.ledger import open_store
 
         s = await open_store(url)
         await s.close()

@@ -1,4 +1,4 @@
-"""Admin changes reach every process on the ledger (issue 7): the tenant's config
+"""Admin changes reach every process on the ledger: the tenant's config
 version (store), the poll (Runtime.sync_config) and TenantRuntime.reload_config.
 
 In process: a SQLite file shared by two "processes" (each its own store, writer,
@@ -19,13 +19,13 @@ from p402.v1 import admin_pb2, admin_pb2_grpc, common_pb2, meter_pb2, meter_pb2_
 
 import p402core
 from p402core import NotFound
-from p402_server import convert
-from p402_server import privacy as _privacy
-from p402_server.config import ServerConfig
-from p402_server.leases import LeaseConfig, LeaseManager
-from p402_server.runtime import Runtime
+from p402_server.wire import convert
+from p402_server.privacy import modes as _privacy
+from p402_server.runtime.config import ServerConfig
+from p402_server.runtime.leases import LeaseConfig, LeaseManager
+from p402_server.runtime.tenant import Runtime
 from p402_server.server import init_tenant
-from p402_server.store import GroupCommitWriter, open_store
+from p402_server.ledger import GroupCommitWriter, open_store
 
 from .test_replicas import _snapshot, nanos, usd
 from .conftest import asyncpg_dsn
@@ -116,7 +116,7 @@ async def test_migration_0004_starts_existing_tenants_at_version_0(tmp_path):
     from alembic import command
     from alembic.config import Config
 
-    from p402_server.store.engine import MIGRATIONS_DIR
+    from p402_server.ledger.engine import MIGRATIONS_DIR
 
     store = await open_store(f"sqlite+aiosqlite:///{tmp_path}/old.db", create=False)
     try:
@@ -402,8 +402,8 @@ async def test_failed_reload_keeps_serving_and_is_retried(procs, caplog):
 
 async def test_period_rollover_reopens_the_lease_on_the_new_period(procs, monkeypatch):
     from p402core import _engine_py
-    from p402_server import leases as leases_mod
-    from p402_server import runtime as runtime_mod
+    from p402_server.runtime import leases as leases_mod
+    from p402_server.runtime import tenant as runtime_mod
 
     day1 = 20_000 * DAY_MS  # 2024-10-04 00:00 UTC
     clock = [day1 + DAY_MS - 5_000]  # five seconds to midnight
@@ -438,7 +438,7 @@ async def test_period_rollover_reopens_the_lease_on_the_new_period(procs, monkey
     assert st.committed_nanos == 0 and st.held_nanos == nanos(second.estimated_cost)
 
     import sqlalchemy as sa
-    from p402_server.store import schema as S
+    from p402_server.ledger import schema as S
 
     al, le = S.budget_allocations, S.budget_leases
     async with a.store.engine.connect() as conn:

@@ -8,11 +8,11 @@ import asyncio
 
 import openai
 
-from p402_server.inprocess import EmbeddedP402
-from p402_server.proxy import PROXY_KEY, ProxyConfig, start_proxy
+from p402_server.gateways.inprocess import EmbeddedP402
+from p402_server.gateways.proxy import PROXY_KEY, ProxyConfig, start_proxy
 from p402_server.server import init_tenant
-from p402_server.store import open_store
-from p402_server.store.model import EventFilter
+from p402_server.ledger import open_store
+from p402_server.ledger.model import EventFilter
 from tests.support.openai_standin import OpenAIStandin
 
 UPSTREAM_KEY = "sk-upstream-test"

@@ -1,4 +1,4 @@
-"""The very end of a leased budget (issue 7): an Authorize that only a leased budget
+"""The very end of a leased budget: an Authorize that only a leased budget
 denies takes exactly what it misses from the store and is decided again
 (runtime.authorize_exact, LeaseManager.take_exact). So a process denies only when
 the store itself has no room left for the request, and never allows past the limit.
@@ -59,7 +59,7 @@ def test_last_requests_are_taken_exactly_from_the_store(ledger_url):
         # Never past the limit, and A denied only when the store had no room left
         # for one more request beyond what B's lease still holds unused.
         assert (allowed[0] + allowed[1]) * est <= limit
-        from p402_server.leases import LeaseStore
+        from p402_server.runtime.leases import LeaseStore
 
         rt_a = p.servers[0].runtime.tenants[p.tenant]
         lease = rt_a.leases._tenants[p.tenant].leases["tight"]

@@ -1,4 +1,4 @@
-"""A Record or Release for a reservation another process made (issue 7): a gateway
+"""A Record or Release for a reservation another process made: a gateway
 that authorized on replica A and records on replica B. Settled correctly and exactly
 once: B claims the settlement in the store (hold_claims, migration 0005) and settles
 A's saved hold; A, at expiry, finds the claim and charges nothing.
@@ -42,9 +42,9 @@ class _Pair:
     """Two leased servers (A, B) on one ledger, one admin key, stubs for each."""
 
     async def start(self, url: str):
-        from p402_server.config import ServerConfig
+        from p402_server.runtime.config import ServerConfig
         from p402_server.server import create_server, init_tenant
-        from p402_server.store import open_store
+        from p402_server.ledger import open_store
 
         cfg = ServerConfig(holds_flush_interval_seconds=0.05, expire_interval_seconds=0.05)
         self.stores = [await open_store(url) for _ in range(2)]
@@ -112,7 +112,7 @@ class _Pair:
 
     async def ledger(self, rid: str) -> list:
         """Every ledger event that names reservation `rid`, across the tenant."""
-        from p402_server.store.model import EventFilter
+        from p402_server.ledger.model import EventFilter
 
         events = []
         async for ev in self.stores[0].iter_events(self.tenant, EventFilter()):
@@ -259,8 +259,8 @@ def test_writer_keeps_one_settling_event_per_reservation(ledger_url):
     retry of the winner's event_id is a plain duplicate; events without the claim
     flag are untouched by it."""
     async def go():
-        from p402_server.store import LedgerEvent, open_store
-        from p402_server.store.writer import GroupCommitWriter
+        from p402_server.ledger import LedgerEvent, open_store
+        from p402_server.ledger.writer import GroupCommitWriter
 
         stores = [await open_store(ledger_url) for _ in range(2)]
         writers = [GroupCommitWriter(st) for st in stores]
@@ -313,8 +313,8 @@ def test_writer_keeps_one_settling_event_per_reservation(ledger_url):
 
 def test_two_claims_in_one_batch_keep_the_first(ledger_url):
     async def go():
-        from p402_server.store import LedgerEvent, open_store
-        from p402_server.store.writer import GroupCommitWriter
+        from p402_server.ledger import LedgerEvent, open_store
+        from p402_server.ledger.writer import GroupCommitWriter
 
         store = await open_store(ledger_url)
         writer = GroupCommitWriter(store)

@@ -5,13 +5,13 @@ import asyncio
 
 import pytest
 
-from p402_server.leases import Fenced, LeaseStore
+from p402_server.runtime.leases import Fenced, LeaseStore
 
 LIMIT = 1_000_000
 
 
 async def _open(url):
-    from p402_server.store import open_store
+    from p402_server.ledger import open_store
 
     return await open_store(url, create=False)
 

@@ -45,7 +45,7 @@ def nanos(m) -> int:
 
 async def _init(db_url: str) -> tuple[str, str]:
     from p402_server.server import init_tenant
-    from p402_server.store import open_store
+    from p402_server.ledger import open_store
 
     store = await open_store(db_url)
     try:
@@ -242,7 +242,7 @@ async def _storm(pg_url, replicas, foreign: bool = False):
         assert len(rids) == len(set(rids))
 
         # Totals equal the ledger.
-        from p402_server.store import open_store
+        from p402_server.ledger import open_store
 
         store = await open_store(pg_url, create=False)
         try:

@@ -1,4 +1,4 @@
-"""`p402 serve --workers 2` (issue 7): two processes share one port (SO_REUSEPORT),
+"""`p402 serve --workers 2`: two processes share one port (SO_REUSEPORT),
 each with its own leases; the supervisor restarts a worker that dies and forwards
 SIGTERM to all. On a SQLite file (workers on one machine share it like PostgreSQL).
 """
@@ -60,7 +60,7 @@ async def _authorize_everywhere(target: str, md, channels: int = 16) -> int:
 
 def test_two_workers_share_the_port_each_with_its_own_leases(tmp_path):
     from p402_server.server import init_tenant
-    from p402_server.store import open_store
+    from p402_server.ledger import open_store
 
     db = str(tmp_path / "workers.db")
     url = f"sqlite+aiosqlite:///{db}"

@@ -74,7 +74,7 @@ def pg_session_url():
     asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
     url = _with_database(PG_ADMIN_URL, name)
     try:
-        from p402_server.store import open_store
+        from p402_server.ledger import open_store
 
         async def migrate():
             s = await open_store(url)
@@ -89,7 +89,7 @@ def pg_session_url():
 async def _truncate_all(url: str) -> None:
     import asyncpg
 
-    from p402_server.store import schema as S
+    from p402_server.ledger import schema as S
 
     tables = ", ".join(t.name for t in S.metadata.sorted_tables)
     conn = await asyncpg.connect(_asyncpg_dsn(url), timeout=5)
@@ -132,7 +132,7 @@ def backend(store_url) -> str:
 
 @pytest.fixture
 async def store(store_url):
-    from p402_server.store import open_store
+    from p402_server.ledger import open_store
 
     s = await open_store(store_url)
     try:
@@ -143,7 +143,7 @@ async def store(store_url):
 
 @pytest.fixture
 async def writer(store):
-    from p402_server.store import GroupCommitWriter
+    from p402_server.ledger import GroupCommitWriter
 
     w = GroupCommitWriter(store)
     await w.start()

@@ -19,9 +19,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from p402.v1 import admin_pb2, admin_pb2_grpc, common_pb2, meter_pb2, meter_pb2_grpc
 
-from p402_server.config import ServerConfig
+from p402_server.runtime.config import ServerConfig
 from p402_server.server import create_server, init_tenant
-from p402_server.store import open_store
+from p402_server.ledger import open_store
 
 # Same source and CI rule as the store fixtures (tests/server/conftest.py).
 PG_ADMIN_URL = os.environ.get("P402_TEST_PG_URL",

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from p402_server import apiref
+from p402_server.api import apiref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CORE = ("Owners", "Usage", "BudgetStatus", "AuthorizeRequest", "AuthorizeResponse",

@@ -4,8 +4,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from p402_server.auth import ADMIN, METER, KeyCache
-from p402_server.errors import ServiceError
+from p402_server.api.auth import ADMIN, METER, KeyCache
+from p402_server.wire.errors import ServiceError
 from service_harness import (  # noqa: F401 - fixtures
     admin_pb2,
     bearer,
@@ -167,7 +167,7 @@ class Ctx:
 
 
 def _info(key_id="k1", scopes=("meter",), revoked=None):
-    from p402_server.store import KeyInfo
+    from p402_server.ledger import KeyInfo
 
     return KeyInfo(key_id, "t1", "n", "p402_abc", frozenset(scopes), 0, revoked)
 

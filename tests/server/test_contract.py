@@ -14,8 +14,8 @@ import pytest
 from p402.v1 import admin_pb2, common_pb2, meter_pb2
 
 from p402core.contract import EARLIEST_EVENT_MS, event_time_problem, string_problem
-from p402_server.store.model import EventFilter, LedgerEvent
-from p402_server.store.writer import EventRejected, GroupCommitWriter
+from p402_server.ledger.model import EventFilter, LedgerEvent
+from p402_server.ledger.writer import EventRejected, GroupCommitWriter
 from tests.server.service_harness import error_info, owners, svc_any, usd  # noqa: F401
 
 MODEL = "gpt-4o-mini"

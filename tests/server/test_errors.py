@@ -6,7 +6,7 @@ import pytest
 from google.type import money_pb2
 
 from p402core import Conflict, InvalidArgument, NotFound, UnknownModel
-from p402_server.errors import DOMAIN, Overloaded, status_for
+from p402_server.wire.errors import DOMAIN, Overloaded, status_for
 from service_harness import (  # noqa: F401 - fixtures
     admin_pb2,
     common_pb2,

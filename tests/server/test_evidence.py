@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from p402_server import cli
-from p402_server.signing import signature_metadata
+from p402_server.privacy.signing import signature_metadata
 from tests.server.service_harness import (admin_pb2, common_pb2, error_info, meter_pb2,
                                           owners, svc)  # noqa: F401
 
@@ -226,7 +226,7 @@ async def test_tampered_database_is_caught_by_verify(svc, capsys, how):
     url = svc.url
     await svc.close()
     svc.close = _noop
-    from p402_server.store import open_store, schema
+    from p402_server.ledger import open_store, schema
 
     store = await open_store(url)
     ev = schema.events

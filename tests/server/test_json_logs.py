@@ -10,7 +10,7 @@ import grpc
 import pytest
 from p402.v1 import common_pb2, meter_pb2
 
-from p402_server import logs
+from p402_server.observe import logs
 from tests.server.service_harness import svc  # noqa: F401
 
 

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
 )
 from p402.v1 import common_pb2, meter_pb2  # noqa: E402
 
-from p402_server.otel import Otel  # noqa: E402
+from p402_server.observe.otel import Otel  # noqa: E402
 from tests.server.service_harness import nanos, owners  # noqa: E402
 
 
@@ -21,9 +21,9 @@ from tests.server.service_harness import nanos, owners  # noqa: E402
 async def traced(tmp_path):
     import grpc
 
-    from p402_server.config import ServerConfig
+    from p402_server.runtime.config import ServerConfig
     from p402_server.server import create_server, init_tenant
-    from p402_server.store import open_store
+    from p402_server.ledger import open_store
     from tests.server.service_harness import FAST, Service
 
     spans, reader = InMemorySpanExporter(), InMemoryMetricReader()

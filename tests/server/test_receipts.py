@@ -10,7 +10,7 @@ import grpc
 import pytest
 from p402.v1 import admin_pb2, common_pb2, meter_pb2
 
-from p402_server import receipts
+from p402_server.ledger import receipts
 from tests.server.service_harness import nanos, owners, svc_any  # noqa: F401
 
 PROMPT = "the secret plan: ostrich-lantern-9917"

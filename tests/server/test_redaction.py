@@ -1,11 +1,11 @@
-"""The redaction pass of redacted_trace (server/p402_server/redaction.py): a corpus of
+"""The redaction pass of redacted_trace (server/p402_server/privacy/redaction.py): a corpus of
 planted secrets of every kind, none of which may survive, with the ordinary text
 around them intact and near misses (failing checksums, never-issued ranges) kept."""
 from __future__ import annotations
 
 import pytest
 
-from p402_server.redaction import KINDS, luhn_ok, redact
+from p402_server.privacy.redaction import KINDS, luhn_ok, redact
 
 # (kind, planted secret). Every kind of KINDS appears at least once.
 PLANTED = [

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from p402_server import signing
+from p402_server.privacy import signing
 from p402_server.server import serve
 
 WARNING = "P402_SECRET_KEY is not set"
@@ -31,7 +31,7 @@ async def _serve_once(tmp_path, name: str) -> None:
     between (a gateway registered over gRPC), which must not warn again."""
     from p402_client import AsyncP402Client
     from p402_server.server import init_tenant
-    from p402_server.store import open_store
+    from p402_server.ledger import open_store
 
     url = f"sqlite+aiosqlite:///{tmp_path}/{name}.db"
     store = await open_store(url)

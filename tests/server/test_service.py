@@ -454,7 +454,7 @@ async def test_authorize_retry_with_the_same_reservation_id_holds_once(svc):
 
 async def test_serve_shuts_down_gracefully_and_writes_open_holds(tmp_path):
     from p402_server.server import init_tenant, serve
-    from p402_server.store import open_store
+    from p402_server.ledger import open_store
 
     url = f"sqlite+aiosqlite:///{tmp_path}/serve.db"
     store = await open_store(url)

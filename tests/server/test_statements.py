@@ -12,7 +12,9 @@ import grpc
 import pytest
 from p402.v1 import admin_pb2, common_pb2, meter_pb2
 
-from p402_server import receipts, statements
+from p402_server.ledger import receipts
+
+from p402_server.ledger import statements
 from tests.server.service_harness import nanos, owners, svc_any  # noqa: F401
 
 

@@ -13,7 +13,7 @@ import random
 import pytest
 from p402.v1 import admin_pb2, common_pb2, meter_pb2
 
-from p402_server import statements as st
+from p402_server.ledger import statements as st
 from tests.server.service_harness import owners, svc  # noqa: F401
 
 MONTHS = [f"2026-0{m}" for m in range(1, 7)]

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import pytest
 import sqlalchemy as sa
 
-from p402_server.store import (
+from p402_server.ledger import (
     GROUPS,
     EventFilter,
     GroupCommitWriter,
@@ -32,8 +32,8 @@ from p402_server.store import (
     normalize_url,
     open_store,
 )
-from p402_server.store import schema as S
-from p402_server.store.canonical import GENESIS, chain_step
+from p402_server.ledger import schema as S
+from p402_server.ledger.canonical import GENESIS, chain_step
 from p402core._enums import OWNER_KEYS, Decision, Evidence, InvalidArgument, NotFound, Outcome
 
 HEAD_REVISION = "0009"  # 0008: budget_openings; 0009: statements
@@ -391,7 +391,7 @@ async def test_pipelined_batches_keep_order_and_chain(store, tenant):
     """A burst larger than 2 * PIPELINE_MIN with nothing in flight is split: the
     first half commits while later arrivals join the second; order, seqs and the
     chain are as if one writer had taken them one by one."""
-    from p402_server.store.writer import PIPELINE_MIN
+    from p402_server.ledger.writer import PIPELINE_MIN
 
     w = GroupCommitWriter(store, max_batch=1000)
     await w.start()
@@ -608,7 +608,7 @@ async def test_write_before_start_raises(store, tenant):
 DURABILITY_CHILD = textwrap.dedent("""
     import asyncio, sys
     sys.path[:0] = [{repo!r}, {server!r}]
-    from p402_server.store import GroupCommitWriter, LedgerEvent, open_store
+    from p402_server.ledger import GroupCommitWriter, LedgerEvent, open_store
 
     async def main():
         store = await open_store({url!r})
@@ -757,7 +757,7 @@ SPEND_CASES = [
 
 @pytest.mark.parametrize("flt,group_by", SPEND_CASES)
 async def test_spend_from_rollups_equals_spend_from_events(store, tenant, ledger, flt, group_by):
-    from p402_server.store.queries import rollups_can_answer
+    from p402_server.ledger.queries import rollups_can_answer
 
     assert rollups_can_answer(flt)
     want = oracle_spend(ledger, flt, group_by)
@@ -785,7 +785,7 @@ DAILY_CASES = [
 async def test_spend_daily_equals_spend_from_events(store, tenant, ledger, flt, group_by):
     """spend_daily (per customer and UTC day) answers the billing queries exactly,
     and auto picks it for them."""
-    from p402_server.store.queries import daily_can_answer
+    from p402_server.ledger.queries import daily_can_answer
 
     assert daily_can_answer(flt, group_by)
     want = oracle_spend(ledger, flt, group_by)
@@ -804,7 +804,7 @@ async def test_spend_daily_equals_spend_from_events(store, tenant, ledger, flt, 
     (EventFilter(since_ms=T0 + HOUR), ["customer"]),
 ])
 async def test_spend_daily_refuses_what_it_cannot_answer(store, tenant, ledger, flt, group_by):
-    from p402_server.store.queries import daily_can_answer
+    from p402_server.ledger.queries import daily_can_answer
 
     assert not daily_can_answer(flt, group_by)
     with pytest.raises(InvalidArgument) as err:
@@ -820,7 +820,7 @@ async def test_spend_daily_refuses_what_it_cannot_answer(store, tenant, ledger, 
     EventFilter(since_ms=T0 + HOUR + 1),
 ])
 async def test_spend_falls_back_to_events(store, tenant, ledger, flt):
-    from p402_server.store.queries import rollups_can_answer
+    from p402_server.ledger.queries import rollups_can_answer
 
     assert not rollups_can_answer(flt)
     rows, _ = await store.query_spend(tenant, flt, ["customer", "model"], page_size=1000)
@@ -970,7 +970,7 @@ async def test_a_cancelled_caller_does_not_disturb_the_batch(store, writer, tena
 def test_canonical_encoding_is_the_documented_one():
     """Version 1 spelled out for a small event: a verifier in another language must
     be able to rebuild these bytes from the module docstring alone."""
-    from p402_server.store.canonical import canonical_bytes
+    from p402_server.ledger.canonical import canonical_bytes
 
     ev = LedgerEvent("t", "é", event_ms=5, recorded_ms=6, labels={"b": "2", "a": "1"},
                      cost_nanos=-3, decision=Decision.DENY, reasons=("x", ""),
@@ -986,8 +986,8 @@ def test_canonical_encoding_is_the_documented_one():
 
 
 def test_canonical_encoding_ignores_storage_fields_and_content():
-    from p402_server.store.canonical import canonical_bytes
-    from p402_server.store.model import Content
+    from p402_server.ledger.canonical import canonical_bytes
+    from p402_server.ledger.model import Content
 
     a = make_events("t", 1)[0]
     b = LedgerEvent.from_dict(a.to_dict())
@@ -1111,13 +1111,13 @@ async def test_verify_names_the_first_bad_position(store, writer, tenant, how):
         forged.recorded_ms = T0
         ev4 = (await store.query_events(t, order="asc", page_size=4))[0][-1]
         forged.chain_index, forged.chain_hash = 5, chain_step(ev4.chain_hash, forged)
-        from p402_server.store.model import to_row
+        from p402_server.ledger.model import to_row
 
         async with store.engine.begin() as conn:
             await conn.execute(S.events.insert().values(**to_row(forged)))
         want = 6  # the forged row links to 4, but the old 5 (now 6) does not link to it
     elif how == "inserted_unchained":
-        from p402_server.store.model import to_row
+        from p402_server.ledger.model import to_row
 
         forged = make_events(t, 1, prefix="forged")[0]
         forged.recorded_ms = T0
@@ -1125,7 +1125,7 @@ async def test_verify_names_the_first_bad_position(store, writer, tenant, how):
             await conn.execute(S.events.insert().values(**to_row(forged)))
         want = 13
     elif how == "appended":
-        from p402_server.store.model import to_row
+        from p402_server.ledger.model import to_row
 
         forged = make_events(t, 1, prefix="forged")[0]
         forged.recorded_ms, forged.chain_index, forged.chain_hash = T0, 13, "0" * 64
@@ -1143,7 +1143,7 @@ async def test_verify_names_the_first_bad_position(store, writer, tenant, how):
     assert res.count == want - 1 and res.reason
     # and the same verdict from an export of the events (what `p402 verify FILE` walks)
     if how not in ("inserted_unchained",):
-        from p402_server.store.canonical import verify_events
+        from p402_server.ledger.canonical import verify_events
 
         rows = [LedgerEvent.from_dict(e.to_dict()) async for e in store.iter_events(t)]
         rows.sort(key=lambda e: e.chain_index)
@@ -1151,7 +1151,7 @@ async def test_verify_names_the_first_bad_position(store, writer, tenant, how):
 
 
 async def test_verify_a_partial_export_from_its_prev_hash(store, writer, tenant):
-    from p402_server.store.canonical import verify_events
+    from p402_server.ledger.canonical import verify_events
 
     await _chained(store, writer, tenant, 10)
     evs = [e async for e in store.iter_events(tenant)]
@@ -1166,8 +1166,8 @@ async def test_migration_chains_events_written_before_it(empty_store_url):
     from alembic import command
     from alembic.config import Config
 
-    from p402_server.store.engine import MIGRATIONS_DIR
-    from p402_server.store.model import to_row
+    from p402_server.ledger.engine import MIGRATIONS_DIR
+    from p402_server.ledger.model import to_row
 
     s = await open_store(empty_store_url, create=False)
     try:
@@ -1182,8 +1182,8 @@ async def test_migration_chains_events_written_before_it(empty_store_url):
             old_columns = {c.name for c in S.events.columns} - {
                 "chain_index", "prompt_fingerprint", "response_fingerprint",
                 "service_tier", "units"}
-            from p402_server.store.model import to_values
-            from p402_server.store.writer import _aggregate_rollups
+            from p402_server.ledger.model import to_values
+            from p402_server.ledger.writer import _aggregate_rollups
 
             for tid, n in (("ta", 7), ("tb", 3)):
                 evs = make_events(tid, n)
@@ -1219,7 +1219,7 @@ async def test_migration_chains_events_written_before_it(empty_store_url):
 
 
 async def test_contents_are_written_with_their_event_only(store, writer, tenant):
-    from p402_server.store.model import Content
+    from p402_server.ledger.model import Content
 
     ev = make_events(tenant, 1)[0]
     ev.contents = (Content("prompt", "hello ünï", mode=3, expires_ms=T0 + HOUR),
@@ -1241,7 +1241,7 @@ async def test_contents_are_written_with_their_event_only(store, writer, tenant)
 
 
 async def test_purge_removes_expired_content_only(store, writer, tenant):
-    from p402_server.store.model import Content
+    from p402_server.ledger.model import Content
 
     n = await store.put_contents([
         Content("prompt", "a", expires_ms=T0, tenant_id=tenant, event_id="e1"),
@@ -1257,7 +1257,7 @@ async def test_purge_removes_expired_content_only(store, writer, tenant):
 
 
 async def test_content_validation_names_the_field(store, writer, tenant):
-    from p402_server.store.model import Content
+    from p402_server.ledger.model import Content
 
     ev = make_events(tenant, 1)[0]
     ev.contents = (Content("prompt", "x"), Content("thoughts", "y"))

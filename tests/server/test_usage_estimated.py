@@ -3,7 +3,7 @@ provider's report, is committed with evidence ESTIMATED — on Record, RecordBat
 StreamRecords, and whatever fingerprint or signature would otherwise raise it."""
 from __future__ import annotations
 
-from p402_server.signing import signature_metadata
+from p402_server.privacy.signing import signature_metadata
 from tests.server.service_harness import (admin_pb2, common_pb2, meter_pb2, owners,  # noqa: F401
                                           svc)
 

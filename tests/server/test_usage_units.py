@@ -9,7 +9,7 @@ import pytest
 from p402.v1 import common_pb2, meter_pb2
 
 import p402core
-from p402_server.store import canonical
+from p402_server.ledger import canonical
 from tests.server.service_harness import nanos, owners, svc_any  # noqa: F401
 
 CATALOG = p402core.Catalog.default()
@@ -137,7 +137,7 @@ async def test_exports_carry_units_so_v2_events_verify_from_the_export(svc_any):
     import csv
     import io
 
-    from p402_server import evidence
+    from p402_server.ledger import evidence
 
     svc = svc_any
     await svc.meter.Record(meter_pb2.RecordRequest(

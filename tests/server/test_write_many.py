@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 
-from p402_server.store import LedgerEvent
+from p402_server.ledger import LedgerEvent
 from p402core._enums import InvalidArgument
 
 T0 = 1_790_000_000_000 - 1_790_000_000_000 % 3_600_000
@@ -84,7 +84,7 @@ async def test_failed_transaction(store, writer, tenant, monkeypatch, return_exc
 
 
 async def test_large_batch_spans_transactions(store, tenant):
-    from p402_server.store import GroupCommitWriter
+    from p402_server.ledger import GroupCommitWriter
 
     w = GroupCommitWriter(store, max_batch=64)
     await w.start()

@@ -3,7 +3,7 @@ private_gateway).
 
 Owns the client half of the signature scheme documented in
 proto/p402/v1/meter.proto ("Signed reports"); the server's half is
-p402_server/signing.py, and a test checks the two agree byte for byte. A signed
+p402_server/privacy/signing.py, and a test checks the two agree byte for byte. A signed
 Record or RecordBatch that the server verifies is committed with evidence
 ATTESTED; an unsigned, badly signed, stale or replayed one is refused with
 UNAUTHENTICATED (`p402_client.Unauthenticated`, `.reason` one of

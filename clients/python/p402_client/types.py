@@ -327,7 +327,7 @@ class RecordResult(_Plain):
     duplicate: bool
     budgets: tuple[BudgetStatus, ...]
     catalog_version: str
-    # The event's signed receipt (str, canonical JSON; server/p402_server/receipts.py)
+    # The event's signed receipt (str, canonical JSON; server/p402_server/ledger/receipts.py)
     # when the Record asked for it (want_receipt=True), else "".
     receipt: str = ""
 

@@ -2,7 +2,7 @@
 
 Owns argument parsing, the exit-code contract and the human / machine output of
 every command. Server work is delegated: `serve` to `p402_server.server.serve`,
-`init` to the store and `server.init_tenant`, `demo` to `p402_server.demo`; every
+`init` to the store and `server.init_tenant`, `demo` to `p402_server.cli.demo`; every
 remote command goes through the Python SDK (`p402_client.P402Client`), so the CLI
 sees exactly what any gateway sees.
 
@@ -29,9 +29,9 @@ code that runs them (`cmd_<command>[_<action>]`).
 """
 from __future__ import annotations
 
-from .common import UsageError, parse_time, parse_usd
-from .main import main
-from .output import Output, usd
-from .parser import build_parser
+from p402_server.cli.common import UsageError, parse_time, parse_usd
+from p402_server.cli.main import main
+from p402_server.cli.output import Output, usd
+from p402_server.cli.parser import build_parser
 
 __all__ = ["main", "build_parser", "Output", "UsageError", "parse_time", "parse_usd", "usd"]

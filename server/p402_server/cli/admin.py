@@ -7,14 +7,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-
-from ..amounts import Money
-from .common import (
-    EFFECTS, OWNER_KEYS, PERIODS, PRIVACY_MODES, UsageError, _Parser, _client, _fmt,
-    _json_flag, _read_text, _remote, parse_int, parse_scope, parse_usd,
+from p402_server.amounts import Money
+from p402_server.cli.common import (
+    EFFECTS,
+    OWNER_KEYS,
+    PERIODS,
+    PRIVACY_MODES,
+    UsageError,
+    _client,
+    _fmt,
+    _json_flag,
+    _Parser,
+    _read_text,
+    _remote,
+    parse_int,
+    parse_scope,
+    parse_usd,
 )
-from .output import Output, _ms_str, _per_million, usd, usd_short
-
+from p402_server.cli.output import Output, _ms_str, _per_million, usd, usd_short
 
 # Where a LiteLLM price map comes from: the file bundled in the litellm package, or
 # the one LiteLLM's repository publishes (the package's copy is a backup of it).
@@ -463,7 +473,7 @@ def add_pricebook(sub) -> None:
         "The tenant's price book: cost-plus percentages, per-model sell prices (per "
         "token and per unit), per-customer overrides and a minimum per call. A Record "
         "that carries no revenue is sold at it, so margin per customer and feature is "
-        "complete. The document's format is in server/p402_server/pricebook.py.",
+        "complete. The document's format is in server/p402_server/ledger/pricebook.py.",
         "p402 pricebook set book.json && p402 pricebook show"))
     pbs = pb.add_subparsers(dest="action", metavar="ACTION", required=True,
                             parser_class=_Parser)

@@ -14,7 +14,6 @@ import time
 from decimal import Decimal, InvalidOperation
 from typing import Any, Sequence
 
-
 DEFAULT_DB = "sqlite+aiosqlite:///p402.db"
 DEFAULT_LISTEN = "127.0.0.1:4020"
 DEFAULT_TARGET = "127.0.0.1:4020"

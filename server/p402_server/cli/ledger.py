@@ -9,22 +9,41 @@ import sys
 import time
 from typing import Any
 
-from p402core import InvalidArgument
-
-from .common import (
-    DEFAULT_DB, GROUP_KEYS, UsageError, _Parser, _api_key, _client, _existing_db,
-    _filter_kwargs, _filters, _fmt, _json_flag, _read_text, _redact_url, _remote,
-    _run_store, parse_group_by, parse_int,
+from p402_server.cli.common import (
+    DEFAULT_DB,
+    GROUP_KEYS,
+    UsageError,
+    _api_key,
+    _client,
+    _existing_db,
+    _filter_kwargs,
+    _filters,
+    _fmt,
+    _json_flag,
+    _Parser,
+    _read_text,
+    _redact_url,
+    _remote,
+    _run_store,
+    parse_group_by,
+    parse_int,
 )
-from .output import (
-    EVENT_COLUMNS, EVENT_DROP, Output, _event_dict, event_row, print_spend, spend_totals,
+from p402_server.cli.output import (
+    EVENT_COLUMNS,
+    EVENT_DROP,
+    Output,
+    _event_dict,
+    event_row,
+    print_spend,
+    spend_totals,
     usd,
 )
+from p402core import InvalidArgument
 
 
 def cmd_billing_export(args: argparse.Namespace, out: Output) -> int:
-    from .. import billing, statements
-    from ..store.model import LedgerEvent
+    from p402_server.ledger import billing, statements
+    from p402_server.ledger.model import LedgerEvent
 
     doc = None
     if args.statement:
@@ -92,7 +111,7 @@ def cmd_billing_export(args: argparse.Namespace, out: Output) -> int:
 
 
 def _print_statements(out: Output, docs: list[dict], fmt: str) -> None:
-    from ..statements import to_csv
+    from p402_server.ledger.statements import to_csv
 
     if fmt == "csv":
         for i, d in enumerate(docs):
@@ -122,7 +141,7 @@ def cmd_statements_show(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_statements_verify(args: argparse.Namespace, out: Output) -> int:
     """Exit 0 when the statement holds, 1 when altered or not backed by the ledger."""
-    from .. import statements
+    from p402_server.ledger import statements
 
     text = _read_text("FILE", args.file).strip()
     if args.ledger:
@@ -147,8 +166,8 @@ def cmd_statements_verify(args: argparse.Namespace, out: Output) -> int:
 
 def _statement_vs_export(doc: dict, path: str) -> tuple[bool, str, list[str]]:
     """A statement recomputed from an export's rows (whose chain and digest must hold)."""
-    from .. import statements
-    from ..evidence import BadInput, ledger_event, read_export, verify_rows
+    from p402_server.ledger import statements
+    from p402_server.ledger.evidence import BadInput, ledger_event, read_export, verify_rows
 
     try:
         fmt, rows, digest = read_export(path)
@@ -176,7 +195,7 @@ def cmd_receipts_get(args: argparse.Namespace, out: Output) -> int:
 
 def _key_set(source: str) -> dict[str, str]:
     """{kid: public key hex} from a key set file or URL (exit 2 when unreadable)."""
-    from .. import receipts
+    from p402_server.ledger import receipts
 
     if source.startswith(("http://", "https://")):
         import urllib.request
@@ -199,7 +218,7 @@ def _key_set(source: str) -> dict[str, str]:
 
 def cmd_receipts_verify(args: argparse.Namespace, out: Output) -> int:
     """Exit 0 when the receipt holds, 1 when altered or signed by an unknown key."""
-    from .. import receipts
+    from p402_server.ledger import receipts
 
     text = _read_text("FILE", args.file)
     keys = _key_set(args.keys)
@@ -268,10 +287,10 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
     """ExportEvents -> rows (evidence.py formats), then the signed digest the server
     sends in the call's trailing metadata."""
     import grpc
+
     from p402.v1 import meter_pb2, meter_pb2_grpc
     from p402_client import _convert
-
-    from ..evidence import DIGEST_HEADER, ExportWriter, event_row
+    from p402_server.ledger.evidence import DIGEST_HEADER, ExportWriter, event_row
 
     filters = _filter_kwargs(args)
     args.api_key = _api_key(args.api_key)
@@ -290,8 +309,13 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
     try:
         with _client(args) as p402:
             if to_file:
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
-                                           TextColumn, TimeElapsedColumn)
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                )
 
                 total = _count_estimate(p402, filters)
                 progress = Progress(TextColumn("exporting"), BarColumn(),
@@ -338,7 +362,7 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     """Exit 0 when the chain (and digest) hold, 1 when broken, 2 on bad input."""
-    from ..evidence import BadInput, read_export, verify_rows
+    from p402_server.ledger.evidence import BadInput, read_export, verify_rows
 
     if args.file:
         try:
@@ -388,7 +412,7 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
 
 
 async def _verify_db(db: str, tenant: str | None) -> list[dict[str, Any]]:
-    from ..store import open_store
+    from p402_server.ledger import open_store
 
     store = await open_store(db, create=False)
     try:
@@ -407,7 +431,7 @@ async def _verify_db(db: str, tenant: str | None) -> list[dict[str, Any]]:
 
 def cmd_contents_purge(args: argparse.Namespace, out: Output) -> int:
     async def purge() -> int:
-        from ..store import open_store
+        from p402_server.ledger import open_store
 
         store = await open_store(args.db, create=False)
         try:
@@ -426,8 +450,8 @@ def cmd_contents_purge(args: argparse.Namespace, out: Output) -> int:
 
 def _export_header() -> list[str]:
     """The CSV header of an empty export (same columns as Event.to_flat())."""
-    from p402_client import _convert
     from p402.v1 import meter_pb2
+    from p402_client import _convert
 
     return list(_convert.event(meter_pb2.Event()).to_flat())
 
@@ -517,7 +541,7 @@ def add_billing(sub) -> None:
         "Billing exports: a month's (or a time range's) ledger events as Stripe Billing "
         "meter events, OpenMeter CloudEvents or Lago events, one per event that cost or "
         "sold something, keyed by the event id so re-exporting never bills twice "
-        "(formats: server/p402_server/billing.py). JSON lines on stdout or --output.",
+        "(formats: server/p402_server/ledger/billing.py). JSON lines on stdout or --output.",
         "p402 billing export --period 2026-11 --format stripe --output meter_events.jsonl"))
     bs2 = bill.add_subparsers(dest="action", metavar="ACTION", required=True,
                               parser_class=_Parser)

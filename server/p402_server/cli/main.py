@@ -8,10 +8,9 @@ import os
 import sys
 from typing import Callable, Sequence
 
-
-from .common import UsageError
-from .output import Output
-from .parser import build_parser
+from p402_server.cli.common import UsageError
+from p402_server.cli.output import Output
+from p402_server.cli.parser import build_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +46,8 @@ def _runtime_error(exc: Exception) -> int:
         _fail(f"{code}: {exc.message}")
         return 1
     try:
-        from p402core import CoreNotBuilt, InvalidArgument as CoreInvalid
+        from p402core import CoreNotBuilt
+        from p402core import InvalidArgument as CoreInvalid
     except ImportError:  # pragma: no cover
         CoreInvalid = CoreNotBuilt = ()  # type: ignore[assignment]
     if isinstance(exc, CoreInvalid):
@@ -56,7 +56,7 @@ def _runtime_error(exc: Exception) -> int:
     if isinstance(exc, CoreNotBuilt):
         _fail(str(exc))
         return 1
-    from ..listen import ListenError
+    from p402_server.listen import ListenError
 
     if isinstance(exc, ListenError):
         _fail(exc.strerror or str(exc))

@@ -10,12 +10,15 @@ import sys
 from decimal import Decimal
 from typing import Any, Iterable, Sequence
 
-from p402core.contract import reportable_ms
-
-from ..amounts import (
-    Money, NO_REVENUE_MARK, NO_REVENUE_NOTE, format_column, revenue_cell, usd as usd_text,
+from p402_server.amounts import (
+    NO_REVENUE_MARK,
+    NO_REVENUE_NOTE,
+    Money,
+    format_column,
+    revenue_cell,
 )
-
+from p402_server.amounts import usd as usd_text
+from p402core.contract import reportable_ms
 
 NANOS_PER_USD = 1_000_000_000
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import _Parser, _fmt
-from . import admin, ledger, serving
+from p402_server.cli import admin, ledger, serving
+from p402_server.cli.common import _fmt, _Parser
 
 
 def build_parser() -> argparse.ArgumentParser:

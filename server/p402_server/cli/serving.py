@@ -13,11 +13,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (
-    DEFAULT_DB, DEFAULT_LISTEN, DEFAULT_TARGET, UsageError, _client, _fmt, _json_flag,
-    _listen_check, _redact_url, _remote, _run_store,
+from p402_server.cli.common import (
+    DEFAULT_DB,
+    DEFAULT_LISTEN,
+    DEFAULT_TARGET,
+    UsageError,
+    _client,
+    _fmt,
+    _json_flag,
+    _listen_check,
+    _redact_url,
+    _remote,
+    _run_store,
 )
-from .output import Output
+from p402_server.cli.output import Output
 
 
 def cmd_serve(args: argparse.Namespace, out: Output) -> int:
@@ -29,33 +38,33 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     # Before anything starts: a build without the compiled core fails here, with
     # the way out, and the start-up log names the core that really loaded.
     core = p402core.load(p402core.IMPLEMENTATION).check()
-    from .. import logs
+    from p402_server.observe import logs
 
     logs.configure(args.log_level, args.log_format)
     if args.log_level != "DEBUG":  # migration chatter is not news on every start
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    from .. import server
+    from p402_server import server
 
     kwargs: dict[str, Any] = {}
     if args.max_concurrent_rpcs is not None:
         kwargs["max_concurrent_rpcs"] = args.max_concurrent_rpcs
     if args.http:  # the dashboard, in the same process and loop
         _listen_check("--http", args.http)
-        from ..dashboard import DashboardConfig
+        from p402_server.dashboard import DashboardConfig
 
         kwargs["http"] = args.http
         kwargs["dashboard_config"] = DashboardConfig(
             secure_cookies=True if args.http_secure_cookies else None)
-    if args.ext_authz:  # Envoy ext_authz on the same port (p402_server.envoy)
+    if args.ext_authz:  # Envoy ext_authz on the same port (p402_server.gateways.envoy)
         try:
-            from ..envoy import EnvoyConfig
+            from p402_server.gateways.envoy import EnvoyConfig
         except ImportError as exc:
             raise UsageError("--ext-authz", f"needs xds-protos (pip install "
                              f"'p402[envoy]'): {exc}") from None
         kwargs["ext_authz"] = EnvoyConfig(
             provider=args.ext_authz_provider,
             strip_authorization=args.ext_authz_strip_authorization)
-    # Scale-out (issue 7): leases on/off, and --workers N (workers.py).
+    # Scale-out: leases on/off, and --workers N (workers.py).
     if args.workers < 1:
         raise UsageError("--workers", "must be >= 1")
     if args.workers > 1 and args.lease == "off":
@@ -68,7 +77,7 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     logging.getLogger("p402.cli").info("p402 serve: starting (db %s, listen %s, core: %s)",
                                        _redact_url(args.db), args.listen, core.describe())
     if args.workers > 1:
-        from ..workers import run_workers
+        from p402_server.workers import run_workers
 
         return run_workers(args.workers, args.db, args.listen, **kwargs)
     server.run(args.db, args.listen, **kwargs)
@@ -76,7 +85,7 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_proxy(args: argparse.Namespace, out: Output) -> int:
-    """`p402 proxy` (p402_server.proxy)."""
+    """`p402 proxy` (p402_server.gateways.proxy)."""
     _listen_check("--listen", args.listen)
     if not args.upstream.startswith(("http://", "https://")):
         raise UsageError("--upstream", f"{args.upstream!r} is not an http(s) URL")
@@ -88,12 +97,12 @@ def cmd_proxy(args: argparse.Namespace, out: Output) -> int:
     if args.lease == "on" and not args.db:
         raise UsageError("--lease", "leases are held by the process that decides: use "
                          "it with --db (with --target the server holds them)")
-    from .. import logs
+    from p402_server.observe import logs
 
     logs.configure(args.log_level, args.log_format)
     if args.log_level != "DEBUG":
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    from ..proxy import ProxyConfig, serve_proxy
+    from p402_server.gateways.proxy import ProxyConfig, serve_proxy
 
     if not upstream_key:  # a local upstream (vLLM, Ollama) may take none
         logging.getLogger("p402.cli").warning(
@@ -116,8 +125,8 @@ def cmd_proxy(args: argparse.Namespace, out: Output) -> int:
 
 
 async def _init_tenant(db: str, name: str, new_tenant: bool = False) -> tuple[str, str]:
-    from ..server import init_tenant
-    from ..store import open_store
+    from p402_server.ledger import open_store
+    from p402_server.server import init_tenant
 
     store = await open_store(db)
     try:
@@ -233,7 +242,7 @@ def cmd_bench(args: argparse.Namespace, out: Output) -> int:
     out.table("Benchmarks", ["script", "status", ("seconds", "right")],
               ([n, "ok" if rc == 0 else f"failed (exit {rc})", f"{s:.1f}"]
                for n, rc, s, _ in results))
-    # The Markdown report and latency histogram (benchmarks/report.py, issue 6).
+    # The Markdown report and latency histogram (benchmarks/report.py).
     report_py = root / "report.py"
     if report_py.exists():
         import importlib.util
@@ -257,7 +266,7 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
         listen = (os.environ.get("P402_LISTEN", DEFAULT_LISTEN) if args.keep_running
                   else "127.0.0.1:0")
     _listen_check("--listen", listen)
-    from .. import demo
+    from p402_server.cli import demo
 
     if args.workflow and args.keep_running:
         raise UsageError("--keep-running", "is for the tour, not --workflow")
@@ -298,7 +307,7 @@ def add_serve(sub) -> None:
                    default=os.environ.get("P402_HTTP_SECURE_COOKIES", "") in ("1", "true"),
                    help="mark dashboard cookies Secure even over plain http (use behind "
                         "a TLS-terminating proxy; env P402_HTTP_SECURE_COOKIES=1)")
-    # -- Envoy ext_authz (p402_server.envoy) --
+    # -- Envoy ext_authz (p402_server.gateways.envoy) --
     p.add_argument("--ext-authz", action="store_true",
                    help="also serve Envoy's envoy.service.auth.v3.Authorization/Check on "
                         "the same port (needs the `envoy` extra: xds-protos)")
@@ -306,7 +315,7 @@ def add_serve(sub) -> None:
                    help="provider for price lookup when the route names none")
     p.add_argument("--ext-authz-strip-authorization", action="store_true",
                    help="remove the caller's authorization header before the upstream")
-    # -- scale-out (p402_server.leases, p402_server.workers; issue 7) --
+    # -- scale-out (p402_server.runtime.leases, p402_server.workers) --
     p.add_argument("--otel-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
                    metavar="URL",
                    help="send a span per Authorize/Record and the decision and latency "
@@ -329,7 +338,7 @@ def add_serve(sub) -> None:
 
 def add_proxy(sub) -> None:
     """`p402 proxy` and its flags."""
-    # proxy (p402_server.proxy)
+    # proxy (p402_server.gateways.proxy)
     p = sub.add_parser("proxy", help="an OpenAI-compatible endpoint that meters every call",
                        **_fmt("Serve the OpenAI API (/v1/chat/completions, /v1/responses, "
                               "/v1/embeddings, /v1/models) in front of an upstream: callers "
@@ -442,6 +451,6 @@ def add_demo(sub) -> None:
     p.add_argument("--seed", type=int, default=402, help="random seed (default 402)")
     p.add_argument("--workflow", default=None,
                    choices=("support", "code-review", "extraction", "finance", "all"),
-                   help="run a vertical workflow (p402_server.demo_workflows) instead "
+                   help="run a vertical workflow (p402_server.cli.demo_workflows) instead "
                         "of the tour")
     p.set_defaults(func=cmd_demo)

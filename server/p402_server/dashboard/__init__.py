@@ -1,4 +1,4 @@
-"""The ledger dashboard (issue 8): finance and engineering read the ledger in a browser.
+"""The ledger dashboard: finance and engineering read the ledger in a browser.
 
 Served by `p402 serve --http HOST:PORT` in the same process and event loop as the
 gRPC server, over the same store (read-only) and the same key cache. Pages live
@@ -21,7 +21,7 @@ import logging
 
 from aiohttp import web
 
-from .app import PREFIX, Dashboard, DashboardConfig
+from p402_server.dashboard.app import PREFIX, Dashboard, DashboardConfig
 
 log = logging.getLogger("p402.dashboard")
 
@@ -55,7 +55,7 @@ class DashboardServer:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            from ..listen import listen_error
+            from p402_server.listen import listen_error
 
             raise listen_error(f"{self.host}:{self._port}", flag="--http", env="P402_HTTP",
                                cause=exc) from None

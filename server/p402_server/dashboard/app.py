@@ -31,9 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from functools import partial
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -41,13 +41,14 @@ from urllib.parse import quote, urlencode, urlsplit
 import jinja2
 from aiohttp import web
 
+from p402_server.api.auth import READ
+from p402_server.dashboard import exports
+from p402_server.dashboard import filters as F
+from p402_server.dashboard import fmt, svg
+from p402_server.dashboard.sessions import Session, SessionStore, new_token, tokens_equal
+from p402_server.ledger.queries import encode_token
+from p402_server.wire.errors import ServiceError
 from p402core._enums import OWNER_KEYS, Enforcement, InvalidArgument, Period, PrivacyMode
-
-from ..auth import READ
-from ..errors import ServiceError
-from ..store.queries import encode_token
-from . import exports, filters as F, fmt, svg
-from .sessions import Session, SessionStore, new_token, tokens_equal
 
 log = logging.getLogger("p402.dashboard")
 
@@ -172,7 +173,7 @@ class Dashboard:
 
     async def statement_page(self, request: web.Request, s: Session) -> web.Response:
         """One statement: a printable page, or its JSON or CSV (?format=)."""
-        from .. import statements as st
+        from p402_server.ledger import statements as st
 
         period = request.match_info["period"]
         customer = request.query.get("customer", "")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import io
 from collections.abc import AsyncIterator
 
-from .. import evidence
-from . import filters as F
+from p402_server.dashboard import filters as F
+from p402_server.ledger import evidence
 
 FORMATS = ("csv", "jsonl", "focus")
 CHUNK = 65536

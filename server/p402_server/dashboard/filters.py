@@ -15,10 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
-from p402core._enums import OWNER_KEYS, MAX_STRING, Decision, Evidence, Outcome
+from p402_server.ledger import EventFilter
+from p402core._enums import MAX_STRING, OWNER_KEYS, Decision, Evidence, Outcome
 from p402core.contract import reportable_ms
-
-from ..store import EventFilter
 
 HOUR_MS = 3_600_000
 RANGES = {"1h": HOUR_MS, "24h": 24 * HOUR_MS, "7d": 7 * 24 * HOUR_MS,

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import datetime as _dt
 
+from p402_server import amounts
 from p402core._enums import Decision, Evidence, Outcome, PrivacyMode
 from p402core.contract import reportable_ms
-
-from .. import amounts
 
 NANOS_PER_USD = 1_000_000_000
 

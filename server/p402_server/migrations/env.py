@@ -12,7 +12,7 @@ import asyncio
 from alembic import context
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from p402_server.store.schema import metadata
+from p402_server.ledger.schema import metadata
 
 config = context.config
 
@@ -34,7 +34,7 @@ def _run_sync(connection) -> None:
 
 
 def _url() -> str:
-    from p402_server.store.engine import normalize_url
+    from p402_server.ledger.engine import normalize_url
 
     url = context.get_x_argument(as_dictionary=True).get("db") or config.get_main_option(
         "sqlalchemy.url"

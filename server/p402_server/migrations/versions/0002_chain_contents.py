@@ -8,7 +8,7 @@
 - spend_daily (tenant, UTC day, customer → the rollup sums), filled from the hourly
   rollups of existing events;
 - existing events are chained: per tenant, in seq order (their commit order), with
-  the version 1 canonical encoding (p402_server/store/canonical.py, which never
+  the version 1 canonical encoding (p402_server/ledger/canonical.py, which never
   changes: a later encoding is a new version).
 
 Revision ID: 0002
@@ -82,8 +82,8 @@ def upgrade() -> None:
 
 def _chain_existing_events() -> None:
     """Give every event already in the ledger its chain position and hash."""
-    from p402_server.store.canonical import canonical_bytes
-    from p402_server.store.model import from_row
+    from p402_server.ledger.canonical import canonical_bytes
+    from p402_server.ledger.model import from_row
 
     conn = op.get_bind()
     events = sa.table("events", sa.column("seq"), sa.column("chain_index"),

@@ -1,6 +1,6 @@
-"""Leased budget slices (issue 7, scale-out): budget_allocations and budget_leases.
+"""Leased budget slices (scale-out): budget_allocations and budget_leases.
 
-p402_server/leases.py owns every statement on them (its docstring is the design).
+p402_server/runtime/leases.py owns every statement on them (its docstring is the design).
 Both start empty: a process that leases creates its rows on first use.
 
 Revision ID: 0003

@@ -1,4 +1,4 @@
-"""A per-tenant config version (issue 7, scale-out): tenants.config_version.
+"""A per-tenant config version (scale-out): tenants.config_version.
 
 Bumped by the store in the same transaction as every write of the tenant's budgets,
 policies, prices or settings; processes sharing the store poll it (runtime.py) and

@@ -1,4 +1,4 @@
-"""Hold claims (issue 7, scale-out): who settles a reservation when several processes
+"""Hold claims (scale-out): who settles a reservation when several processes
 share one ledger.
 
 One row per reservation settled with leases on: the event_id of the one event

@@ -1,0 +1,220 @@
+"""P402 inside the caller's process: the gRPC services called directly, no transport.
+
+Owns `EmbeddedP402` (the ledger's group-commit writer, the tenant runtime and the key
+cache of a server, started in this process without a listening port) and
+`InProcessClient` (an `AsyncP402Client` whose stubs call the servicers' methods
+directly). It is what `p402 proxy --db` runs on: a decision costs microseconds, not a
+loopback RPC of about a millisecond each way.
+
+One code path, no divergent implementation: every call goes through the same
+servicer methods, the same `unary` wrapper (key check, scopes, tenant from the key,
+the one exception-to-status mapping) and the same client conversions as over gRPC;
+only protobuf serialization and the HTTP/2 hops are gone. Errors reach the caller as
+the client's typed errors (`p402_client.errors`), built from the status the wrapper
+aborts with, and the client's deadline applies as it would on the wire
+(DEADLINE_EXCEEDED).
+
+With `leases=True` (PostgreSQL, several processes on one ledger) the embedded
+runtime is one more process of the fleet: HARD budgets leased in slices, config
+sync, the cross-process settlement rules (SCALEOUT.md).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+
+from p402.v1 import admin_pb2, meter_pb2
+from p402_client import AsyncP402Client
+from p402_client.client import _Common
+
+log = logging.getLogger("p402.inprocess")
+
+PEER = "inprocess"
+
+
+class InProcessRpcError(grpc.RpcError):
+    """A call's failure status, shaped like grpc.aio's AioRpcError for the client."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = "",
+                 trailing_metadata: Any = ()):
+        super().__init__(details)
+        self._code, self._details = code, details
+        self._trailing = tuple(trailing_metadata or ())
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple:
+        return self._trailing
+
+    def __str__(self) -> str:
+        return f"{self._code.name}: {self._details}"
+
+
+class _Context:
+    """The part of grpc.aio.ServicerContext that P402's servicers use."""
+
+    __slots__ = ("_metadata", "trailing")
+
+    def __init__(self, metadata: Any):
+        self._metadata = tuple(metadata or ())
+        self.trailing: tuple = ()
+
+    def invocation_metadata(self) -> tuple:
+        return self._metadata
+
+    def peer(self) -> str:
+        return PEER
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self.trailing = tuple(metadata or ())
+
+    async def abort(self, code: grpc.StatusCode, details: str = "",
+                    trailing_metadata: Any = ()) -> None:
+        raise InProcessRpcError(code, details, trailing_metadata)
+
+
+def _deadline_exceeded() -> InProcessRpcError:
+    return InProcessRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
+class _Unary:
+    """A unary-unary method: `await stub.M(request, timeout=, metadata=)`."""
+
+    __slots__ = ("_handler",)
+
+    def __init__(self, handler):
+        self._handler = handler
+
+    async def __call__(self, request, timeout: float | None = None, metadata: Any = ()):
+        ctx = _Context(metadata)
+        if timeout is None:
+            return await self._handler(request, ctx)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._handler(request, ctx)
+        except TimeoutError:
+            raise _deadline_exceeded() from None
+
+
+class _ServerStream:
+    """A unary-stream method: `stub.M(request, timeout=, metadata=)` is an async
+    iterator of responses; `trailing_metadata()` once it is exhausted, as grpc.aio."""
+
+    def __init__(self, handler, request, timeout: float | None, metadata: Any):
+        self._ctx = _Context(metadata)
+        self._gen = handler(request, self._ctx)
+        self._deadline = (asyncio.get_running_loop().time() + timeout
+                          if timeout is not None else None)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._deadline is None:
+            return await self._gen.__anext__()
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                return await self._gen.__anext__()
+        except TimeoutError:
+            await self._gen.aclose()
+            raise _deadline_exceeded() from None
+
+    async def trailing_metadata(self) -> tuple:
+        return self._ctx.trailing
+
+    def cancel(self) -> bool:
+        asyncio.ensure_future(self._gen.aclose())
+        return True
+
+
+class _StreamMethod:
+    __slots__ = ("_handler",)
+
+    def __init__(self, handler):
+        self._handler = handler
+
+    def __call__(self, request, timeout: float | None = None, metadata: Any = ()):
+        return _ServerStream(self._handler, request, timeout, metadata)
+
+
+class _Stub:
+    """Each method of a service, bound to a servicer (unary-unary and unary-stream;
+    client-streaming methods are not offered in process: use their batch twins)."""
+
+    def __init__(self, servicer, service_descriptor):
+        for m in service_descriptor.methods:
+            handler = getattr(servicer, m.name, None)
+            if handler is None or m.client_streaming:
+                continue
+            setattr(self, m.name, _StreamMethod(handler) if m.server_streaming
+                    else _Unary(handler))
+
+
+class EmbeddedP402:
+    """A P402 server's runtime in this process, without a port (module docstring).
+
+    `await start()` starts the writer and the runtime's background work; `await
+    stop()` writes every open hold, flushes the writer and (with leases) returns
+    this process's leases. The caller owns and closes `store`.
+    """
+
+    def __init__(self, store, *, config=None, core=None, leases: bool = False):
+        from p402_server.api.admin_service import AdminService
+        from p402_server.api.meter_service import MeterService
+        from p402_server.assembly import build_runtime
+
+        self.store = store
+        self.writer, self.runtime, self.auth, self.config = build_runtime(
+            store, config=config, core=core, leases=leases)
+        self.meter_service = MeterService(
+            self.runtime, self.auth, max_batch_records=self.config.max_batch_records)
+        self.admin_service = AdminService(self.runtime, self.auth)
+        self._meter_stub = _Stub(self.meter_service,
+                                 meter_pb2.DESCRIPTOR.services_by_name["MeterService"])
+        self._admin_stub = _Stub(self.admin_service,
+                                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"])
+        self._started = self._stopped = False
+
+    async def start(self) -> None:
+        await self.writer.start()
+        await self.runtime.start()
+        self._started = True
+        log.info("embedded P402 runtime started (core: %s)", self.runtime.core.describe())
+
+    async def stop(self) -> None:
+        if self._stopped or not self._started:
+            return
+        self._stopped = True
+        await self.runtime.stop()
+        await self.writer.stop()
+        if self.runtime.leases is not None:  # after the writer drained
+            await self.runtime.leases.close()
+
+    def client(self, api_key: str, **kw: Any) -> "InProcessClient":
+        """An async client with `api_key`, calling this runtime directly."""
+        return InProcessClient(self, api_key, **kw)
+
+
+class InProcessClient(AsyncP402Client):
+    """`AsyncP402Client` over an `EmbeddedP402`: the same methods, results and errors,
+    no channel. Client-streaming calls (stream_records…) are not offered in process."""
+
+    def __init__(self, embedded: EmbeddedP402, api_key: str, **kw: Any):
+        # _Common validates the key and the options exactly as for a remote client.
+        _Common.__init__(self, PEER, api_key, **kw)
+        self._channel = None
+        self._meter = embedded._meter_stub
+        self._admin = embedded._admin_stub
+
+    async def close(self) -> None:
+        return None
+
+
+__all__ = ["EmbeddedP402", "InProcessClient", "InProcessRpcError"]

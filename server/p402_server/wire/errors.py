@@ -1,0 +1,302 @@
+"""The one mapping from exceptions to gRPC status codes (STYLE: "The wire contract").
+
+Owns `ServiceError` (an error the service raises on purpose, already carrying its
+code), `status_for(exc)` (any exception -> `grpc.Status` with a `google.rpc.Status`
+holding a `google.rpc.ErrorInfo`: reason UPPER_SNAKE, domain "p402.dev", metadata
+{"field": ...}) and the decorators `unary` / `streaming` that authenticate a call,
+run a plain servicer method and turn whatever it raises into that status.
+
+| raised                                  | code                | reason           |
+|-----------------------------------------|---------------------|------------------|
+| p402core.InvalidArgument (field)        | INVALID_ARGUMENT    | INVALID_ARGUMENT |
+| p402core.UnknownModel (Record, admin)   | INVALID_ARGUMENT    | UNKNOWN_MODEL    |
+| p402core.NotFound                       | NOT_FOUND           | NOT_FOUND        |
+| p402core.Conflict                       | FAILED_PRECONDITION | CONFLICT         |
+| ValueError from the store (page_token…) | INVALID_ARGUMENT    | INVALID_ARGUMENT |
+| Overloaded                              | RESOURCE_EXHAUSTED  | OVERLOADED       |
+| ServiceError                            | its own             | its own          |
+| anything else                           | INTERNAL (logged)   | INTERNAL         |
+
+In Authorize an unknown model is a DENY decision (data), never an error; only
+Record and the admin calls raise it.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+from collections.abc import Callable
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from p402_server.observe import logs as _logs
+from p402core import Conflict, InvalidArgument, NotFound, UnknownModel
+
+log = logging.getLogger("p402.server")
+
+DOMAIN = "p402.dev"
+
+# Fields named in ValueError messages of the form "<field>: <message>" (the store's
+# convention, same as p402core.InvalidArgument's str()).
+_FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_.\[\]]*):\s")
+
+
+class ServiceError(Exception):
+    """An error the service raises on purpose, with its status code and reason."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str, *,
+                 field: str = "", metadata: dict[str, str] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.field = field
+        self.metadata = dict(metadata or {})
+
+
+class Overloaded(ServiceError):
+    """The server (or one of its queues) is at capacity: retry later."""
+
+    def __init__(self, message: str = "server overloaded; retry later", **metadata: str):
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED", message,
+                         metadata=metadata)
+
+
+def invalid(field: str, message: str) -> InvalidArgument:
+    """Shorthand used by the validators: bad input naming the field."""
+    return InvalidArgument(field, message)
+
+
+def unauthenticated(reason: str, message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, reason, message,
+                        field="authorization")
+
+
+def permission_denied(required: str, method: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.PERMISSION_DENIED, "SCOPE_MISSING",
+        f"{method} needs an API key with scope {required!r}",
+        metadata={"required_scope": required, "method": method},
+    )
+
+
+def not_found(field: str, kind: str, ident: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, "NOT_FOUND",
+                        f"{kind} {ident!r} not found", field=field,
+                        metadata={"kind": kind, "id": ident})
+
+
+# NotFound.kind (core and server) -> the request field that named it.
+_KIND_FIELD = {
+    "reservation": "reservation_id",
+    "budget": "budget_id",
+    "rule": "rule_id",
+    "policy rule": "rule_id",
+    "key": "key_id",
+    "api key": "key_id",
+    "tenant": "tenant",
+}
+
+
+def _error_for(exc: BaseException) -> ServiceError:
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, InvalidArgument):
+        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT",
+                            str(exc), field=exc.field)
+    if isinstance(exc, UnknownModel):
+        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_MODEL",
+                            f"model: {exc}", field="model",
+                            metadata={"model": exc.model})
+    if isinstance(exc, NotFound):
+        field = _KIND_FIELD.get(exc.kind, exc.kind.replace(" ", "_") + "_id")
+        return ServiceError(grpc.StatusCode.NOT_FOUND, "NOT_FOUND", str(exc),
+                            field=field, metadata={"kind": exc.kind, "id": exc.ident})
+    if isinstance(exc, Conflict):
+        return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "CONFLICT", str(exc),
+                            field=getattr(exc, "field", "") or "")
+    if isinstance(exc, ValueError):
+        field = getattr(exc, "field", "") or ""
+        if not field:
+            m = _FIELD_PREFIX.match(str(exc))
+            field = m.group(1) if m else ""
+        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT",
+                            str(exc), field=field)
+    return ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+
+
+def rpc_status_for(exc: BaseException) -> status_pb2.Status:
+    """`exc` as a google.rpc.Status with an ErrorInfo detail (reason, field): what a
+    failed call carries in its trailers, and what a stream answers in-band."""
+    err = _error_for(exc)
+    metadata = dict(err.metadata)
+    if err.field:
+        metadata["field"] = err.field
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+
+
+def status_for(exc: BaseException) -> grpc.Status:
+    """`exc` as a grpc.Status carrying google.rpc.Status + ErrorInfo details."""
+    return rpc_status.to_status(rpc_status_for(exc))
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str):
+    """Log as fits and end the call with the status of `exc` (raises AbortError)."""
+    status = status_for(exc)
+    if status.code is grpc.StatusCode.INTERNAL:
+        log.error("%s failed", method, exc_info=exc)
+    elif log.isEnabledFor(logging.DEBUG):
+        log.debug("%s -> %s: %s", method, status.code.name, status.details)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes are not a valid message.
+
+    grpc.aio decodes a request before any servicer code runs, and a DecodeError
+    there reaches the client as UNKNOWN with an ERROR traceback in the server's log
+    (one per request: a bad client could flood it). `LenientDecoding` hands this
+    marker to the servicer instead, and the wrappers below turn it into
+    INVALID_ARGUMENT through the one mapping, like any other bad input.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _malformed(request: MalformedRequest) -> InvalidArgument:
+    return InvalidArgument("request", f"not a valid protobuf message ({request.error})")
+
+
+def _lenient(deserializer: Callable) -> Callable:
+    def decode(data: bytes):
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return MalformedRequest(str(exc) or "undecodable bytes")
+
+    return decode
+
+
+class LenientDecoding(grpc.aio.ServerInterceptor):
+    """Swaps the request deserializer of P402's own methods for a lenient one.
+
+    The swapped handler is built once per method and reused, so a call pays one
+    dict lookup here.
+    """
+
+    def __init__(self, prefix: str = "/p402.v1."):
+        self._prefix = prefix
+        self._handlers: dict = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.request_deserializer is None \
+                or not method.startswith(self._prefix):
+            return handler
+        cached = self._handlers.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, handler._replace(
+                request_deserializer=_lenient(handler.request_deserializer)))
+            self._handlers[method] = cached
+        return cached[1]
+
+
+async def _checked(requests):
+    # Client-streamed requests: a malformed one ends the call with INVALID_ARGUMENT.
+    async for request in requests:
+        if type(request) is MalformedRequest:
+            raise _malformed(request)
+        yield request
+
+
+# `unary` / `streaming` wrap servicer methods `async def m(self, request, context,
+# principal)`; `self.auth` is the server's KeyCache (p402_server.api.auth). They stay
+# thin because every call goes through them (the Ping benchmark measures them).
+
+def unary(scopes: frozenset, name: str | None = None) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        method = name or fn.__name__
+        required = _required(scopes)
+
+        @functools.wraps(fn)
+        async def wrapper(self, request, context):
+            if _logs.enabled:  # --log-format json: every line names its request
+                _logs.REQUEST_ID.set(_logs.request_id_from(context.invocation_metadata()))
+            try:
+                if type(request) is MalformedRequest:
+                    raise _malformed(request)
+                principal = await self.auth.authenticate(context, scopes, method, required)
+                return await fn(self, request, context, principal)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one mapping point
+                await abort(context, exc, method)
+
+        return wrapper
+
+    return deco
+
+
+def streaming(scopes: frozenset, name: str | None = None) -> Callable:
+    """For async-generator methods (server streaming and bidi streaming)."""
+
+    def deco(fn: Callable) -> Callable:
+        method = name or fn.__name__
+        required = _required(scopes)
+
+        @functools.wraps(fn)
+        async def wrapper(self, request, context):
+            try:
+                if type(request) is MalformedRequest:
+                    raise _malformed(request)
+                if hasattr(request, "__aiter__"):
+                    request = _checked(request)
+                principal = await self.auth.authenticate(context, scopes, method, required)
+                async for item in fn(self, request, context, principal):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one mapping point
+                await abort(context, exc, method)
+
+        return wrapper
+
+    return deco
+
+
+def _required(scopes: frozenset) -> str:
+    # The least-privileged scope that grants the call, for the error message.
+    for s in ("meter", "read", "admin"):
+        if s in scopes:
+            return s
+    return "admin"
+
+
+__all__ = [
+    "DOMAIN",
+    "ServiceError",
+    "Overloaded",
+    "MalformedRequest",
+    "LenientDecoding",
+    "invalid",
+    "unauthenticated",
+    "permission_denied",
+    "not_found",
+    "status_for",
+    "rpc_status_for",
+    "abort",
+    "unary",
+    "streaming",
+]
