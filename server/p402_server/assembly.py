@@ -9,7 +9,7 @@ import p402core
 from p402_server.api.auth import KeyCache
 from p402_server.ledger import GroupCommitWriter
 from p402_server.runtime.config import ServerConfig
-from p402_server.runtime.tenant import Runtime
+from p402_server.runtime.process import Runtime
 
 
 def build_runtime(store, *, config: ServerConfig | None = None, core=None, writer=None,

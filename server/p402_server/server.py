@@ -37,7 +37,7 @@ from p402_server.ledger import open_store
 from p402_server.listen import busy, listen_error
 from p402_server.privacy.signing import warn_if_unsealed
 from p402_server.runtime.config import ServerConfig
-from p402_server.runtime.tenant import Runtime
+from p402_server.runtime.process import Runtime
 from p402_server.wire.errors import LenientDecoding
 
 log = logging.getLogger("p402.server")

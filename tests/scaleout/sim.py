@@ -11,7 +11,7 @@ What is real and what is modelled
   process registrations, notices) is modelled with the semantics of the SQL in
   leases.py and ledger/: a conditional take never passes the limit, a claim keeps the
   first settling event, a hold is saved only at its maker's next flush.
-- The settlement rules are those of runtime/tenant.py: a foreign Record or Release settles
+- The settlement rules are those of runtime/foreign.py: a foreign Record or Release settles
   the saved hold without the settler's engine and leaves the maker a notice; the
   maker books the winner's cost (notice, or its own copy losing the claim); an
   acknowledged expiry is reported as used; survivors expire a dead process's saved

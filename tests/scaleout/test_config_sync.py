@@ -23,7 +23,7 @@ from p402_server.wire import convert
 from p402_server.privacy import modes as _privacy
 from p402_server.runtime.config import ServerConfig
 from p402_server.runtime.leases import LeaseConfig, LeaseManager
-from p402_server.runtime.tenant import Runtime
+from p402_server.runtime.process import Runtime
 from p402_server.server import init_tenant
 from p402_server.ledger import GroupCommitWriter, open_store
 
@@ -403,14 +403,14 @@ async def test_failed_reload_keeps_serving_and_is_retried(procs, caplog):
 async def test_period_rollover_reopens_the_lease_on_the_new_period(procs, monkeypatch):
     from p402core import _engine_py
     from p402_server.runtime import leases as leases_mod
-    from p402_server.runtime import tenant as runtime_mod
+    from p402_server.runtime import shared as runtime_clock
 
     day1 = 20_000 * DAY_MS  # 2024-10-04 00:00 UTC
     clock = [day1 + DAY_MS - 5_000]  # five seconds to midnight
     now = lambda: clock[0]  # noqa: E731
     monkeypatch.setattr(_engine_py, "_default_clock", now)
     monkeypatch.setattr(leases_mod, "_now_ms", now)
-    monkeypatch.setattr(runtime_mod, "_now_ms", now)
+    monkeypatch.setattr(runtime_clock, "_now_ms", now)
     tenant_id, open_ = procs
     a = await open_("A", core=p402core.load("python"))
     rt = await a.runtime.get(tenant_id)

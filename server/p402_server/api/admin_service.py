@@ -16,7 +16,8 @@ from p402.v1 import admin_pb2, admin_pb2_grpc
 from p402_server.api.auth import ADMIN, READ, KeyCache
 from p402_server.privacy import modes as _privacy
 from p402_server.privacy import signing
-from p402_server.runtime.tenant import _LRU, Runtime, new_ulid
+from p402_server.runtime.process import Runtime
+from p402_server.runtime.shared import _LRU, new_ulid
 from p402_server.wire import convert
 from p402_server.wire.errors import not_found, unary
 from p402core import Conflict, InvalidArgument

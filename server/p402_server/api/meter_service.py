@@ -19,7 +19,7 @@ from p402_server.api.auth import ANY, METER, READ
 from p402_server.ledger import evidence
 from p402_server.privacy import modes as _privacy
 from p402_server.privacy import signing
-from p402_server.runtime.tenant import Runtime
+from p402_server.runtime.process import Runtime
 from p402_server.wire import convert
 from p402_server.wire.errors import rpc_status_for, streaming, unary
 from p402core import InvalidArgument

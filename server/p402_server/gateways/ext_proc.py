@@ -58,7 +58,7 @@ from p402.v1 import common_pb2
 from p402_client import _convert as cv
 from p402_server.api.auth import METER
 from p402_server.gateways import envoy, proxy
-from p402_server.runtime.tenant import new_ulid
+from p402_server.runtime.shared import new_ulid
 from p402_server.wire.errors import ServiceError
 from p402core import InvalidArgument
 

@@ -341,7 +341,7 @@ statements = sa.Table(
 
 # Migration 0006: the processes serving with leases on (alive while `expires_ms` is
 # renewed), and the notices a process leaves a reservation's maker when it settled
-# that reservation from its saved hold (runtime/tenant.py, "Settling across processes").
+# that reservation from its saved hold (runtime/foreign.py).
 processes = sa.Table(
     "processes",
     metadata,

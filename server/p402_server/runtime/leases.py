@@ -56,7 +56,7 @@ Model (DESIGN §6 "Scale-out"; REFERENCES "Distributed budgets")
   expiry that nobody reclaimed yet is renewed: its holds stay counted in it). A lease
   that expired is reclaimed by any live process `reclaim_grace_seconds` after its
   expiry, and only once its process has no saved hold left (a dead process's holds
-  are first expired into the ledger by a survivor: runtime.Runtime.sweep_dead_holds):
+  are first expired into the ledger by a survivor: runtime.process.Runtime.sweep_dead_holds):
   its row deleted, its granted − used removed from leased, allocation epoch + 1. A
   process whose row is gone finds its renewal fenced (0 rows) and starts a new lease;
   locally it stops spending at its own deadline (expiry − `safety_seconds`, on the
@@ -410,7 +410,7 @@ class LeaseManager:
         then take the first slices (the engine never owns a whole budget)."""
         if not self._registered:
             # Alive before any hold is made: survivors settle the expired holds of a
-            # process whose registration lapses (runtime.Runtime.sweep_dead_holds).
+            # process whose registration lapses (runtime.process.Runtime.sweep_dead_holds).
             await self.heartbeat()
         tl = _TenantLeases(rt)
         self._tenants[rt.tenant_id] = tl

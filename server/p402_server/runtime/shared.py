@@ -1,0 +1,127 @@
+"""What the runtime's modules share: reservation and event ids (ULIDs, the
+prefix that says which process issued a reservation), the reasons the runtime adds to
+events, the clock, a bounded memory of recent ids, and the settlement record of a
+hold settled without this process's engine."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import OrderedDict
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+# A Record named a reservation this server does not hold and the ledger never
+# settled: metered without a hold (see TenantRuntime.record).
+RESERVATION_UNKNOWN = "reservation.unknown"
+
+
+# A Record named another model than its reservation's (a fallback): priced at the
+# model called, charged to the budgets the reservation held.
+MODEL_SUBSTITUTED = "model.substituted"
+
+
+# Scale-out: a Record or Release settled here a hold another process made, from its
+# saved hold (TenantRuntime._settle_foreign); the maker's lease keeps the money.
+RESERVATION_ADOPTED = "reservation.adopted"
+
+
+# A reserved Record named other owners or labels than its Authorize: the event keeps
+# the hold's (the owners whose budgets were charged) and says so.
+RESERVATION_OWNERS_DIFFER = "reservation.owners_differ"
+
+
+# A Record that overtakes its maker's hold write-behind waits this many flush
+# intervals for the saved hold (TenantRuntime._saved_hold).
+FOREIGN_HOLD_WAITS = 8
+
+
+# Reservation-id prefixes of the engines this process built: an id carrying one was
+# issued here, so if no engine of its tenant holds it, it was not lost in a crash.
+_ISSUED_PREFIXES: set[str] = set()
+
+
+def _issue_prefix() -> str:
+    # Unique per engine instance so reservation ids never repeat across restarts
+    # or rebuilds (they double as default event ids).
+    prefix = f"rsv_{new_ulid()}_"
+    _ISSUED_PREFIXES.add(prefix)
+    return prefix
+
+
+def _issued_here(reservation_id: str) -> bool:
+    head, sep, _ = reservation_id.rpartition("_")
+    return bool(sep) and head + "_" in _ISSUED_PREFIXES
+
+
+# Scale-out: how often a process looks for dead processes' expired holds.
+DEAD_SWEEP_SECONDS = 1.0
+
+
+# TenantRuntime._begin_record's outcomes.
+_EVENT, _KNOWN, _UNSETTLED = "event", "known", "unsettled"
+
+
+def new_ulid() -> str:
+    """A ULID: 48-bit Unix ms + 80 random bits, 26 Crockford base32 chars; sortable."""
+    n = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    out = []
+    for _ in range(26):
+        out.append(_CROCKFORD[n & 31])
+        n >>= 5
+    return "".join(reversed(out))
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _LRU(OrderedDict):
+    """A bounded dict: the oldest entries go when it is full."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        if len(self) > self.limit:
+            self.popitem(last=False)
+
+
+def _catalog_for(core, specs: list[dict]):
+    """The tenant's catalog: Catalog.default() with the tenant's prices merged over."""
+    base = core.Catalog.default()
+    if not specs:
+        return base
+    prices = [core.ModelPrice.from_dict(s) for s in specs]
+    digest = hashlib.sha256(
+        json.dumps(sorted(specs, key=lambda s: s.get("model", "")), sort_keys=True,
+                   separators=(",", ":")).encode()).hexdigest()[:12]
+    tenant = core.Catalog(prices, version=f"tenant-{digest}", taken=base.taken)
+    return base.merged(tenant)
+
+
+class _Settled:
+    """A Settlement made without this process's engine: another process's saved
+    hold, settled here (TenantRuntime._foreign_settlement); the fields the event
+    needs, as p402core's Settlement names them."""
+
+    __slots__ = ("reservation_id", "model", "provider", "owners", "labels",
+                 "input_tokens", "cached_input_tokens", "cache_write_tokens",
+                 "output_tokens", "reasoning_tokens", "cost_nanos",
+                 "estimated_cost_nanos", "overrun_nanos", "outcome", "evidence",
+                 "budget_ids", "catalog_version", "settled_ms")
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields[name])
+
+
+def _canonical(config: dict) -> str:
+    """A config dict (id -> core object, or plain JSON values) as comparable text:
+    objects by their to_dict(), the form the store keeps; tuples equal lists."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"),
+                      default=lambda o: o.to_dict() if hasattr(o, "to_dict") else repr(o))
