@@ -16,6 +16,10 @@ Python twin's `match` (tests compare them on books of 5, 40 and 150 budgets).
 Overflow: every counter and limit is <= MAX_NANOS = 2**61, an amount is at
 most MAX_NANOS + 1 and a lease base <= 2**62, so `committed + held + amount`
 and `lease_base + lease` stay below 2**63.
+
+One room, though long: a compiled twin mirrors `_budget_py` function for function,
+and its C structs are shared by every function here (cimported by the engine through
+_budget_c.pxd); split, the pair could no longer be read side by side.
 """
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.dict cimport PyDict_Next, PyDict_Size

@@ -42,6 +42,9 @@ Rules, all in integer nano-USD:
   keeps its counters and lease. Indices are positions in the current
   `budgets` tuple; `generation` increases on every replacement so a holder of
   old indices knows to re-resolve them by id.
+
+One room, though long: it is the specification its compiled twin mirrors; `Budget`,
+`BudgetBook` and `BudgetStatus` are one idea (a budget and its counters).
 """
 from __future__ import annotations
 

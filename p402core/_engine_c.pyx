@@ -12,6 +12,10 @@ indices) shared by every hold of that owner set; an Authorization keeps its
 budgets' counters in a C array and builds the BudgetStatus objects only when
 `budgets` is read; reasons and rule ids reuse the policy's tuples unless the
 engine adds one.
+
+One room, though long: a compiled twin mirrors `_engine_py` step for step, and the
+hold structs, expiry buckets and the authorize / record paths share C state that a
+split would have to expose through a .pxd.
 """
 cimport cython
 from cpython.long cimport PyLong_AsLongLongAndOverflow

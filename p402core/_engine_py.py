@@ -64,6 +64,10 @@ one-second buckets whose time has passed). Labels dicts are kept by reference
 in holds and results: do not mutate one after passing it.
 
 All money is int nano-USD; all time int Unix milliseconds from `clock`.
+
+One room, though long: it is the specification of the two-phase flow that
+`_engine_c` mirrors step for step; authorize, record, release and expire share the
+hold and its state.
 """
 from __future__ import annotations
 

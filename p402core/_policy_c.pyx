@@ -12,6 +12,9 @@ touches Python objects only to compare strings and build the result.
 Overflow: every bucket quantity is <= rate_limit x window_ms <= 2**62 (`Rule`
 enforces it), demands are clamped to the capacity before they are scaled, and
 refills are compared before they are added, so no int64 arithmetic overflows.
+
+One room, though long: a compiled twin mirrors `_policy_py` rule for rule, so the
+two are read and changed side by side.
 """
 cimport cython
 from cpython.long cimport PyLong_AsLongLongAndOverflow

@@ -11,6 +11,10 @@ serialisation and the slow lookup path mirror the twin line for line.
 Overflow: rates <= 10**10 and token counts <= MAX_TOKENS = 10**8 with
 cached + cache_write <= input and reasoning <= output, so the input part and
 the output part are each <= 10**18 and the sum <= 2 * 10**18 < 2**63.
+
+One room, though long: a compiled twin mirrors its specification class for class and
+function for function, so a change to one is made beside the other; split, the pair
+could no longer be read side by side.
 """
 from cpython.dict cimport PyDict_Next
 from cpython.long cimport PyLong_AsLongLongAndOverflow

@@ -16,6 +16,10 @@ Idempotency, which is what makes a retry safe:
 - Release (by reservation id), reads, Put*/Delete*/settings/prices: idempotent by
   nature. CreateKey is never retried: a lost answer would leave a live key nobody
   has seen (it carries a request_id for servers that deduplicate).
+
+One room, though long: the sync and async clients are the same surface twice, kept
+method beside method so they cannot drift; request building and response reading are
+in `_convert`, the meter and recorder in their own modules.
 """
 from __future__ import annotations
 

@@ -90,6 +90,10 @@ Records behind the answer
 Response headers: `x-p402-reservation-id`, `x-p402-decision`, and on non-streamed
 answers `x-p402-event-id` (the event the Record will commit; its cost is in the
 ledger, read it with Query or `p402 events`).
+
+One room, though long: each endpoint (chat, responses, embeddings, images, audio)
+runs the same parse, authorize, forward, read-usage, record path with the same
+headers, errors and stream relay; they are kept together so that path stays one.
 """
 from __future__ import annotations
 

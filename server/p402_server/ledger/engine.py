@@ -5,6 +5,10 @@ Owns URL handling (``open_store``), connection setup (SQLite pragmas on every
 connection), migrations (``migrate``), tenants, API keys, per-tenant config (budgets,
 policies, prices, settings, and the tenant's config version that every write of them
 bumps in its own transaction), write-behind holds, budget totals and the ledger queries.
+
+One room, though long: `Store` is the ledger's one object for every read and write
+besides the event path; several of its transactions touch tenants, config and holds
+together, which a split by table would scatter.
 """
 from __future__ import annotations
 

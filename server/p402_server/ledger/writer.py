@@ -61,6 +61,11 @@ does not wait. If its transaction fails, the event is retried on its own
 (``retry_limit`` times, exponential backoff), logged at WARNING on each failure and at
 ERROR with the full event if it is given up (then kept in ``dead_letters``): never
 lost silently.
+
+One room, though long: the group-commit pipeline (queue, batches, retries, the
+isolation of a refused event) and its database paths (SQLite on its own thread,
+PostgreSQL with COPY, SQLAlchemy Core otherwise) share the batch, the chain step and
+the aggregation, and a change to one is checked against the others.
 """
 from __future__ import annotations
 

@@ -95,6 +95,10 @@ Not implemented (documented): rate limits and other policy state are per process
 (each process enforces its rules' limits on its own traffic: a rate of R per
 process is N×R across N processes; slicing them like budgets would need a store
 round trip per window).
+
+One room, though long: the lease protocol's statements (LeaseStore) and the process's
+use of them (LeaseManager) carry one invariant between them (a HARD limit is never
+passed across processes) and are read together as its argument (SCALEOUT.md).
 """
 from __future__ import annotations
 

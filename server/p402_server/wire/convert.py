@@ -5,6 +5,9 @@ Owns the validation of every request field at the edge: a bad field raises
 "usage.input_tokens", "filter.start_time_ms", "budget.limit"), which errors.py turns
 into INVALID_ARGUMENT. Money on the wire is google.type.Money in USD (units + nanos);
 everywhere else it is an int of nano-USD. No float touches money here.
+
+One room, though long: every conversion between the wire and the core is here, so the
+rule for a field (its name on the wire, its limits, its error) is found in one place.
 """
 from __future__ import annotations
 
