@@ -150,24 +150,19 @@ cdef class _Buf:
             inner.string(x, field)
         return self.nested(inner)
 
-    cdef int labels(self, object labels, str field) except -1:
+    cdef int mapping(self, object d, bint int_values, str field) except -1:
+        """A dict as the list key1, value1, key2, value2, ... sorted by key: labels
+        (str values) or units (int values)."""
         cdef _Buf inner
-        if not labels:
+        if not d:
             return self.put("0:,", 3)
         inner = _Buf(256)
-        for k in sorted(labels):
+        for k in sorted(d):
             inner.string(k, field)
-            inner.string(labels[k], field)
-        return self.nested(inner)
-
-    cdef int units(self, object units, str field) except -1:
-        cdef _Buf inner
-        if not units:
-            return self.put("0:,", 3)
-        inner = _Buf(256)
-        for k in sorted(units):
-            inner.string(k, field)
-            inner.integer(units[k], field)
+            if int_values:
+                inner.integer(d[k], field)
+            else:
+                inner.string(d[k], field)
         return self.nested(inner)
 
     cdef int charges(self, object charges, str field) except -1:
@@ -203,7 +198,7 @@ def event_bytes(ev):
     b.string(ev.task, "task")
     b.string(ev.department, "department")
     b.string(ev.employee, "employee")
-    b.labels(ev.labels, "labels")
+    b.mapping(ev.labels, False, "labels")
     b.string(ev.provider, "provider")
     b.string(ev.model, "model")
     b.integer(ev.input_tokens, "input_tokens")
@@ -231,7 +226,7 @@ def event_bytes(ev):
     b.optional(ev.response_fingerprint, "response_fingerprint")
     if v2:
         b.string(tier, "service_tier")
-        b.units(units, "units")
+        b.mapping(units, True, "units")
     return PyBytes_FromStringAndSize(b.data, b.n)
 
 

@@ -93,22 +93,25 @@ def _list(items) -> str:
     return _s("".join(_s(x) for x in items)) if items else "0:,"
 
 
-def _labels(labels: dict) -> str:
-    if not labels:
+def _mapping(d: dict, encode) -> str:
+    """A dict as the list key1, value1, key2, value2, ... sorted by key."""
+    if not d:
         return "0:,"
-    return _s("".join(_s(k) + _s(labels[k]) for k in sorted(labels)))
+    return _s("".join(_s(k) + encode(d[k]) for k in sorted(d)))
+
+
+def _labels(labels: dict) -> str:
+    return _mapping(labels, _s)
+
+
+def _units(units: dict) -> str:
+    return _mapping(units, _i)
 
 
 def _charges(charges) -> str:
     if not charges:
         return "0:,"
     return _s("".join(_s(_s(b) + _i(p)) for b, p in charges))
-
-
-def _units(units: dict) -> str:
-    if not units:
-        return "0:,"
-    return _s("".join(_s(k) + _i(units[k]) for k in sorted(units)))
 
 
 # Events repeat the same reasons, budget ids and charges: memoise their encodings.
