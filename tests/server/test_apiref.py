@@ -53,3 +53,14 @@ def test_the_page_names_every_rpc_and_message(data):
                  "service AdminService", "message Usage", "enum Decision", "`DECISION_DENY` = 3",
                  "| `expected_usage` | 14 | `Usage` |"):
         assert name in page, name
+
+
+def test_the_module_writes_the_reference_from_the_source_tree(tmp_path):
+    """`python -m p402_server.api.apiref FILE` finds proto/ wherever the module sits in
+    the checkout and writes the same page the build does."""
+    pytest.importorskip("grpc_tools", reason="grpcio-tools builds the reference")
+    out = tmp_path / "API.md"
+    assert apiref.main([str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("# P402 wire contract (p402.v1): API reference")
+    assert "MeterService" in text and "AdminService" in text

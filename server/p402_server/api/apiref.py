@@ -128,10 +128,25 @@ def field_comments(data: bytes) -> dict[str, str]:
     return out
 
 
+def _proto_dir() -> str:
+    """proto/ of the source tree this module sits in (the nearest parent that has
+    proto/p402/v1)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    while True:
+        candidate = os.path.join(here, "proto")
+        if os.path.isdir(os.path.join(candidate, "p402", "v1")):
+            return candidate
+        parent = os.path.dirname(here)
+        if parent == here:
+            raise SystemExit("p402: no proto/p402/v1 above "
+                             f"{os.path.dirname(os.path.abspath(__file__))}: the API "
+                             "reference is generated from a source checkout")
+        here = parent
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    text = render(descriptor_set(os.path.join(root, "proto")))
+    text = render(descriptor_set(_proto_dir()))
     if argv and argv[0] != "-":
         with open(argv[0], "w", encoding="utf-8") as fh:
             fh.write(text)
