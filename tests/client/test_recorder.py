@@ -185,3 +185,72 @@ async def test_async_recorder_fail_closed_full_raises():
             await rec.record("b", input_tokens=1)
         m = await rec.aclose(timeout=0.2)
         assert m.dropped == 1 and m.sent == 0
+
+
+class GatedClient:
+    """An AsyncP402Client stand-in whose RecordBatch calls wait on a gate: shows how
+    many batches the recorder has in flight at once, and can fail the first calls as
+    unreachable."""
+
+    fail_open = False
+    _record_req = staticmethod(pc.AsyncP402Client._record_req)
+
+    def __init__(self, unreachable: int = 0):
+        import asyncio
+        import types
+
+        self._meter = types.SimpleNamespace(RecordBatch="RecordBatch", Record="Record")
+        self.gate = asyncio.Event()
+        self.in_flight = self.peak = 0
+        self.unreachable = unreachable
+        self.sent: list[str] = []  # event ids of every batch answered, in order
+
+    async def _call(self, method, request):
+        from p402.v1 import meter_pb2
+
+        assert method == "RecordBatch"
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await self.gate.wait()
+            if self.unreachable:
+                self.unreachable -= 1
+                raise pc.Unavailable("down")
+            ids = [r.event_id for r in request.records]
+            self.sent += ids
+            return meter_pb2.RecordBatchResponse(
+                results=[meter_pb2.RecordResponse(event_id=i) for i in ids])
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.mark.parametrize("pipeline, peak", [(1, 1), (2, 2), (3, 3)])
+async def test_async_recorder_keeps_up_to_pipeline_batches_in_flight(pipeline, peak):
+    import asyncio
+
+    client = GatedClient()
+    rec = pc.AsyncRecorder(client, batch_size=5, pipeline=pipeline)
+    ids = [await rec.record(f"r{i}", input_tokens=1) for i in range(40)]
+    await asyncio.sleep(0.05)  # the worker sends what it may while the gate is shut
+    assert client.peak == peak and rec.metrics.pending == 40
+    client.gate.set()
+    assert await rec.flush(5)
+    m = await rec.aclose()
+    assert m.sent == 40 and m.failed == m.dropped == 0 and m.batches == 8
+    assert sorted(client.sent) == sorted(ids)  # every record once
+
+
+async def test_async_recorder_retries_an_unreachable_batch_with_others_in_flight():
+    client = GatedClient(unreachable=1)
+    rec = pc.AsyncRecorder(client, batch_size=4, pipeline=2, retry_backoff=0.01)
+    ids = [await rec.record(f"r{i}", input_tokens=1) for i in range(20)]
+    client.gate.set()
+    assert await rec.flush(5)
+    m = await rec.aclose()
+    assert m.retries == 1 and m.sent == 20 and m.failed == m.dropped == 0
+    assert sorted(client.sent) == sorted(ids) and len(client.sent) == 20
+
+
+def test_a_pipeline_below_one_is_refused():
+    with pytest.raises(ValueError, match="pipeline"):
+        pc.AsyncRecorder(GatedClient(), pipeline=0)

@@ -6,9 +6,11 @@ same keywords as `client.record(...)`, validates them at once (bad input raises
 `InvalidArgument` at the call site, never later in the worker), gives the record its
 event id (a ULID) and queues it; the worker sends up to `batch_size` queued records
 per `RecordBatch` call, as soon as records are there (no added latency when idle;
-under load the batches fill up by themselves). Every record carries its event id
-from the start, so a batch sent twice (a retry after a lost answer) is answered with
-the first results and never counts twice.
+under load the batches fill up by themselves). `AsyncRecorder` keeps up to
+`pipeline` batches (default 2) in flight, so the server settles the next batch while
+the previous one commits. Every record carries its event id from the start, so a
+batch sent twice (a retry after a lost answer) is answered with the first results and
+never counts twice.
 
 Failure handling, the explicit choice (`fail_open=`, default: the client's
 `fail_open`, which defaults to False):
@@ -370,12 +372,19 @@ class AsyncRecorder(_Base):
                  put_timeout: float = 5.0, fail_open: bool | None = None,
                  retry_backoff: float = 0.1, max_retry_backoff: float = 5.0,
                  close_timeout: float = 10.0, on_result: ResultCallback | None = None,
-                 on_error: ErrorCallback | None = None):
+                 on_error: ErrorCallback | None = None, pipeline: int = 2):
         super().__init__(client, max_queue=max_queue, batch_size=batch_size,
                          put_timeout=put_timeout, fail_open=fail_open,
                          retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff,
                          close_timeout=close_timeout, on_result=on_result,
                          on_error=on_error)
+        if pipeline < 1:
+            raise ValueError("pipeline must be >= 1")
+        # Batches sent before the previous one is answered: the server converts and
+        # settles the next batch while the previous one commits. Records of different
+        # batches are independent, and each carries its event id, so order between
+        # them does not matter and a resent batch never counts twice.
+        self.pipeline = pipeline
         self._changed: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
@@ -456,18 +465,41 @@ class AsyncRecorder(_Base):
 
     async def _run(self) -> None:
         failures = 0
-        while not self._closed:
-            if not self._queue:
-                await self._wait_change(None)
-                continue
-            batch = self._take()
-            ok = await self._send(batch)
-            self._notify()
-            if ok:
-                failures = 0
-                continue
-            failures += 1
-            await asyncio.sleep(self._backoff(failures - 1))
+        sending: set[asyncio.Task] = set()
+        try:
+            while not self._closed:
+                if self._queue and len(sending) < self.pipeline:
+                    sending.add(asyncio.ensure_future(self._send(self._take())))
+                    continue
+                if not sending:
+                    await self._wait_change(None)
+                    continue
+                changed = asyncio.ensure_future(self._wait_change(None))
+                done, _ = await asyncio.wait({*sending, changed},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if changed not in done:
+                    changed.cancel()
+                finished = [task for task in done if task is not changed]
+                failed = False
+                for task in finished:
+                    sending.discard(task)
+                    failed |= not task.result()
+                self._notify()
+                if failed:
+                    # P402 unreachable: its batch is back at the head of the queue;
+                    # let what is in flight finish, then wait before sending again.
+                    failures += 1
+                    if sending:
+                        await asyncio.wait(sending)
+                        for task in sending:
+                            task.result()
+                        sending.clear()
+                    await asyncio.sleep(self._backoff(failures - 1))
+                elif finished:
+                    failures = 0
+        finally:
+            for task in sending:
+                task.cancel()
 
     async def _send(self, batch: list[meter_pb2.RecordRequest]) -> bool:
         c = self._client
