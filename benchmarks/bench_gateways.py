@@ -17,7 +17,10 @@ HTTP/1.1, rounds interleaved so the machine's drift hits every system alike:
 Figures per system (medians over rounds): added p50 with one connection (its p50
 minus the upstream's own, from h2load's per-request log), calls/s at 32 connections,
 CPU per call at 32 (user+system time of the gateway's processes, from /proc,
-divided by the calls). Targets: added p50 <= 2x bare's;
+divided by the calls). A P402 proxy answers before its Record commits, so for P402
+a run at 32 ends only when every call is in its ledger: "recorded/s" is the calls
+per second until then, and the CPU per call counts the recording too (the Records
+of one run never spill into the next). Targets: added p50 <= 2x bare's;
 calls/s >= 0.5x bare's; CPU per call <= 2x bare's; and against Portkey when present.
 Every P402 system's ledger is counted after the run: each call must be there once.
 
@@ -186,6 +189,7 @@ class System:
         self.p50: list[float] = []
         self.rps: list[float] = []
         self.cpu: list[float] = []
+        self.recorded_rps: list[float] = []
         self.calls = 0
 
 
@@ -313,11 +317,17 @@ def main() -> None:
                 log = os.path.join(tmp, f"{r}-{s.name.replace(' ', '')}.log")
                 h2load(s.url, s.headers, body_file, n=n_seq, c=1, log=log)
                 s.p50.append(p50_from_log(log))
-                cpu0 = cpu_seconds(s.pids)
+                s.calls += n_seq
+                _wait_recorded(s)  # earlier calls' Records do not count against this run
+                cpu0, t0 = cpu_seconds(s.pids), time.perf_counter()
                 s.rps.append(h2load(s.url, s.headers, body_file, n=n_par, c=32))
+                s.calls += n_par
+                if s.ledger:
+                    # A P402 proxy answers before its Record commits: the run ends
+                    # when every call is in the ledger, and its CPU counts until then.
+                    _wait_recorded(s)
+                    s.recorded_rps.append(n_par / (time.perf_counter() - t0))
                 s.cpu.append((cpu_seconds(s.pids) - cpu0) / n_par)
-                s.calls += n_seq + n_par
-        time.sleep(2.0)  # the last Records commit behind the answers
         for s in systems:
             if s.ledger:
                 _check_ledger(s)
@@ -325,13 +335,15 @@ def main() -> None:
     floor = statistics.median(systems[0].p50)
     print(f"\nupstream alone: p50 {floor * 1e3:.2f} ms, {statistics.median(systems[0].rps):,.0f}"
           f" calls/s at 32 ({rounds} rounds of {n_seq} sequential + {n_par} at 32)")
-    print(f"{'system':<15}{'added p50':>11}{'calls/s @32':>13}{'CPU/call @32':>14}")
+    print(f"{'system':<15}{'added p50':>11}{'calls/s @32':>13}{'recorded/s':>12}"
+          f"{'CPU/call @32':>14}")
     base = {}
     for s in systems[1:]:
         added = statistics.median(s.p50) - floor
         rps, cpu = statistics.median(s.rps), statistics.median(s.cpu)
         base[s.name] = (added, rps, cpu)
-        print(f"{s.name:<15}{added * 1e3:>9.2f}ms{rps:>13,.0f}{cpu * 1e3:>12.2f}ms")
+        rec = f"{statistics.median(s.recorded_rps):,.0f}" if s.recorded_rps else "-"
+        print(f"{s.name:<15}{added * 1e3:>9.2f}ms{rps:>13,.0f}{rec:>12}{cpu * 1e3:>12.2f}ms")
     b = base["bare"]
     for name in ("p402 --db", "p402 --target"):
         added, rps, cpu = base[name]
@@ -366,6 +378,23 @@ def _pid_listening(port: int) -> int | None:
         except OSError:
             continue
     return None
+
+
+def _records(path: str) -> int:
+    with sqlite3.connect(path) as con:
+        return con.execute("select count(*) from events where kind = 'record'").fetchone()[0]
+
+
+def _wait_recorded(s: System, timeout: float = 120.0) -> None:
+    """Until every call answered so far is a record in the system's ledger."""
+    if not s.ledger:
+        return
+    deadline = time.monotonic() + timeout
+    while _records(s.ledger) < s.calls:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{s.name}: {s.calls - _records(s.ledger)} calls not "
+                             f"recorded after {timeout}s")
+        time.sleep(0.01)
 
 
 def _check_ledger(s: System) -> None:
