@@ -699,23 +699,6 @@ def _content_rows(inserted: list[LedgerEvent]) -> list[tuple]:
 CONTENT_COLUMNS = ("tenant_id", "event_id", "kind", "mode", "text", "created_ms", "expires_ms")
 
 
-def _split(
-    unique: list[LedgerEvent], values: list[tuple], seqs: Seqs
-) -> tuple[list[LedgerEvent], list[tuple], list[tuple[str, str]]]:
-    """(events this transaction inserted, their row values, keys already in the table)."""
-    inserted: list[LedgerEvent] = []
-    inserted_values: list[tuple] = []
-    missing: list[tuple[str, str]] = []
-    for ev, v in zip(unique, values):
-        key = (ev.tenant_id, ev.event_id)
-        if key in seqs:
-            inserted.append(ev)
-            inserted_values.append(v)
-        else:
-            missing.append(key)
-    return inserted, inserted_values, missing
-
-
 # Settlement claims (LedgerEvent.claim; leases on): index in `unique` -> the event_id
 # that holds the claim on its reservation instead of it.
 Lost = dict[int, str]
