@@ -17,9 +17,9 @@ from p402_server.cli.common import (
     _client,
     _fmt,
     _json_flag,
-    _Parser,
     _read_text,
     _remote,
+    command_group,
     parse_int,
     parse_scope,
     parse_usd,
@@ -425,12 +425,9 @@ def cmd_settings_set(args: argparse.Namespace, out: Output) -> int:
 
 def add_keys(sub) -> None:
     """`p402 keys` and its flags."""
-    # keys
-    keys = sub.add_parser("keys", help="API keys", **_fmt(
+    ks = command_group(sub, "keys", help="API keys", **_fmt(
         "Create, list and revoke API keys (scopes: meter, read, admin).",
         "p402 keys create --scope meter --name gateway-prod"))
-    ks = keys.add_subparsers(dest="action", metavar="ACTION", required=True,
-                             parser_class=_Parser)
     p = ks.add_parser("create", help="create a key (printed once)", **_fmt(
         "Create a key; the key itself is printed this once.",
         "p402 keys create --scope meter --scope read --name gateway"))
@@ -468,15 +465,12 @@ def add_keys(sub) -> None:
 
 def add_pricebook(sub) -> None:
     """`p402 pricebook` and its flags."""
-    # the price book
-    pb = sub.add_parser("pricebook", help="what the tenant charges its customers", **_fmt(
+    pbs = command_group(sub, "pricebook", help="what the tenant charges its customers", **_fmt(
         "The tenant's price book: cost-plus percentages, per-model sell prices (per "
         "token and per unit), per-customer overrides and a minimum per call. A Record "
         "that carries no revenue is sold at it, so margin per customer and feature is "
         "complete. The document's format is in server/p402_server/ledger/pricebook.py.",
         "p402 pricebook set book.json && p402 pricebook show"))
-    pbs = pb.add_subparsers(dest="action", metavar="ACTION", required=True,
-                            parser_class=_Parser)
     p = pbs.add_parser("set", help="replace the price book (admin)", **_fmt(
         "Replace the price book with a JSON file ({} removes it). Example file: "
         '{"markup_pct": "20", "min_per_call_usd": "0.0005", "models": {"gpt-4o": '
@@ -493,12 +487,9 @@ def add_pricebook(sub) -> None:
 
 def add_budgets(sub) -> None:
     """`p402 budgets` and its flags."""
-    # budgets
-    budgets = sub.add_parser("budgets", help="budgets", **_fmt(
+    bs = command_group(sub, "budgets", help="budgets", **_fmt(
         "Create, list and delete budgets. Money in USD.",
         "p402 budgets set acme-monthly --limit 25.00 --scope customer=acme"))
-    bs = budgets.add_subparsers(dest="action", metavar="ACTION", required=True,
-                                parser_class=_Parser)
     p = bs.add_parser("set", help="create or replace a budget", **_fmt(
         "Create or replace a budget. A HARD budget denies calls past its limit; "
         "--soft only warns. A budget created in the middle of a period starts from the "
@@ -534,13 +525,10 @@ def add_budgets(sub) -> None:
 
 def add_policies(sub) -> None:
     """`p402 policies` and its flags."""
-    # policies
-    policies = sub.add_parser("policies", help="policy rules", **_fmt(
+    ps = command_group(sub, "policies", help="policy rules", **_fmt(
         "Create, list, delete and load policy rules.",
         "p402 policies set rl-acme --effect rate_limit --rate-limit 60 --window 60 "
         "--per customer"))
-    ps = policies.add_subparsers(dest="action", metavar="ACTION", required=True,
-                                 parser_class=_Parser)
     p = ps.add_parser("set", help="create or replace a rule", **_fmt(
         "Create or replace a policy rule: a match (owners, models, providers, "
         "privacy modes; all must hold) and an effect with its parameters.",
@@ -600,12 +588,9 @@ def add_policies(sub) -> None:
 
 def add_prices(sub) -> None:
     """`p402 prices` and its flags."""
-    # prices
-    prices = sub.add_parser("prices", help="model prices", **_fmt(
+    prs = command_group(sub, "prices", help="model prices", **_fmt(
         "Import tenant price overrides and list the effective prices.",
         "p402 prices import --from-litellm-package"))
-    prs = prices.add_subparsers(dest="action", metavar="ACTION", required=True,
-                                parser_class=_Parser)
     p = prs.add_parser("import", help="import a price map", **_fmt(
         "Import a price map as tenant overrides (LiteLLM's JSON format). Where the map "
         "comes from: the `litellm` package ships one "
@@ -636,11 +621,8 @@ def add_prices(sub) -> None:
 
 def add_settings(sub) -> None:
     """`p402 settings` and its flags."""
-    # settings
-    settings = sub.add_parser("settings", help="tenant settings", **_fmt(
+    ss = command_group(sub, "settings", help="tenant settings", **_fmt(
         "Show or change the tenant's settings.", "p402 settings set --hold-ttl 600"))
-    ss = settings.add_subparsers(dest="action", metavar="ACTION", required=True,
-                                 parser_class=_Parser)
     p = ss.add_parser("get", help="show settings", **_fmt("Show the settings.",
                                                           "p402 settings get --json"))
     _remote(p)

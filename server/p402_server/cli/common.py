@@ -128,6 +128,13 @@ def _fmt(description: str, example: str) -> dict[str, Any]:
             "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
+def command_group(sub, name: str, **kw) -> argparse._SubParsersAction:
+    """`p402 NAME ACTION …`: add the command NAME (``sub.add_parser``'s keywords) and
+    return the subparsers its actions are added to."""
+    return sub.add_parser(name, **kw).add_subparsers(dest="action", metavar="ACTION",
+                                                     required=True, parser_class=_Parser)
+
+
 def _remote(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server connection")
     g.add_argument("--target", default=os.environ.get("P402_TARGET", DEFAULT_TARGET),

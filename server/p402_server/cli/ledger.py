@@ -20,11 +20,11 @@ from p402_server.cli.common import (
     _filters,
     _fmt,
     _json_flag,
-    _Parser,
     _read_text,
     _redact_url,
     _remote,
     _run_store,
+    command_group,
     parse_group_by,
     parse_int,
 )
@@ -458,14 +458,11 @@ def _export_header() -> list[str]:
 
 def add_receipts(sub) -> None:
     """`p402 receipts` and its flags."""
-    # receipts
-    receipts = sub.add_parser("receipts", help="signed receipts of ledger events", **_fmt(
+    rs = command_group(sub, "receipts", help="signed receipts of ledger events", **_fmt(
         "Signed receipts: one event as a compact JSON document signed with the tenant's "
         "evidence key (no content, ever). Anyone checks one offline with the public "
         "key set alone.",
         "p402 receipts get evt_01J… > r.json && p402 receipts verify r.json --keys keys.json"))
-    rs = receipts.add_subparsers(dest="action", metavar="ACTION", required=True,
-                                 parser_class=_Parser)
     p = rs.add_parser("get", help="print an event's receipt", **_fmt(
         "Print the signed receipt of a committed event (read scope).",
         "p402 receipts get evt_01J… > receipt.json"))
@@ -488,15 +485,12 @@ def add_receipts(sub) -> None:
 
 def add_statements(sub) -> None:
     """`p402 statements` and its flags."""
-    # statements
-    sts = sub.add_parser("statements", help="closed monthly statements per customer", **_fmt(
+    ss2 = command_group(sub, "statements", help="closed monthly statements per customer", **_fmt(
         "Statements: a month's spend of one customer, closed once and signed with the "
         "tenant's evidence key (lines by feature and model, totals of cost and revenue, "
         "the ledger range it covers). Closing again gives the same statement; events "
         "that arrive late for a closed month go into the next statement as adjustments.",
         "p402 statements close --period 2026-11 --format csv"))
-    ss2 = sts.add_subparsers(dest="action", metavar="ACTION", required=True,
-                             parser_class=_Parser)
     p = ss2.add_parser("close", help="close a month (admin)", **_fmt(
         "Close a month (UTC, YYYY-MM) that has ended, for one customer or every customer "
         "with spend in it; prints the statements (JSON list, or CSV).",
@@ -536,15 +530,12 @@ def add_statements(sub) -> None:
 
 def add_billing(sub) -> None:
     """`p402 billing` and its flags."""
-    # billing exports
-    bill = sub.add_parser("billing", help="usage events for billing systems", **_fmt(
+    bs2 = command_group(sub, "billing", help="usage events for billing systems", **_fmt(
         "Billing exports: a month's (or a time range's) ledger events as Stripe Billing "
         "meter events, OpenMeter CloudEvents or Lago events, one per event that cost or "
         "sold something, keyed by the event id so re-exporting never bills twice "
         "(formats: server/p402_server/ledger/billing.py). JSON lines on stdout or --output.",
         "p402 billing export --period 2026-11 --format stripe --output meter_events.jsonl"))
-    bs2 = bill.add_subparsers(dest="action", metavar="ACTION", required=True,
-                              parser_class=_Parser)
     p = bs2.add_parser("export", help="export a month's events (read scope)", **_fmt(
         "Export a month's events (by event time, UTC), or exactly the events a closed "
         "statement covers (its lines and adjustments), for billing.",
@@ -640,13 +631,10 @@ def add_verify(sub) -> None:
 
 def add_contents(sub) -> None:
     """`p402 contents` and its flags."""
-    # contents
-    contents = sub.add_parser("contents", help="kept prompts and responses", **_fmt(
+    cs = command_group(sub, "contents", help="kept prompts and responses", **_fmt(
         "Content kept under redacted_trace / full_trace lives in its own table with a "
         "retention period; the server purges it in the background.",
         "p402 contents purge --db sqlite:///p402.db"))
-    cs = contents.add_subparsers(dest="action", metavar="ACTION", required=True,
-                                 parser_class=_Parser)
     p = cs.add_parser("purge", help="delete content past its retention now", **_fmt(
         "Delete every kept prompt/response whose retention has passed.",
         "p402 contents purge --db sqlite:///p402.db"))
