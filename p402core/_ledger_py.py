@@ -170,19 +170,14 @@ def _slow_text(ev: Any) -> str:
     ))
 
 
+def _labels_of_items(items: tuple) -> str:
+    return _labels(dict(items))
+
+
 def _labels_cached(labels: dict) -> str:
-    if not labels:
-        return "0:,"
-    key = tuple(labels.items())
-    text = _LABELS.get(key)
-    if text is None:
-        if len(_LABELS) >= 4096:
-            _LABELS.clear()
-        text = _LABELS[key] = _labels(labels)
-    return text
-
-
-_LABELS: dict = {}
+    # Memoised by the labels' items (a dict is not hashable; the same labels in
+    # another order encode the same, sorted, and merely take another entry).
+    return _cached(_labels_of_items, tuple(labels.items())) if labels else "0:,"
 
 
 def _v1_text(ev: Any) -> str:

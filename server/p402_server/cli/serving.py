@@ -29,6 +29,26 @@ from p402_server.cli.common import (
 from p402_server.cli.output import Output
 
 
+def _log_flags(p: argparse.ArgumentParser) -> None:
+    """--log-format and --log-level of the commands that run a server or a proxy."""
+    p.add_argument("--log-format", default=os.environ.get("P402_LOG_FORMAT", "text"),
+                   choices=("text", "json"), type=str.lower,
+                   help="text (default) or json: one JSON object per line with the "
+                        "request id (the caller's x-request-id, else a new one); env "
+                        "P402_LOG_FORMAT")
+    p.add_argument("--log-level", default=os.environ.get("P402_LOG_LEVEL", "INFO"),
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
+                   help="logging level (default INFO)")
+
+
+def _configure_logs(args: argparse.Namespace) -> None:
+    from p402_server.observe import logs
+
+    logs.configure(args.log_level, args.log_format)
+    if args.log_level != "DEBUG":  # migration chatter is not news on every start
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     _listen_check("--listen", args.listen)
     if args.max_concurrent_rpcs is not None and args.max_concurrent_rpcs <= 0:
@@ -38,11 +58,7 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     # Before anything starts: a build without the compiled core fails here, with
     # the way out, and the start-up log names the core that really loaded.
     core = p402core.load(p402core.IMPLEMENTATION).check()
-    from p402_server.observe import logs
-
-    logs.configure(args.log_level, args.log_format)
-    if args.log_level != "DEBUG":  # migration chatter is not news on every start
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    _configure_logs(args)
     from p402_server import server
 
     kwargs: dict[str, Any] = {}
@@ -97,11 +113,7 @@ def cmd_proxy(args: argparse.Namespace, out: Output) -> int:
     if args.lease == "on" and not args.db:
         raise UsageError("--lease", "leases are held by the process that decides: use "
                          "it with --db (with --target the server holds them)")
-    from p402_server.observe import logs
-
-    logs.configure(args.log_level, args.log_format)
-    if args.log_level != "DEBUG":
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    _configure_logs(args)
     from p402_server.gateways.proxy import ProxyConfig, serve_proxy
 
     if not upstream_key:  # a local upstream (vLLM, Ollama) may take none
@@ -290,14 +302,7 @@ def add_serve(sub) -> None:
                    help=f"HOST:PORT to listen on (env P402_LISTEN; default {DEFAULT_LISTEN})")
     p.add_argument("--max-concurrent-rpcs", type=int, default=None,
                    help="calls in flight before RESOURCE_EXHAUSTED (backpressure)")
-    p.add_argument("--log-format", default=os.environ.get("P402_LOG_FORMAT", "text"),
-                   choices=("text", "json"), type=str.lower,
-                   help="text (default) or json: one JSON object per line with the "
-                        "request id (the caller's x-request-id, else a new one); env "
-                        "P402_LOG_FORMAT")
-    p.add_argument("--log-level", default=os.environ.get("P402_LOG_LEVEL", "INFO"),
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
-                   help="logging level (default INFO)")
+    _log_flags(p)
     # -- dashboard (p402_server.dashboard) --
     p.add_argument("--http", default=os.environ.get("P402_HTTP") or None,
                    metavar="HOST:PORT",
@@ -371,14 +376,7 @@ def add_proxy(sub) -> None:
                    help="with --db: lease HARD budgets from the store in slices, so this "
                         "proxy shares budgets with other proxies and servers on the same "
                         "PostgreSQL ledger (env P402_LEASE; default off)")
-    p.add_argument("--log-format", default=os.environ.get("P402_LOG_FORMAT", "text"),
-                   choices=("text", "json"), type=str.lower,
-                   help="text (default) or json: one JSON object per line with the "
-                        "request id (the caller's x-request-id, else a new one); env "
-                        "P402_LOG_FORMAT")
-    p.add_argument("--log-level", default=os.environ.get("P402_LOG_LEVEL", "INFO"),
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
-                   help="logging level (default INFO)")
+    _log_flags(p)
     p.set_defaults(func=cmd_proxy)
 
 
