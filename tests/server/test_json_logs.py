@@ -33,6 +33,15 @@ async def test_lines_are_json_with_the_request_id(svc, monkeypatch):
             await svc.meter.Record(meter_pb2.RecordRequest(
                 model="gpt-4o-mini", owners=common_pb2.Owners(customer="acme"),
                 usage=common_pb2.Usage(input_tokens=-2)), metadata=svc.auth)
+        # a streaming call's lines carry its request id too
+        call = svc.meter.StreamRecords(metadata=(*svc.auth, ("x-request-id", "req-stream-7")))
+        await call.write(meter_pb2.RecordRequest(
+            model="gpt-4o-mini", owners=common_pb2.Owners(customer="acme"),
+            usage=common_pb2.Usage(input_tokens=-3)))
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in call:
+                pass
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old)
@@ -41,6 +50,8 @@ async def test_lines_are_json_with_the_request_id(svc, monkeypatch):
     refused = [x for x in mine if "INVALID_ARGUMENT" in x["message"]]
     assert refused and refused[0]["level"] == "DEBUG"
     assert set(refused[0]) >= {"time", "level", "logger", "message", "request_id"}
+    streamed = [x for x in lines if x.get("request_id") == "req-stream-7"]
+    assert any("INVALID_ARGUMENT" in x["message"] for x in streamed)
     others = [x for x in lines if x.get("request_id", "").startswith("req_")]
     assert others  # no x-request-id: a new one
 

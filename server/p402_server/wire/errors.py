@@ -258,6 +258,8 @@ def streaming(scopes: frozenset, name: str | None = None) -> Callable:
 
         @functools.wraps(fn)
         async def wrapper(self, request, context):
+            if _logs.enabled:
+                _logs.REQUEST_ID.set(_logs.request_id_from(context.invocation_metadata()))
             try:
                 if type(request) is MalformedRequest:
                     raise _malformed(request)
