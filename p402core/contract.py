@@ -69,7 +69,7 @@ def strings_problem(values) -> tuple[int, str] | None:
     """(index, problem) of the first value of `values` (a sequence of str) that is not
     a valid id or name, or None. The common case where all are fine is one compiled
     pass (the core's ``strings_ok``)."""
-    if strings_ok(values):
+    if _strings_ok(values):
         return None
     for i, v in enumerate(values):
         p = string_problem(v)
