@@ -150,15 +150,22 @@ def authorize_request(check: external_auth_pb2.CheckRequest, config: EnvoyConfig
     """CheckRequest -> (the P402 key, the AuthorizeRequest) per the module docstring."""
     attrs = check.attributes
     http = attrs.request.http
-    ext = dict(attrs.context_extensions)
-    headers = _headers(http)
+    key, req, _body = authorize_from(_headers(http), dict(attrs.context_extensions),
+                                     http.raw_body or http.body.encode("utf-8"), http.size,
+                                     config)
+    return key, req
 
+
+def authorize_from(headers: dict[str, str], ext: dict[str, str], raw: bytes, size: int,
+                   config: EnvoyConfig) -> tuple[str, meter_pb2.AuthorizeRequest, dict]:
+    """A request's lowercased headers, the route's context extensions, its body and
+    declared size -> (the P402 key, the AuthorizeRequest, the JSON body as a dict, or {}
+    when it is not one). ext_authz (from a CheckRequest) and ext_proc share it."""
     auth = headers.get("authorization", "")
     key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
     if not key.startswith("p402_"):
         key = headers.get("x-p402-key", "") or ext.get("p402_key", "")
 
-    raw = http.raw_body or http.body.encode("utf-8")
     body: dict = {}
     if raw and len(raw) <= MAX_PARSED_BODY and "json" in headers.get("content-type",
                                                                        "application/json"):
@@ -183,8 +190,8 @@ def authorize_request(check: external_auth_pb2.CheckRequest, config: EnvoyConfig
             break
     if raw:
         input_bytes = len(raw)
-    elif http.size > 0:
-        input_bytes = http.size
+    elif size > 0:
+        input_bytes = size
     else:
         input_bytes = _int_header(headers, "content-length")
 
@@ -201,7 +208,7 @@ def authorize_request(check: external_auth_pb2.CheckRequest, config: EnvoyConfig
         labels=labels, input_bytes=input_bytes, max_output_tokens=cap,
         attempt=_int_header(headers, "x-p402-attempt"),
         retry_of=headers.get("x-p402-retry-of", ""))
-    return key, req
+    return key, req, body
 
 
 def _denial(resp: meter_pb2.AuthorizeResponse) -> _Denied:

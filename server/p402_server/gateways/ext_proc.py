@@ -49,7 +49,6 @@ import logging
 import time
 
 from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
@@ -134,12 +133,8 @@ class _Exchange:
         return await self._decide(body, "request_body")
 
     async def _decide(self, body: bytes, kind: str) -> pb.ProcessingResponse:
-        check = external_auth_pb2.CheckRequest(attributes=attribute_context_pb2.AttributeContext(
-            request=attribute_context_pb2.AttributeContext.Request(
-                http=attribute_context_pb2.AttributeContext.HttpRequest(
-                    headers=self.headers, raw_body=body))))
         try:
-            key, req = envoy.authorize_request(check, self.s.config)
+            key, req, parsed = envoy.authorize_from(self.headers, {}, body, 0, self.s.config)
             if not key:
                 raise envoy._Denied(401, 16, "invalid_request_error", "invalid_api_key",
                                     "a P402 API key is required: authorization: Bearer "
@@ -165,13 +160,14 @@ class _Exchange:
             _set("x-p402-decision", decision)]))
         if self.s.config.strip_authorization:
             common.header_mutation.remove_headers.append("authorization")
-        parsed = None
-        if body and self.kind in ("chat", "responses"):
+        if not parsed and body and self.kind in ("chat", "responses"):
+            # Not read for the decision (not JSON by its content type, or too large
+            # to parse there): the cap is still written into a JSON body.
             try:
                 parsed = json.loads(body)
             except ValueError:
                 parsed = None
-        if isinstance(parsed, dict):
+        if isinstance(parsed, dict) and self.kind in ("chat", "responses"):
             try:
                 cap_field, cap = proxy.requested_cap(self.kind, parsed)
             except proxy.ProxyError:
