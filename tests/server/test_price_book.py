@@ -96,3 +96,23 @@ async def test_bad_books_are_refused_naming_the_field(svc_any, doc, field):
     # nothing changed
     assert (await svc.admin.GetPriceBook(admin_pb2.GetPriceBookRequest(),
                                          metadata=svc.auth)).document_json == "{}"
+
+
+@pytest.mark.parametrize("doc,field", [
+    ({"models": {"gpt\x00-4o": {"markup_pct": "5"}}}, "models"),
+    ({"customers": {"acme\x00": {"markup_pct": "5"}}}, "customers"),
+    ({"customers": {"acme": {"models": {"m" * 257: {"markup_pct": "5"}}}}},
+     "customers.acme.models"),
+    ({"models": {"\ud800": {"markup_pct": "5"}}}, "models"),
+])
+async def test_model_and_customer_names_follow_the_string_contract(svc_any, doc, field):
+    """A name no event could carry (NUL, a lone surrogate, over 256 characters) is
+    refused naming where it is, on PostgreSQL too (whose JSON cannot hold NUL)."""
+    svc = svc_any
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await svc.admin.PutPriceBook(admin_pb2.PriceBook(
+            document_json=json.dumps(doc)), metadata=svc.auth)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(field + ":")
+    assert (await svc.admin.GetPriceBook(admin_pb2.GetPriceBookRequest(),
+                                         metadata=svc.auth)).document_json == "{}"

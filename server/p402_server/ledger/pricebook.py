@@ -41,6 +41,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, Mapping
 
 from p402core import InvalidArgument
+from p402core.contract import string_problem
 
 MAX_PCT = Decimal(100_000)  # a markup of 1,000x: anything above is a typo
 _RULE_KEYS = frozenset(("markup_pct", "min_per_call_usd", "sell"))
@@ -114,15 +115,15 @@ class PriceBook:
         self.doc = json.loads(json.dumps(doc))  # a plain copy, JSON types only
         self.base = _rule("price_book", {k: v for k, v in doc.items()
                                          if k in ("markup_pct", "min_per_call_usd")}, core)
-        self.models = {str(m): _rule(f"models.{m}", r, core)
+        self.models = {_name("models", m): _rule(f"models.{m}", r, core)
                        for m, r in _mapping("models", doc.get("models")).items()}
         self.customers = {}
         for c, cd in _mapping("customers", doc.get("customers")).items():
-            self.customers[str(c)] = (
+            self.customers[_name("customers", c)] = (
                 _rule(f"customers.{c}", {k: v for k, v in _mapping(f"customers.{c}", cd).items()
                                          if k != "models"}, core,
                       keys=_CUSTOMER_KEYS),
-                {str(m): _rule(f"customers.{c}.models.{m}", r, core)
+                {_name(f"customers.{c}.models", m): _rule(f"customers.{c}.models.{m}", r, core)
                  for m, r in _mapping(f"customers.{c}.models", cd.get("models")).items()})
         canonical = json.dumps(self.doc, sort_keys=True, separators=(",", ":"))
         self.version = "pb-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
@@ -154,6 +155,16 @@ class PriceBook:
 
     def to_dict(self) -> dict:
         return self.doc
+
+
+def _name(field: str, key: Any) -> str:
+    """A model or customer name, held to the string contract events are (a name no
+    event can carry would be a rule that never applies)."""
+    key = str(key)
+    problem = string_problem(key) if key else "must not be empty"
+    if problem is not None:
+        raise InvalidArgument(field, f"name {key[:40]!r}: {problem}")
+    return key
 
 
 def _mapping(field: str, value: Any) -> Mapping:
