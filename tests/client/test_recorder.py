@@ -231,7 +231,11 @@ async def test_async_recorder_keeps_up_to_pipeline_batches_in_flight(pipeline, p
     client = GatedClient()
     rec = pc.AsyncRecorder(client, batch_size=5, pipeline=pipeline)
     ids = [await rec.record(f"r{i}", input_tokens=1) for i in range(40)]
-    await asyncio.sleep(0.05)  # the worker sends what it may while the gate is shut
+    for _ in range(500):  # the worker sends what it may while the gate is shut
+        if client.in_flight >= peak:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # ... and nothing more goes out meanwhile
     assert client.peak == peak and rec.metrics.pending == 40
     client.gate.set()
     assert await rec.flush(5)
