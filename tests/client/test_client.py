@@ -15,7 +15,7 @@ from google.rpc import error_details_pb2, status_pb2
 import p402_client as pc
 from p402_client import _convert as cv
 from p402_client.errors import from_rpc_error
-from p402_client.ids import new_ulid, ulid_time_ms
+from p402_client.ids import encode_ulid, new_ulid, ulid_time_ms
 from tests.client.serverthread import ServerThread, free_port
 
 MODEL = "gpt-4o-mini"
@@ -506,6 +506,25 @@ def test_ulids_are_monotonic_across_threads():
         t.join()
     assert len(set(out)) == 2000
     assert new_ulid() > max(out)
+
+
+def _crockford_digits(value: int) -> str:
+    """The ULID text by its definition: 26 base32 digits, most significant first."""
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    return "".join(alphabet[(value >> (5 * i)) & 31] for i in reversed(range(26)))
+
+
+def test_ulid_text_is_crockford_base32_of_the_128_bits():
+    import random
+
+    rng = random.Random(7)
+    values = [0, 1, 31, 32, (1 << 128) - 1, 1 << 127, (1 << 80) - 1, 1 << 80,
+              *(rng.getrandbits(128) for _ in range(2000))]
+    for v in values:
+        assert encode_ulid(v) == _crockford_digits(v), hex(v)
+    ulid = encode_ulid(1_700_000_000_123 << 80 | rng.getrandbits(80))
+    assert len(ulid) == 26 and ulid_time_ms(ulid) == 1_700_000_000_123
+    assert set(ulid) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 
 
 def test_money_round_trips_exactly():

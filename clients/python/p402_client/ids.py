@@ -9,23 +9,29 @@ it with the first result instead of counting twice.
 """
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford: no I, L, O, U
 _RANDOM_BITS = 80
+_MS_MASK = (1 << 48) - 1
+# RFC 4648 base32 digits -> Crockford's, digit for digit (both are 5-bit groups).
+_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
 _lock = threading.Lock()
 _last_ms = -1
 _last_rand = 0
 
 
-def _encode(value: int, length: int) -> str:
-    out = []
-    for _ in range(length):
-        value, digit = divmod(value, 32)
-        out.append(_ALPHABET[digit])
-    return "".join(reversed(out))
+def encode_ulid(value: int) -> str:
+    """The 26 Crockford base32 characters of a 128-bit value (a ULID's text).
+
+    Done in C: the value as 20 bytes (160 bits: 32 base32 digits, the first 6 always
+    zero for a value below 2**130) through base64.b32encode, its alphabet translated
+    to Crockford's. Per id about a fifth of a digit-by-digit loop."""
+    return base64.b32encode(value.to_bytes(20, "big"))[6:].translate(
+        _TO_CROCKFORD).decode("ascii")
 
 
 def new_ulid(now_ms: int | None = None) -> str:
@@ -44,7 +50,7 @@ def new_ulid(now_ms: int | None = None) -> str:
             # A fresh ms: random, top bit clear so increments cannot overflow soon.
             rand = int.from_bytes(os.urandom(10), "big") >> 1
         _last_ms, _last_rand = ms, rand
-    return _encode(ms, 10) + _encode(rand, 16)
+    return encode_ulid((ms & _MS_MASK) << _RANDOM_BITS | rand)
 
 
 def ulid_time_ms(ulid: str) -> int:
@@ -55,4 +61,4 @@ def ulid_time_ms(ulid: str) -> int:
     return value
 
 
-__all__ = ["new_ulid", "ulid_time_ms"]
+__all__ = ["encode_ulid", "new_ulid", "ulid_time_ms"]

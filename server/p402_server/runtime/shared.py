@@ -10,7 +10,7 @@ import os
 import time
 from collections import OrderedDict
 
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+from p402_client.ids import encode_ulid
 
 
 # A Record named a reservation this server does not hold and the ledger never
@@ -66,12 +66,8 @@ _EVENT, _KNOWN, _UNSETTLED = "event", "known", "unsettled"
 
 def new_ulid() -> str:
     """A ULID: 48-bit Unix ms + 80 random bits, 26 Crockford base32 chars; sortable."""
-    n = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    out = []
-    for _ in range(26):
-        out.append(_CROCKFORD[n & 31])
-        n >>= 5
-    return "".join(reversed(out))
+    return encode_ulid((time.time_ns() // 1_000_000) << 80
+                       | int.from_bytes(os.urandom(10), "big"))
 
 
 def _now_ms() -> int:
