@@ -31,6 +31,7 @@ from p402_server.ledger import queries as Q
 from p402_server.ledger import schema as S
 from p402_server.ledger.canonical import GENESIS, ChainVerifier, VerifyResult
 from p402_server.ledger.model import (
+    HOLD_COLUMNS,
     Content,
     EventFilter,
     KeyInfo,
@@ -38,6 +39,7 @@ from p402_server.ledger.model import (
     SpendRow,
     Tenant,
     from_row,
+    hold_row,
 )
 from p402core._enums import OWNER_KEYS, InvalidArgument, NotFound
 
@@ -477,19 +479,16 @@ class Store:
         """Upsert ``(reservation_id, expires_ms, data)`` and delete reservation ids, in
         one transaction. ``data`` is the engine's hold snapshot (opaque JSON);
         ``maker`` the process that made the holds (leases on; "" otherwise)."""
+        rows = [hold_row(tenant_id, rid, expires_ms, json.dumps(data, sort_keys=True),
+                         maker, (data.get("hold") or {}))
+                for rid, expires_ms, data in upserts]
+        await self.save_hold_rows(tenant_id, rows, deletes)
+
+    async def save_hold_rows(self, tenant_id: str, rows: list[tuple],
+                             deletes: Iterable[str] = ()) -> None:
+        """`save_holds` with the rows already made (`hold_row`: HOLD_COLUMNS' values,
+        the data as JSON text), deletes first, in one transaction."""
         h = S.holds
-        rows = [
-            {
-                "tenant_id": tenant_id,
-                "reservation_id": rid,
-                "expires_ms": int(expires_ms),
-                "data": json.dumps(data, sort_keys=True),
-                "maker": maker,
-                "amount_nanos": int((data.get("hold") or {}).get("amount_nanos") or 0),
-                "budget_ids": json.dumps(list((data.get("hold") or {}).get("budget_ids") or ())),
-            }
-            for rid, expires_ms, data in upserts
-        ]
         deletes = list(deletes)
         if not rows and not deletes:
             return
@@ -506,10 +505,9 @@ class Store:
                 await conn.execute(
                     ins.on_conflict_do_update(
                         index_elements=[h.c.tenant_id, h.c.reservation_id],
-                        set_={name: ins.excluded[name] for name in
-                              ("expires_ms", "data", "maker", "amount_nanos", "budget_ids")},
+                        set_={name: ins.excluded[name] for name in HOLD_COLUMNS[2:]},
                     ),
-                    rows,
+                    [dict(zip(HOLD_COLUMNS, row)) for row in rows],
                 )
 
     async def load_holds(self, tenant_id: str) -> list[tuple[str, int, dict[str, Any]]]:

@@ -399,6 +399,19 @@ PLAIN_COLUMNS = (
 )
 # Assigned by the writer at commit; last, so it can append them to the other values.
 CHAIN_COLUMNS = ("chain_index", "chain_hash")
+# The holds table's columns in the order `hold_row` gives them.
+HOLD_COLUMNS = ("tenant_id", "reservation_id", "expires_ms", "data", "maker",
+                "amount_nanos", "budget_ids")
+
+
+def hold_row(tenant_id: str, reservation_id: str, expires_ms: int, data_json: str,
+             maker: str, hold: Mapping[str, Any]) -> tuple:
+    """A holds row (HOLD_COLUMNS) from a hold's data as JSON text and its hold record
+    (the amount and budgets are columns too: budget status sums them)."""
+    return (tenant_id, reservation_id, int(expires_ms), data_json, maker,
+            int(hold.get("amount_nanos") or 0), json.dumps(list(hold.get("budget_ids") or ())))
+
+
 EVENT_COLUMNS = (
     *PLAIN_COLUMNS,
     "labels",

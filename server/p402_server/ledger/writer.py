@@ -83,6 +83,7 @@ from p402_server.ledger import schema as S
 from p402_server.ledger.canonical import encoder
 from p402_server.ledger.model import (
     EVENT_COLUMNS,
+    HOLD_COLUMNS,
     LedgerEvent,
     WriteResult,
     from_row,
@@ -347,6 +348,23 @@ class GroupCommitWriter:
                 if isinstance(r, BaseException):
                     raise r
         return results
+
+    async def save_holds(self, tenant_id: str, rows: list[tuple],
+                         deletes=()) -> None:
+        """The open holds' write-behind (`Store.save_hold_rows`: rows from
+        `model.hold_row`, deletes first, one transaction). On a SQLite file it runs on
+        the writer's own thread and connection, between its transactions: no second
+        connection contending for the write lock, no SQLAlchemy work per row, and
+        never between a batch's events. Elsewhere (or once the writer is stopped)
+        through the store."""
+        deletes = list(deletes)
+        if not rows and not deletes:
+            return
+        running = getattr(self._ops, "running", None)
+        if running is not None and running():
+            await self._ops.save_hold_rows(tenant_id, rows, deletes)
+        else:
+            await self.store.save_hold_rows(tenant_id, rows, deletes)
 
     def write_behind(self, event: LedgerEvent) -> None:
         """Queue ``event`` without waiting (validation errors still raise here)."""
@@ -766,6 +784,12 @@ class _SqliteSQL:
             "VALUES (?, ?, ?, ?) ON CONFLICT (tenant_id, budget_id, period_start_ms) DO UPDATE "
             "SET committed_nanos = budget_periods.committed_nanos + excluded.committed_nanos"
         )
+        self.hold_upsert = (
+            f"INSERT INTO holds ({', '.join(HOLD_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(HOLD_COLUMNS))}) "
+            "ON CONFLICT (tenant_id, reservation_id) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in HOLD_COLUMNS[2:])
+        )
         self.contents = (
             f"INSERT INTO contents ({', '.join(CONTENT_COLUMNS)}) VALUES "
             f"({', '.join('?' * len(CONTENT_COLUMNS))}) "
@@ -842,6 +866,26 @@ class _SqliteThreadOps:
         rollups: list[tuple],
     ) -> tuple[Seqs, Existing, Links, Lost]:
         return await self._run(self._write_sync, unique, values, canon, rollups)
+
+    def running(self) -> bool:
+        return self._executor is not None and self._conn is not None
+
+    async def save_hold_rows(self, tenant_id: str, rows: list[tuple],
+                             deletes: list[str]) -> None:
+        await self._run(self._save_holds_sync, tenant_id, rows, deletes)
+
+    def _save_holds_sync(self, tenant_id: str, rows: list[tuple], deletes: list[str]
+                         ) -> None:
+        conn = self._conn
+        assert conn is not None
+        with conn.begin():
+            for i in range(0, len(deletes), 500):
+                chunk = deletes[i:i + 500]
+                conn.exec_driver_sql(
+                    "DELETE FROM holds WHERE tenant_id = ? AND reservation_id IN "
+                    f"({', '.join('?' * len(chunk))})", (tenant_id, *chunk))
+            if rows:
+                conn.exec_driver_sql(self._sql.hold_upsert, rows)
 
     def _claims_sync(self, conn, unique: list[LedgerEvent], now_ms: int) -> Lost:
         claimers = _claimers(unique)

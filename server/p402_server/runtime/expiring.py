@@ -8,38 +8,43 @@ Engine.hold_records() returns and Engine.restore_holds() takes>, "meta": [decisi
 reasons, rule_ids, privacy_mode, attempt, retry_of] or null}. Holds are captured from
 the Authorization when they are made (so the periodic write-behind never walks the
 engine's holds; `_captured_row` builds the same record), written whole from
-Engine.hold_records() at shutdown, and put back with Engine.restore_holds at start."""
+Engine.hold_records() at shutdown, and put back with Engine.restore_holds at start.
+They are written through the writer (`GroupCommitWriter.save_holds`: on SQLite, on
+its own thread and connection)."""
 from __future__ import annotations
 
+import json
 import logging
 
+from p402_server.ledger.model import hold_row
 from p402core import InvalidArgument
 
 log = logging.getLogger("p402.server.runtime")
 
 
-# id(ModelPrice) -> (the price, its to_dict()), so the hold write-behind converts
-# each price once (the entry keeps the price alive, so its id is not reused).
-_PRICE_DICTS: dict = {}
+# id(ModelPrice) -> (the price, its to_dict() as JSON text), so the hold write-behind
+# encodes each price once (the entry keeps the price alive, so its id is not reused).
+# The price is most of a stored hold's bytes.
+_PRICE_JSON: dict = {}
 
 
-def _captured_row(rid: str, captured: tuple, meta) -> tuple:
+def _captured_row(tenant_id: str, maker: str, rid: str, captured: tuple, meta) -> tuple:
+    """The holds row of a hold captured at Authorize: its data is the JSON text of
+    {"hold": <hold record>, "meta": meta}, the price's part encoded once per price."""
     a, owners, labels, input_bytes, catalog, engine = captured
     try:
         price = catalog.lookup(a.model, a.provider)
     except LookupError:  # unknown model allowed at the fallback price
         price = engine.fallback_price
-    entry = _PRICE_DICTS.get(id(price))
+    entry = _PRICE_JSON.get(id(price))
     if entry is None or entry[0] is not price:
-        if len(_PRICE_DICTS) > 10_000:
-            _PRICE_DICTS.clear()
-        entry = _PRICE_DICTS[id(price)] = (price, price.to_dict())
-    price_dict = entry[1]
+        if len(_PRICE_JSON) > 10_000:
+            _PRICE_JSON.clear()
+        entry = _PRICE_JSON[id(price)] = (price, json.dumps(price.to_dict(), sort_keys=True))
     hold = {
         "reservation_id": rid,
         "model": a.model,
         "provider": a.provider,
-        "price": price_dict,
         "owners": list(owners),
         "labels": dict(labels) if labels else None,
         "amount_nanos": a.estimated_cost_nanos,
@@ -50,7 +55,9 @@ def _captured_row(rid: str, captured: tuple, meta) -> tuple:
         "budget_ids": [s.budget_id for s in a.budgets],
         "catalog_version": a.catalog_version,
     }
-    return rid, a.expires_ms, {"hold": hold, "meta": list(meta) if meta else None}
+    data = ('{"hold": ' + json.dumps(hold, sort_keys=True)[:-1] + ', "price": '
+            + entry[1] + '}, "meta": ' + json.dumps(list(meta) if meta else None) + "}")
+    return hold_row(tenant_id, rid, a.expires_ms, data, maker, hold)
 
 
 class Expiring:
@@ -146,26 +153,28 @@ class Expiring:
             # another process settled would be written back: the pending changes
             # (every hold not yet written) are enough for adoption elsewhere.
             everything = False
+        maker = self.leases.holder_id if self.leases is not None else ""
+        tenant_id = self.tenant_id
         if everything:
             metas = self._hold_meta
             rows = []
             for rec in self.engine.hold_records():
                 rid = rec["reservation_id"]
                 meta = metas.get(rid)
-                rows.append((rid, rec["expires_ms"],
-                             {"hold": rec, "meta": list(meta) if meta else None}))
+                data = {"hold": rec, "meta": list(meta) if meta else None}
+                rows.append(hold_row(tenant_id, rid, rec["expires_ms"],
+                                     json.dumps(data, sort_keys=True), maker, rec))
             self._hold_upserts = {}
         else:
             pending, self._hold_upserts = self._hold_upserts, {}
-            rows = [_captured_row(rid, h, self._hold_meta.get(rid))
+            metas = self._hold_meta
+            rows = [_captured_row(tenant_id, maker, rid, h, metas.get(rid))
                     for rid, h in pending.items()]
         deletes, self._hold_deletes = self._hold_deletes, set()
         if not rows and not deletes:
             return
         try:
-            await self.store.save_holds(
-                self.tenant_id, rows, list(deletes),
-                maker=self.leases.holder_id if self.leases is not None else "")
+            await self.writer.save_holds(tenant_id, rows, deletes)
         except Exception:
             # Keep them for the next round (the flush loop logs). A hold settled
             # meanwhile is in _hold_deletes already and is not re-added.
