@@ -12,7 +12,6 @@ from collections import OrderedDict
 
 from p402_client.ids import encode_ulid
 
-
 # A Record named a reservation this server does not hold and the ledger never
 # settled: metered without a hold (see TenantRuntime.record).
 RESERVATION_UNKNOWN = "reservation.unknown"
