@@ -27,6 +27,7 @@ Centre, where decisions and money live:
                  statements, the price book, billing exports;
 - ``privacy/``   privacy modes, redaction, sealed secrets and signed reports.
 
-Utilities anyone may use: ``observe/`` (logs, metrics, traces) and ``amounts.py``
-(money as text).
+Utilities anyone may use: ``observe/`` (logs, metrics, traces), ``amounts.py``
+(money as text) and ``gc_policy.py`` (the garbage collector's settings of a serving
+process).
 """

@@ -33,6 +33,7 @@ from p402_server.api.admin_service import AdminService
 from p402_server.api.auth import KeyCache
 from p402_server.api.meter_service import MeterService
 from p402_server.assembly import build_runtime
+from p402_server.gc_policy import tune_gc
 from p402_server.ledger import open_store
 from p402_server.listen import busy, listen_error
 from p402_server.privacy.signing import warn_if_unsealed
@@ -244,6 +245,7 @@ async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
                                          reuse_port=reuse_port, metrics=metrics,
                                          otel=_otel(otel_endpoint))
             await server.start()
+            tune_gc()
             try:
                 log.info("p402 listening on %s (port %d), ledger %s", listen, port,
                          _redact(db_url))

@@ -28,7 +28,7 @@ TREES = {
 }
 EDGES = ("cli", "api", "gateways", "dashboard", "server", "workers", "assembly")
 CENTRE = ("runtime", "wire", "ledger", "privacy")
-UTILITIES = ("observe", "amounts", "listen")
+UTILITIES = ("observe", "amounts", "listen", "gc_policy")
 
 
 def _modules() -> dict[str, str]:

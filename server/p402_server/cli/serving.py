@@ -49,8 +49,19 @@ def _configure_logs(args: argparse.Namespace) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def _gc_check() -> None:
+    """P402_GC (gc_policy.py) refused before anything starts, naming the variable."""
+    from p402_server.gc_policy import thresholds_from_env
+
+    try:
+        thresholds_from_env(os.environ.get("P402_GC"))
+    except ValueError as exc:
+        raise UsageError("P402_GC", str(exc).removeprefix("P402_GC: ")) from None
+
+
 def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     _listen_check("--listen", args.listen)
+    _gc_check()
     if args.max_concurrent_rpcs is not None and args.max_concurrent_rpcs <= 0:
         raise UsageError("--max-concurrent-rpcs", "must be > 0")
     import p402core
@@ -103,6 +114,7 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
 def cmd_proxy(args: argparse.Namespace, out: Output) -> int:
     """`p402 proxy` (p402_server.gateways.proxy)."""
     _listen_check("--listen", args.listen)
+    _gc_check()
     if not args.upstream.startswith(("http://", "https://")):
         raise UsageError("--upstream", f"{args.upstream!r} is not an http(s) URL")
     if args.upstream_timeout <= 0:

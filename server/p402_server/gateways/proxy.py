@@ -115,6 +115,7 @@ import aiohttp.http_exceptions
 from aiohttp import web, web_protocol, web_server
 
 from p402_client.openai import usage_from_openai
+from p402_server.gc_policy import tune_gc
 from p402core._units import image_name
 
 log = logging.getLogger("p402.proxy")
@@ -1246,6 +1247,7 @@ async def serve_proxy(config: ProxyConfig, listen: str, *, target: str | None = 
         elif not target:
             raise ValueError("target: a P402 server (--target) or a ledger (--db) is required")
         runner, port = await start_proxy(config, target, listen, embedded=embedded)
+        tune_gc()
         try:
             log.info("p402 proxy on %s -> %s (P402 %s)", listen, config.upstream_base,
                      "in this process" if embedded is not None else f"at {target}")

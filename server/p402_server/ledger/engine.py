@@ -12,6 +12,8 @@ together, which a split by table would scatter.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -151,6 +153,27 @@ class Store:
         else:
             from sqlalchemy.dialects.postgresql import insert
         self._insert = insert
+        # SQLite lets one connection write at a time, and its busy handler is not fair:
+        # a connection polling for the lock (sleeps of up to 100 ms) can starve behind
+        # the group-commit writer's back-to-back transactions past busy_timeout
+        # ("database is locked"). In this process every write therefore takes its turn
+        # here first (an asyncio.Lock: first come, first served), the writer's
+        # transactions included (GroupCommitWriter), and SQLite's lock is free when
+        # it is reached. Other processes on the same file still wait on SQLite's.
+        self.write_turn: asyncio.Lock | None = (
+            asyncio.Lock() if self.dialect == "sqlite" else None)
+
+    @contextlib.asynccontextmanager
+    async def _begin(self):
+        """``engine.begin()``, after this process's turn to write (`write_turn`)."""
+        turn = self.write_turn
+        if turn is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with turn:
+            async with self.engine.begin() as conn:
+                yield conn
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -166,7 +189,7 @@ class Store:
             cfg.attributes["connection"] = sync_conn
             command.upgrade(cfg, "head")
 
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.run_sync(upgrade)
 
     async def schema_revision(self) -> str | None:
@@ -191,7 +214,7 @@ class Store:
         if not isinstance(name, str) or not name.strip():
             raise InvalidArgument("name", "a tenant needs a name")
         tenant_id = "t_" + _random_base62(16)
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(
                 S.tenants.insert().values(
                     tenant_id=tenant_id,
@@ -232,7 +255,7 @@ class Store:
             raise InvalidArgument("settings", "must be a mapping")
         text = json.dumps(dict(settings), sort_keys=True)
         t = S.tenants
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             res = await conn.execute(
                 t.update().where(t.c.tenant_id == tenant_id)
                 .values(settings=text, config_version=t.c.config_version + 1)
@@ -278,7 +301,7 @@ class Store:
             scopes=scope_set,
             created_ms=self.now_ms(),
         )
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await self._require_tenant(conn, tenant_id)
             await conn.execute(
                 S.api_keys.insert().values(
@@ -324,7 +347,7 @@ class Store:
         """Revoke the tenant's key; False when this tenant has no such key. Revoking
         twice keeps the first revocation time and returns True."""
         k = S.api_keys
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             res = await conn.execute(
                 k.update()
                 .where(k.c.tenant_id == tenant_id, k.c.key_id == key_id)
@@ -335,7 +358,7 @@ class Store:
     async def touch_key(self, key_id: str, now_ms: int | None = None) -> None:
         """Record that the key was used (best effort, for listings)."""
         k = S.api_keys
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(
                 k.update().where(k.c.key_id == key_id).values(
                     last_used_ms=self.now_ms() if now_ms is None else now_ms
@@ -409,7 +432,7 @@ class Store:
             index_elements=[table.c.tenant_id, table.c.id],
             set_={"spec": ins.excluded.spec, "updated_ms": ins.excluded.updated_ms},
         )
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             if not await self._bump_config_version(conn, tenant_id):
                 raise NotFound("tenant", tenant_id)
             await conn.execute(stmt, rows)
@@ -425,7 +448,7 @@ class Store:
 
     async def _delete_spec(self, table, tenant_id: str, ident: str) -> bool:
         try:
-            async with self.engine.begin() as conn:
+            async with self._begin() as conn:
                 await self._bump_config_version(conn, tenant_id)
                 res = await conn.execute(
                     table.delete().where(table.c.tenant_id == tenant_id, table.c.id == ident)
@@ -492,7 +515,7 @@ class Store:
         deletes = list(deletes)
         if not rows and not deletes:
             return
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             if deletes:
                 for i in range(0, len(deletes), 500):
                     await conn.execute(
@@ -548,7 +571,7 @@ class Store:
         p = S.processes
         ins = self._insert(p).values(process_id=process_id, started_ms=int(now_ms),
                                      expires_ms=int(expires_ms))
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(ins.on_conflict_do_update(
                 index_elements=[p.c.process_id], set_={"expires_ms": ins.excluded.expires_ms}))
 
@@ -586,7 +609,7 @@ class Store:
         """Forget processes dead since before ``before_ms`` that have no saved hold
         left, and the notices nobody will take for them."""
         p, h, n = S.processes, S.holds, S.settle_notices
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             gone = [r[0] for r in (await conn.execute(
                 sa.select(p.c.process_id).where(
                     p.c.expires_ms < before_ms,
@@ -606,7 +629,7 @@ class Store:
                    "cost_nanos": int(c), "created_ms": int(now_ms)} for t, r, m, e, c in rows]
         if not values:
             return
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(self._insert(n).on_conflict_do_nothing(), values)
 
     async def take_notices(self, maker: str) -> list[tuple[str, str, str, int]]:
@@ -617,7 +640,7 @@ class Store:
             if (await conn.execute(sa.select(n.c.reservation_id)
                                    .where(n.c.maker == maker).limit(1))).first() is None:
                 return []
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             rows = (await conn.execute(
                 n.delete().where(n.c.maker == maker)
                 .returning(n.c.tenant_id, n.c.reservation_id, n.c.event_id,
@@ -647,7 +670,7 @@ class Store:
         made before ``before_ms``: their events are long in the ledger, where a later
         Record or Release finds them first."""
         c = S.hold_claims
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             res = await conn.execute(c.delete().where(c.c.claimed_ms < int(before_ms)))
         return int(res.rowcount or 0)
 
@@ -721,7 +744,7 @@ class Store:
                  ev.c.event_ms <= until_ms, ev.c.cost_nanos != 0]
         conds += [ev.c[dim] == value for dim, value in owners.items()]
         try:
-            async with self.engine.begin() as conn:
+            async with self._begin() as conn:
                 if (await conn.execute(sa.select(bp.c.committed_nanos).where(*key))).first():
                     return None
                 if matches is None:
@@ -826,7 +849,7 @@ class Store:
         statement is immutable: closing twice gives the first one)."""
         st = S.statements
         try:
-            async with self.engine.begin() as conn:
+            async with self._begin() as conn:
                 await conn.execute(st.insert().values(
                     tenant_id=tenant_id, period=period, customer=customer,
                     closed_ms=closed_ms, through_index=through_index, document=document))
@@ -916,7 +939,7 @@ class Store:
             index_elements=[ct.c.tenant_id, ct.c.event_id, ct.c.kind],
             set_={c: ins.excluded[c] for c in ("mode", "text", "created_ms", "expires_ms")},
         )
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(stmt, values)
         return len(values)
 
@@ -942,7 +965,7 @@ class Store:
         returns how many. The ledger and its hash chain are untouched."""
         now = self.now_ms() if now_ms is None else now_ms
         ct = S.contents
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             res = await conn.execute(
                 ct.delete().where(ct.c.expires_ms > 0, ct.c.expires_ms <= now)
             )

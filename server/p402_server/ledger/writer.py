@@ -70,6 +70,7 @@ the aggregation, and a change to one is checked against the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import operator
@@ -252,6 +253,10 @@ class GroupCommitWriter:
         self._stopping = False
         self._stopped = False
         self._ops = _make_ops(store)
+        # On a SQLite file the writer's thread has its own connection: it takes its
+        # turn with the store's other writes (Store.write_turn), so none starves.
+        self._write_turn = (getattr(store, "write_turn", None)
+                            if isinstance(self._ops, _SqliteThreadOps) else None)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -362,7 +367,8 @@ class GroupCommitWriter:
             return
         running = getattr(self._ops, "running", None)
         if running is not None and running():
-            await self._ops.save_hold_rows(tenant_id, rows, deletes)
+            async with self._write_turn or contextlib.nullcontext():
+                await self._ops.save_hold_rows(tenant_id, rows, deletes)
         else:
             await self.store.save_hold_rows(tenant_id, rows, deletes)
 
@@ -572,8 +578,14 @@ class GroupCommitWriter:
         if batch.error is not None:
             raise batch.error
         unique, slot = batch.unique, batch.slot
-        seqs, existing, links, lost = await self._ops.write_batch(
-            unique, batch.values, batch.canon, batch.rollups())
+        turn = self._write_turn
+        if turn is None:
+            seqs, existing, links, lost = await self._ops.write_batch(
+                unique, batch.values, batch.canon, batch.rollups())
+        else:
+            async with turn:
+                seqs, existing, links, lost = await self._ops.write_batch(
+                    unique, batch.values, batch.canon, batch.rollups())
 
         inserted = 0
         for ev in unique:
