@@ -11,7 +11,7 @@ import sqlite3
 
 from p402_server.gateways.inprocess import EmbeddedP402
 from p402_server.ledger import open_store
-from p402_server.ledger.model import EventFilter
+from p402_server.ledger.model import EventFilter, hold_row
 from p402_server.server import init_tenant
 
 
@@ -25,12 +25,18 @@ async def _stored(path) -> dict:
     return {r[0]: r[1:] for r in rows}
 
 
-async def test_write_behind_rows_are_the_engine_hold_records(tmp_path):
-    path = tmp_path / "ledger.db"
+async def _started(path):
+    """A ledger at `path` with a tenant, and a runtime started on it."""
     store = await open_store(f"sqlite+aiosqlite:///{path}")
     tenant, admin_key = await init_tenant(store, "holds")
     emb = EmbeddedP402(store)
     await emb.start()
+    return store, tenant, admin_key, emb
+
+
+async def test_write_behind_rows_are_the_engine_hold_records(tmp_path):
+    path = tmp_path / "ledger.db"
+    store, tenant, admin_key, emb = await _started(path)
     try:
         admin = emb.client(admin_key)
         # A SOFT budget nearly spent: holds in its scope are WARN (their meta is kept).
@@ -91,14 +97,9 @@ async def test_write_behind_rows_are_the_engine_hold_records(tmp_path):
 
 async def test_holds_saved_through_the_store_once_the_writer_stopped(tmp_path):
     path = tmp_path / "ledger.db"
-    store = await open_store(f"sqlite+aiosqlite:///{path}")
-    tenant, admin_key = await init_tenant(store, "holds")
-    emb = EmbeddedP402(store)
-    await emb.start()
+    store, tenant, _, emb = await _started(path)
     await emb.writer.stop()
     try:
-        from p402_server.ledger.model import hold_row
-
         row = hold_row(tenant, "r1", 123, json.dumps({"hold": {}}), "", {"amount_nanos": 7,
                                                                           "budget_ids": ["b"]})
         await emb.writer.save_holds(tenant, [row])
