@@ -527,6 +527,29 @@ def test_ulid_text_is_crockford_base32_of_the_128_bits():
     assert set(ulid) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 
 
+def test_a_forked_child_draws_other_ids_than_its_parent():
+    import os
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    new_ulid()  # the parent's generator has state to hand down
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its ids go to the parent, then it leaves at once
+        try:
+            os.write(w, " ".join(new_ulid() for _ in range(200)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child = f.read().split()
+    os.waitpid(pid, 0)
+    parent = [new_ulid() for _ in range(200)]
+    assert len(child) == 200 and not set(child) & set(parent)
+    # the random parts too, not only the times: the child's generator was reseeded
+    assert not {c[10:] for c in child} & {p[10:] for p in parent}
+
+
 def test_money_round_trips_exactly():
     for nanos in (0, 1, 999_999_999, 1_000_000_000, 123_456_789_012, -1, -1_500_000_001,
                   (1 << 63) - 1):

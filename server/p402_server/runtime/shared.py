@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections import OrderedDict
 
-from p402_client.ids import encode_ulid
+from p402_client.ids import encode_ulid, random_bits
 
 # A Record named a reservation this server does not hold and the ledger never
 # settled: metered without a hold (see TenantRuntime.record).
@@ -65,8 +64,7 @@ _EVENT, _KNOWN, _UNSETTLED = "event", "known", "unsettled"
 
 def new_ulid() -> str:
     """A ULID: 48-bit Unix ms + 80 random bits, 26 Crockford base32 chars; sortable."""
-    return encode_ulid((time.time_ns() // 1_000_000) << 80
-                       | int.from_bytes(os.urandom(10), "big"))
+    return encode_ulid((time.time_ns() // 1_000_000) << 80 | random_bits(80))
 
 
 def _now_ms() -> int:
