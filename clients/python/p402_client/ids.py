@@ -9,7 +9,6 @@ it with the first result instead of counting twice.
 """
 from __future__ import annotations
 
-import base64
 import os
 import random
 import threading
@@ -18,8 +17,9 @@ import time
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford: no I, L, O, U
 _RANDOM_BITS = 80
 _MS_MASK = (1 << 48) - 1
-# RFC 4648 base32 digits -> Crockford's, digit for digit (both are 5-bit groups).
-_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
+# Every 10-bit value as its two Crockford digits: a ULID is 13 lookups.
+_PAIRS = [_ALPHABET[i >> 5] + _ALPHABET[i & 31] for i in range(1024)]
+_SHIFTS = tuple(range(120, -1, -10))
 _lock = threading.Lock()
 _last_ms = -1
 _last_rand = 0
@@ -47,13 +47,11 @@ def random_bits(n: int) -> int:
 
 
 def encode_ulid(value: int) -> str:
-    """The 26 Crockford base32 characters of a 128-bit value (a ULID's text).
-
-    Done in C: the value as 20 bytes (160 bits: 32 base32 digits, the first 6 always
-    zero for a value below 2**130) through base64.b32encode, its alphabet translated
-    to Crockford's. Per id about a fifth of a digit-by-digit loop."""
-    return base64.b32encode(value.to_bytes(20, "big"))[6:].translate(
-        _TO_CROCKFORD).decode("ascii")
+    """The 26 Crockford base32 characters of a 128-bit value (a ULID's text), most
+    significant first: two digits per table lookup, about a third of the time of a
+    digit-by-digit loop (base64.b32encode is Python code before 3.13, no faster)."""
+    pairs = _PAIRS
+    return "".join([pairs[(value >> s) & 1023] for s in _SHIFTS])
 
 
 def new_ulid(now_ms: int | None = None) -> str:
