@@ -550,6 +550,24 @@ def test_a_forked_child_draws_other_ids_than_its_parent():
     assert not {c[10:] for c in child} & {p[10:] for p in parent}
 
 
+def test_wire_enums_parse_and_number_per_enum():
+    from p402_client.types import Decision, Evidence, Outcome, PrivacyMode
+
+    # Members of different enums with the same text are equal as str: the memo of
+    # parsed text and of wire numbers must keep them apart.
+    for cls in (Decision, Outcome, Evidence, PrivacyMode):
+        for number, member in enumerate(cls):
+            for text in (member.value, member.value.lower(), member.value.replace("_", "-")):
+                assert cls.parse(text) is member and type(cls.parse(text)) is cls
+                assert cls.parse(text).number == number
+            assert cls.parse(number) is member
+    assert Decision.parse("deny").number == 3 and Outcome.parse("denied").number == 5
+    assert PrivacyMode.parse("privacy_mode_metadata_only") is PrivacyMode.METADATA_ONLY
+    for bad in ("nope", "nope", True, 99, 1.0, None):
+        with pytest.raises(ValueError):
+            Outcome.parse(bad)
+
+
 def test_money_round_trips_exactly():
     for nanos in (0, 1, 999_999_999, 1_000_000_000, 123_456_789_012, -1, -1_500_000_001,
                   (1 << 63) - 1):

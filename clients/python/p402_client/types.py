@@ -22,6 +22,14 @@ OWNER_KEYS = ("customer", "feature", "workflow", "task", "department", "employee
 NANOS_PER_USD = 1_000_000_000
 
 
+# Per member, its wire number; per (enum, text) a caller passed, the member it names.
+# Keyed by id / class: members of a StrEnum compare equal to their text, so
+# Decision.UNSPECIFIED == Outcome.UNSPECIFIED, and must not share an entry.
+_NUMBERS: dict[int, int] = {}
+_PARSED: dict[tuple[type, str], Any] = {}
+_PARSED_MAX = 4096
+
+
 class _WireEnum(enum.StrEnum):
     """A str enum whose members are the wire names without the enum's prefix.
 
@@ -38,6 +46,17 @@ class _WireEnum(enum.StrEnum):
     def parse(cls, value: Any) -> "_WireEnum":
         if isinstance(value, cls):
             return value
+        if type(value) is str:
+            member = _PARSED.get((cls, value))
+            if member is None:
+                member = cls._parse(value)
+                if len(_PARSED) < _PARSED_MAX:
+                    _PARSED[(cls, value)] = member
+            return member
+        return cls._parse(value)
+
+    @classmethod
+    def _parse(cls, value: Any) -> "_WireEnum":
         if isinstance(value, bool):  # bool is an int; never a meaningful enum value
             raise ValueError(f"not a {cls.__name__}: {value!r}")
         if isinstance(value, int):
@@ -60,7 +79,10 @@ class _WireEnum(enum.StrEnum):
     @property
     def number(self) -> int:
         """The wire enum number (members are declared in wire order)."""
-        return list(type(self)).index(self)
+        n = _NUMBERS.get(id(self))
+        if n is None:
+            n = _NUMBERS[id(self)] = list(type(self)).index(self)
+        return n
 
 
 class Decision(_WireEnum):
