@@ -84,7 +84,9 @@ Records behind the answer
 - The reservation is the safety net: if the proxy dies before a queued Record
   commits (or the Record is lost as above), its hold expires at its TTL and is
   committed at its estimate (outcome EXPIRED, evidence ESTIMATED), which is never
-  less than what the call could cost: spend is never under-counted.
+  less than what the call could cost: spend is never under-counted. Holds reach the
+  ledger behind the decision, every `holds_flush_interval_seconds` (0.25 s): a crash
+  loses only the holds of its last interval, whose calls it cut off.
 - On shutdown the queues are flushed before the runtime (embedded) stops.
 
 Response headers: `x-p402-reservation-id`, `x-p402-decision`, and on non-streamed
