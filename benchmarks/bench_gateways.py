@@ -95,7 +95,7 @@ from p402_server.gateways.proxy import ProxyConfig, serve_proxy
 async def main():
     target, db = {target!r}, {db!r}
     await serve_proxy(ProxyConfig(upstream={upstream!r}), "127.0.0.1:{port}",
-                      target=target, db=db,
+                      target=target, db=db, gc_tuning=True,  # as `p402 proxy` runs
                       ready=lambda port: print("ready", flush=True))
 try:
     import uvloop

@@ -30,6 +30,7 @@ sys.path[:0] = {paths!r}
 from p402_server.runtime.config import ServerConfig
 from p402_server.server import create_server, init_tenant
 from p402_server.ledger import open_store
+from p402_server.gc_policy import tune_gc
 
 async def main():
     store = await open_store({url!r})
@@ -38,6 +39,7 @@ async def main():
                                  config=ServerConfig.from_env(max_concurrent_rpcs=4096),
                                  leases={leases!r}, metrics={metrics!r})
     await server.start()
+    tune_gc()  # as `p402 serve` does once started (P402_GC=default: Python's own)
     print(json.dumps({{"port": port, "api_key": key, "tenant": tenant}}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await server.stop(1.0)

@@ -1,5 +1,7 @@
 """The garbage collector's settings for a long-running P402 process (`p402 serve`,
-`p402 proxy`, each worker).
+`p402 proxy`, each worker: `serve(..., gc_tuning=True)` and `serve_proxy(...,
+gc_tuning=True)` apply them once started; an application embedding either keeps its
+own).
 
 Every call allocates and frees thousands of small containers (requests, dicts,
 futures); almost all die by reference counting. CPython's default first threshold

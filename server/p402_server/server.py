@@ -214,10 +214,13 @@ async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
                 stop_event: asyncio.Event | None = None, http: str | None = None,
                 dashboard_config=None, ext_authz=None, leases: bool = False,
                 reuse_port: bool = False, metrics: bool = True,
-                otel_endpoint: str = "") -> None:
+                otel_endpoint: str = "", gc_tuning: bool = False) -> None:
     """Serve until SIGTERM/SIGINT (or `stop_event`), then shut down gracefully.
 
     `ready`, if given, is called with the bound port once the server accepts calls.
+    `gc_tuning`: this process is P402's own (`p402 serve`, a worker), so once started
+    it sets the garbage collector for serving (gc_policy.py); a host application
+    embedding the server keeps its own settings.
     """
     config = config or ServerConfig.from_env()
     warn_if_unsealed()  # once, at start: tenant secrets stored unsealed? (signing.py)
@@ -245,7 +248,8 @@ async def serve(db_url: str, listen: str, *, config: ServerConfig | None = None,
                                          reuse_port=reuse_port, metrics=metrics,
                                          otel=_otel(otel_endpoint))
             await server.start()
-            tune_gc()
+            if gc_tuning:
+                tune_gc()
             try:
                 log.info("p402 listening on %s (port %d), ledger %s", listen, port,
                          _redact(db_url))

@@ -196,3 +196,43 @@ def test_proxy_lease_needs_an_embedded_runtime(capsys):
                  "127.0.0.1:4020", "--lease", "on"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("p402: error: --lease:")
+
+
+def test_embedded_proxy_reads_the_server_settings_from_the_environment(
+        tmp_path, monkeypatch, capsys):
+    from p402_server.cli import main
+
+    monkeypatch.setenv("P402_HOLDS_FLUSH_INTERVAL_SECONDS", "0")
+    code = main(["proxy", "--upstream", "http://127.0.0.1:9/v1", "--listen",
+                 "127.0.0.1:0", "--db", f"sqlite+aiosqlite:///{tmp_path}/l.db"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds_flush_interval_seconds" in err and "> 0" in err
+
+
+async def test_embedded_proxy_runs_on_the_settings_it_is_given(tmp_path, monkeypatch):
+    from p402_server.gateways import proxy as proxy_mod
+    from p402_server.gateways.inprocess import EmbeddedP402
+
+    monkeypatch.setenv("P402_HOLDS_FLUSH_INTERVAL_SECONDS", "0.05")
+    monkeypatch.setenv("P402_WRITER_MAX_BATCH", "77")
+    seen = []
+    started = EmbeddedP402.start
+
+    async def spy(self):
+        seen.append(self.config)
+        await started(self)
+
+    monkeypatch.setattr(EmbeddedP402, "start", spy)
+    import gc
+
+    thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(proxy_mod.serve_proxy(
+        ProxyConfig(upstream="http://127.0.0.1:9/v1"), "127.0.0.1:0",
+        db=f"sqlite+aiosqlite:///{tmp_path}/l.db", stop_event=stop,
+        ready=lambda port: stop.set()))
+    await asyncio.wait_for(task, 30)
+    assert seen and seen[0].holds_flush_interval_seconds == 0.05
+    assert seen[0].writer_max_batch == 77
+    # a host application's garbage collector is left alone (gc_tuning is the CLI's)
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (thresholds, frozen)

@@ -103,6 +103,7 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
         kwargs["otel_endpoint"] = args.otel_endpoint
     logging.getLogger("p402.cli").info("p402 serve: starting (db %s, listen %s, core: %s)",
                                        _redact_url(args.db), args.listen, core.describe())
+    kwargs["gc_tuning"] = True  # a process of P402's own (gc_policy.py)
     if args.workers > 1:
         from p402_server.workers import run_workers
 
@@ -141,10 +142,10 @@ def cmd_proxy(args: argparse.Namespace, out: Output) -> int:
         import uvloop
     except ImportError:
         asyncio.run(serve_proxy(config, args.listen, target=target, db=args.db,
-                                leases=args.lease == "on"))
+                                leases=args.lease == "on", gc_tuning=True))
     else:
         uvloop.run(serve_proxy(config, args.listen, target=target, db=args.db,
-                               leases=args.lease == "on"))
+                               leases=args.lease == "on", gc_tuning=True))
     return 0
 
 

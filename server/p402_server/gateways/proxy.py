@@ -1219,7 +1219,8 @@ async def start_proxy(config: ProxyConfig, target: str | None, listen: str, *,
 
 async def serve_proxy(config: ProxyConfig, listen: str, *, target: str | None = None,
                       db: str | None = None, leases: bool = False, ready=None,
-                      stop_event: asyncio.Event | None = None) -> None:
+                      stop_event: asyncio.Event | None = None,
+                      gc_tuning: bool = False) -> None:
     """Serve until SIGTERM/SIGINT (or `stop_event`). With `db`, P402's runtime and
     group-commit writer run in this process on that ledger and are called directly
     (`leases`: HARD budgets leased in slices, for several proxies or servers on one
@@ -1242,14 +1243,17 @@ async def serve_proxy(config: ProxyConfig, listen: str, *, target: str | None = 
         if db:
             from p402_server.gateways.inprocess import EmbeddedP402
             from p402_server.ledger import open_store
+            from p402_server.runtime.config import ServerConfig
 
+            settings = ServerConfig.from_env()  # the P402_* settings `p402 serve` reads
             store = await open_store(db)
-            embedded = EmbeddedP402(store, leases=leases)
+            embedded = EmbeddedP402(store, config=settings, leases=leases)
             await embedded.start()
         elif not target:
             raise ValueError("target: a P402 server (--target) or a ledger (--db) is required")
         runner, port = await start_proxy(config, target, listen, embedded=embedded)
-        tune_gc()
+        if gc_tuning:  # `p402 proxy`'s own process (gc_policy.py), not a host app's
+            tune_gc()
         try:
             log.info("p402 proxy on %s -> %s (P402 %s)", listen, config.upstream_base,
                      "in this process" if embedded is not None else f"at {target}")
