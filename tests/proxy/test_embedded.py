@@ -202,9 +202,17 @@ def test_embedded_proxy_reads_the_server_settings_from_the_environment(
         tmp_path, monkeypatch, capsys):
     from p402_server.cli import main
 
+    import logging
+
     monkeypatch.setenv("P402_HOLDS_FLUSH_INTERVAL_SECONDS", "0")
-    code = main(["proxy", "--upstream", "http://127.0.0.1:9/v1", "--listen",
-                 "127.0.0.1:0", "--db", f"sqlite+aiosqlite:///{tmp_path}/l.db"])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:  # the command sets up the process's logging: put the test run's back
+        code = main(["proxy", "--upstream", "http://127.0.0.1:9/v1", "--listen",
+                     "127.0.0.1:0", "--db", f"sqlite+aiosqlite:///{tmp_path}/l.db"])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     err = capsys.readouterr().err
     assert code == 2 and "holds_flush_interval_seconds" in err and "> 0" in err
 
