@@ -22,11 +22,12 @@ OWNER_KEYS = ("customer", "feature", "workflow", "task", "department", "employee
 NANOS_PER_USD = 1_000_000_000
 
 
-# Per member, its wire number; per (enum, text) a caller passed, the member it names.
+# Per member, its wire number; per (enum, text or number) a caller passed, the member
+# it names.
 # Keyed by id / class: members of a StrEnum compare equal to their text, so
 # Decision.UNSPECIFIED == Outcome.UNSPECIFIED, and must not share an entry.
 _NUMBERS: dict[int, int] = {}
-_PARSED: dict[tuple[type, str], Any] = {}
+_PARSED: dict[tuple[type, str | int], Any] = {}
 _PARSED_MAX = 4096
 
 
@@ -46,7 +47,8 @@ class _WireEnum(enum.StrEnum):
     def parse(cls, value: Any) -> "_WireEnum":
         if isinstance(value, cls):
             return value
-        if type(value) is str:
+        t = type(value)
+        if t is str or t is int:  # (not bool: never an enum value)
             member = _PARSED.get((cls, value))
             if member is None:
                 member = cls._parse(value)
