@@ -164,7 +164,8 @@ async def test_async_recorder_batches_and_flushes(server, tenant):
     async with pc.AsyncP402Client(server.target, api_key=tenant[1]) as ap:
         rids = [(await ap.authorize(MODEL, owners=OWNERS)).reservation_id
                 for _ in range(40)]
-        async with pc.AsyncRecorder(ap, batch_size=16) as rec:
+        results: list[pc.RecordResult] = []
+        async with pc.AsyncRecorder(ap, batch_size=16, on_result=results.append) as rec:
             ids = [await rec.record(rid, input_tokens=3, output_tokens=1)
                    for rid in rids]
             async with ap.meter(MODEL, owners=OWNERS, recorder=rec) as m:
@@ -174,6 +175,9 @@ async def test_async_recorder_batches_and_flushes(server, tenant):
         assert metrics.sent == 41 and metrics.failed == 0 and 3 <= metrics.batches < 41
         events = [e async for e in ap.iter_query(page_size=1000)]
         assert {e.event_id for e in events} == set(ids) | {m.event_id}
+        # on_result gets each record's result, as the client's record() returns it
+        assert {r.event_id for r in results} == set(ids) | {m.event_id}
+        assert all(isinstance(r, pc.RecordResult) and r.cost_nanos > 0 for r in results)
 
 
 async def test_async_recorder_fail_closed_full_raises():

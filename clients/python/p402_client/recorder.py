@@ -153,12 +153,14 @@ class _Base:
         self._queue.extendleft(reversed(batch))
         self._inflight -= len(batch)
 
-    def _done_ok(self, results: list[RecordResult]) -> None:
+    def _done_ok(self, results) -> None:
+        """`results`: the RecordResponse messages of sent records; converted to
+        RecordResult only for an `on_result` callback (nobody else reads them)."""
         self._inflight -= len(results)
         self._sent += len(results)
         if self._on_result is not None:
             for r in results:
-                self._safe(self._on_result, r)
+                self._safe(self._on_result, cv.record_result(r))
 
     def _done_failed(self, req: meter_pb2.RecordRequest, err: P402Error) -> None:
         self._inflight -= 1
@@ -332,10 +334,9 @@ class Recorder(_Base):
                 for req in batch:
                     self._done_failed(req, P402Error(str(err)))
             return True
-        results = [cv.record_result(r) for r in resp.results]
         with self._cond:
             self._batches += 1
-            self._done_ok(results)
+            self._done_ok(resp.results)
         return True
 
     def _send_singly(self, batch: list[meter_pb2.RecordRequest]) -> bool:
@@ -354,7 +355,7 @@ class Recorder(_Base):
                     self._done_failed(req, err)
                 continue
             with self._cond:
-                self._done_ok([cv.record_result(pb)])
+                self._done_ok([pb])
         with self._cond:
             self._batches += 1
         return True
@@ -520,7 +521,7 @@ class AsyncRecorder(_Base):
                 self._done_failed(req, P402Error(str(err)))
             return True
         self._batches += 1
-        self._done_ok([cv.record_result(r) for r in resp.results])
+        self._done_ok(resp.results)
         return True
 
     async def _send_singly(self, batch: list[meter_pb2.RecordRequest]) -> bool:
@@ -536,7 +537,7 @@ class AsyncRecorder(_Base):
             except P402Error as err:
                 self._done_failed(req, err)
                 continue
-            self._done_ok([cv.record_result(pb)])
+            self._done_ok([pb])
         self._batches += 1
         return True
 
