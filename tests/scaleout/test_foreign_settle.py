@@ -225,7 +225,10 @@ def test_record_before_the_maker_saved_its_hold_is_metered_once(ledger_url):
     """The Record reaches B before A wrote the hold behind: B meters it without the
     hold (reason reservation.unknown) and claims it, so A's expiry charges nothing."""
     async def body(p: _Pair):
-        a = await p.authorize_until_allowed(0, ttl=2)
+        # The TTL leaves room for the steps below before A's expiry (about 1.1 s on an
+        # idle 2-core machine; a loaded CI machine took over 2 s, and A expired the
+        # hold first).
+        a = await p.authorize_until_allowed(0, ttl=5)
         rid = a.reservation_id
         # Simulate "not yet written behind": take it out of A's pending writes, let
         # a flush already under way finish, then drop it from the store.
