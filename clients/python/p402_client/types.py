@@ -22,10 +22,10 @@ OWNER_KEYS = ("customer", "feature", "workflow", "task", "department", "employee
 NANOS_PER_USD = 1_000_000_000
 
 
-# Per member, its wire number; per (enum, text or number) a caller passed, the member
-# it names.
-# Keyed by id / class: members of a StrEnum compare equal to their text, so
-# Decision.UNSPECIFIED == Outcome.UNSPECIFIED, and must not share an entry.
+# Memos: per member (by id), its wire number; per (enum, text or number) a caller
+# passed, the member it names. Keyed by id and by class because members of a StrEnum
+# compare equal to their text (Decision.UNSPECIFIED == Outcome.UNSPECIFIED) and must
+# not share an entry.
 _NUMBERS: dict[int, int] = {}
 _PARSED: dict[tuple[type, str | int], Any] = {}
 _PARSED_MAX = 4096
