@@ -32,7 +32,8 @@ _rng = random.Random()
 
 
 def _after_fork() -> None:
-    global _last_ms, _last_rand
+    global _last_ms, _last_rand, _lock
+    _lock = threading.Lock()  # another thread of the parent may have held it
     _rng.seed()
     _last_ms, _last_rand = -1, 0
 
