@@ -166,12 +166,7 @@ class Store:
     @contextlib.asynccontextmanager
     async def _begin(self):
         """``engine.begin()``, after this process's turn to write (`write_turn`)."""
-        turn = self.write_turn
-        if turn is None:
-            async with self.engine.begin() as conn:
-                yield conn
-            return
-        async with turn:
+        async with self.write_turn or contextlib.nullcontext():
             async with self.engine.begin() as conn:
                 yield conn
 

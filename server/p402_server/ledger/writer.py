@@ -365,8 +365,7 @@ class GroupCommitWriter:
         deletes = list(deletes)
         if not rows and not deletes:
             return
-        running = getattr(self._ops, "running", None)
-        if running is not None and running():
+        if isinstance(self._ops, _SqliteThreadOps) and self._ops.running():
             async with self._write_turn or contextlib.nullcontext():
                 await self._ops.save_hold_rows(tenant_id, rows, deletes)
         else:
@@ -578,14 +577,9 @@ class GroupCommitWriter:
         if batch.error is not None:
             raise batch.error
         unique, slot = batch.unique, batch.slot
-        turn = self._write_turn
-        if turn is None:
+        async with self._write_turn or contextlib.nullcontext():
             seqs, existing, links, lost = await self._ops.write_batch(
                 unique, batch.values, batch.canon, batch.rollups())
-        else:
-            async with turn:
-                seqs, existing, links, lost = await self._ops.write_batch(
-                    unique, batch.values, batch.canon, batch.rollups())
 
         inserted = 0
         for ev in unique:
