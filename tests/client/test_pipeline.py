@@ -94,8 +94,11 @@ async def test_requests_caught_by_a_broken_stream_are_answered_once(client):
         await pipe.authorize("gpt-4o-mini", owners=owners, max_output_tokens=50)
         calls = [asyncio.ensure_future(pipe.authorize(
             "gpt-4o-mini", owners=owners, max_output_tokens=50)) for _ in range(20)]
-        await asyncio.sleep(0)  # let some be written
-        assert pipe._pending  # requests in flight…
+        for _ in range(100):  # until some are written: requests in flight…
+            if pipe._pending:
+                break
+            await asyncio.sleep(0)
+        assert pipe._pending
         pipe._call.cancel()  # …when the connection drops
         got = await asyncio.gather(*calls)
         again = await pipe.authorize("gpt-4o-mini", owners=owners,
@@ -108,3 +111,67 @@ async def test_requests_caught_by_a_broken_stream_are_answered_once(client):
     # unary call got its first reservation back, not a second hold.
     [status] = [b for b in again.budgets if b.budget_id == "pipe-cap"]
     assert status.held_nanos == 22 * again.estimated_cost_nanos
+
+
+async def test_concurrent_requests_share_messages_up_to_max_batch(client):
+    pipe = AuthorizePipeline(client, max_batch=8)
+    sizes: list[int] = []
+    try:
+        await pipe.authorize("gpt-4o-mini", owners=OWNERS)  # opens the stream
+        call = pipe._call
+        write = call.write
+
+        async def counting(msg):
+            sizes.append(len(msg.requests))
+            await write(msg)
+
+        call.write = counting
+        got = await asyncio.gather(*(pipe.authorize(
+            "gpt-4o-mini", owners=OWNERS, input_bytes=100 * (i + 1)) for i in range(50)))
+    finally:
+        await pipe.aclose()
+    # Requests waiting together go together, never more than max_batch a message.
+    assert sum(sizes) == 50 and len(sizes) < 50 and max(sizes) == 8
+    estimates = [a.estimated_input_tokens for a in got]
+    assert estimates == sorted(estimates) and len(set(estimates)) == 50
+
+
+def test_max_batch_is_bounded_by_the_server_limit(client):
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match="max_batch"):
+            AuthorizePipeline(client, max_batch=bad)
+
+
+async def test_a_server_without_batches_is_asked_with_unary_calls():
+    """A server older than the client (StreamAuthorizeBatches UNIMPLEMENTED): every
+    request is answered, by unary Authorize, and the stream is not tried again."""
+    import grpc
+
+    from p402.v1 import common_pb2, meter_pb2, meter_pb2_grpc
+
+    unary = []
+
+    class Old(meter_pb2_grpc.MeterServiceServicer):
+        async def Authorize(self, request, context):
+            unary.append(request.reservation_id)
+            return meter_pb2.AuthorizeResponse(decision=common_pb2.DECISION_ALLOW,
+                                               reservation_id=request.reservation_id,
+                                               model=request.model)
+
+    server = grpc.aio.server()
+    meter_pb2_grpc.add_MeterServiceServicer_to_server(Old(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    c = AsyncP402Client(f"127.0.0.1:{port}", api_key="p402_" + "a" * 40, timeout=5.0)
+    pipe = AuthorizePipeline(c)
+    try:
+        first = await asyncio.gather(*(pipe.authorize("m", owners=OWNERS) for _ in range(5)))
+        assert pipe._unary
+        later = await pipe.authorize("m", owners=OWNERS)
+        assert pipe._call is None
+    finally:
+        await pipe.aclose()
+        await c.close()
+        await server.stop(None)
+    got = [a.reservation_id for a in first + [later]]
+    assert len(set(got)) == 6 and sorted(unary) == sorted(got)

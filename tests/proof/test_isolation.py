@@ -169,6 +169,13 @@ RPCS = [
         max_output_tokens=5, ttl_seconds=1, reservation_id=w["b"].hold2)]), {OK},
      lambda w, r: len(r) == 1 and r[0].WhichOneof("result") == "response"
      and all(s.budget_id != "b-secret" for s in r[0].response.budgets)),
+    ("meter", "StreamAuthorizeBatches", {METER, ADMIN},
+     lambda w: iter([meter_pb2.AuthorizeBatchRequest(requests=[meter_pb2.AuthorizeRequest(
+         model=MODEL, owners=common_pb2.Owners(customer="a-cust"), input_bytes=10,
+         max_output_tokens=5, ttl_seconds=1, reservation_id=w["b"].hold2)])]), {OK},
+     lambda w, r: len(r) == 1 and [x.WhichOneof("result") for x in r[0].results] == [
+         "response"] and all(s.budget_id != "b-secret"
+                             for s in r[0].results[0].response.budgets)),
     ("meter", "Record", {METER, ADMIN}, lambda w: _record("", w["b"].hold), {NF}, None),
     # B's event id is not A's: A's own event (3 in + 2 out = 1650 nanos; B's cost
     # 4500), new on the first call, A's own duplicate on the next ones.

@@ -2,8 +2,11 @@
 
 This module owns `AuthorizePipeline`, for an `AsyncP402Client` whose caller makes many
 Authorize calls (a gateway, the P402 proxy's `--target` mode): each `authorize(...)`
-is written to one StreamAuthorize call and answered in order, so a decision costs a
-message on an open stream instead of a whole unary RPC.
+joins the next message of one StreamAuthorizeBatches call and is answered in order,
+so a decision costs a share of a message on an open stream instead of a whole unary
+RPC. Requests that arrive while a message is being written go together in the next
+one (at most `max_batch`): nothing waits to fill a batch, so one caller alone sends
+one request per message and many callers share the per-message cost.
 
 `await pipe.authorize(model, **kw)` takes `client.authorize`'s keywords and returns
 the same `Authorization`, or raises the same typed errors (`p402_client.errors`): the
@@ -13,8 +16,10 @@ late answer is discarded). When the stream breaks (the server restarts, the
 connection drops), the requests it had not answered are sent again as unary
 Authorize calls with the client's retries: each carries its client-made
 reservation id, so a request the server had already decided is answered with the
-same reservation, never a second hold. The next `authorize` opens a new stream.
-`aclose()` ends the stream; it does not close the client.
+same reservation, never a second hold. The next `authorize` opens a new stream. A
+server without StreamAuthorizeBatches (UNIMPLEMENTED) is asked with unary calls
+from then on. `aclose()` sends what is queued, then ends the stream; it does not
+close the client.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import logging
 from typing import Any
 
 import grpc
+
+from p402.v1 import meter_pb2
 
 from . import _convert as cv
 from .errors import from_rpc_error
@@ -59,15 +66,23 @@ class _Broken(Exception):
 
 
 class AuthorizePipeline:
-    """One StreamAuthorize call shared by concurrent `authorize` calls (module
+    """One StreamAuthorizeBatches call shared by concurrent `authorize` calls (module
     docstring)."""
 
-    def __init__(self, client: Any):
+    def __init__(self, client: Any, *, max_batch: int = 500):
+        if not 1 <= max_batch <= 1000:
+            raise ValueError("max_batch: from 1 to 1000 (the server's limit per message)")
         self._client = client
+        self._max_batch = max_batch
         self._call = None
-        self._pending: collections.deque[tuple[asyncio.Future, Any]] = collections.deque()
+        # Requests not yet written, and the written messages not yet answered (in
+        # the order written: answers come back in that order).
+        self._outbox: list[tuple[asyncio.Future, Any]] = []
+        self._pending: collections.deque[list[tuple[asyncio.Future, Any]]] = (
+            collections.deque())
+        self._sender: asyncio.Task | None = None
         self._reader: asyncio.Task | None = None
-        self._writing = asyncio.Lock()
+        self._unary = False  # the server has no StreamAuthorizeBatches
         self._closed = False
 
     async def authorize(self, model: str, **kw: Any) -> Authorization:
@@ -75,19 +90,15 @@ class AuthorizePipeline:
             raise RuntimeError("the pipeline is closed")
         c = self._client
         req = c._authorize_req(model, kw)
+        if self._unary:
+            return cv.authorization(await c._call(c._meter.Authorize, req))
         fut = asyncio.get_running_loop().create_future()
-        try:
-            # One write at a time, queued in the order written: answers come back
-            # in that order.
-            async with self._writing:
-                call = self._open()
-                self._pending.append((fut, req))
-                await call.write(req)
-        except (grpc.RpcError, asyncio.InvalidStateError) as exc:
-            # The stream broke under us: this request goes as a unary call.
-            log.debug("authorize stream unusable (%r); unary for this request", exc)
-            if not fut.done():
-                fut.set_exception(_Broken())
+        self._outbox.append((fut, req))
+        if self._sender is None:
+            # A task writes, not the caller: a caller cancelled mid-write (its client
+            # hung up) must not cut a message that carries other callers' requests.
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send(), name="p402-authorize-send")
         try:
             async with asyncio.timeout(c.timeout):
                 pb = await asyncio.shield(fut)
@@ -104,11 +115,39 @@ class AuthorizePipeline:
             raise from_rpc_error(pb) from None
         return cv.authorization(pb)
 
+    async def _send(self) -> None:
+        """Write what the outbox holds, a message at a time, until it is empty."""
+        outbox, limit = self._outbox, self._max_batch
+        try:
+            while outbox:
+                batch = outbox[:limit]
+                del outbox[:limit]
+                try:
+                    call = self._open()
+                    self._pending.append(batch)
+                    await call.write(meter_pb2.AuthorizeBatchRequest(
+                        requests=[req for _fut, req in batch]))
+                except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+                    # The stream broke under us (its reader fails what it had not
+                    # answered): this message, never sent, is answered by nobody;
+                    # its requests go as unary calls.
+                    log.debug("authorize stream unusable (%r); unary for %d requests",
+                              exc, len(batch))
+                    if self._pending and self._pending[-1] is batch:
+                        self._pending.pop()
+                    _broken(batch)
+        except BaseException:
+            _broken(outbox)  # cancelled (the loop is closing): nobody waits in vain
+            outbox.clear()
+            raise
+        finally:
+            self._sender = None
+
     def _open(self):
         if self._call is None:
             c = self._client
-            self._call = c._meter.StreamAuthorize(metadata=c._metadata,
-                                                  timeout=c.stream_timeout)
+            self._call = c._meter.StreamAuthorizeBatches(metadata=c._metadata,
+                                                         timeout=c.stream_timeout)
             self._reader = asyncio.get_running_loop().create_task(
                 self._read(self._call), name="p402-authorize-stream")
         return self._call
@@ -117,19 +156,24 @@ class AuthorizePipeline:
         pending = self._pending
         try:
             async for msg in call:
-                if not pending:
-                    log.error("authorize stream answered a request it was not sent")
+                results = msg.results
+                if not pending or len(results) != len(pending[0]):
+                    log.error("authorize stream answered a message it was not sent")
                     break
-                fut, _req = pending.popleft()
-                if fut.done():
-                    continue  # timed out: the caller has gone
-                if msg.WhichOneof("result") == "error":
-                    fut.set_result(_InBandError(msg.error))
-                else:
-                    fut.set_result(msg.response)
+                for (fut, _req), res in zip(pending.popleft(), results):
+                    if fut.done():
+                        continue  # timed out: the caller has gone
+                    if res.WhichOneof("result") == "error":
+                        fut.set_result(_InBandError(res.error))
+                    else:
+                        fut.set_result(res.response)
         except grpc.RpcError as exc:
-            if not self._closed:
-                code = exc.code() if callable(getattr(exc, "code", None)) else exc
+            code = exc.code() if callable(getattr(exc, "code", None)) else exc
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                log.warning("the server has no StreamAuthorizeBatches (older than this "
+                            "client): Authorize as unary calls")
+                self._unary = True
+            elif not self._closed:
                 log.warning("authorize stream ended: %s", code)
         except asyncio.CancelledError:
             pass
@@ -137,13 +181,17 @@ class AuthorizePipeline:
             if self._call is call:
                 self._call = None
             while pending:  # what it did not answer goes as unary calls
-                fut, _req = pending.popleft()
-                if not fut.done():
-                    fut.set_exception(_Broken())
+                _broken(pending.popleft())
 
     async def aclose(self) -> None:
-        """End the stream (requests still waiting are sent as unary calls)."""
+        """Send what is queued, then end the stream (requests whose answers have not
+        come when it ends are sent as unary calls)."""
         self._closed = True
+        if self._sender is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._sender), 5.0)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._sender.cancel()
         call, reader = self._call, self._reader
         self._call = None
         if call is not None:
@@ -158,6 +206,12 @@ class AuthorizePipeline:
                 reader.cancel()
         if call is not None:
             call.cancel()
+
+
+def _broken(batch: list[tuple[asyncio.Future, Any]]) -> None:
+    for fut, _req in batch:
+        if not fut.done():
+            fut.set_exception(_Broken())
 
 
 __all__ = ["AuthorizePipeline"]

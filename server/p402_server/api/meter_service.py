@@ -29,13 +29,14 @@ log = logging.getLogger("p402.server.meter")
 
 class MeterService(meter_pb2_grpc.MeterServiceServicer):
     def __init__(self, runtime: Runtime, auth, *, max_batch_records: int = 10_000,
-                 metrics=None, otel=None):
+                 max_authorize_batch: int = 1_000, metrics=None, otel=None):
         self.runtime = runtime
         self.metrics = metrics  # metrics.Metrics, or None
         self.otel = otel  # otel.Otel (spans and metrics over OTLP), or None
         self.store = runtime.store
         self.auth = auth
         self.max_batch_records = max_batch_records
+        self.max_authorize_batch = max_authorize_batch
         self._implementation = runtime.core.IMPLEMENTATION
         self._nonces = signing.NonceCache()  # signed reports' replay memory
 
@@ -47,29 +48,67 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
             resp = rt.authorize(request)
         else:
             resp = await rt.authorize_exact(request)
+        self._authorized(key, request, resp, started)
+        return resp
+
+    def _authorized(self, key, request, resp, started: float) -> None:
+        """Count a decision (metrics, OpenTelemetry), whichever RPC asked for it."""
         if self.metrics is not None:
             self.metrics.authorized(resp, started)
         if self.otel is not None:
             self.otel.authorized(key.tenant_id, request, resp, started)
-        return resp
+
+    async def _decide_in_band(self, rt, key, request):
+        """A stream's answer to one request: what Authorize would answer, its error
+        included (as a google.rpc.Status, for this request only)."""
+        started = time.perf_counter()
+        try:
+            resp = (rt.authorize(request) if rt.leases is None
+                    else await rt.authorize_exact(request))
+        except Exception as exc:  # noqa: BLE001 - answered in-band, the one mapping
+            return meter_pb2.StreamAuthorizeResponse(error=rpc_status_for(exc))
+        self._authorized(key, request, resp, started)
+        return meter_pb2.StreamAuthorizeResponse(response=resp)
+
+    async def _stream_tenant(self, context, method: str):
+        """(key, tenant runtime) of a stream's next message: the key is checked again
+        per message, so a revocation applies mid-stream."""
+        key = await self.auth.authenticate(context, METER, method, "meter")
+        runtime = self.runtime
+        return key, runtime.tenants.get(key.tenant_id) or await runtime.get(key.tenant_id)
 
     @streaming(METER)
     async def StreamAuthorize(self, request_iterator, context, key):
         # Requests are answered one by one, in order (a lease round trip, when one
         # is due, delays the requests behind it). Each is answered what Authorize
-        # would answer, an error included, and the stream goes on; the key is
-        # checked again per request, so a revocation applies mid-stream.
-        runtime, auth = self.runtime, self.auth
+        # would answer, an error included, and the stream goes on.
         async for request in request_iterator:
             try:
-                key = await auth.authenticate(context, METER, "StreamAuthorize", "meter")
-                rt = runtime.tenants.get(key.tenant_id) or await runtime.get(key.tenant_id)
-                resp = (rt.authorize(request) if rt.leases is None
-                        else await rt.authorize_exact(request))
+                key, rt = await self._stream_tenant(context, "StreamAuthorize")
             except Exception as exc:  # noqa: BLE001 - answered in-band, the one mapping
                 yield meter_pb2.StreamAuthorizeResponse(error=rpc_status_for(exc))
                 continue
-            yield meter_pb2.StreamAuthorizeResponse(response=resp)
+            yield await self._decide_in_band(rt, key, request)
+
+    @streaming(METER)
+    async def StreamAuthorizeBatches(self, request_iterator, context, key):
+        """StreamAuthorize a message of requests at a time: one answer message per
+        request message, a result per request in order. A message over the size
+        limit ends the stream (INVALID_ARGUMENT naming `requests`); everything else
+        is answered in-band per request, as StreamAuthorize does."""
+        limit = self.max_authorize_batch
+        async for batch in request_iterator:
+            requests = batch.requests
+            if len(requests) > limit:
+                raise InvalidArgument("requests", f"at most {limit} per message")
+            try:
+                key, rt = await self._stream_tenant(context, "StreamAuthorizeBatches")
+            except Exception as exc:  # noqa: BLE001 - every request of it refused
+                refused = meter_pb2.StreamAuthorizeResponse(error=rpc_status_for(exc))
+                yield meter_pb2.AuthorizeBatchResponse(results=[refused] * len(requests))
+                continue
+            yield meter_pb2.AuthorizeBatchResponse(
+                results=[await self._decide_in_band(rt, key, r) for r in requests])
 
     @unary(METER)
     async def Record(self, request, context, key):

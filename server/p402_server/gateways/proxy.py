@@ -36,8 +36,9 @@ durability and error mapping:
   (inprocess.py: no gRPC, no serialization; a decision in microseconds). With
   `--lease on` on a PostgreSQL ledger the proxy is one more process of the fleet
   (HARD budgets leased in slices, config sync, cross-process settlement).
-- `--target HOST:PORT`: a running `p402 serve`, over gRPC: Authorize as messages on
-  one StreamAuthorize stream per caller key, Records in RecordBatch calls.
+- `--target HOST:PORT`: a running `p402 serve`, over gRPC: Authorize on one
+  StreamAuthorizeBatches stream per caller key (the requests waiting together share a
+  message), Records in RecordBatch calls.
 
 Per call
 1. Authorize(model, owners, labels, input_bytes = UTF-8 bytes of the prompt text,
@@ -238,8 +239,8 @@ class ClientMeter:
         return c
 
     async def authorize(self, api_key: str, model: str, **kw: Any):
-        """Authorize with `api_key`: in process, a direct call; to a server, a message
-        on the key's StreamAuthorize stream (p402_client.pipeline), not a unary RPC."""
+        """Authorize with `api_key`: in process, a direct call; to a server, on the
+        key's StreamAuthorizeBatches stream (p402_client.pipeline), not a unary RPC."""
         if self.embedded is not None:
             return await self.client(api_key).authorize(model, **kw)
         pipe = self._pipelines.get(api_key)
