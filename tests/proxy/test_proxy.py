@@ -452,3 +452,27 @@ async def test_every_usage_detail_and_the_service_tier_are_metered(rig, stream):
         service_tier=tier)
     assert ev.cost_nanos > cost("gpt-audio", u)  # audio tokens cost more than text
 
+
+
+@pytest.mark.parametrize("line_end,piece", [("\r\n", 7), ("\r", 5), ("\n", 1)])
+async def test_streams_cut_anywhere_with_any_line_end_are_relayed_and_metered(
+        rig, line_end, piece):
+    # The upstream writes its SSE in pieces cut anywhere (mid-event, between "\r" and
+    # "\n", inside a UTF-8 character), with another valid line end.
+    rig.upstream.sse_line_end, rig.upstream.sse_piece = line_end, piece
+    rig.upstream.chunk_delay = 0.0005  # pieces reach the proxy in separate reads
+    client = rig.openai(x_p402_customer="acme")
+    chunks = [c async for c in await client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, max_tokens=6)]
+    assert chunks and all(c.choices and c.usage is None for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).count("tok") == 6
+    chat = rig.upstream.last(CHAT)
+    events = [e async for e in await client.responses.create(
+        model="gpt-4o-mini", input="Classify this ticket.", stream=True,
+        max_output_tokens=5)]
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    responses = rig.upstream.last("/v1/responses")
+    chat_ev, resp_ev = await rig.events(2)
+    assert_usage(chat_ev, rig.upstream.usage(CHAT, chat.body))
+    assert_usage(resp_ev, rig.upstream.usage("/v1/responses", responses.body))
+    assert chat_ev.evidence.value == resp_ev.evidence.value == "REPORTED"

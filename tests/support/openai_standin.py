@@ -190,6 +190,12 @@ class OpenAIStandin:
         self.audio_output_tokens = 0
         self.service_tier: str | None = None
         self.chunk_delay = chunk_delay
+        # How SSE answers are framed on the wire: the line end ("\n", "\r\n" or
+        # "\r", all valid SSE), and `sse_piece` > 0 writes the whole answer in pieces
+        # of that many bytes, cut anywhere (inside an event, a line end, a UTF-8
+        # character), as a network may deliver it (spaced by chunk_delay).
+        self.sse_line_end = "\n"
+        self.sse_piece = 0
         self.models = models
         self.requests: list[Received] = []
         self.disconnects = 0  # streams the caller dropped before the end
@@ -226,6 +232,7 @@ class OpenAIStandin:
         self._faults.clear()
         self._cut_after = None
         self.disconnects = 0
+        self.sse_line_end, self.sse_piece = "\n", 0
 
     def usage(self, path: str, body: dict) -> Usage:
         return usage_for(path, body, output_tokens=self.output_tokens,
@@ -463,6 +470,7 @@ class OpenAIStandin:
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
         cut = self._cut_after
+        pending = bytearray()  # what waits for a whole piece (sse_piece)
         try:
             for i, (name, data) in enumerate(events):
                 if cut is not None and i - token_offset >= cut:
@@ -470,16 +478,32 @@ class OpenAIStandin:
                     request.transport.close()
                     return resp
                 frame = (f"event: {name}\n" if name else "") + f"data: {json.dumps(data)}\n\n"
-                await resp.write(frame.encode())
+                await self._write_sse(resp, frame, pending)
                 if self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
             if done_marker:
-                await resp.write(b"data: [DONE]\n\n")
+                await self._write_sse(resp, "data: [DONE]\n\n", pending)
+            if pending:
+                await resp.write(bytes(pending))
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             self.disconnects += 1
             raise
         return resp
+
+    async def _write_sse(self, resp: web.StreamResponse, frame: str,
+                         pending: bytearray) -> None:
+        raw = frame.replace("\n", self.sse_line_end).encode()
+        if not self.sse_piece:
+            await resp.write(raw)
+            return
+        pending += raw
+        piece = self.sse_piece
+        while len(pending) >= piece:
+            await resp.write(bytes(pending[:piece]))
+            del pending[:piece]
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         body, early = await self._receive(request)

@@ -118,6 +118,7 @@ import aiohttp.http_exceptions
 from aiohttp import web, web_protocol, web_server
 
 from p402_client.openai import usage_from_openai
+from p402_server.gateways import jsonio
 from p402_server.gc_policy import tune_gc
 from p402core._units import image_name
 
@@ -480,24 +481,30 @@ class StreamUsage:
         self.chunks = self.out_bytes = 0
 
     def observe_data(self, data: str | bytes | None) -> dict | None:
-        """One event's data; returns its JSON object (None: none, or "[DONE]")."""
+        """One event's data; returns its JSON object (None: none, or "[DONE]"), whose
+        parts other than the usage read here may hold integral floats where the text
+        has integers beyond 64 bits (`jsonio.loads_lax`)."""
         if data is None or data in ("[DONE]", b"[DONE]"):
             return None
         try:
-            payload = json.loads(data)
-        except ValueError:
+            payload = jsonio.loads_lax(data)
+        except (ValueError, RecursionError):
             return None
         if not isinstance(payload, dict):
             return None
         if self.kind == "chat":
             if payload.get("usage"):
+                if not jsonio.exact(payload["usage"]):
+                    payload = json.loads(data)
                 self.usage = usage_from("chat", payload["usage"], payload.get("service_tier"))
-            for ch in payload.get("choices") or ():
-                text = (ch.get("delta") or {}).get("content") or "" if isinstance(ch, dict) \
-                    else ""
-                if text:
-                    self.chunks += 1
-                    self.out_bytes += len(text.encode())
+            choices = payload.get("choices")
+            if choices and type(choices) is list:
+                for ch in choices:
+                    delta = ch.get("delta") if type(ch) is dict else None
+                    text = delta.get("content") if type(delta) is dict else None
+                    if text and type(text) is str:
+                        self.chunks += 1
+                        self.out_bytes += len(text) if text.isascii() else len(text.encode())
         else:
             t = payload.get("type", "")
             if t == "response.output_text.delta":
@@ -505,6 +512,9 @@ class StreamUsage:
                 self.out_bytes += len((payload.get("delta") or "").encode())
             elif t in ("response.completed", "response.incomplete", "response.failed"):
                 done = payload.get("response") or {}
+                if isinstance(done, dict) and not jsonio.exact(done.get("usage")):
+                    payload = json.loads(data)
+                    done = payload.get("response") or {}
                 self.usage = usage_from(self.kind, done.get("usage"),
                                         done.get("service_tier"), web_searches(done))
                 self.failed = t == "response.failed"
@@ -521,7 +531,7 @@ class StreamUsage:
 def json_object(raw: bytes) -> dict:
     """A request body that must be a JSON object (400 otherwise)."""
     try:
-        body = json.loads(raw)
+        body = jsonio.loads(raw)
     except ValueError:
         raise ProxyError(400, "the request body is not JSON", "invalid_request_error",
                          "invalid_json") from None
@@ -618,15 +628,15 @@ def media_usage(kind: str, raw: bytes, content_type: str) -> dict[str, Any] | No
         for line in raw.decode("utf-8", "replace").splitlines():
             if line.startswith("data:"):
                 try:
-                    event = json.loads(line[5:].strip())
-                except ValueError:
+                    event = jsonio.loads(line[5:].strip())
+                except (ValueError, RecursionError):
                     continue
                 if isinstance(event, dict) and isinstance(event.get("usage"), dict):
                     answer = event
         if answer is None:
             return None
     elif "json" in content_type:
-        answer = json.loads(raw)
+        answer = jsonio.loads(raw)
         if not isinstance(answer, dict):
             return None
     else:
@@ -896,7 +906,7 @@ class Proxy:
             if not caller_wants_usage:
                 edits["stream_options"] = {**(so if isinstance(so, dict) else {}),
                                            "include_usage": True}
-        data = json.dumps(edited(body, edits)).encode() if edits else raw
+        data = jsonio.dumps(edited(body, edits)) if edits else raw
 
         up = await self._post(key, auth, request.match_info["endpoint"], data,
                               self._upstream_headers(request), nbytes)
@@ -936,10 +946,10 @@ class Proxy:
             if read_usage is not None:
                 usage = read_usage(raw, up.content_type or "")
             else:
-                answer = json.loads(raw)
+                answer = jsonio.loads(raw)
                 usage = usage_from(kind, answer.get("usage"), answer.get("service_tier"),
                                    web_searches(answer))
-        except (ValueError, AttributeError, UnicodeError):
+        except (ValueError, AttributeError, UnicodeError, RecursionError):
             usage = None
         estimated = usage is None
         if usage is None:
@@ -964,19 +974,24 @@ class Proxy:
             "Cache-Control": "no-cache"})
         seen = StreamUsage(kind)
         outcome = "SUCCESS"
+        # Each upstream read is relayed at once, its complete events in one write;
+        # an event goes on as received unless it must change (the usage the caller
+        # did not ask for).
+        events = SseEvents()
+        strip = kind == "chat" and not wants_usage
         try:
             await resp.prepare(request)
-            async for event in _sse_events(up.content):
-                payload = seen.observe_data(event.get("data"))
-                if kind == "chat" and payload is not None and not wants_usage:
-                    if not payload.get("choices") and "usage" in payload:
-                        continue  # the usage chunk the caller did not ask for
-                    if "usage" in payload and payload["usage"] is None:
-                        del payload["usage"]
-                        event = {**event, "data": json.dumps(payload, separators=(",", ":"))}
+            async for chunk in up.content.iter_any():
+                out = _relay(events.feed(chunk), seen, strip)
                 if seen.failed:
                     outcome = "PROVIDER_ERROR"
-                await resp.write(_sse_frame(event))
+                if out:
+                    await resp.write(out)
+            out = _relay(events.close(), seen, strip)
+            if seen.failed:
+                outcome = "PROVIDER_ERROR"
+            if out:
+                await resp.write(out)
             await resp.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # The caller went away: charge what was streamed to it.
@@ -1083,28 +1098,146 @@ class Proxy:
 
 
 
-async def _sse_events(content: aiohttp.StreamReader):
-    """Parse an SSE byte stream into events: {"event"?, "data"?, "id"?, …} (the data
-    lines joined with "\\n"), one per blank-line-terminated block."""
-    fields: dict[str, str] = {}
-    async for raw in content:
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if not line:
-            if fields:
-                yield fields
-                fields = {}
-            continue
-        if line.startswith(":"):
-            continue  # an SSE comment (keep-alive)
-        name, _, value = line.partition(":")
-        if value.startswith(" "):
+class SseEvents:
+    """The complete events of an SSE byte stream, as its chunks arrive.
+
+    `feed(chunk)` returns the blocks completed by `chunk` (an event's lines, without
+    the blank line that ends it); `close()` the last one when the stream ended
+    without that blank line. Line ends are made "\n" (SSE allows "\r\n", "\r" and
+    "\n"; a "\r" that ends a chunk waits for the next, which may start with "\n").
+    """
+
+    __slots__ = ("_buf", "_scan", "_cr")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._scan = 0  # where the search for the next blank line resumes
+        self._cr = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if self._cr:
+            chunk, self._cr = b"\r" + chunk, False
+        if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                chunk, self._cr = chunk[:-1], True
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buf = self._buf
+        buf += chunk
+        blocks = []
+        start = 0
+        end = buf.find(b"\n\n", self._scan)
+        while end >= 0:
+            block = bytes(buf[start:end]).lstrip(b"\n")  # extra blank lines: nothing
+            if block:
+                blocks.append(block)
+            start = end + 2
+            end = buf.find(b"\n\n", start)
+        if start:
+            del buf[:start]
+        self._scan = max(len(buf) - 1, 0)
+        return blocks
+
+    def close(self) -> list[bytes]:
+        rest = bytes(self._buf).strip(b"\n")
+        self._buf.clear()
+        self._scan = 0
+        return [rest] if rest else []
+
+
+def _event_data(block: bytes) -> bytes | None:
+    """An event block's data (its data lines joined with "\n"); None without any."""
+    if block.startswith(b"data:") and b"\n" not in block:  # OpenAI's every event
+        value = block[5:]
+        return value[1:] if value.startswith(b" ") else value
+    data = None
+    for line in block.split(b"\n"):
+        name, _, value = line.partition(b":")
+        if name != b"data":
+            continue  # another field, or a comment (":…")
+        if value.startswith(b" "):
             value = value[1:]
-        if name == "data" and "data" in fields:
-            fields["data"] += "\n" + value
+        data = value if data is None else data + b"\n" + value
+    return data
+
+
+def _with_data(block: bytes, data: bytes) -> bytes:
+    """`block` with its data lines replaced by one line of `data` (no newline in it)
+    where the first one was; its other fields kept."""
+    if b"\n" not in block:
+        return b"data: " + data
+    lines, placed = [], False
+    for line in block.split(b"\n"):
+        if line.partition(b":")[0] == b"data":
+            if not placed:
+                lines.append(b"data: " + data)
+                placed = True
         else:
-            fields[name] = value
-    if fields:
-        yield fields
+            lines.append(line)
+    return b"\n".join(lines)
+
+
+_JSON_SPACE = b" \t\r\n"
+
+
+def without_null_usage(data: bytes, payload: dict) -> bytes:
+    """The JSON text of a stream chunk whose top-level "usage" is null, without that
+    member. Cut out of the text when that is certain to hit it: "usage" appears once
+    in the text and no \\u escape could spell it elsewhere (JSON strings cannot hold
+    a bare quote, so the one "usage" token is the top-level key). Otherwise the
+    chunk is written again from its exact parse, without the member."""
+    if b"\\u" not in data and b"\n" not in data and data.count(b'"usage"') == 1:
+        if data.endswith(b',"usage":null}'):  # where OpenAI puts it
+            return data[:-14] + b"}"
+        key = data.find(b'"usage"')
+        end = _skip_space(data, key + 7)
+        if data[end:end + 1] == b":":
+            end = _skip_space(data, end + 1)
+            if data[end:end + 4] == b"null":
+                end += 4
+                after = _skip_space(data, end)
+                before = key
+                while before > 0 and data[before - 1] in _JSON_SPACE:
+                    before -= 1
+                if data[after:after + 1] == b",":  # first of several: drop its comma
+                    return data[:key] + data[after + 1:]
+                if data[before - 1:before] == b",":  # after another: the one before
+                    return data[:before - 1] + data[end:]
+                return data[:key] + data[end:]  # alone
+    if not jsonio.exact(payload):
+        payload = json.loads(data)
+    return jsonio.dumps({k: v for k, v in payload.items() if k != "usage"})
+
+
+def _skip_space(data: bytes, i: int) -> int:
+    n = len(data)
+    while i < n and data[i] in _JSON_SPACE:
+        i += 1
+    return i
+
+
+def _relay(blocks: list[bytes], seen: StreamUsage, strip_usage: bool) -> bytes:
+    """The bytes to send the caller for these event blocks, each observed by `seen`.
+    `strip_usage`: the caller of a chat stream did not ask for usage (the proxy
+    did, to meter it): the usage chunk is dropped and the `"usage": null` of every
+    other chunk removed, so the caller gets what the upstream would have sent it."""
+    out = []
+    observe = seen.observe_data
+    for block in blocks:
+        if block.startswith(b"data: ") and b"\n" not in block:  # OpenAI's every event
+            data = block[6:]
+        else:
+            data = _event_data(block)
+        payload = observe(data)
+        if strip_usage and payload is not None and "usage" in payload:
+            if not payload.get("choices"):
+                continue  # the usage chunk
+            if payload["usage"] is None:
+                block = _with_data(block, without_null_usage(data, payload))
+        out.append(block)
+    if not out:
+        return b""
+    out.append(b"")
+    return b"\n\n".join(out)
 
 
 async def _send_stream_error(resp: web.StreamResponse, kind: str, code: str,
