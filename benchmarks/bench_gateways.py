@@ -14,7 +14,10 @@ HTTP/1.1, rounds interleaved so the machine's drift hits every system alike:
 - litellm      LiteLLM's proxy (no database), when `litellm[proxy]` is installed
                (here, or in the Python named by $P402_BENCH_LITELLM_PYTHON).
 
-Figures per system (medians over rounds): added p50 with one connection (its p50
+Two kinds of call, rounds interleaved: whole JSON answers, and streamed answers
+(SSE, `--chunks` content chunks written one by one, as a provider sends them; a
+quarter of the calls). Figures per system and kind (medians over rounds): added p50
+with one connection (its p50
 minus the upstream's own, from h2load's per-request log), calls/s at 32 connections,
 CPU per call at 32 (user+system time of the gateway's processes, from /proc,
 divided by the calls). A P402 proxy answers before its Record commits, so for P402
@@ -24,7 +27,7 @@ of one run never spill into the next). Targets: added p50 <= 2x bare's;
 calls/s >= 0.5x bare's; CPU per call <= 2x bare's; and against Portkey when present.
 Every P402 system's ledger is counted after the run: each call must be there once.
 
-Run: `python benchmarks/bench_gateways.py [--quick] [--rounds N]` (needs h2load:
+Run: `python benchmarks/bench_gateways.py [--quick] [--rounds N] [--chunks N]` (needs h2load:
 Debian's nghttp2-client).
 """
 from __future__ import annotations
@@ -56,9 +59,32 @@ ANSWER = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "created":
     "model": "gpt-4o-mini", "choices": [{"index": 0, "finish_reason": "stop",
     "message": {"role": "assistant", "content": "tok0 tok1 tok2 tok3"}}],
     "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}}).encode()
+CHUNKS = int(sys.argv[2])
+def sse(body):
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+def chunk(i, usage):  # OpenAI's shape; "usage": null on each when usage was asked
+    body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+            "model": "gpt-4o-mini", "system_fingerprint": "fp_1", "choices": [{"index": 0,
+            "delta": {"content": f" tok{i}"}, "logprobs": None, "finish_reason": None}]}
+    return sse({**body, "usage": None} if usage else body)
+STREAM = [[chunk(i, usage) for i in range(CHUNKS)] for usage in (False, True)]
+USAGE = sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+             "model": "gpt-4o-mini", "choices": [], "usage": {"prompt_tokens": 9,
+             "completion_tokens": CHUNKS, "total_tokens": CHUNKS + 9}})
 async def chat(request):
-    await request.read()
-    return web.Response(body=ANSWER, content_type="application/json")
+    body = json.loads(await request.read())
+    if not body.get("stream"):
+        return web.Response(body=ANSWER, content_type="application/json")
+    usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for c in STREAM[usage]:  # a write per chunk, as a provider sends them
+        await resp.write(c)
+    if usage:
+        await resp.write(USAGE)
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
 app = web.Application()
 app.router.add_post("/v1/chat/completions", chat)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None,
@@ -78,6 +104,14 @@ async def chat(request):
     body = json.loads(await request.read())
     async with request.app["s"].post(UP, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}) as up:
+        if body.get("stream"):  # relayed as it comes
+            resp = web.StreamResponse(status=up.status,
+                                      headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
         raw = await up.read()
     json.loads(raw).get("usage")
     return web.Response(body=raw, status=up.status, content_type="application/json")
@@ -181,15 +215,23 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+class Figures:
+    """One kind of call's figures for one system, a value per round."""
+
+    def __init__(self) -> None:
+        self.p50: list[float] = []
+        self.rps: list[float] = []
+        self.cpu: list[float] = []
+        self.recorded_rps: list[float] = []
+
+
 class System:
     def __init__(self, name: str, url: str, pids: list[int], headers: list[str],
                  ledger: str | None = None):
         self.name, self.url, self.pids, self.headers = name, url, pids, headers
         self.ledger = ledger
-        self.p50: list[float] = []
-        self.rps: list[float] = []
-        self.cpu: list[float] = []
-        self.recorded_rps: list[float] = []
+        self.whole, self.stream = Figures(), Figures()  # JSON answers, SSE answers
+        self.streams = True  # False: its streamed answers failed; left out
         self.calls = 0
 
 
@@ -219,6 +261,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=0)
+    ap.add_argument("--chunks", type=int, default=100,
+                    help="content chunks of a streamed answer (default 100)")
     args = ap.parse_args()
     if not shutil.which("h2load"):
         raise SystemExit("h2load not found (Debian: apt-get install nghttp2-client)")
@@ -228,13 +272,17 @@ def main() -> None:
     body_file = os.path.join(tmp, "body.json")
     with open(body_file, "w") as f:
         json.dump(BODY, f)
+    stream_file = os.path.join(tmp, "stream.json")
+    with open(stream_file, "w") as f:
+        json.dump({**BODY, "stream": True}, f)
     h.banner("gateways: what each adds per call (h2load, HTTP/1.1)", "compiled"
              if os.environ.get("P402_NO_EXTENSIONS") != "1" else "python")
     py = sys.executable
     systems: list[System] = []
     with ExitStack() as stack:
         up_port = free_port()
-        up = stack.enter_context(process([py, "-c", _UPSTREAM, str(up_port)], up_port))
+        up = stack.enter_context(process([py, "-c", _UPSTREAM, str(up_port),
+                                          str(args.chunks)], up_port))
         up_url = f"http://127.0.0.1:{up_port}/v1"
         systems.append(System("upstream", f"{up_url}/chat/completions", [up.pid], []))
 
@@ -312,37 +360,66 @@ def main() -> None:
         for s in systems:  # warm up every path (connections, caches, JIT-free imports)
             h2load(s.url, s.headers, body_file, n=200, c=8)
             s.calls += 200
+            try:
+                h2load(s.url, s.headers, stream_file, n=50, c=8)
+                s.calls += 50
+            except SystemExit:
+                # Portkey's Node build answers 500 to a custom host's SSE ("TypeError:
+                # immutable" in its logs): it is left out of the streamed figures.
+                print(f"{s.name}: streamed answers fail (not 2xx); left out of that table")
+                s.streams = False
         for r in range(rounds):
             for s in systems:
-                log = os.path.join(tmp, f"{r}-{s.name.replace(' ', '')}.log")
-                h2load(s.url, s.headers, body_file, n=n_seq, c=1, log=log)
-                s.p50.append(p50_from_log(log))
-                s.calls += n_seq
-                _wait_recorded(s)  # earlier calls' Records do not count against this run
-                cpu0, t0 = cpu_seconds(s.pids), time.perf_counter()
-                s.rps.append(h2load(s.url, s.headers, body_file, n=n_par, c=32))
-                s.calls += n_par
-                if s.ledger:
-                    # A P402 proxy answers before its Record commits: the run ends
-                    # when every call is in the ledger, and its CPU counts until then.
-                    _wait_recorded(s)
-                    s.recorded_rps.append(n_par / (time.perf_counter() - t0))
-                s.cpu.append((cpu_seconds(s.pids) - cpu0) / n_par)
+                if s.streams:
+                    _measure(s, stream_file, tmp, f"{r}s", n_seq // 4, n_par // 4, s.stream)
+                _measure(s, body_file, tmp, str(r), n_seq, n_par, s.whole)
         for s in systems:
             if s.ledger:
                 _check_ledger(s)
 
-    floor = statistics.median(systems[0].p50)
-    print(f"\nupstream alone: p50 {floor * 1e3:.2f} ms, {statistics.median(systems[0].rps):,.0f}"
-          f" calls/s at 32 ({rounds} rounds of {n_seq} sequential + {n_par} at 32)")
+    _report(systems, "whole answers", lambda s: s.whole, rounds, n_seq, n_par)
+    _report(systems, f"streamed answers ({args.chunks} chunks, SSE)", lambda s: s.stream,
+            rounds, n_seq // 4, n_par // 4)
+
+
+def _measure(s: System, body_file: str, tmp: str, tag: str, n_seq: int, n_par: int,
+             into: "Figures") -> None:
+    """One round of one system: p50 of n_seq sequential calls, then calls/s and CPU
+    per call of n_par at 32 connections (for P402, until all are in the ledger)."""
+    log = os.path.join(tmp, f"{tag}-{s.name.replace(' ', '')}.log")
+    h2load(s.url, s.headers, body_file, n=n_seq, c=1, log=log)
+    into.p50.append(p50_from_log(log))
+    s.calls += n_seq
+    _wait_recorded(s)  # earlier calls' Records do not count against this run
+    cpu0, t0 = cpu_seconds(s.pids), time.perf_counter()
+    into.rps.append(h2load(s.url, s.headers, body_file, n=n_par, c=32))
+    s.calls += n_par
+    if s.ledger:
+        # A P402 proxy answers before its Record commits: the run ends when every
+        # call is in the ledger, and its CPU counts until then.
+        _wait_recorded(s)
+        into.recorded_rps.append(n_par / (time.perf_counter() - t0))
+    into.cpu.append((cpu_seconds(s.pids) - cpu0) / n_par)
+
+
+def _report(systems: list[System], title: str, figures, rounds: int, n_seq: int,
+            n_par: int) -> None:
+    up = figures(systems[0])
+    floor = statistics.median(up.p50)
+    print(f"\n{title}: upstream alone p50 {floor * 1e3:.2f} ms, "
+          f"{statistics.median(up.rps):,.0f} calls/s at 32 ({rounds} rounds of {n_seq} "
+          f"sequential + {n_par} at 32)")
     print(f"{'system':<15}{'added p50':>11}{'calls/s @32':>13}{'recorded/s':>12}"
           f"{'CPU/call @32':>14}")
     base = {}
     for s in systems[1:]:
-        added = statistics.median(s.p50) - floor
-        rps, cpu = statistics.median(s.rps), statistics.median(s.cpu)
+        f = figures(s)
+        if not f.p50:
+            continue
+        added = statistics.median(f.p50) - floor
+        rps, cpu = statistics.median(f.rps), statistics.median(f.cpu)
         base[s.name] = (added, rps, cpu)
-        rec = f"{statistics.median(s.recorded_rps):,.0f}" if s.recorded_rps else "-"
+        rec = f"{statistics.median(f.recorded_rps):,.0f}" if f.recorded_rps else "-"
         print(f"{s.name:<15}{added * 1e3:>9.2f}ms{rps:>13,.0f}{rec:>12}{cpu * 1e3:>12.2f}ms")
     b = base["bare"]
     for name in ("p402 --db", "p402 --target"):
