@@ -108,25 +108,32 @@ async def test_a_key_revoked_mid_stream_refuses_the_next_message(svc):
     assert {r.error.code for r in after.results} == {grpc.StatusCode.UNAUTHENTICATED.value[0]}
 
 
-def decisions(svc) -> float:
+def counts(svc) -> tuple[float, float]:
+    """(decisions counted, unary Authorize RPCs timed) in the server's metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = svc.server.metrics.exposition().decode()
-    return sum(s.value for f in text_string_to_metric_families(text)
-               if f.name == "p402_decisions" for s in f.samples
-               if s.name == "p402_decisions_total")
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    decided = sum(s.value for s in fams["p402_decisions"].samples
+                  if s.name == "p402_decisions_total")
+    timed = sum(s.value for s in fams["p402_rpc_duration_seconds"].samples
+                if s.name == "p402_rpc_duration_seconds_count"
+                and s.labels["method"] == "Authorize")
+    return decided, timed
 
 
 async def test_decisions_on_streams_are_counted_like_unary_ones(svc):
-    start = decisions(svc)
+    decided, timed = counts(svc)
     call = svc.meter.StreamAuthorizeBatches(metadata=svc.auth)
     await call.write(meter_pb2.AuthorizeBatchRequest(requests=[request()] * 4))
     await call.read()
     call.cancel()
-    assert decisions(svc) == start + 4
+    assert counts(svc) == (decided + 4, timed)  # decisions, not RPCs: no RPC latency
     single = svc.meter.StreamAuthorize(metadata=svc.auth)
     for _ in range(3):
         await single.write(request())
         await single.read()
     single.cancel()
-    assert decisions(svc) == start + 7
+    assert counts(svc) == (decided + 7, timed)
+    await svc.meter.Authorize(request(), metadata=svc.auth)
+    assert counts(svc) == (decided + 8, timed + 1)

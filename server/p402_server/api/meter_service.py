@@ -48,15 +48,16 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
             resp = rt.authorize(request)
         else:
             resp = await rt.authorize_exact(request)
-        self._authorized(key, request, resp, started)
+        self._authorized(key, request, resp, started, True)
         return resp
 
-    def _authorized(self, key, request, resp, started: float) -> None:
-        """Count a decision (metrics, OpenTelemetry), whichever RPC asked for it."""
+    def _authorized(self, key, request, resp, started: float, rpc: bool) -> None:
+        """Count a decision (metrics, OpenTelemetry), whichever RPC asked for it; only
+        a unary Authorize's latency is an RPC's."""
         if self.metrics is not None:
-            self.metrics.authorized(resp, started)
+            self.metrics.authorized(resp, started, rpc)
         if self.otel is not None:
-            self.otel.authorized(key.tenant_id, request, resp, started)
+            self.otel.authorized(key.tenant_id, request, resp, started, rpc)
 
     async def _decide_in_band(self, rt, key, request):
         """A stream's answer to one request: what Authorize would answer, its error
@@ -67,7 +68,7 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
                     else await rt.authorize_exact(request))
         except Exception as exc:  # noqa: BLE001 - answered in-band, the one mapping
             return meter_pb2.StreamAuthorizeResponse(error=rpc_status_for(exc))
-        self._authorized(key, request, resp, started)
+        self._authorized(key, request, resp, started, False)
         return meter_pb2.StreamAuthorizeResponse(response=resp)
 
     async def _stream_tenant(self, context, method: str):

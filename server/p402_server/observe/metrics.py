@@ -80,8 +80,11 @@ class Metrics:
 
     # --- the request path ----------------------------------------------------------
 
-    def authorized(self, resp: Any, started: float) -> None:
-        self._authorize.observe(time.perf_counter() - started)
+    def authorized(self, resp: Any, started: float, rpc: bool = True) -> None:
+        """Count a decision; `rpc`: it was a unary Authorize, whose latency is observed
+        (a decision on a stream is not an RPC of its own)."""
+        if rpc:
+            self._authorize.observe(time.perf_counter() - started)
         children = self._children
         for reason in resp.reasons or ("none",):
             key = (resp.decision, reason)

@@ -72,7 +72,10 @@ class Otel:
                                                   if v not in (None, "")})
         span.end(end_time=now_ns)
 
-    def authorized(self, tenant: str, req: Any, resp: Any, started: float) -> None:
+    def authorized(self, tenant: str, req: Any, resp: Any, started: float,
+                   rpc: bool = True) -> None:
+        """A decision's span and count; `rpc`: it was a unary Authorize, whose duration
+        is recorded (a decision on a stream is not an RPC of its own)."""
         decision = decision_name(resp.decision)
         self._span("p402.authorize", started, {
             "p402.tenant.id": tenant, "gen_ai.request.model": req.model,
@@ -83,7 +86,8 @@ class Otel:
             "p402.estimated_cost_nanos": _nanos(resp.estimated_cost)})
         self.decisions.add(1, {"decision": decision,
                                "reason": resp.reasons[0] if resp.reasons else "none"})
-        self.duration.record(time.perf_counter() - started, {"method": "Authorize"})
+        if rpc:
+            self.duration.record(time.perf_counter() - started, {"method": "Authorize"})
 
     def recorded(self, tenant: str, req: Any, resp: Any, started: float) -> None:
         u = req.usage
