@@ -175,3 +175,25 @@ async def test_a_server_without_batches_is_asked_with_unary_calls():
         await server.stop(None)
     got = [a.reservation_id for a in first + [later]]
     assert len(set(got)) == 6 and sorted(unary) == sorted(got)
+
+
+async def test_a_sender_cancelled_mid_write_never_mismatches_answers(client):
+    pipe = AuthorizePipeline(client, max_batch=4)
+    try:
+        await pipe.authorize("gpt-4o-mini", owners=OWNERS)  # the stream is open
+        calls = [asyncio.ensure_future(pipe.authorize(
+            "gpt-4o-mini", owners=OWNERS, input_bytes=100 * (i + 1))) for i in range(30)]
+        for _ in range(100):  # until it is writing
+            if pipe._sender is not None and pipe._pending:
+                break
+            await asyncio.sleep(0)
+        pipe._sender.cancel()
+        got = await asyncio.gather(*calls)
+        after = await pipe.authorize("gpt-4o-mini", owners=OWNERS, input_bytes=100)
+    finally:
+        await pipe.aclose()
+    # Every caller has its own answer (estimates grow with its prompt), written or not.
+    sizes = [a.estimated_input_tokens for a in got]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 30
+    assert len({a.reservation_id for a in got}) == 30
+    assert after.allowed and after.estimated_input_tokens == sizes[0]

@@ -75,8 +75,9 @@ class AuthorizePipeline:
         self._client = client
         self._max_batch = max_batch
         self._call = None
-        # Requests not yet written, and the written messages not yet answered (in
-        # the order written: answers come back in that order).
+        # Requests not yet written, and the messages written on the current stream
+        # and not yet answered (in the order written: answers come back in that
+        # order; each stream has its own, so a broken one fails only its own).
         self._outbox: list[tuple[asyncio.Future, Any]] = []
         self._pending: collections.deque[list[tuple[asyncio.Future, Any]]] = (
             collections.deque())
@@ -118,13 +119,15 @@ class AuthorizePipeline:
     async def _send(self) -> None:
         """Write what the outbox holds, a message at a time, until it is empty."""
         outbox, limit = self._outbox, self._max_batch
+        call = None
         try:
             while outbox:
                 batch = outbox[:limit]
                 del outbox[:limit]
+                pending = None
                 try:
-                    call = self._open()
-                    self._pending.append(batch)
+                    call, pending = self._open()
+                    pending.append(batch)
                     await call.write(meter_pb2.AuthorizeBatchRequest(
                         requests=[req for _fut, req in batch]))
                 except (grpc.RpcError, asyncio.InvalidStateError) as exc:
@@ -133,27 +136,34 @@ class AuthorizePipeline:
                     # its requests go as unary calls.
                     log.debug("authorize stream unusable (%r); unary for %d requests",
                               exc, len(batch))
-                    if self._pending and self._pending[-1] is batch:
-                        self._pending.pop()
+                    if pending and pending[-1] is batch:
+                        pending.pop()
                     _broken(batch)
         except BaseException:
-            _broken(outbox)  # cancelled (the loop is closing): nobody waits in vain
+            # Cancelled (the loop is closing), perhaps mid-write: whether that message
+            # went out is unknown, so its stream must not carry another (answers
+            # would be matched to the wrong requests); its reader fails what it had
+            # not answered, and nobody waits in vain for the rest.
+            if call is not None:
+                call.cancel()
+            _broken(outbox)
             outbox.clear()
             raise
         finally:
             self._sender = None
 
     def _open(self):
+        """(the current stream, its messages not yet answered), opened if need be."""
         if self._call is None:
             c = self._client
             self._call = c._meter.StreamAuthorizeBatches(metadata=c._metadata,
                                                          timeout=c.stream_timeout)
+            self._pending = collections.deque()
             self._reader = asyncio.get_running_loop().create_task(
-                self._read(self._call), name="p402-authorize-stream")
-        return self._call
+                self._read(self._call, self._pending), name="p402-authorize-stream")
+        return self._call, self._pending
 
-    async def _read(self, call) -> None:
-        pending = self._pending
+    async def _read(self, call, pending) -> None:
         try:
             async for msg in call:
                 results = msg.results
