@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import math
 
+import aiohttp
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p402_server.gateways import jsonio
+from p402_server.gateways import jsonio, proxy
 from p402_server.gateways.proxy import (
     SseEvents,
     StreamUsage,
@@ -220,3 +222,12 @@ def test_a_usage_beyond_64_bits_is_read_exactly():
     seen = StreamUsage("chat")
     _relay(SseEvents().feed(raw), seen, True)
     assert seen.usage["input_tokens"] == big and type(seen.usage["input_tokens"]) is int
+
+
+def test_an_event_that_never_ends_is_a_broken_stream(monkeypatch):
+    monkeypatch.setattr(proxy, "MAX_EVENT_BYTES", 64)
+    parser = SseEvents()
+    assert parser.feed(b"data: " + b"x" * 40) == []
+    assert parser.feed(b"\n\ndata: " + b"y" * 50) == [b"data: " + b"x" * 40]
+    with pytest.raises(aiohttp.ClientPayloadError, match="longer than 64 bytes"):
+        parser.feed(b"z" * 20)  # 76 bytes and no blank line: no end in sight

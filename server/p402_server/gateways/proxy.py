@@ -145,6 +145,9 @@ PASS_BACK_HEADERS = ("retry-after", "x-request-id", "openai-processing-ms",
                      "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
                      "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# One SSE event of an upstream's stream, at most (a Responses API `response.completed`
+# carries the whole answer): past this without a blank line, the stream is broken.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
 PING_CACHE_SECONDS = 60.0
 # The application's Proxy (its meter: queued Records, flush) for whoever runs it.
 PROXY_KEY = web.AppKey("p402_proxy", object)
@@ -1134,6 +1137,10 @@ class SseEvents:
             end = buf.find(b"\n\n", start)
         if start:
             del buf[:start]
+        if len(buf) > MAX_EVENT_BYTES:
+            raise aiohttp.ClientPayloadError(
+                f"an SSE event of the upstream's stream is longer than {MAX_EVENT_BYTES} "
+                "bytes")
         self._scan = max(len(buf) - 1, 0)
         return blocks
 
