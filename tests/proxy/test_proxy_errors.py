@@ -125,3 +125,26 @@ async def test_a_bad_model_name_is_400_and_leaves_no_event(rig, bad):
     assert status == 400 and body["error"]["param"] == "model"
     await asyncio.sleep(0.3)  # a denied event would be written behind
     assert not (await rig.admin.query(page_size=10)).items
+
+
+async def test_deeply_nested_bodies_get_an_answer_below_500(rig, caplog):
+    def chat(extra: str, depth: int) -> bytes:
+        nested = "[" * depth + "]" * depth
+        return ('{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": '
+                + (nested if extra == "content" else '"hi"') + "}]"
+                + (f', "metadata_x": {nested}' if extra == "field" else "")
+                + (', "stream": true' if extra == "field" else "") + "}").encode()
+
+    # Content parts nested 600 deep: read without recursion, metered, forwarded.
+    status, _answer = await post_chat(rig, chat("content", 600))
+    assert status == 200
+    # 1,010 levels: read, but a body that must change (a stream gets include_usage)
+    # cannot be written again: a clear 400, never a 500.
+    status, answer = await post_chat(rig, chat("field", 1010))
+    assert status == 400 and "nested too deeply" in answer["error"]["message"]
+    assert_openai_error(answer, "invalid_json")
+    # Beyond what any reader takes: the same 400.
+    status, answer = await post_chat(rig, chat("content", 5000))
+    assert status == 400
+    assert_openai_error(answer, "invalid_json")
+    no_secret_in(caplog, rig.meter_key)

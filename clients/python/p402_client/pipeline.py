@@ -197,11 +197,12 @@ class AuthorizePipeline:
         """Send what is queued, then end the stream (requests whose answers have not
         come when it ends are sent as unary calls)."""
         self._closed = True
-        if self._sender is not None:
+        sender = self._sender
+        if sender is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._sender), 5.0)
+                await asyncio.wait_for(asyncio.shield(sender), 5.0)
             except (asyncio.TimeoutError, asyncio.CancelledError):
-                self._sender.cancel()
+                sender.cancel()
         call, reader = self._call, self._reader
         self._call = None
         if call is not None:

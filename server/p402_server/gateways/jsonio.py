@@ -5,11 +5,13 @@ reads and rewrites. orjson parses a large chat body 2-3x faster than `json` and
 writes one 20x faster, but differs on some input: it refuses what `json` accepts
 (NaN and Infinity, lone UTF-16 surrogate escapes, UTF-16/32 and BOM-prefixed bytes,
 nesting deeper than 1,024) and turns an integer beyond 64 bits into a float. `loads`
-answers exactly what `json.loads` answers: orjson first, the standard library when
-orjson refuses the input or when the result holds an integral float beyond 64 bits
-(the mark of such an integer, or of a float `json` reads the same way). `dumps`
-writes compact UTF-8 (valid JSON for any reader), by the standard library for an
-integer orjson cannot write.
+answers what `json.loads` answers: orjson first, the standard library when orjson
+refuses the input or when the result holds an integral float beyond 64 bits (the
+mark of such an integer, or of a float `json` reads the same way); the one
+difference left is nesting between Python's recursion limit (where `json` stops)
+and orjson's 1,024 levels, which it reads. `dumps` writes compact JSON, by the
+standard library (ASCII, escaped) for what orjson cannot write: an integer beyond
+64 bits, a lone surrogate, 255 levels or more.
 """
 from __future__ import annotations
 
@@ -65,8 +67,8 @@ def dumps(value: Any) -> bytes:
     """Compact JSON as UTF-8 bytes."""
     try:
         return orjson.dumps(value)
-    except TypeError:  # an integer beyond 64 bits
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except TypeError:  # an integer beyond 64 bits, a lone surrogate, 255+ levels deep
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 __all__ = ["loads", "loads_lax", "exact", "dumps"]

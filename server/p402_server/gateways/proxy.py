@@ -321,22 +321,26 @@ def _p402_error(exc: Exception) -> ProxyError:
 
 
 def _text_of(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(_text_of(p) for p in content)
-    if isinstance(content, dict):
-        if isinstance(content.get("text"), str):
-            return content["text"]
-        if "content" in content:
-            return _text_of(content["content"])
-        if isinstance(content.get("arguments"), str):  # tool calls carry JSON text
-            return content["arguments"]
-        if isinstance(content.get("output"), str):
-            return content["output"]
-    return ""
+    """The text of a message's content: a string, a part's text, parts in order
+    (nested as deep as the body is: walked without recursion)."""
+    out: list[str] = []
+    todo = [content]
+    while todo:
+        c = todo.pop()
+        if isinstance(c, str):
+            out.append(c)
+        elif isinstance(c, list):
+            todo += reversed(c)
+        elif isinstance(c, dict):
+            if isinstance(c.get("text"), str):
+                out.append(c["text"])
+            elif "content" in c:
+                todo.append(c["content"])
+            elif isinstance(c.get("arguments"), str):  # tool calls carry JSON text
+                out.append(c["arguments"])
+            elif isinstance(c.get("output"), str):
+                out.append(c["output"])
+    return "".join(out)
 
 
 def _list(v: Any) -> list:
@@ -539,12 +543,16 @@ def json_object(raw: bytes) -> dict:
         raise ProxyError(400, "the request body is not JSON", "invalid_request_error",
                          "invalid_json") from None
     except RecursionError:
-        raise ProxyError(400, "the request body's JSON is nested too deeply",
-                         "invalid_request_error", "invalid_json") from None
+        raise _too_deep() from None
     if not isinstance(body, dict):
         raise ProxyError(400, "the request body must be a JSON object",
                          "invalid_request_error", "invalid_json")
     return body
+
+
+def _too_deep() -> ProxyError:
+    return ProxyError(400, "the request body's JSON is nested too deeply",
+                      "invalid_request_error", "invalid_json")
 
 
 def parse_form(content_type: str, raw: bytes) -> tuple[dict[str, str], dict[str, int]]:
@@ -874,6 +882,10 @@ class Proxy:
             return ProxyError(400, "the request body holds a lone UTF-16 surrogate "
                               "escape (\\ud800-\\udfff without its pair)",
                               "invalid_request_error", "invalid_json").response()
+        except RecursionError:
+            # Read (orjson takes 1,024 levels) but too deep to write again when the
+            # body must change.
+            return _too_deep().response()
 
     async def _metered(self, request: web.Request) -> web.StreamResponse:
         endpoint = request.match_info["endpoint"]
