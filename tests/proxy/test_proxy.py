@@ -454,11 +454,12 @@ async def test_every_usage_detail_and_the_service_tier_are_metered(rig, stream):
 
 
 
-@pytest.mark.parametrize("line_end,piece", [("\r\n", 7), ("\r", 5), ("\n", 1)])
+@pytest.mark.parametrize("line_end,piece", [("\r\n", 7), ("\r", 5), ("\n", 3)])
 async def test_streams_cut_anywhere_with_any_line_end_are_relayed_and_metered(
         rig, line_end, piece):
     # The upstream writes its SSE in pieces cut anywhere (mid-event, between "\r" and
-    # "\n", inside a UTF-8 character), with another valid line end.
+    # "\n", inside a UTF-8 character), with another valid line end (a byte at a time
+    # is SseEvents' own test, test_sse_relay.py).
     rig.upstream.sse_line_end, rig.upstream.sse_piece = line_end, piece
     rig.upstream.chunk_delay = 0.0005  # pieces reach the proxy in separate reads
     client = rig.openai(x_p402_customer="acme")
