@@ -187,6 +187,14 @@ def test_the_usual_openai_chunk_is_cut_not_rewritten():
     data = (b'{"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,'
             b'"delta":{"content":" caf\xc3\xa9"},"finish_reason":null}],"usage":null}')
     assert without_null_usage(data, json.loads(data)) == data[:-len(b',"usage":null}')] + b"}"
+    # The same ending elsewhere is written again: a nested "usage", an escape that
+    # could spell the key, a line break (the result goes on one SSE data line).
+    for other in (b'{"x":{"usage":1},"usage":null}', b'{"\\u0061":1,"usage":null}',
+                  b'{"a":\n1,"usage":null}'):
+        payload = json.loads(other)
+        out = without_null_usage(other, payload)
+        assert b"\n" not in out and json.loads(out) == {
+            k: v for k, v in payload.items() if k != "usage"}
 
 
 # ----------------------------------------------------------------------- the relay

@@ -1195,43 +1195,18 @@ def _with_data(block: bytes, data: bytes) -> bytes:
     return b"\n".join(lines)
 
 
-_JSON_SPACE = b" \t\r\n"
-
-
 def without_null_usage(data: bytes, payload: dict) -> bytes:
     """The JSON text of a stream chunk whose top-level "usage" is null, without that
-    member. Cut out of the text when that is certain to hit it: "usage" appears once
-    in the text and no \\u escape could spell it elsewhere (JSON strings cannot hold
-    a bare quote, so the one "usage" token is the top-level key). Otherwise the
-    chunk is written again from its exact parse, without the member."""
-    if b"\\u" not in data and b"\n" not in data and data.count(b'"usage"') == 1:
-        if data.endswith(b',"usage":null}'):  # where OpenAI puts it
-            return data[:-14] + b"}"
-        key = data.find(b'"usage"')
-        end = _skip_space(data, key + 7)
-        if data[end:end + 1] == b":":
-            end = _skip_space(data, end + 1)
-            if data[end:end + 4] == b"null":
-                end += 4
-                after = _skip_space(data, end)
-                before = key
-                while before > 0 and data[before - 1] in _JSON_SPACE:
-                    before -= 1
-                if data[after:after + 1] == b",":  # first of several: drop its comma
-                    return data[:key] + data[after + 1:]
-                if data[before - 1:before] == b",":  # after another: the one before
-                    return data[:before - 1] + data[end:]
-                return data[:key] + data[end:]  # alone
+    member. OpenAI's chunks end with `,"usage":null}`: when "usage" appears once in
+    the text and no \\u escape could spell it elsewhere (JSON strings cannot hold a
+    bare quote), that ending is the top-level member and is cut off. Any other chunk
+    is written again from its exact parse, without the member."""
+    if (data.endswith(b',"usage":null}') and data.count(b'"usage"') == 1
+            and b"\\u" not in data and b"\n" not in data):  # (one SSE data line)
+        return data[:-14] + b"}"
     if not jsonio.exact(payload):
         payload = json.loads(data)
     return jsonio.dumps({k: v for k, v in payload.items() if k != "usage"})
-
-
-def _skip_space(data: bytes, i: int) -> int:
-    n = len(data)
-    while i < n and data[i] in _JSON_SPACE:
-        i += 1
-    return i
 
 
 def _relay(blocks: list[bytes], seen: StreamUsage, strip_usage: bool) -> bytes:
@@ -1242,10 +1217,7 @@ def _relay(blocks: list[bytes], seen: StreamUsage, strip_usage: bool) -> bytes:
     out = []
     observe = seen.observe_data
     for block in blocks:
-        if block.startswith(b"data: ") and b"\n" not in block:  # OpenAI's every event
-            data = block[6:]
-        else:
-            data = _event_data(block)
+        data = _event_data(block)
         payload = observe(data)
         if strip_usage and payload is not None and "usage" in payload:
             if not payload.get("choices"):
