@@ -137,3 +137,28 @@ async def test_decisions_on_streams_are_counted_like_unary_ones(svc):
     assert counts(svc) == (decided + 7, timed)
     await svc.meter.Authorize(request(), metadata=svc.auth)
     assert counts(svc) == (decided + 8, timed + 1)
+
+
+async def test_hostile_fields_fail_their_own_request_only(svc):
+    await put_cap(svc)
+    good = request(max_output_tokens=50)
+    hostile = [request(owners=owners(customer="a\x00b")),
+               request(model="gpt\x00"),
+               request(input_bytes=2**63 - 1),
+               request(max_output_tokens=2**63 - 1),
+               request(labels={"env\x00": "x"}),
+               request(reservation_id="r" * 300)]
+    call = svc.meter.StreamAuthorizeBatches(metadata=svc.auth)
+    await call.write(meter_pb2.AuthorizeBatchRequest(requests=[good, *hostile, good]))
+    resp = await call.read()
+    call.cancel()
+    assert [r.WhichOneof("result") for r in resp.results] == (
+        ["response"] + ["error"] * 6 + ["response"])
+    assert [field_of(r.error) for r in resp.results[1:-1]] == [
+        "owners.customer", "model", "input_bytes", "max_output_tokens", "labels",
+        "reservation_id"]
+    assert {r.error.code for r in resp.results[1:-1]} == {
+        grpc.StatusCode.INVALID_ARGUMENT.value[0]}
+    # Only the two good requests hold anything.
+    assert await held(svc, "cap") == sum(nanos(r.response.estimated_cost)
+                                         for r in (resp.results[0], resp.results[-1]))
