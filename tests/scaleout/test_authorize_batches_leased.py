@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from .test_replicas import IN_BYTES, MODEL, OUT_TOKENS, _init, usd
+from .test_replicas import IN_BYTES, MODEL, OUT_TOKENS, _init
 
 ENV = {"P402_EXPIRE_INTERVAL_SECONDS": "0.1", "P402_HOLDS_FLUSH_INTERVAL_SECONDS": "0.05",
        "P402_LEASE_TTL_SECONDS": "3", "P402_LEASE_SAFETY_SECONDS": "1",
