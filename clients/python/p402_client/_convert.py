@@ -24,6 +24,7 @@ from p402core.contract import event_time_problem, string_problem, text_problem
 from .errors import InvalidArgument
 from .types import (
     NANOS_PER_USD,
+    OWNER_KEYS,
     ApiKey,
     Authorization,
     Budget,
@@ -56,6 +57,7 @@ from .types import (
 
 INT64_MAX = (1 << 63) - 1
 INT32_MAX = (1 << 31) - 1
+_OWNER_KEYS = frozenset(OWNER_KEYS)
 
 # ---------------------------------------------------------------- money and scalars
 
@@ -74,6 +76,8 @@ def from_money(money: money_pb2.Money) -> int:
 
 def check_int(field: str, value: Any, *, minimum: int | None = 0,
               maximum: int = INT64_MAX) -> int:
+    if type(value) is int and (minimum is None or value >= minimum) and value <= maximum:
+        return value  # the common case, one test (bool is not exactly int)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(field, f"must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
@@ -86,6 +90,14 @@ def check_int(field: str, value: Any, *, minimum: int | None = 0,
 def check_str(field: str, value: Any, *, required: bool = False) -> str:
     """An id or a name, checked against the server's string contract
     (p402core.contract: length, no control characters, no lone surrogates)."""
+    if type(value) is str:  # the common case: one test, then the contract's scan
+        if value:
+            problem = string_problem(value)
+            if problem is not None:
+                raise InvalidArgument(field, problem)
+        elif required:
+            raise InvalidArgument(field, "is required")
+        return value
     if value is None:
         value = ""
     if not isinstance(value, str):
@@ -143,6 +155,21 @@ def owners_pb(field: str, owners: Any) -> common_pb2.Owners | None:
     None matters: a Record with the owners field set (even to all-empty) states its
     owners, while an unset field lets the server take them from the reservation.
     """
+    if owners is None:
+        return None
+    if (type(owners) is dict and owners.keys() <= _OWNER_KEYS
+            and all(type(v) is str for v in owners.values())):
+        # The common case (a plain dict of known dimensions and str values) without
+        # the Owners dataclass in between: the same checks in the same order.
+        items = {}
+        for k in OWNER_KEYS:
+            v = owners.get(k)
+            if v:
+                problem = string_problem(v)
+                if problem is not None:
+                    raise InvalidArgument(f"{field}.{k}", problem)
+                items[k] = v
+        return common_pb2.Owners(**items) if items else None
     try:
         o = Owners.of(owners)
     except ValueError as exc:
@@ -206,23 +233,48 @@ def authorize_request(model: str, *, provider: str = "", owners: Any = None,
             content = bytes(content).decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidArgument("content", "bytes must be UTF-8 text") from None
-    return meter_pb2.AuthorizeRequest(
-        model=check_str("model", model, required=True),
-        provider=check_str("provider", provider),
-        owners=owners_pb("owners", owners),
-        labels=str_map("labels", labels),
-        input_bytes=check_int("input_bytes", input_bytes, minimum=-1),
-        max_output_tokens=check_int("max_output_tokens", max_output_tokens),
-        privacy_mode=(0 if privacy_mode is None
-                      else check_enum("privacy_mode", PrivacyMode, privacy_mode).number),
-        reservation_id=check_str("reservation_id", reservation_id),
-        ttl_seconds=check_int("ttl_seconds", ttl_seconds),
-        content=check_text("content", content),
-        attempt=check_int("attempt", attempt, maximum=INT32_MAX),
-        retry_of=check_str("retry_of", retry_of),
-        request_id=check_str("request_id", request_id),
-        expected_usage=_expected("expected_usage", expected_usage),
-    )
+    model = check_str("model", model, required=True)
+    provider = check_str("provider", provider)
+    owners = owners_pb("owners", owners)
+    labels = str_map("labels", labels)
+    input_bytes = check_int("input_bytes", input_bytes, minimum=-1)
+    max_output_tokens = check_int("max_output_tokens", max_output_tokens)
+    privacy_mode = (0 if privacy_mode is None
+                    else check_enum("privacy_mode", PrivacyMode, privacy_mode).number)
+    reservation_id = check_str("reservation_id", reservation_id)
+    ttl_seconds = check_int("ttl_seconds", ttl_seconds)
+    content = check_text("content", content)
+    attempt = check_int("attempt", attempt, maximum=INT32_MAX)
+    retry_of = check_str("retry_of", retry_of)
+    request_id = check_str("request_id", request_id)
+    expected = _expected("expected_usage", expected_usage)
+    # Only the fields that are set are passed (see record_request).
+    req = meter_pb2.AuthorizeRequest(model=model, input_bytes=input_bytes)
+    if provider:
+        req.provider = provider
+    if owners is not None:
+        req.owners.CopyFrom(owners)
+    if labels:
+        req.labels.update(labels)
+    if max_output_tokens:
+        req.max_output_tokens = max_output_tokens
+    if privacy_mode:
+        req.privacy_mode = privacy_mode
+    if reservation_id:
+        req.reservation_id = reservation_id
+    if ttl_seconds:
+        req.ttl_seconds = ttl_seconds
+    if content:
+        req.content = content
+    if attempt:
+        req.attempt = attempt
+    if retry_of:
+        req.retry_of = retry_of
+    if request_id:
+        req.request_id = request_id
+    if expected is not None:
+        req.expected_usage.CopyFrom(expected)
+    return req
 
 
 def _expected(field: str, units: Any) -> common_pb2.Usage | None:
@@ -282,50 +334,74 @@ def record_request(reservation_id: str = "", *, event_id: str, model: str = "",
     if not reservation_id and not model:
         raise InvalidArgument(prefix + "model",
                               "is required for a meter-only record (no reservation_id)")
-    usage = common_pb2.Usage(
-        input_tokens=check_int(prefix + "usage.input_tokens", input_tokens),
-        cached_input_tokens=check_int(prefix + "usage.cached_input_tokens",
-                                      cached_input_tokens),
-        cache_write_tokens=check_int(prefix + "usage.cache_write_tokens",
-                                     cache_write_tokens),
-        output_tokens=check_int(prefix + "usage.output_tokens", output_tokens),
-        reasoning_tokens=check_int(prefix + "usage.reasoning_tokens", reasoning_tokens),
-    )
+    tokens = (check_int(prefix + "usage.input_tokens", input_tokens),
+              check_int(prefix + "usage.cached_input_tokens", cached_input_tokens),
+              check_int(prefix + "usage.cache_write_tokens", cache_write_tokens),
+              check_int(prefix + "usage.output_tokens", output_tokens),
+              check_int(prefix + "usage.reasoning_tokens", reasoning_tokens))
     for name, value in units.items():
         if name not in UNIT_FIELDS:
             raise InvalidArgument(prefix + name, "unknown record field")
-        setattr(usage, name, check_int(prefix + "usage." + name, value))
+        check_int(prefix + "usage." + name, value)
     if service_tier:
         try:
             _units.check_tier(service_tier)
         except _units.InvalidArgument as exc:  # p402core's: the SDK's has its own class
             raise InvalidArgument(prefix + "usage.service_tier", exc.message) from None
+    event_id = check_str(prefix + "event_id", event_id)
+    provider = check_str(prefix + "provider", provider)
+    owners = owners_pb(prefix + "owners", owners)
+    labels = str_map(prefix + "labels", labels)
+    outcome = check_enum(prefix + "outcome", Outcome, outcome).number
+    # The wire has no "unknown" for a Record's size: 0 means not measured.
+    input_bytes = max(0, check_int(prefix + "input_bytes", input_bytes, minimum=-1))
+    attempt = check_int(prefix + "attempt", attempt, maximum=INT32_MAX)
+    retry_of = check_str(prefix + "retry_of", retry_of)
+    event_time_ms = _event_time(prefix + "event_time_ms", event_time_ms)
+    privacy_mode = (0 if privacy_mode is None else
+                    check_enum(prefix + "privacy_mode", PrivacyMode, privacy_mode).number)
+    # Only the fields that are set are passed: each default costs the constructor
+    # as much as a value (an empty labels dict goes through a Python-level update).
+    req = meter_pb2.RecordRequest(event_id=event_id, reservation_id=reservation_id,
+                                  outcome=outcome, input_bytes=input_bytes)
+    if model:
+        req.model = model
+    if provider:
+        req.provider = provider
+    if owners is not None:
+        req.owners.CopyFrom(owners)
+    if labels:
+        req.labels.update(labels)
+    if attempt:
+        req.attempt = attempt
+    if retry_of:
+        req.retry_of = retry_of
+    if event_time_ms:
+        req.event_time_ms = event_time_ms
+    if privacy_mode:
+        req.privacy_mode = privacy_mode
+    if usage_estimated:
+        req.usage_estimated = True
+    if want_receipt:
+        req.want_receipt = True
+    # Usage filled in place (building a Usage and copying it in costs more); it is
+    # always present on the wire, zeros included.
+    usage = req.usage
+    usage.SetInParent()
+    (usage.input_tokens, usage.cached_input_tokens, usage.cache_write_tokens,
+     usage.output_tokens, usage.reasoning_tokens) = tokens
+    for name, value in units.items():
+        setattr(usage, name, value)
+    if service_tier:
         usage.service_tier = service_tier
-    req = meter_pb2.RecordRequest(
-        event_id=check_str(prefix + "event_id", event_id),
-        reservation_id=reservation_id,
-        model=model,
-        provider=check_str(prefix + "provider", provider),
-        owners=owners_pb(prefix + "owners", owners),
-        labels=str_map(prefix + "labels", labels),
-        usage=usage,
-        outcome=check_enum(prefix + "outcome", Outcome, outcome).number,
-        # The wire has no "unknown" for a Record's size: 0 means not measured.
-        input_bytes=max(0, check_int(prefix + "input_bytes", input_bytes, minimum=-1)),
-        attempt=check_int(prefix + "attempt", attempt, maximum=INT32_MAX),
-        retry_of=check_str(prefix + "retry_of", retry_of),
-        event_time_ms=_event_time(prefix + "event_time_ms", event_time_ms),
-        privacy_mode=(0 if privacy_mode is None else
-                      check_enum(prefix + "privacy_mode", PrivacyMode, privacy_mode).number),
-        usage_estimated=usage_estimated,
-        want_receipt=want_receipt,
-    )
     if check_int(prefix + "revenue", revenue_nanos):
         req.revenue.CopyFrom(to_money(revenue_nanos))
     return req
 
 
 def _event_time(field: str, value: Any) -> int:
+    if value == 0 and type(value) is int:
+        return 0  # now: nothing to check
     ms = time_ms(field, value)
     problem = event_time_problem(ms, int(time.time() * 1000))
     if problem is not None:
