@@ -11,13 +11,13 @@ import asyncio
 
 import openai
 import pytest
-from p402_client import errors as e
 
+from p402_client import errors as e
 from p402_server.gateways.inprocess import EmbeddedP402, InProcessClient
 from p402_server.gateways.proxy import PROXY_KEY, ProxyConfig, start_proxy
-from p402_server.server import init_tenant
 from p402_server.ledger import open_store
 from p402_server.ledger.model import EventFilter
+from p402_server.server import init_tenant
 from tests.proxy.conftest import UPSTREAM_KEY
 from tests.support.openai_standin import OpenAIStandin
 
@@ -111,6 +111,50 @@ async def test_in_process_deadline_is_deadline_exceeded(embedded):
     gate.open.set()
 
 
+async def test_in_process_unary_arms_its_deadline_only_when_the_handler_waits(
+        monkeypatch):
+    from p402_server.gateways import inprocess
+    timers = []
+    real = asyncio.timeout
+
+    def counted(delay):
+        timers.append(delay)
+        return real(delay)
+
+    monkeypatch.setattr(inprocess.asyncio, "timeout", counted)
+    cleaned = []
+
+    async def handler(request, context):
+        if request == "now":
+            return "answer"
+        if request == "refuse":
+            raise ValueError("refused before waiting")
+        try:
+            await asyncio.sleep(float(request))
+            return f"slept {request}"
+        finally:
+            cleaned.append(request)
+
+    unary = inprocess._Unary(handler)
+    assert await unary("now", timeout=5.0) == "answer"
+    with pytest.raises(ValueError, match="refused before waiting"):
+        await unary("refuse", timeout=5.0)
+    assert timers == []  # neither waited: no deadline timer
+    assert await unary("0.01", timeout=5.0) == "slept 0.01"
+    assert timers == [5.0]
+    # Past the deadline: DEADLINE_EXCEEDED, and the handler's own cleanup ran.
+    with pytest.raises(inprocess.InProcessRpcError) as err:
+        await unary("10", timeout=0.05)
+    assert err.value.code().name == "DEADLINE_EXCEEDED" and cleaned[-1] == "10"
+    # The caller cancelled while the handler waits: the cancellation reaches it.
+    call = asyncio.ensure_future(unary("10", timeout=5.0))
+    await asyncio.sleep(0.01)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert cleaned == ["0.01", "10", "10"]
+
+
 @pytest.fixture
 async def proxy(embedded):
     emb, tenant, admin_key = embedded
@@ -200,9 +244,9 @@ def test_proxy_lease_needs_an_embedded_runtime(capsys):
 
 def test_embedded_proxy_reads_the_server_settings_from_the_environment(
         tmp_path, monkeypatch, capsys):
-    from p402_server.cli import main
-
     import logging
+
+    from p402_server.cli import main
 
     monkeypatch.setenv("P402_HOLDS_FLUSH_INTERVAL_SECONDS", "0")
     root = logging.getLogger()

@@ -84,8 +84,44 @@ def _deadline_exceeded() -> InProcessRpcError:
     return InProcessRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
 
+class _Resumed:
+    """Awaits the rest of a coroutine that was run up to its first suspension
+    (`first`, what it yielded): what `await coro` would have done from there on,
+    sends, throws (a cancellation) and close included."""
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro, first):
+        self._coro, self._first = coro, first
+
+    def __await__(self):
+        coro, out = self._coro, self._first
+        while True:
+            try:
+                sent = yield out
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # noqa: BLE001 - handed to the coroutine
+                try:
+                    out = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    out = coro.send(sent)
+                except StopIteration as done:
+                    return done.value
+
+
 class _Unary:
-    """A unary-unary method: `await stub.M(request, timeout=, metadata=)`."""
+    """A unary-unary method: `await stub.M(request, timeout=, metadata=)`.
+
+    With a timeout, the handler runs first without one: most calls (a decision in
+    memory, a key already in the cache, a record queued) finish without ever
+    waiting, and a deadline timer per call cost more than the call's own Python.
+    Only a handler that does wait (the store, a lease, the writer) runs the rest of
+    its way under the deadline."""
 
     __slots__ = ("_handler",)
 
@@ -93,12 +129,16 @@ class _Unary:
         self._handler = handler
 
     async def __call__(self, request, timeout: float | None = None, metadata: Any = ()):
-        ctx = _Context(metadata)
+        coro = self._handler(request, _Context(metadata))
         if timeout is None:
-            return await self._handler(request, ctx)
+            return await coro
+        try:
+            first = coro.send(None)
+        except StopIteration as done:
+            return done.value
         try:
             async with asyncio.timeout(timeout):
-                return await self._handler(request, ctx)
+                return await _Resumed(coro, first)
         except TimeoutError:
             raise _deadline_exceeded() from None
 
