@@ -30,10 +30,10 @@ converted) while the previous one commits.
 Two implementations of that transaction, one contract (the same tests run both):
 
 - SQLite file: on a dedicated thread over one long-lived connection (SQLAlchemy sync
-  engine, same pragmas), ``BEGIN IMMEDIATE``, ``executemany`` of driver SQL, new seqs
-  read back as the rows above the previous ``max(seq)``. One thread hand-off per batch
-  instead of one per driver call; ``executemany`` measured cheaper than a multi-row
-  ``INSERT … RETURNING`` (benchmarks/bench_record_sqlite.py).
+  engine, same pragmas), ``BEGIN IMMEDIATE``, multi-row statements of driver SQL
+  (`_ManyRows`: one GIL release per statement, not per row), new seqs read back as
+  the rows above the previous ``max(seq)``. One thread hand-off per batch instead of
+  one per driver call.
 - PostgreSQL: the events by binary COPY and the rollups by one upsert per table,
   through the asyncpg connection inside SQLAlchemy's transaction (`_PgOps`); rollup
   rows sorted so concurrent writers in several processes lock in the same order.
@@ -74,8 +74,10 @@ import contextlib
 import hashlib
 import logging
 import operator
+import sqlite3
 import time
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import sqlalchemy as sa
@@ -752,6 +754,59 @@ def _existing_stmt(keys: list[tuple[str, str]]):
     return sa.select(ev).where(sa.tuple_(ev.c.tenant_id, ev.c.event_id).in_(keys))
 
 
+class _ManyRows:
+    """An ``INSERT … VALUES (?, …) [ON CONFLICT …]`` statement run for many rows as a
+    few multi-row statements, not an ``executemany``.
+
+    ``executemany`` steps the statement once per row, and the sqlite3 module releases
+    and takes back the GIL around every step. In a serving process the event loop's
+    thread holds the GIL most of the time, so each take-back waits for its switch
+    interval (5 ms): 500 rows took 0.14–1.7 s instead of 20–30 ms beside a thread
+    busy in Python, and a proxy's Records fell seconds behind its answers (every
+    open hold was then written, and deleted again). A multi-row statement is one
+    step. Chunks are powers of two rows (at most log2(n) statements, and a few
+    distinct texts for the driver's statement cache) within SQLite's limit of bound
+    variables per statement."""
+
+    __slots__ = ("_head", "_group", "_tail", "width", "max_rows", "_texts")
+
+    def __init__(self, single: str) -> None:
+        head, _, rest = single.partition(" VALUES (")
+        group, _, tail = rest.partition(")")
+        self._head = head + " VALUES "
+        self._group = "(" + group + ")"
+        self._tail = tail
+        self.width = group.count("?")
+        self.max_rows = 1
+        self._texts: dict[int, str] = {}
+        self.limit(999)  # SQLite's smallest default; `limit` sets the connection's
+
+    def limit(self, max_variables: int, max_rows: int = 512) -> None:
+        n = 1
+        while 2 * n <= max_rows and 2 * n * self.width <= max_variables:
+            n *= 2
+        self.max_rows = n
+
+    def text(self, n: int) -> str:
+        """The statement for `n` rows."""
+        t = self._texts.get(n)
+        if t is None:
+            t = self._texts[n] = self._head + ", ".join([self._group] * n) + self._tail
+        return t
+
+    def run(self, conn, rows: list[tuple]) -> int:
+        """Every row of `rows`, in order; returns the rows changed (SQLite's changes():
+        inserted, or updated by an upsert; not those a DO NOTHING skipped)."""
+        changed, i, n, size = 0, 0, len(rows), self.max_rows
+        while i < n:
+            while size > n - i:
+                size //= 2
+            values = tuple(chain.from_iterable(rows[i:i + size]))
+            changed += conn.exec_driver_sql(self.text(size), values).rowcount
+            i += size
+        return changed
+
+
 class _SqliteSQL:
     """The SQLite write statements as driver SQL, values bound as tuples: the same
     INSERT … ON CONFLICT DO NOTHING and upserts the Core path compiles, without
@@ -823,9 +878,9 @@ class _SqliteThreadOps:
     one hand-off between threads instead of one per driver call, and the event loop
     keeps serving callers — who form the next batch — while the database works.
 
-    Inside BEGIN IMMEDIATE (the write lock held throughout), events go in with one
-    ``executemany`` of INSERT … ON CONFLICT DO NOTHING (measured cheaper than a
-    multi-row INSERT … RETURNING), chained on the assumption that every event is new.
+    Inside BEGIN IMMEDIATE (the write lock held throughout), events go in with
+    multi-row INSERT … ON CONFLICT DO NOTHING statements (`_ManyRows`; no RETURNING,
+    measured dearer), chained on the assumption that every event is new.
     When every event was new, the new seqs follow from max(seq) before and after.
     When some were already in the table (a retry the server had forgotten: rare), the
     rows just inserted are deleted again (they are exactly those above the previous
@@ -843,6 +898,9 @@ class _SqliteThreadOps:
         sa.event.listen(self._engine, "connect", _driver_autocommit)
         sa.event.listen(self._engine, "begin", _begin_immediate)
         self._sql = _SqliteSQL()
+        sql = self._sql
+        self._many = {name: _ManyRows(getattr(sql, name)) for name in (
+            "insert", "claim", "rollups", "daily", "periods", "hold_upsert", "contents")}
         self._executor: Any = None
         self._conn: sa.Connection | None = None
         self._heads: Heads = {}
@@ -853,6 +911,10 @@ class _SqliteThreadOps:
 
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="p402-writer")
         self._conn = await self._run(self._engine.connect)
+        dbapi = self._conn.connection.dbapi_connection
+        variables = dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        for many in self._many.values():
+            many.limit(variables)
 
     async def close(self) -> None:
         if self._executor is None:
@@ -891,15 +953,15 @@ class _SqliteThreadOps:
                     "DELETE FROM holds WHERE tenant_id = ? AND reservation_id IN "
                     f"({', '.join('?' * len(chunk))})", (tenant_id, *chunk))
             if rows:
-                conn.exec_driver_sql(self._sql.hold_upsert, rows)
+                self._many["hold_upsert"].run(conn, rows)
 
     def _claims_sync(self, conn, unique: list[LedgerEvent], now_ms: int) -> Lost:
         claimers = _claimers(unique)
         if not claimers:
             return {}
-        inserted = conn.exec_driver_sql(self._sql.claim, [
+        inserted = self._many["claim"].run(conn, [
             (unique[i].tenant_id, unique[i].reservation_id, unique[i].event_id, now_ms)
-            for i in claimers]).rowcount
+            for i in claimers])
         if inserted == len(claimers):  # every claim is new (the common case)
             return {}
         winners: dict = {}
@@ -963,13 +1025,13 @@ class _SqliteThreadOps:
                 if len(inserted_rows) != len(unique):  # the batch's rollups are too many
                     rollups = _aggregate_rollups(inserted_rows, ordered=False)
                 self.upsert_rollups(conn, rollups)
-                conn.exec_driver_sql(sql.daily, _aggregate_daily(rollups, ordered=False))
+                self._many["daily"].run(conn, _aggregate_daily(rollups, ordered=False))
                 periods = _aggregate_periods(inserted)
                 if periods:
                     self.upsert_periods(conn, periods)
                 contents = _content_rows(inserted)
                 if contents:
-                    conn.exec_driver_sql(sql.contents, contents)
+                    self._many["contents"].run(conn, contents)
         # Committed: only now do the cached heads move.
         self._heads.update(new_heads)
         self._last_seq = after
@@ -977,13 +1039,13 @@ class _SqliteThreadOps:
 
     def insert_events(self, conn, rows: list[tuple]) -> int:
         """Insert what is new; returns how many rows were inserted."""
-        return conn.exec_driver_sql(self._sql.insert, rows).rowcount
+        return self._many["insert"].run(conn, rows)
 
     def upsert_rollups(self, conn, rows: list[tuple]) -> None:
-        conn.exec_driver_sql(self._sql.rollups, rows)
+        self._many["rollups"].run(conn, rows)
 
     def upsert_periods(self, conn, rows: list[tuple]) -> None:
-        conn.exec_driver_sql(self._sql.periods, rows)
+        self._many["periods"].run(conn, rows)
 
 
 class _CoreOps:
