@@ -911,6 +911,11 @@ class _SqliteThreadOps:
 
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="p402-writer")
         self._conn = await self._run(self._engine.connect)
+        await self._run(self._fit_statements)
+
+    def _fit_statements(self) -> None:
+        # On the writer's thread: the connection's own limit of bound variables.
+        assert self._conn is not None
         dbapi = self._conn.connection.dbapi_connection
         variables = dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         for many in self._many.values():
