@@ -109,3 +109,36 @@ async def test_holds_saved_through_the_store_once_the_writer_stopped(tmp_path):
     finally:
         await emb.runtime.stop()
         await store.close()
+
+
+async def test_a_hold_never_written_is_never_deleted_and_a_written_one_is(tmp_path):
+    """The write-behind deletes the saved row of a settled hold, and only that: a
+    Record settled before its hold was ever written sends no delete to the ledger."""
+    path = tmp_path / "ledger.db"
+    store, _tenant, admin_key, emb = await _started(path)
+    deleted: list = []
+    real = emb.writer.save_holds
+
+    async def save_holds(tenant_id, rows, deletes=()):
+        deleted.extend(deletes)
+        return await real(tenant_id, rows, deletes)
+
+    emb.writer.save_holds = save_holds
+    try:
+        meter = emb.client(admin_key)
+        early = await meter.authorize("gpt-4o-mini", owners={"customer": "acme"},
+                                      input_bytes=40, max_output_tokens=5)
+        rt = next(iter(emb.runtime.tenants.values()))
+        await rt.flush_holds()  # `early` is on disk
+        late = await meter.authorize("gpt-4o-mini", owners={"customer": "acme"},
+                                     input_bytes=40, max_output_tokens=5)
+        for a in (early, late):  # `late` settles before any flush wrote it
+            await meter.record(a.reservation_id, input_tokens=9, output_tokens=4)
+        again = await meter.record(late.reservation_id, input_tokens=9, output_tokens=4)
+        assert again.duplicate
+        await rt.flush_holds()
+        assert deleted == [early.reservation_id]
+        assert await _stored(path) == {}
+    finally:
+        await emb.stop()
+        await store.close()

@@ -373,9 +373,14 @@ class Settling:
 
     def _remember(self, ev: LedgerEvent) -> None:
         self._events.put(ev.event_id, ev)
-        if ev.reservation_id:
-            self._by_reservation.put(ev.reservation_id, ev)
-            rid = ev.reservation_id
+        rid = ev.reservation_id
+        if rid:
+            prior = self._by_reservation.get(rid)
+            self._by_reservation.put(rid, ev)
+            if prior is not None and prior.event_id == ev.event_id:
+                # Remembered again once committed: its hold was dealt with the first
+                # time (a delete for every Record would go to the ledger otherwise).
+                return
             self._hold_meta.pop(rid, None)
             if self._hold_upserts.pop(rid, None) is None:
                 self._hold_deletes.add(rid)  # (else never written: nothing to delete)
