@@ -527,6 +527,31 @@ def test_ulid_text_is_crockford_base32_of_the_128_bits():
     assert set(ulid) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 
 
+def test_new_ulid_is_its_millisecond_and_random_bits_written_out():
+    """new_ulid writes a millisecond's 10 characters once: every id is still the
+    Crockford text of (ms << 80 | random), across millisecond changes, a clock
+    stepping back and the 2^80 borrow into the next millisecond."""
+    from p402_client import ids
+
+    base = 1_800_000_000_000
+    made = []
+    saved = ids._last_ms, ids._last_rand
+    try:
+        for ms in [base, base, base + 1, base + 5, base + 2, base + 9, base + 9]:
+            made.append((new_ulid(ms), ids._last_ms, ids._last_rand))
+        with ids._lock:
+            ids._last_rand = (1 << 80) - 1  # the next id in this ms must borrow one
+        made.append((new_ulid(base + 9), ids._last_ms, ids._last_rand))
+    finally:  # later ids of this process follow the real clock again
+        with ids._lock:
+            ids._last_ms, ids._last_rand = saved
+    for text, ms, rand in made:
+        assert text == _crockford_digits(ms << 80 | rand)
+    assert [ulid_time_ms(t) for t, _, _ in made] == [
+        base, base, base + 1, base + 5, base + 5, base + 9, base + 9, base + 10]
+    assert [t for t, _, _ in made] == sorted({t for t, _, _ in made})
+
+
 def test_a_forked_child_draws_other_ids_than_its_parent():
     import os
 

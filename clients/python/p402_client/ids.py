@@ -20,6 +20,8 @@ _MS_MASK = (1 << 48) - 1
 # Every 10-bit value as its two Crockford digits: a ULID is 13 lookups.
 _PAIRS = [_ALPHABET[i >> 5] + _ALPHABET[i & 31] for i in range(1024)]
 _SHIFTS = tuple(range(120, -1, -10))
+_RANDOM_SHIFTS = tuple(range(70, -1, -10))  # the last 8 pairs: the 80 random bits
+_time_text = (-1, "")  # (ms, its 10 characters), replaced whole: no torn reads
 _lock = threading.Lock()
 _last_ms = -1
 _last_rand = 0
@@ -57,7 +59,7 @@ def encode_ulid(value: int) -> str:
 
 def new_ulid(now_ms: int | None = None) -> str:
     """A new 26-character ULID, strictly greater than the previous one of this process."""
-    global _last_ms, _last_rand
+    global _last_ms, _last_rand, _time_text
     ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     with _lock:
         if ms <= _last_ms:
@@ -71,7 +73,13 @@ def new_ulid(now_ms: int | None = None) -> str:
             # A fresh ms: random, top bit clear so increments cannot overflow soon.
             rand = _rng.getrandbits(_RANDOM_BITS - 1)
         _last_ms, _last_rand = ms, rand
-    return encode_ulid((ms & _MS_MASK) << _RANDOM_BITS | rand)
+    # The first 10 characters are the millisecond's (the same for every id made in
+    # it: written once per ms), the last 16 the 80 random bits.
+    cached = _time_text
+    if cached[0] != ms:
+        cached = _time_text = (ms, encode_ulid((ms & _MS_MASK) << _RANDOM_BITS)[:10])
+    pairs = _PAIRS
+    return cached[1] + "".join([pairs[(rand >> s) & 1023] for s in _RANDOM_SHIFTS])
 
 
 def ulid_time_ms(ulid: str) -> int:
