@@ -477,3 +477,47 @@ async def test_streams_cut_anywhere_with_any_line_end_are_relayed_and_metered(
     assert_usage(chat_ev, rig.upstream.usage(CHAT, chat.body))
     assert_usage(resp_ev, rig.upstream.usage("/v1/responses", responses.body))
     assert chat_ev.evidence.value == resp_ev.evidence.value == "REPORTED"
+
+
+async def _post_raw(rig, raw: bytes) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(rig.base_url + "/chat/completions", data=raw,
+                          headers={"Authorization": f"Bearer {rig.meter_key}",
+                                   "Content-Type": "application/json",
+                                   "x-p402-customer": "acme"}) as r:
+            return r.status, await r.read()
+
+
+async def test_integers_beyond_64_bits_in_a_prompt_reach_the_upstream_exactly(rig):
+    # A prompt's numbers are not read by the proxy; when the body must be written
+    # again (here: usage asked for on a stream) they still go upstream as sent.
+    big, small = 2**70, -(2**64) - 1
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "hi", "meta": {"n": big, "m": [small, 1.5, 2**63]}}]}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "maximum": big}}}}}]
+    body = {"model": "gpt-4o-mini", "messages": messages, "tools": tools,
+            "stream": True, "max_tokens": 5}
+    status, _ = await _post_raw(rig, json.dumps(body).encode())
+    assert status == 200
+    got = json.loads(rig.upstream.last(CHAT).raw)
+    assert got["stream_options"] == {"include_usage": True}
+    assert got["messages"] == messages and got["tools"] == tools
+    n = got["messages"][0]["content"][0]["meta"]["n"]
+    assert n == big and type(n) is int
+    # Nothing to change: forwarded byte for byte.
+    raw = json.dumps({**body, "stream": False}).encode()
+    status, _ = await _post_raw(rig, raw)
+    assert status == 200 and rig.upstream.last(CHAT).raw == raw
+    await rig.events(2)
+
+
+async def test_a_cap_beyond_64_bits_is_refused_as_it_was_read_exactly(rig):
+    # Numbers the proxy reads (outside the prompt) are read exactly: 2**70 is an
+    # integer too large to reserve, not a float the cap check would refuse otherwise.
+    raw = json.dumps({"model": "gpt-4o-mini", "max_tokens": 2**70,
+                      "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, answer = await _post_raw(rig, raw)
+    err = json.loads(answer)["error"]
+    assert status == 400 and "max_output_tokens" in err["message"], err
+    assert not [r for r in rig.upstream.requests if r.path == CHAT]

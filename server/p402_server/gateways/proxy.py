@@ -535,10 +535,27 @@ class StreamUsage:
                 "output_tokens": max(self.chunks, -(-self.out_bytes // 4))}
 
 
-def json_object(raw: bytes) -> dict:
-    """A request body that must be a JSON object (400 otherwise)."""
+# The parts of a request body whose numbers the proxy never reads (only their text
+# and shape): a large prompt is most of a body, and looking through it for integers
+# beyond 64 bits (`jsonio.exact`) cost 31 µs of an 88 KB chat body's 75 µs parse. It
+# is looked through only when the body is written again (`exact_body`).
+_TEXT_PARTS = {"chat": frozenset({"messages", "tools"}),
+               "responses": frozenset({"input", "tools"})}
+
+
+def json_object(raw: bytes, kind: str = "") -> dict:
+    """A request body that must be a JSON object (400 otherwise). With `kind`, the
+    numbers of its text parts (`_TEXT_PARTS`) may be floats where the text has
+    integers beyond 64 bits: read them only through `exact_body`."""
     try:
-        body = jsonio.loads(raw)
+        parts = _TEXT_PARTS.get(kind)
+        if parts is None:
+            body = jsonio.loads(raw)
+        else:
+            body = jsonio.loads_lax(raw)
+            if isinstance(body, dict) and not all(
+                    jsonio.exact(v) for k, v in body.items() if k not in parts):
+                body = jsonio.loads(raw)
     except ValueError:
         raise ProxyError(400, "the request body is not JSON", "invalid_request_error",
                          "invalid_json") from None
@@ -548,6 +565,12 @@ def json_object(raw: bytes) -> dict:
         raise ProxyError(400, "the request body must be a JSON object",
                          "invalid_request_error", "invalid_json")
     return body
+
+
+def exact_body(raw: bytes, body: dict) -> dict:
+    """`body` (from `json_object(raw, kind)`) with every number as the text has it:
+    itself, or the exact parse when a text part held an integer beyond 64 bits."""
+    return body if jsonio.exact(body) else json_object(raw)
 
 
 def _too_deep() -> ProxyError:
@@ -894,7 +917,7 @@ class Proxy:
         kind = METERED[endpoint]
         key = self._caller_key(request)
         raw = await request.read()
-        body = json_object(raw)
+        body = json_object(raw, kind)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise ProxyError(400, "model is required", "invalid_request_error",
@@ -921,7 +944,7 @@ class Proxy:
             if not caller_wants_usage:
                 edits["stream_options"] = {**(so if isinstance(so, dict) else {}),
                                            "include_usage": True}
-        data = jsonio.dumps(edited(body, edits)) if edits else raw
+        data = jsonio.dumps(edited(exact_body(raw, body), edits)) if edits else raw
 
         up = await self._post(key, auth, request.match_info["endpoint"], data,
                               self._upstream_headers(request), nbytes)
