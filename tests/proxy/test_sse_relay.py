@@ -239,3 +239,18 @@ def test_an_event_that_never_ends_is_a_broken_stream(monkeypatch):
     assert parser.feed(b"\n\ndata: " + b"y" * 50) == [b"data: " + b"x" * 40]
     with pytest.raises(aiohttp.ClientPayloadError, match="longer than 64 bytes"):
         parser.feed(b"z" * 20)  # 76 bytes and no blank line: no end in sight
+
+
+def test_a_whole_answers_usage_is_read_exactly_whatever_else_it_holds():
+    big = 2**70
+    answer = {"id": "x", "object": "chat.completion", "service_tier": "flex",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                           "logprobs": {"n": big, "m": [-(2**64) - 1]}}],
+              "usage": {"prompt_tokens": big, "completion_tokens": 3}}
+    usage = proxy.answer_usage("chat", json.dumps(answer).encode())
+    assert usage["input_tokens"] == big and type(usage["input_tokens"]) is int
+    assert usage["service_tier"] == "flex"
+    plain = {**answer, "usage": {"prompt_tokens": 9, "completion_tokens": 3}}
+    assert proxy.answer_usage("chat", json.dumps(plain).encode())["input_tokens"] == 9
+    with pytest.raises(AttributeError):
+        proxy.answer_usage("chat", b"[1, 2]")

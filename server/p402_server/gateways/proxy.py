@@ -717,6 +717,17 @@ def usage_from(kind: str, usage: Any, service_tier: Any = None,
     return kw
 
 
+def answer_usage(kind: str, raw: bytes) -> dict[str, Any] | None:
+    """`usage_from` of a whole JSON answer. Only its usage's numbers are read, so only
+    they must be exact (the rest may hold floats for integers beyond 64 bits). Raises
+    ValueError, AttributeError (not an object), UnicodeError or RecursionError."""
+    answer = jsonio.loads_lax(raw)
+    if not jsonio.exact(answer.get("usage")):
+        answer = jsonio.loads(raw)
+    return usage_from(kind, answer.get("usage"), answer.get("service_tier"),
+                      web_searches(answer))
+
+
 def web_searches(response: Any) -> int:
     """The web-search tool calls in a Responses API answer (its `web_search_call`
     output items); 0 for anything else."""
@@ -984,9 +995,7 @@ class Proxy:
             if read_usage is not None:
                 usage = read_usage(raw, up.content_type or "")
             else:
-                answer = jsonio.loads(raw)
-                usage = usage_from(kind, answer.get("usage"), answer.get("service_tier"),
-                                   web_searches(answer))
+                usage = answer_usage(kind, raw)
         except (ValueError, AttributeError, UnicodeError, RecursionError):
             usage = None
         estimated = usage is None
