@@ -197,3 +197,53 @@ async def test_a_sender_cancelled_mid_write_never_mismatches_answers(client):
     assert sizes == sorted(sizes) and len(set(sizes)) == 30
     assert len({a.reservation_id for a in got}) == 30
     assert after.allowed and after.estimated_input_tokens == sizes[0]
+
+
+async def test_a_timed_out_or_cancelled_caller_leaves_the_others_their_answers():
+    """A server slow to answer: one caller times out (DeadlineExceeded), another is
+    cancelled; once the answers come, theirs are dropped and every later caller gets
+    its own answer on the same stream."""
+    import grpc
+
+    from p402.v1 import common_pb2, meter_pb2, meter_pb2_grpc
+
+    release = asyncio.Event()
+
+    class Slow(meter_pb2_grpc.MeterServiceServicer):
+        async def StreamAuthorizeBatches(self, request_iterator, context):
+            async for msg in request_iterator:
+                if not release.is_set():
+                    await release.wait()
+                yield meter_pb2.AuthorizeBatchResponse(results=[
+                    meter_pb2.StreamAuthorizeResponse(response=meter_pb2.AuthorizeResponse(
+                        decision=common_pb2.DECISION_ALLOW, model=r.model,
+                        reservation_id=r.reservation_id)) for r in msg.requests])
+
+    server = grpc.aio.server()
+    meter_pb2_grpc.add_MeterServiceServicer_to_server(Slow(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    c = AsyncP402Client(f"127.0.0.1:{port}", api_key="p402_" + "a" * 40, timeout=0.3)
+    pipe = AuthorizePipeline(c)
+    try:
+        with pytest.raises(e.DeadlineExceeded):
+            await pipe.authorize("late", owners=OWNERS)
+        c.timeout = 10.0
+        gone = asyncio.ensure_future(pipe.authorize("gone", owners=OWNERS))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        waiting = [asyncio.ensure_future(pipe.authorize(f"m{i}", owners=OWNERS))
+                   for i in range(5)]
+        await asyncio.sleep(0.05)
+        release.set()
+        got = await asyncio.gather(*waiting)
+        after = await pipe.authorize("after", owners=OWNERS)
+        assert pipe._call is not None  # the same stream, never broken
+    finally:
+        await pipe.aclose()
+        await c.close()
+        await server.stop(None)
+    assert [a.model for a in got] == [f"m{i}" for i in range(5)]
+    assert after.model == "after" and len({a.reservation_id for a in got + [after]}) == 6

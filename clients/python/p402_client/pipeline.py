@@ -101,12 +101,13 @@ class AuthorizePipeline:
             self._sender = asyncio.get_running_loop().create_task(
                 self._send(), name="p402-authorize-send")
         try:
+            # Awaited directly: a timeout or a cancelled caller cancels `fut`, and the
+            # reader drops the answer of a future that is done.
             async with asyncio.timeout(c.timeout):
-                pb = await asyncio.shield(fut)
+                pb = await fut
         except TimeoutError:
             from .errors import DeadlineExceeded
 
-            fut.cancel()  # its answer, when it comes, is dropped by the reader
             raise DeadlineExceeded(
                 "Deadline Exceeded: no answer on the authorize stream in time",
                 code=grpc.StatusCode.DEADLINE_EXCEEDED, reason="DEADLINE_EXCEEDED") from None
