@@ -33,7 +33,8 @@ Two implementations of that transaction, one contract (the same tests run both):
   engine, same pragmas), ``BEGIN IMMEDIATE``, ``executemany`` of driver SQL, new seqs
   read back as the rows above the previous ``max(seq)``. One thread hand-off per batch
   instead of one per driver call; ``executemany`` measured cheaper than a multi-row
-  ``INSERT … RETURNING`` (benchmarks/bench_record_sqlite.py).
+  ``INSERT … RETURNING`` (benchmarks/bench_record_sqlite.py). WAL checkpoints run
+  beside the transactions on a thread of their own, not inside the writer's commits.
 - PostgreSQL: the events by binary COPY and the rollups by one upsert per table,
   through the asyncpg connection inside SQLAlchemy's transaction (`_PgOps`); rollup
   rows sorted so concurrent writers in several processes lock in the same order.
@@ -817,6 +818,11 @@ def _driver_autocommit(dbapi_conn, _record) -> None:
     dbapi_conn.isolation_level = None
 
 
+def _backstop_checkpoint(dbapi_conn, _record) -> None:
+    # Checkpoints are _Checkpointer's; a commit checkpoints only if they fall behind.
+    dbapi_conn.execute(f"PRAGMA wal_autocheckpoint={_Checkpointer.BACKSTOP_PAGES}")
+
+
 class _SqliteThreadOps:
     """SQLite file databases: the whole transaction runs on one dedicated thread over
     one long-lived connection (SQLAlchemy sync engine, same pragmas), so a batch costs
@@ -833,7 +839,11 @@ class _SqliteThreadOps:
     inserted, in the same transaction.
 
     Chain heads are cached per tenant; the cache holds while max(seq) at the start of
-    a batch is what this writer left after its previous one (nobody else wrote)."""
+    a batch is what this writer left after its previous one (nobody else wrote).
+
+    Checkpoints (copying the WAL's pages into the database file, and its fsync) run
+    beside the transactions, on a thread and connection of their own (`_Checkpointer`),
+    instead of inside a commit of the writer's every few transactions."""
 
     def __init__(self, url: sa.engine.URL) -> None:
         from p402_server.ledger.engine import _sqlite_pragmas
@@ -841,10 +851,12 @@ class _SqliteThreadOps:
         self._engine = sa.create_engine(url.set(drivername="sqlite+pysqlite"))
         sa.event.listen(self._engine, "connect", _sqlite_pragmas)
         sa.event.listen(self._engine, "connect", _driver_autocommit)
+        sa.event.listen(self._engine, "connect", _backstop_checkpoint)
         sa.event.listen(self._engine, "begin", _begin_immediate)
         self._sql = _SqliteSQL()
         self._executor: Any = None
         self._conn: sa.Connection | None = None
+        self._checkpointer: _Checkpointer | None = None
         self._heads: Heads = {}
         self._last_seq = -1  # max(seq) after this writer's last commit
 
@@ -853,10 +865,14 @@ class _SqliteThreadOps:
 
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="p402-writer")
         self._conn = await self._run(self._engine.connect)
+        self._checkpointer = _Checkpointer(self._engine)
 
     async def close(self) -> None:
         if self._executor is None:
             return
+        if self._checkpointer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.close)
+            self._checkpointer = None
         if self._conn is not None:
             await self._run(self._conn.close)
             self._conn = None
@@ -973,6 +989,8 @@ class _SqliteThreadOps:
         # Committed: only now do the cached heads move.
         self._heads.update(new_heads)
         self._last_seq = after
+        if self._checkpointer is not None:
+            self._checkpointer.request()
         return seqs, existing, links, lost
 
     def insert_events(self, conn, rows: list[tuple]) -> int:
@@ -984,6 +1002,65 @@ class _SqliteThreadOps:
 
     def upsert_periods(self, conn, rows: list[tuple]) -> None:
         conn.exec_driver_sql(self._sql.periods, rows)
+
+
+class _Checkpointer:
+    """WAL checkpoints of the SQLite writer's database beside its transactions.
+
+    With SQLite's default, the commit that takes the WAL past 1000 pages also copies
+    them into the database file and fsyncs it, and the writer's next transaction
+    waits for that. Here, after each commit the writer asks for a PASSIVE checkpoint
+    (it waits for no reader or writer, and takes no write lock) on this thread's own
+    connection; at most one runs at a time, and requests made while one runs are
+    served by one more once it ends. The writer's connection keeps an automatic
+    checkpoint at BACKSTOP_PAGES, should these ever fall behind. Durability is SQLite's
+    own either way: a commit is on disk once its WAL frames are synced
+    (synchronous=FULL), and a checkpoint syncs before the WAL is reused."""
+
+    BACKSTOP_PAGES = 10_000
+
+    def __init__(self, engine: sa.engine.Engine) -> None:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._engine = engine
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="p402-checkpoint")
+        self._lock = threading.Lock()
+        self._running = False
+        self._again = False
+        self._conn: Any = None  # the DBAPI connection, opened on the thread
+        self.failures = 0
+
+    def request(self) -> None:
+        """Ask for a checkpoint (from the writer's thread, after a commit)."""
+        with self._lock:
+            if self._running:
+                self._again = True
+                return
+            self._running = True
+        self._executor.submit(self._run)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                if self._conn is None:
+                    self._conn = self._engine.raw_connection()
+                self._conn.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except Exception as exc:  # the writer's backstop checkpoint still runs
+                self.failures += 1
+                log.warning("p402 store: WAL checkpoint failed: %r", exc)
+            with self._lock:
+                if not self._again:
+                    self._running = False
+                    return
+                self._again = False
+
+    def close(self) -> None:
+        """Wait for a running checkpoint, then close the connection."""
+        self._executor.shutdown(wait=True)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class _CoreOps:
