@@ -1230,8 +1230,8 @@ class _PgOps(_CoreOps):
         self._sql_seqs = ("SELECT nextval(pg_get_serial_sequence('events', 'seq')) "
                           "FROM generate_series(1, $1)")
         self._copy_columns = ("seq", *EVENT_COLUMNS)
-        self._sql_rollups = _pg_upsert_arrays(S.rollups_hourly, key, sums)
-        self._sql_daily = _pg_upsert_arrays(S.spend_daily, dkey, sums)
+        self._rollups = _PgUpsert(S.rollups_hourly, key, sums)
+        self._daily = _PgUpsert(S.spend_daily, dkey, sums)
         self._sql_periods = _pg_upsert(
             "budget_periods", ("tenant_id", "budget_id", "period_start_ms"),
             ("committed_nanos",))
@@ -1275,7 +1275,7 @@ class _PgOps(_CoreOps):
                 if len(rows) != len(unique):  # sorted: the tables' lock order
                     rollups = _aggregate_rollups(rows)
                 await self.upsert_rollups(apg, rollups)
-                await apg.execute(self._sql_daily, *zip(*_aggregate_daily(rollups)))
+                await apg.execute(*self._daily.args(_aggregate_daily(rollups)))
                 periods = _aggregate_periods(inserted)
                 if periods:
                     await self.upsert_periods(apg, periods)
@@ -1285,7 +1285,7 @@ class _PgOps(_CoreOps):
         return seqs, existing, links, lost
 
     async def upsert_rollups(self, apg, rows: list[tuple]) -> None:
-        await apg.execute(self._sql_rollups, *zip(*rows))
+        await apg.execute(*self._rollups.args(rows))
 
     async def upsert_periods(self, apg, rows: list[tuple]) -> None:
         await apg.executemany(self._sql_periods, rows)
@@ -1316,19 +1316,72 @@ def _pg_upsert(table: str, key: tuple, sums: tuple) -> str:
             + ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in sums))
 
 
-def _pg_upsert_arrays(table: sa.Table, key: tuple, sums: tuple) -> str:
+def _pg_upsert_arrays(table: sa.Table, key: tuple, sums: tuple, *,
+                      literals: bool = False) -> str:
     """The same upsert for many rows in one statement: $1…$n are the columns as
-    arrays (rows transposed), expanded by unnest; array types from the schema."""
+    arrays (rows transposed), expanded by unnest; array types from the schema. With
+    ``literals`` each $i is the text of an array literal (`_pg_array_literal`)."""
     from sqlalchemy.dialects import postgresql
 
     dialect = postgresql.dialect()
     cols = (*key, *sums)
-    arrays = ", ".join(f"${i}::{table.c[c].type.compile(dialect=dialect)}[]"
+    cast = "::text::" if literals else "::"
+    arrays = ", ".join(f"${i}{cast}{table.c[c].type.compile(dialect=dialect)}[]"
                        for i, c in enumerate(cols, 1))
     return (f"INSERT INTO {table.name} ({', '.join(cols)}) "
             f"SELECT * FROM unnest({arrays}) "
             f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
             + ", ".join(f"{c} = {table.name}.{c} + excluded.{c}" for c in sums))
+
+
+class _PgUpsert:
+    """A many-row upsert (`_pg_upsert_arrays`) and the arguments that send rows to it.
+
+    asyncpg encodes a list as an array element by element, asking each element
+    whether it is an array itself (isinstance checks against collections.abc, about a
+    microsecond each): for one batch's rollups, milliseconds of the event loop's time
+    per transaction (benchmarks/bench_record_pg.py). So each column goes as the text of
+    a PostgreSQL array literal, built with a few joins, which PostgreSQL parses
+    (``$i::text::<type>[]``). A column whose values are not all exactly str (a text
+    column) or exactly int goes as an array, as before, for the driver to judge."""
+
+    __slots__ = ("_arrays", "_literals", "_text")
+
+    def __init__(self, table: sa.Table, key: tuple, sums: tuple) -> None:
+        self._arrays = _pg_upsert_arrays(table, key, sums)
+        self._literals = _pg_upsert_arrays(table, key, sums, literals=True)
+        self._text = tuple(isinstance(table.c[c].type, sa.String) for c in (*key, *sums))
+
+    def args(self, rows: list[tuple]) -> tuple:
+        """(sql, $1, $2, …) for ``apg.execute`` to upsert ``rows`` (key + sums)."""
+        columns = list(zip(*rows))
+        texts = [_pg_array_literal(col, text) for col, text in zip(columns, self._text)]
+        if None in texts:
+            return (self._arrays, *columns)
+        return (self._literals, *texts)
+
+
+_STR_TYPE = frozenset({str})
+_INT_TYPE = frozenset({int})
+
+
+def _pg_array_literal(values: tuple, text: bool) -> str | None:
+    """The PostgreSQL array literal of ``values``, every one exactly a str (``text``)
+    or exactly an int; None otherwise. Each str is double-quoted (so commas, braces,
+    blanks and the word NULL stay text), a backslash or double quote in it escaped."""
+    if not values:
+        return "{}"
+    if text:
+        if not _STR_TYPE.issuperset(map(type, values)):
+            return None
+        joined = '","'.join(values)
+        if "\\" in joined or joined.count('"') != 2 * (len(values) - 1):
+            joined = '","'.join([v.replace("\\", "\\\\").replace('"', '\\"')
+                                 for v in values])
+        return '{"' + joined + '"}'
+    if not _INT_TYPE.issuperset(map(type, values)):
+        return None
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 async def _driver_connection(conn):
