@@ -580,7 +580,7 @@ class GroupCommitWriter:
         unique, slot = batch.unique, batch.slot
         async with self._write_turn or contextlib.nullcontext():
             seqs, existing, links, lost = await self._ops.write_batch(
-                unique, batch.values, batch.canon, batch.rollups())
+                unique, batch.values, batch.canon, batch.rollups(self._ops.ORDERED))
 
         inserted = 0
         for ev in unique:
@@ -626,7 +626,7 @@ class _Batch:
         self.values: list[tuple] = []  # per unique event, without the chain columns
         self.canon: list[bytes] = []  # per unique event: canonical_bytes
         self.first_of: dict[tuple[str, str], int] = {}
-        self.groups: dict[tuple, list[tuple]] = {}  # rollup groups of every unique event
+        self.groups: dict[tuple, list] = {}  # rollup rows of every unique event
         self.error: Exception | None = None
 
     def add(self, items: list[_Item]) -> None:
@@ -654,12 +654,12 @@ class _Batch:
         except Exception as exc:  # validated events cannot fail here; if one does,
             self.error = exc  # the whole batch fails like a failed transaction
 
-    def rollups(self) -> list[tuple]:
-        """The hourly rollup rows of every unique event, sorted (the lock order): what
-        the transaction adds when every event is new, the common case. Grouped as
-        events join the batch, on the event loop, while the previous transaction is
-        on its way to disk, instead of inside the transaction."""
-        return _rollup_rows(self.groups)
+    def rollups(self, ordered: bool = True) -> list[tuple]:
+        """The hourly rollup rows of every unique event, sorted when ``ordered`` (the
+        lock order): what the transaction adds when every event is new, the common
+        case. Summed as events join the batch, on the event loop, while the previous
+        transaction is on its way to disk, instead of inside the transaction."""
+        return _rollup_rows(self.groups, ordered=ordered)
 
 
 Seqs = dict[tuple[str, str], int]
@@ -844,6 +844,8 @@ class _SqliteThreadOps:
     Checkpoints (copying the WAL's pages into the database file, and its fsync) run
     beside the transactions, on a thread and connection of their own (`_Checkpointer`),
     instead of inside a commit of the writer's every few transactions."""
+
+    ORDERED = False  # rollup rows in any order: one writer, no lock order to keep
 
     def __init__(self, url: sa.engine.URL) -> None:
         from p402_server.ledger.engine import _sqlite_pragmas
@@ -1072,6 +1074,8 @@ class _CoreOps:
     the ledger (under the lock nobody else can add one for these tenants), the
     tenants' chain heads, and the inserts of the new events, chained."""
 
+    ORDERED = True  # rollup rows sorted: the lock order of concurrent writers
+
     def __init__(self, engine) -> None:
         dialect = engine.dialect.name
         if dialect == "postgresql":
@@ -1227,7 +1231,9 @@ class _PgOps(_CoreOps):
         super().__init__(engine)
         key, sums = S.ROLLUP_KEY, S.ROLLUP_SUMS
         dkey = S.SPEND_DAILY_KEY
-        self._sql_seqs = ("SELECT nextval(pg_get_serial_sequence('events', 'seq')) "
+        # One row holding the n new seqs as an array (not n rows: a row costs the
+        # driver a message and a Record).
+        self._sql_seqs = ("SELECT array_agg(nextval(pg_get_serial_sequence('events', 'seq'))) "
                           "FROM generate_series(1, $1)")
         self._copy_columns = ("seq", *EVENT_COLUMNS)
         self._rollups = _PgUpsert(S.rollups_hourly, key, sums)
@@ -1295,7 +1301,7 @@ class _PgOps(_CoreOps):
         None (nothing written) when one of them is already in the ledger."""
         import asyncpg
 
-        drawn = sorted(r[0] for r in await apg.fetch(self._sql_seqs, len(rows)))
+        drawn = sorted(await apg.fetchval(self._sql_seqs, len(rows)))
         try:
             async with apg.transaction():  # a savepoint: undone alone on a conflict
                 await apg.copy_records_to_table(
@@ -1422,39 +1428,45 @@ def _make_ops(store: Any):
 
 _AT = {name: i for i, name in enumerate(EVENT_COLUMNS)}
 _EVENT_KEY = operator.itemgetter(_AT["tenant_id"], _AT["event_id"])
-_ROLLUP_DIMS_OF = operator.itemgetter(*[_AT[c] for c in ("tenant_id", *S.ROLLUP_DIMS)])
+_ROLLUP_DIMS_OF = operator.itemgetter(*[_AT[c] for c in S.ROLLUP_DIMS])
 _ROLLUP_SUMS_OF = operator.itemgetter(*[_AT[c] for c in S.ROLLUP_SUMS[1:]])
 _EVENT_MS = _AT["event_ms"]
+_TENANT = _AT["tenant_id"]
+assert S.ROLLUP_KEY == ("tenant_id", "hour_ms", *S.ROLLUP_DIMS) and S.ROLLUP_SUMS[0] == "events"
 
 
 def _aggregate_rollups(values: list[tuple], *, ordered: bool = True) -> list[tuple]:
-    """One row (ROLLUP_KEY + ROLLUP_SUMS values) per rollup key of the batch, from the
-    events' row values. ``ordered`` sorts the rows: a stable lock order, so concurrent
-    writers on PostgreSQL cannot deadlock (SQLite has one writer and skips it)."""
-    groups: dict[tuple, list[tuple]] = {}
+    """One row (ROLLUP_KEY + ROLLUP_SUMS values) per rollup key of the batch,
+    from the events' row values. ``ordered`` sorts the rows: a stable lock order, so
+    concurrent writers on PostgreSQL cannot deadlock (SQLite has one writer and skips
+    it)."""
+    groups: dict[tuple, list] = {}
     _group_rollups(values, groups)
     return _rollup_rows(groups, ordered=ordered)
 
 
-def _group_rollups(values: list[tuple], groups: dict[tuple, list[tuple]]) -> None:
-    """Add the events' row values to ``groups`` (rollup key -> the events' sums)."""
-    dims_of, sums_of, at_ms = _ROLLUP_DIMS_OF, _ROLLUP_SUMS_OF, _EVENT_MS
+_EVENTS_AT = len(S.ROLLUP_KEY)  # a rollup row's events count; its other sums follow
+
+
+def _group_rollups(values: list[tuple], groups: dict[tuple, list]) -> None:
+    """Add the events' row values to ``groups``: rollup key (ROLLUP_KEY values) -> its
+    row, the key followed by the sums, added up in place."""
+    dims_of, sums_of, at_ms, at_tenant = _ROLLUP_DIMS_OF, _ROLLUP_SUMS_OF, _EVENT_MS, _TENANT
+    at = _EVENTS_AT
     for v in values:
         ms = v[at_ms]
-        key = dims_of(v) + (ms - ms % HOUR_MS,)
-        group = groups.get(key)
-        if group is None:
-            groups[key] = [sums_of(v)]
+        key = (v[at_tenant], ms - ms % HOUR_MS, *dims_of(v))
+        row = groups.get(key)
+        if row is None:
+            groups[key] = [*key, 1, *sums_of(v)]
         else:
-            group.append(sums_of(v))
+            row[at] += 1
+            for i, x in enumerate(sums_of(v), at + 1):
+                row[i] += x
 
 
-def _rollup_rows(groups: dict[tuple, list[tuple]], *, ordered: bool = True) -> list[tuple]:
-    # key = (tenant_id, *dims, hour_ms) → row = (tenant_id, hour_ms, *dims, events, *sums)
-    rows = [
-        (key[0], key[-1], *key[1:-1], len(group), *map(sum, zip(*group)))
-        for key, group in groups.items()
-    ]
+def _rollup_rows(groups: dict[tuple, list], *, ordered: bool = True) -> list[tuple]:
+    rows = list(map(tuple, groups.values()))
     if ordered:
         rows.sort()
     return rows
