@@ -6,12 +6,14 @@ by its migration), PostgreSQL's defaults (synchronous_commit on: an acknowledged
 event is on disk):
 
 - writer: 1000 concurrent callers, each awaiting ``GroupCommitWriter.write()`` one
-  event at a time, as a server's handlers do. The writer validates, converts,
+  event at a time, as a server's handlers do (garbage collector tuned as in
+  `p402 serve`, see bench_record_sqlite.py). The writer validates, converts,
   deduplicates, chains (canonical bytes and SHA-256 per event), takes the tenant's
   advisory lock, inserts, and upserts rollups, daily spend and budget periods.
 - raw: one asyncpg transaction per 1000 rows: binary COPY of the same events
   (pre-built rows, hash chain and seqs included, computed before the clock starts)
-  and the pre-aggregated upserts of hourly rollups, daily spend and budget periods:
+  and the pre-aggregated upserts of hourly rollups, daily spend and budget periods
+  (the writer's statements, their arguments built before the clock starts too):
   the database's own work with no Python per event inside the timed region, the
   floor. The ratio is writer / raw; each side is the best of --repeat alternating
   runs (the machine may be shared).
@@ -39,7 +41,7 @@ from p402_server.ledger.canonical import GENESIS, chain_step  # noqa: E402
 from p402_server.ledger.model import EVENT_COLUMNS, to_values  # noqa: E402
 from p402_server.ledger.writer import (  # noqa: E402
     _aggregate_daily, _aggregate_periods, _aggregate_rollups,
-    _pg_upsert, _pg_upsert_arrays)
+    _pg_upsert, _PgUpsert)
 
 ADMIN_URL = os.environ.get("P402_TEST_PG_URL",
                            "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -87,15 +89,16 @@ async def run_raw(url: str, events, batch: int) -> float:
         prev = e.chain_hash = chain_step(prev, e)
         e.chain_index = i
     batches, seq = [], 0
+    rollup_upsert = _PgUpsert(S.rollups_hourly, S.ROLLUP_KEY, S.ROLLUP_SUMS)
+    daily_upsert = _PgUpsert(S.spend_daily, S.SPEND_DAILY_KEY, S.ROLLUP_SUMS)
     for i in range(0, len(events), batch):
         chunk = events[i : i + batch]
         rows = [to_values(e) for e in chunk]
         records = [(seq + j + 1, *r) for j, r in enumerate(rows)]
         seq += len(rows)
         rollups = _aggregate_rollups(rows)
-        batches.append((records, rollups, _aggregate_daily(rollups), _aggregate_periods(chunk)))
-    rollup_sql = _pg_upsert_arrays(S.rollups_hourly, S.ROLLUP_KEY, S.ROLLUP_SUMS)
-    daily_sql = _pg_upsert_arrays(S.spend_daily, S.SPEND_DAILY_KEY, S.ROLLUP_SUMS)
+        batches.append((records, rollup_upsert.args(rollups),
+                        daily_upsert.args(_aggregate_daily(rollups)), _aggregate_periods(chunk)))
     periods_sql = _pg_upsert("budget_periods", ("tenant_id", "budget_id", "period_start_ms"),
                              ("committed_nanos",))
     columns = ("seq", *EVENT_COLUMNS)
@@ -105,8 +108,8 @@ async def run_raw(url: str, events, batch: int) -> float:
         for records, rollups, days, periods in batches:
             async with conn.transaction():
                 await conn.copy_records_to_table("events", records=records, columns=columns)
-                await conn.execute(rollup_sql, *zip(*rollups))
-                await conn.execute(daily_sql, *zip(*days))
+                await conn.execute(*rollups)
+                await conn.execute(*days)
                 if periods:
                     await conn.executemany(periods_sql, periods)
         elapsed = time.perf_counter() - t0
@@ -150,7 +153,8 @@ async def amain(argv=None) -> dict:
         raise SystemExit(f"PostgreSQL at {ADMIN_URL} unreachable: {exc!r}")
     print(common.machine())
     print(f"{args.events} events per run, best of {args.repeat}; PostgreSQL, "
-          "synchronous_commit on")
+          "synchronous_commit on; writer's GC "
+          f"{os.environ.get('P402_GC') or 'tuned as p402 serve'}")
     r = await measure(args.events, 1000, args.repeat)
     print(f" 1000 concurrent: writer {r['writer']:>9,.0f} ev/s (mean batch "
           f"{r['mean_batch']:.0f})   raw asyncpg 1000/commit {r['raw']:>9,.0f} ev/s   "

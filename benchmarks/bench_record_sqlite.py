@@ -10,7 +10,8 @@ on disk):
   call returns after its commit. The writer validates, converts, deduplicates,
   chains (canonical bytes and SHA-256 per event), inserts, learns the seqs, and
   upserts rollups, daily spend and budget periods; asyncio's cost of 1000 waiting
-  callers is part of its number.
+  callers is part of its number. The garbage collector is tuned as in `p402 serve`
+  (gc_policy.tune_gc; ``P402_GC=default`` keeps Python's own settings).
 - raw: one ``sqlite3`` transaction per B rows: ``executemany`` INSERT of the same
   events (pre-built tuples, hash chain included, computed before the clock starts)
   plus ``executemany`` of the pre-aggregated upserts of hourly rollups, daily
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
 import random
@@ -42,6 +44,7 @@ for p in (ROOT, os.path.join(ROOT, "server")):
 
 import sqlalchemy  # noqa: E402
 
+from p402_server.gc_policy import tune_gc  # noqa: E402
 from p402_server.ledger import GroupCommitWriter, LedgerEvent, open_store  # noqa: E402
 from p402_server.ledger import schema as S  # noqa: E402
 from p402_server.ledger.canonical import GENESIS, chain_step  # noqa: E402
@@ -108,9 +111,15 @@ async def run_writer_url(url: str, events: list[LedgerEvent],
         for event in feed:
             await writer.write(event)
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*[caller() for _ in range(concurrency)])
-    elapsed = time.perf_counter() - t0
+    thresholds = gc.get_threshold()
+    tune_gc()  # as a serving process does once started
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*[caller() for _ in range(concurrency)])
+        elapsed = time.perf_counter() - t0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
     await writer.stop()
     stats = writer.stats
     assert stats.events == len(events), stats
@@ -240,7 +249,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     print(machine())
     print(f"{args.events} events per run, best of {args.repeat}; durable (WAL, synchronous=FULL);"
-          f" writer on {args.loop}")
+          f" writer on {args.loop}, GC {os.environ.get('P402_GC') or 'tuned as p402 serve'}")
     out = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as workdir:
         for conc in (100, 1000):

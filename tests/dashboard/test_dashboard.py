@@ -627,3 +627,23 @@ def test_lease_metrics_when_leases_are_on():
     assert "p402_lease_store_round_trips" not in {
         f.name for f in text_string_to_metric_families(
             Metrics(runtime=NS(tenants={}, leases=None)).exposition().decode())}
+
+
+def test_records_are_counted_by_outcome_a_batch_at_a_time():
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from p402_server.observe.metrics import Metrics
+
+    m = Metrics()
+    m.recorded([1, 0, 2, 1, 3, 2, 1], time.perf_counter(), batch=True)
+    m.recorded((2,), time.perf_counter())
+    m.recorded([], time.perf_counter(), batch=True)
+    fams = {f.name: f for f in text_string_to_metric_families(m.exposition().decode())}
+    rec = {s.labels["outcome"]: s.value for s in fams["p402_records"].samples
+           if s.name == "p402_records_total"}
+    assert rec == {"SUCCESS": 4, "PROVIDER_ERROR": 3, "TIMEOUT": 1}
+    count = {s.labels["method"]: s.value for s in fams["p402_rpc_duration_seconds"].samples
+             if s.name == "p402_rpc_duration_seconds_count"}
+    assert count["RecordBatch"] == 2 and count["Record"] == 1

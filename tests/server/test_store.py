@@ -495,6 +495,67 @@ async def test_rollups_equal_group_by_over_events(store, writer, tenant):
     assert got == want
 
 
+# Owners the array literals of the PostgreSQL upserts must carry as they are.
+AWKWARD = ["", "a,b", '"q"', "back\\slash", "{braces}", "NULL", " pad ", "\\\"", "é 中 🙂",
+           "tab\u00a0nbsp", "'single'", "}{", ",", '\\"x']
+
+
+async def test_rollups_of_awkward_owners_equal_group_by_over_events(store, writer, tenant):
+    events = [LedgerEvent(tenant, f"awk-{i}-{j}", event_ms=T0 + j * HOUR, customer=c,
+                          feature=AWKWARD[(i + 3) % len(AWKWARD)], model=AWKWARD[-1 - i],
+                          cost_nanos=1000 + i, input_tokens=j + 1)
+              for i, c in enumerate(AWKWARD) for j in range(3)]
+    await write_all(writer, events)
+    ev, ru, sd = S.events, S.rollups_hourly, S.spend_daily
+    dims = [ev.c[d] for d in S.ROLLUP_DIMS]
+    hour = (ev.c.event_ms - ev.c.event_ms % sa.literal_column(str(HOUR))).label("hour_ms")
+    group_by = sa.select(
+        ev.c.tenant_id, hour, *dims, sa.func.count(),
+        *[sa.func.sum(ev.c[s]) for s in SUMS[1:]],
+    ).group_by(ev.c.tenant_id, sa.literal_column("2"), *dims)
+    rollups = sa.select(*[ru.c[k] for k in S.ROLLUP_KEY], *[ru.c[s] for s in SUMS])
+    daily = sa.select(sd.c.customer, sd.c.events, sd.c.cost_nanos)
+    async with store.engine.connect() as conn:
+        want = sorted(tuple(int(x) if not isinstance(x, str) else x for x in r)
+                      for r in (await conn.execute(group_by)).all())
+        got = sorted(tuple(int(x) if not isinstance(x, str) else x for x in r)
+                     for r in (await conn.execute(rollups)).all())
+        days = {c: (int(n), int(cost)) for c, n, cost in (await conn.execute(daily)).all()}
+    assert got == want and len(got) == len(events)
+    assert {r[2] for r in got} == set(AWKWARD)
+    assert days == {c: (3, 3 * (1000 + i)) for i, c in enumerate(AWKWARD)}
+
+
+@pytest.mark.postgres
+async def test_pg_array_literals_read_back_as_the_values(pg_session_url):
+    import asyncpg
+
+    from p402_server.ledger.writer import _pg_array_literal
+
+    conn = await asyncpg.connect(pg_session_url.replace("+asyncpg", ""))
+    try:
+        for values in ([*AWKWARD], ["only"], [""], ["\\"], ['"']):
+            lit = _pg_array_literal(tuple(values), True)
+            assert await conn.fetchval("SELECT $1::text::varchar[]", lit) == values
+        ints = (0, -1, 2**63 - 1, -(2**63), 42)
+        lit = _pg_array_literal(ints, False)
+        assert await conn.fetchval("SELECT $1::text::bigint[]", lit) == list(ints)
+    finally:
+        await conn.close()
+
+
+def test_pg_array_literal_refuses_values_of_another_type():
+    from p402_server.ledger.writer import _pg_array_literal
+
+    assert _pg_array_literal(("a", 1), True) is None
+    assert _pg_array_literal(("a", None), True) is None
+    assert _pg_array_literal((1, "2"), False) is None
+    assert _pg_array_literal((1, True), False) is None  # a bool is not a count
+    assert _pg_array_literal((1, 2.0), False) is None
+    assert _pg_array_literal((), True) == "{}"
+    assert _pg_array_literal(('a"b', "c\\d"), True) == '{"a\\"b","c\\\\d"}'
+
+
 # -- failures -------------------------------------------------------------------------------
 
 

@@ -33,7 +33,8 @@ Two implementations of that transaction, one contract (the same tests run both):
   engine, same pragmas), ``BEGIN IMMEDIATE``, multi-row statements of driver SQL
   (`_ManyRows`: one GIL release per statement, not per row), new seqs read back as
   the rows above the previous ``max(seq)``. One thread hand-off per batch instead of
-  one per driver call.
+  one per driver call. WAL checkpoints run beside the transactions on a thread of
+  their own, not inside the writer's commits.
 - PostgreSQL: the events by binary COPY and the rollups by one upsert per table,
   through the asyncpg connection inside SQLAlchemy's transaction (`_PgOps`); rollup
   rows sorted so concurrent writers in several processes lock in the same order.
@@ -581,7 +582,7 @@ class GroupCommitWriter:
         unique, slot = batch.unique, batch.slot
         async with self._write_turn or contextlib.nullcontext():
             seqs, existing, links, lost = await self._ops.write_batch(
-                unique, batch.values, batch.canon, batch.rollups())
+                unique, batch.values, batch.canon, batch.rollups(self._ops.ORDERED))
 
         inserted = 0
         for ev in unique:
@@ -627,7 +628,7 @@ class _Batch:
         self.values: list[tuple] = []  # per unique event, without the chain columns
         self.canon: list[bytes] = []  # per unique event: canonical_bytes
         self.first_of: dict[tuple[str, str], int] = {}
-        self.groups: dict[tuple, list[tuple]] = {}  # rollup groups of every unique event
+        self.groups: dict[tuple, list] = {}  # rollup rows of every unique event
         self.error: Exception | None = None
 
     def add(self, items: list[_Item]) -> None:
@@ -655,12 +656,12 @@ class _Batch:
         except Exception as exc:  # validated events cannot fail here; if one does,
             self.error = exc  # the whole batch fails like a failed transaction
 
-    def rollups(self) -> list[tuple]:
-        """The hourly rollup rows of every unique event, sorted (the lock order): what
-        the transaction adds when every event is new, the common case. Grouped as
-        events join the batch, on the event loop, while the previous transaction is
-        on its way to disk, instead of inside the transaction."""
-        return _rollup_rows(self.groups)
+    def rollups(self, ordered: bool = True) -> list[tuple]:
+        """The hourly rollup rows of every unique event, sorted when ``ordered`` (the
+        lock order): what the transaction adds when every event is new, the common
+        case. Summed as events join the batch, on the event loop, while the previous
+        transaction is on its way to disk, instead of inside the transaction."""
+        return _rollup_rows(self.groups, ordered=ordered)
 
 
 Seqs = dict[tuple[str, str], int]
@@ -872,6 +873,11 @@ def _driver_autocommit(dbapi_conn, _record) -> None:
     dbapi_conn.isolation_level = None
 
 
+def _backstop_checkpoint(dbapi_conn, _record) -> None:
+    # Checkpoints are _Checkpointer's; a commit checkpoints only if they fall behind.
+    dbapi_conn.execute(f"PRAGMA wal_autocheckpoint={_Checkpointer.BACKSTOP_PAGES}")
+
+
 class _SqliteThreadOps:
     """SQLite file databases: the whole transaction runs on one dedicated thread over
     one long-lived connection (SQLAlchemy sync engine, same pragmas), so a batch costs
@@ -888,7 +894,13 @@ class _SqliteThreadOps:
     inserted, in the same transaction.
 
     Chain heads are cached per tenant; the cache holds while max(seq) at the start of
-    a batch is what this writer left after its previous one (nobody else wrote)."""
+    a batch is what this writer left after its previous one (nobody else wrote).
+
+    Checkpoints (copying the WAL's pages into the database file, and its fsync) run
+    beside the transactions, on a thread and connection of their own (`_Checkpointer`),
+    instead of inside a commit of the writer's every few transactions."""
+
+    ORDERED = False  # rollup rows in any order: one writer, no lock order to keep
 
     def __init__(self, url: sa.engine.URL) -> None:
         from p402_server.ledger.engine import _sqlite_pragmas
@@ -896,6 +908,7 @@ class _SqliteThreadOps:
         self._engine = sa.create_engine(url.set(drivername="sqlite+pysqlite"))
         sa.event.listen(self._engine, "connect", _sqlite_pragmas)
         sa.event.listen(self._engine, "connect", _driver_autocommit)
+        sa.event.listen(self._engine, "connect", _backstop_checkpoint)
         sa.event.listen(self._engine, "begin", _begin_immediate)
         self._sql = _SqliteSQL()
         sql = self._sql
@@ -903,6 +916,7 @@ class _SqliteThreadOps:
             "insert", "claim", "rollups", "daily", "periods", "hold_upsert", "contents")}
         self._executor: Any = None
         self._conn: sa.Connection | None = None
+        self._checkpointer: _Checkpointer | None = None
         self._heads: Heads = {}
         self._last_seq = -1  # max(seq) after this writer's last commit
 
@@ -912,6 +926,7 @@ class _SqliteThreadOps:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="p402-writer")
         self._conn = await self._run(self._engine.connect)
         await self._run(self._fit_statements)
+        self._checkpointer = _Checkpointer(self._engine)
 
     def _fit_statements(self) -> None:
         # On the writer's thread: the connection's own limit of bound variables.
@@ -924,6 +939,9 @@ class _SqliteThreadOps:
     async def close(self) -> None:
         if self._executor is None:
             return
+        if self._checkpointer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.close)
+            self._checkpointer = None
         if self._conn is not None:
             await self._run(self._conn.close)
             self._conn = None
@@ -1040,6 +1058,8 @@ class _SqliteThreadOps:
         # Committed: only now do the cached heads move.
         self._heads.update(new_heads)
         self._last_seq = after
+        if self._checkpointer is not None:
+            self._checkpointer.request()
         return seqs, existing, links, lost
 
     def insert_events(self, conn, rows: list[tuple]) -> int:
@@ -1053,6 +1073,65 @@ class _SqliteThreadOps:
         self._many["periods"].run(conn, rows)
 
 
+class _Checkpointer:
+    """WAL checkpoints of the SQLite writer's database beside its transactions.
+
+    With SQLite's default, the commit that takes the WAL past 1000 pages also copies
+    them into the database file and fsyncs it, and the writer's next transaction
+    waits for that. Here, after each commit the writer asks for a PASSIVE checkpoint
+    (it waits for no reader or writer, and takes no write lock) on this thread's own
+    connection; at most one runs at a time, and requests made while one runs are
+    served by one more once it ends. The writer's connection keeps an automatic
+    checkpoint at BACKSTOP_PAGES, should these ever fall behind. Durability is SQLite's
+    own either way: a commit is on disk once its WAL frames are synced
+    (synchronous=FULL), and a checkpoint syncs before the WAL is reused."""
+
+    BACKSTOP_PAGES = 10_000
+
+    def __init__(self, engine: sa.engine.Engine) -> None:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._engine = engine
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="p402-checkpoint")
+        self._lock = threading.Lock()
+        self._running = False
+        self._again = False
+        self._conn: Any = None  # the DBAPI connection, opened on the thread
+        self.failures = 0
+
+    def request(self) -> None:
+        """Ask for a checkpoint (from the writer's thread, after a commit)."""
+        with self._lock:
+            if self._running:
+                self._again = True
+                return
+            self._running = True
+        self._executor.submit(self._run)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                if self._conn is None:
+                    self._conn = self._engine.raw_connection()
+                self._conn.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except Exception as exc:  # the writer's backstop checkpoint still runs
+                self.failures += 1
+                log.warning("p402 store: WAL checkpoint failed: %r", exc)
+            with self._lock:
+                if not self._again:
+                    self._running = False
+                    return
+                self._again = False
+
+    def close(self) -> None:
+        """Wait for a running checkpoint, then close the connection."""
+        self._executor.shutdown(wait=True)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 class _CoreOps:
     """PostgreSQL (and in-memory SQLite): SQLAlchemy Core statements on the store's
     async engine, executemany with insertmanyvalues (multi-row INSERT … RETURNING).
@@ -1061,6 +1140,8 @@ class _CoreOps:
     tenant order: no deadlock between processes), then which events are already in
     the ledger (under the lock nobody else can add one for these tenants), the
     tenants' chain heads, and the inserts of the new events, chained."""
+
+    ORDERED = True  # rollup rows sorted: the lock order of concurrent writers
 
     def __init__(self, engine) -> None:
         dialect = engine.dialect.name
@@ -1217,11 +1298,13 @@ class _PgOps(_CoreOps):
         super().__init__(engine)
         key, sums = S.ROLLUP_KEY, S.ROLLUP_SUMS
         dkey = S.SPEND_DAILY_KEY
-        self._sql_seqs = ("SELECT nextval(pg_get_serial_sequence('events', 'seq')) "
+        # One row holding the n new seqs as an array (not n rows: a row costs the
+        # driver a message and a Record).
+        self._sql_seqs = ("SELECT array_agg(nextval(pg_get_serial_sequence('events', 'seq'))) "
                           "FROM generate_series(1, $1)")
         self._copy_columns = ("seq", *EVENT_COLUMNS)
-        self._sql_rollups = _pg_upsert_arrays(S.rollups_hourly, key, sums)
-        self._sql_daily = _pg_upsert_arrays(S.spend_daily, dkey, sums)
+        self._rollups = _PgUpsert(S.rollups_hourly, key, sums)
+        self._daily = _PgUpsert(S.spend_daily, dkey, sums)
         self._sql_periods = _pg_upsert(
             "budget_periods", ("tenant_id", "budget_id", "period_start_ms"),
             ("committed_nanos",))
@@ -1265,7 +1348,7 @@ class _PgOps(_CoreOps):
                 if len(rows) != len(unique):  # sorted: the tables' lock order
                     rollups = _aggregate_rollups(rows)
                 await self.upsert_rollups(apg, rollups)
-                await apg.execute(self._sql_daily, *zip(*_aggregate_daily(rollups)))
+                await apg.execute(*self._daily.args(_aggregate_daily(rollups)))
                 periods = _aggregate_periods(inserted)
                 if periods:
                     await self.upsert_periods(apg, periods)
@@ -1275,7 +1358,7 @@ class _PgOps(_CoreOps):
         return seqs, existing, links, lost
 
     async def upsert_rollups(self, apg, rows: list[tuple]) -> None:
-        await apg.execute(self._sql_rollups, *zip(*rows))
+        await apg.execute(*self._rollups.args(rows))
 
     async def upsert_periods(self, apg, rows: list[tuple]) -> None:
         await apg.executemany(self._sql_periods, rows)
@@ -1285,7 +1368,7 @@ class _PgOps(_CoreOps):
         None (nothing written) when one of them is already in the ledger."""
         import asyncpg
 
-        drawn = sorted(r[0] for r in await apg.fetch(self._sql_seqs, len(rows)))
+        drawn = sorted(await apg.fetchval(self._sql_seqs, len(rows)))
         try:
             async with apg.transaction():  # a savepoint: undone alone on a conflict
                 await apg.copy_records_to_table(
@@ -1306,19 +1389,72 @@ def _pg_upsert(table: str, key: tuple, sums: tuple) -> str:
             + ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in sums))
 
 
-def _pg_upsert_arrays(table: sa.Table, key: tuple, sums: tuple) -> str:
+def _pg_upsert_arrays(table: sa.Table, key: tuple, sums: tuple, *,
+                      literals: bool = False) -> str:
     """The same upsert for many rows in one statement: $1…$n are the columns as
-    arrays (rows transposed), expanded by unnest; array types from the schema."""
+    arrays (rows transposed), expanded by unnest; array types from the schema. With
+    ``literals`` each $i is the text of an array literal (`_pg_array_literal`)."""
     from sqlalchemy.dialects import postgresql
 
     dialect = postgresql.dialect()
     cols = (*key, *sums)
-    arrays = ", ".join(f"${i}::{table.c[c].type.compile(dialect=dialect)}[]"
+    cast = "::text::" if literals else "::"
+    arrays = ", ".join(f"${i}{cast}{table.c[c].type.compile(dialect=dialect)}[]"
                        for i, c in enumerate(cols, 1))
     return (f"INSERT INTO {table.name} ({', '.join(cols)}) "
             f"SELECT * FROM unnest({arrays}) "
             f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
             + ", ".join(f"{c} = {table.name}.{c} + excluded.{c}" for c in sums))
+
+
+class _PgUpsert:
+    """A many-row upsert (`_pg_upsert_arrays`) and the arguments that send rows to it.
+
+    asyncpg encodes a list as an array element by element, asking each element
+    whether it is an array itself (isinstance checks against collections.abc, about a
+    microsecond each): for one batch's rollups, milliseconds of the event loop's time
+    per transaction (benchmarks/bench_record_pg.py). So each column goes as the text of
+    a PostgreSQL array literal, built with a few joins, which PostgreSQL parses
+    (``$i::text::<type>[]``). A column whose values are not all exactly str (a text
+    column) or exactly int goes as an array, as before, for the driver to judge."""
+
+    __slots__ = ("_arrays", "_literals", "_text")
+
+    def __init__(self, table: sa.Table, key: tuple, sums: tuple) -> None:
+        self._arrays = _pg_upsert_arrays(table, key, sums)
+        self._literals = _pg_upsert_arrays(table, key, sums, literals=True)
+        self._text = tuple(isinstance(table.c[c].type, sa.String) for c in (*key, *sums))
+
+    def args(self, rows: list[tuple]) -> tuple:
+        """(sql, $1, $2, …) for ``apg.execute`` to upsert ``rows`` (key + sums)."""
+        columns = list(zip(*rows))
+        texts = [_pg_array_literal(col, text) for col, text in zip(columns, self._text)]
+        if None in texts:
+            return (self._arrays, *columns)
+        return (self._literals, *texts)
+
+
+_STR_TYPE = frozenset({str})
+_INT_TYPE = frozenset({int})
+
+
+def _pg_array_literal(values: tuple, text: bool) -> str | None:
+    """The PostgreSQL array literal of ``values``, every one exactly a str (``text``)
+    or exactly an int; None otherwise. Each str is double-quoted (so commas, braces,
+    blanks and the word NULL stay text), a backslash or double quote in it escaped."""
+    if not values:
+        return "{}"
+    if text:
+        if not _STR_TYPE.issuperset(map(type, values)):
+            return None
+        joined = '","'.join(values)
+        if "\\" in joined or joined.count('"') != 2 * (len(values) - 1):
+            joined = '","'.join([v.replace("\\", "\\\\").replace('"', '\\"')
+                                 for v in values])
+        return '{"' + joined + '"}'
+    if not _INT_TYPE.issuperset(map(type, values)):
+        return None
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 async def _driver_connection(conn):
@@ -1359,39 +1495,45 @@ def _make_ops(store: Any):
 
 _AT = {name: i for i, name in enumerate(EVENT_COLUMNS)}
 _EVENT_KEY = operator.itemgetter(_AT["tenant_id"], _AT["event_id"])
-_ROLLUP_DIMS_OF = operator.itemgetter(*[_AT[c] for c in ("tenant_id", *S.ROLLUP_DIMS)])
+_ROLLUP_DIMS_OF = operator.itemgetter(*[_AT[c] for c in S.ROLLUP_DIMS])
 _ROLLUP_SUMS_OF = operator.itemgetter(*[_AT[c] for c in S.ROLLUP_SUMS[1:]])
 _EVENT_MS = _AT["event_ms"]
+_TENANT = _AT["tenant_id"]
+assert S.ROLLUP_KEY == ("tenant_id", "hour_ms", *S.ROLLUP_DIMS) and S.ROLLUP_SUMS[0] == "events"
 
 
 def _aggregate_rollups(values: list[tuple], *, ordered: bool = True) -> list[tuple]:
-    """One row (ROLLUP_KEY + ROLLUP_SUMS values) per rollup key of the batch, from the
-    events' row values. ``ordered`` sorts the rows: a stable lock order, so concurrent
-    writers on PostgreSQL cannot deadlock (SQLite has one writer and skips it)."""
-    groups: dict[tuple, list[tuple]] = {}
+    """One row (ROLLUP_KEY + ROLLUP_SUMS values) per rollup key of the batch,
+    from the events' row values. ``ordered`` sorts the rows: a stable lock order, so
+    concurrent writers on PostgreSQL cannot deadlock (SQLite has one writer and skips
+    it)."""
+    groups: dict[tuple, list] = {}
     _group_rollups(values, groups)
     return _rollup_rows(groups, ordered=ordered)
 
 
-def _group_rollups(values: list[tuple], groups: dict[tuple, list[tuple]]) -> None:
-    """Add the events' row values to ``groups`` (rollup key -> the events' sums)."""
-    dims_of, sums_of, at_ms = _ROLLUP_DIMS_OF, _ROLLUP_SUMS_OF, _EVENT_MS
+_EVENTS_AT = len(S.ROLLUP_KEY)  # a rollup row's events count; its other sums follow
+
+
+def _group_rollups(values: list[tuple], groups: dict[tuple, list]) -> None:
+    """Add the events' row values to ``groups``: rollup key (ROLLUP_KEY values) -> its
+    row, the key followed by the sums, added up in place."""
+    dims_of, sums_of, at_ms, at_tenant = _ROLLUP_DIMS_OF, _ROLLUP_SUMS_OF, _EVENT_MS, _TENANT
+    at = _EVENTS_AT
     for v in values:
         ms = v[at_ms]
-        key = dims_of(v) + (ms - ms % HOUR_MS,)
-        group = groups.get(key)
-        if group is None:
-            groups[key] = [sums_of(v)]
+        key = (v[at_tenant], ms - ms % HOUR_MS, *dims_of(v))
+        row = groups.get(key)
+        if row is None:
+            groups[key] = [*key, 1, *sums_of(v)]
         else:
-            group.append(sums_of(v))
+            row[at] += 1
+            for i, x in enumerate(sums_of(v), at + 1):
+                row[i] += x
 
 
-def _rollup_rows(groups: dict[tuple, list[tuple]], *, ordered: bool = True) -> list[tuple]:
-    # key = (tenant_id, *dims, hour_ms) → row = (tenant_id, hour_ms, *dims, events, *sums)
-    rows = [
-        (key[0], key[-1], *key[1:-1], len(group), *map(sum, zip(*group)))
-        for key, group in groups.items()
-    ]
+def _rollup_rows(groups: dict[tuple, list], *, ordered: bool = True) -> list[tuple]:
+    rows = list(map(tuple, groups.values()))
     if ordered:
         rows.sort()
     return rows

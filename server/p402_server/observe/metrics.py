@@ -74,6 +74,7 @@ class Metrics:
         self._record_batch = self.rpc.labels("RecordBatch")
         self._runtime, self._writer = runtime, writer
         self._children: dict = {}
+        self._outcomes: dict = {}
         self.registry.register(_Collector(self))
         if writer is not None:
             writer.on_commit = self.committed
@@ -96,8 +97,15 @@ class Metrics:
 
     def recorded(self, outcomes, started: float, batch: bool = False) -> None:
         (self._record_batch if batch else self._record).observe(time.perf_counter() - started)
-        for outcome in outcomes:
-            self.records.labels(outcome_name(outcome)).inc()
+        counts: dict = {}
+        for outcome in outcomes:  # one increment per outcome of a batch, not per record
+            counts[outcome] = counts.get(outcome, 0) + 1
+        children = self._outcomes
+        for outcome, n in counts.items():
+            child = children.get(outcome)
+            if child is None:  # label lookups once per outcome
+                child = children[outcome] = self.records.labels(outcome_name(outcome))
+            child.inc(n)
 
     def committed(self, events: int, seconds: float) -> None:
         self.batch.observe(events)
