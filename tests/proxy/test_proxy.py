@@ -521,3 +521,36 @@ async def test_a_cap_beyond_64_bits_is_refused_as_it_was_read_exactly(rig):
     err = json.loads(answer)["error"]
     assert status == 400 and "max_output_tokens" in err["message"], err
     assert not [r for r in rig.upstream.requests if r.path == CHAT]
+
+
+async def test_an_upstream_that_never_accepts_is_a_504_after_the_connect_timeout(tmp_path):
+    """The connect bound applies to every upstream call (a per-request timeout used to
+    replace the session's and drop it: the call waited for the whole-answer bound)."""
+    import socket
+
+    from p402_server.gateways.proxy import ProxyConfig, start_proxy
+
+    rig, stop = await start_rig(tmp_path)
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)  # one connection fills the accept queue; later SYNs are dropped
+    filler = socket.create_connection(hole.getsockname())
+    config = ProxyConfig(upstream=f"http://127.0.0.1:{hole.getsockname()[1]}/v1",
+                         upstream_key=UPSTREAM_KEY, upstream_timeout=60.0,
+                         connect_timeout=0.3)
+    runner, port = await start_proxy(config, rig.p402_target, "127.0.0.1:0")
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1",
+                                    api_key=rig.meter_key, max_retries=0, timeout=20.0,
+                                    default_headers={"x-p402-customer": "acme"})
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert info.value.status_code == 504
+        assert info.value.response.json()["error"]["code"] == "upstream_timeout"
+        [ev] = await rig.events()
+        assert ev.outcome.value == "TIMEOUT"
+    finally:
+        await runner.cleanup()
+        filler.close()
+        hole.close()
+        await stop()

@@ -807,8 +807,11 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
 
     async def on_startup(self, _app: web.Application) -> None:
+        # One timeout for every upstream call, the connect bound included (a request's
+        # own ClientTimeout would replace this one whole, its connect bound with it).
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout),
+            timeout=aiohttp.ClientTimeout(total=self.config.upstream_timeout,
+                                          connect=self.config.connect_timeout),
             auto_decompress=True)
 
     async def on_cleanup(self, _app: web.Application) -> None:
@@ -888,10 +891,8 @@ class Proxy:
                 raise _p402_error(exc) from None
             url = self.config.upstream_base + request.path[len("/v1"):]
             try:
-                async with self._session.get(
-                        url, headers=self._upstream_headers(request),
-                        timeout=aiohttp.ClientTimeout(total=self.config.upstream_timeout)
-                ) as up:
+                async with self._session.get(url, headers=self._upstream_headers(request)
+                                             ) as up:
                     body = await up.read()
                     return web.Response(body=body, status=up.status,
                                         content_type=up.content_type,
@@ -1093,8 +1094,7 @@ class Proxy:
         (TIMEOUT / PROVIDER_ERROR) and answered 504 / 502."""
         try:
             return await self._session.post(
-                self.config.upstream_base + "/" + endpoint, data=data, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.config.upstream_timeout))
+                self.config.upstream_base + "/" + endpoint, data=data, headers=headers)
         except asyncio.TimeoutError:
             await self._record(key, auth.reservation_id, outcome="TIMEOUT", usage=None,
                                input_bytes=nbytes)
