@@ -141,7 +141,8 @@ async def test_in_process_unary_arms_its_deadline_only_when_the_handler_waits(
         await unary("refuse", timeout=5.0)
     assert timers == []  # neither waited: no deadline timer
     assert await unary("0.01", timeout=5.0) == "slept 0.01"
-    assert timers == [5.0]
+    assert await unary("0", timeout=5.0) == "slept 0"  # a bare yield to the loop
+    assert timers == [5.0, 5.0]
     # Past the deadline: DEADLINE_EXCEEDED, and the handler's own cleanup ran.
     with pytest.raises(inprocess.InProcessRpcError) as err:
         await unary("10", timeout=0.05)
@@ -152,7 +153,7 @@ async def test_in_process_unary_arms_its_deadline_only_when_the_handler_waits(
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    assert cleaned == ["0.01", "10", "10"]
+    assert cleaned == ["0.01", "0", "10", "10"]
 
 
 @pytest.fixture
