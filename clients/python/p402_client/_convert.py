@@ -495,7 +495,7 @@ def budget_status(pb: common_pb2.BudgetStatus) -> BudgetStatus:
 
 
 def _statuses(items: Iterable[common_pb2.BudgetStatus]) -> tuple[BudgetStatus, ...]:
-    return tuple(budget_status(b) for b in items)
+    return tuple([budget_status(b) for b in items]) if items else ()
 
 
 def owners(pb: common_pb2.Owners) -> Owners:
@@ -519,10 +519,11 @@ def _enum(cls: type[_WireEnum], number: int) -> Any:
 
 
 def authorization(pb: meter_pb2.AuthorizeResponse) -> Authorization:
+    reasons, rule_ids = pb.reasons, pb.rule_ids
     return Authorization(
         decision=_enum(Decision, pb.decision),
-        reasons=tuple(pb.reasons),
-        rule_ids=tuple(pb.rule_ids),
+        reasons=tuple(reasons) if reasons else (),
+        rule_ids=tuple(rule_ids) if rule_ids else (),
         reservation_id=pb.reservation_id,
         estimated_cost_nanos=from_money(pb.estimated_cost),
         estimated_input_tokens=pb.estimated_input_tokens,
