@@ -35,9 +35,10 @@ Two implementations of that transaction, one contract (the same tests run both):
   the rows above the previous ``max(seq)``. One thread hand-off per batch instead of
   one per driver call. WAL checkpoints run beside the transactions on a thread of
   their own, not inside the writer's commits.
-- PostgreSQL: the events by binary COPY and the rollups by one upsert per table,
-  through the asyncpg connection inside SQLAlchemy's transaction (`_PgOps`); rollup
-  rows sorted so concurrent writers in several processes lock in the same order.
+- PostgreSQL: the events by binary COPY and the rollups by one upsert per table
+  (columns as array literals), through the asyncpg connection inside SQLAlchemy's
+  transaction (`_PgOps`); rollup rows sorted so concurrent writers in several
+  processes lock in the same order.
   ``sqlite://`` in memory: SQLAlchemy Core (``INSERT … ON CONFLICT DO NOTHING
   RETURNING``).
 
@@ -1287,8 +1288,9 @@ class _PgOps(_CoreOps):
       conflict is an event already in the ledger (a retry of a committed event): the
       savepoint is rolled back, those events are read back, and the new ones are
       chained again and copied (as the SQLite path does with its undo);
-    - rollups, daily spend, budget periods and contents: prepared upserts sent with
-      asyncpg's pipelined executemany.
+    - rollups and daily spend: one upsert per table of every row, its columns sent
+      as the text of array literals (`_PgUpsert`); budget periods and contents:
+      prepared upserts sent with asyncpg's pipelined executemany.
 
     SQLAlchemy's per-row parameter processing (insertmanyvalues pages) and a lookup
     of every event before inserting cost more than the database's own work
