@@ -5,6 +5,7 @@ by a broken stream answered once (as unary calls with their reservation ids)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -12,6 +13,27 @@ from p402_client import AsyncP402Client, AuthorizePipeline
 from p402_client import errors as e
 
 OWNERS = {"customer": "acme", "feature": "chat"}
+
+
+@contextlib.asynccontextmanager
+async def _served(servicer, timeout: float):
+    """(client, pipeline) against a grpc.aio server of `servicer` on a free port."""
+    import grpc
+
+    from p402.v1 import meter_pb2_grpc
+
+    server = grpc.aio.server()
+    meter_pb2_grpc.add_MeterServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    c = AsyncP402Client(f"127.0.0.1:{port}", api_key="p402_" + "a" * 40, timeout=timeout)
+    pipe = AuthorizePipeline(c)
+    try:
+        yield c, pipe
+    finally:
+        await pipe.aclose()
+        await c.close()
+        await server.stop(None)
 
 
 @pytest.fixture
@@ -145,8 +167,6 @@ def test_max_batch_is_bounded_by_the_server_limit(client):
 async def test_a_server_without_batches_is_asked_with_unary_calls():
     """A server older than the client (StreamAuthorizeBatches UNIMPLEMENTED): every
     request is answered, by unary Authorize, and the stream is not tried again."""
-    import grpc
-
     from p402.v1 import common_pb2, meter_pb2, meter_pb2_grpc
 
     unary = []
@@ -158,21 +178,11 @@ async def test_a_server_without_batches_is_asked_with_unary_calls():
                                                reservation_id=request.reservation_id,
                                                model=request.model)
 
-    server = grpc.aio.server()
-    meter_pb2_grpc.add_MeterServiceServicer_to_server(Old(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    c = AsyncP402Client(f"127.0.0.1:{port}", api_key="p402_" + "a" * 40, timeout=5.0)
-    pipe = AuthorizePipeline(c)
-    try:
+    async with _served(Old(), 5.0) as (_c, pipe):
         first = await asyncio.gather(*(pipe.authorize("m", owners=OWNERS) for _ in range(5)))
         assert pipe._unary
         later = await pipe.authorize("m", owners=OWNERS)
         assert pipe._call is None
-    finally:
-        await pipe.aclose()
-        await c.close()
-        await server.stop(None)
     got = [a.reservation_id for a in first + [later]]
     assert len(set(got)) == 6 and sorted(unary) == sorted(got)
 
@@ -203,8 +213,6 @@ async def test_a_timed_out_or_cancelled_caller_leaves_the_others_their_answers()
     """A server slow to answer: one caller times out (DeadlineExceeded), another is
     cancelled; once the answers come, theirs are dropped and every later caller gets
     its own answer on the same stream."""
-    import grpc
-
     from p402.v1 import common_pb2, meter_pb2, meter_pb2_grpc
 
     release = asyncio.Event()
@@ -219,13 +227,7 @@ async def test_a_timed_out_or_cancelled_caller_leaves_the_others_their_answers()
                         decision=common_pb2.DECISION_ALLOW, model=r.model,
                         reservation_id=r.reservation_id)) for r in msg.requests])
 
-    server = grpc.aio.server()
-    meter_pb2_grpc.add_MeterServiceServicer_to_server(Slow(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    c = AsyncP402Client(f"127.0.0.1:{port}", api_key="p402_" + "a" * 40, timeout=0.3)
-    pipe = AuthorizePipeline(c)
-    try:
+    async with _served(Slow(), 0.3) as (c, pipe):
         with pytest.raises(e.DeadlineExceeded):
             await pipe.authorize("late", owners=OWNERS)
         c.timeout = 10.0
@@ -241,9 +243,5 @@ async def test_a_timed_out_or_cancelled_caller_leaves_the_others_their_answers()
         got = await asyncio.gather(*waiting)
         after = await pipe.authorize("after", owners=OWNERS)
         assert pipe._call is not None  # the same stream, never broken
-    finally:
-        await pipe.aclose()
-        await c.close()
-        await server.stop(None)
     assert [a.model for a in got] == [f"m{i}" for i in range(5)]
     assert after.model == "after" and len({a.reservation_id for a in got + [after]}) == 6

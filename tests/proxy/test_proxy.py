@@ -237,17 +237,20 @@ async def test_upstream_429_passes_through_with_its_retry_after(rig):
     assert ev.outcome.value == "PROVIDER_ERROR"
 
 
+async def _answered_504_and_recorded_timeout(rig, client) -> None:
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert info.value.status_code == 504
+    assert info.value.response.json()["error"]["code"] == "upstream_timeout"
+    [ev] = await rig.events()
+    assert ev.outcome.value == "TIMEOUT"
+
+
 async def test_upstream_timeout_is_504_and_recorded(tmp_path):
     rig, stop = await start_rig(tmp_path, upstream_timeout=0.3)
     try:
         rig.upstream.hang_next(5.0)
-        client = rig.openai(x_p402_customer="acme")
-        with pytest.raises(openai.APIStatusError) as info:
-            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-        assert info.value.status_code == 504
-        assert info.value.response.json()["error"]["code"] == "upstream_timeout"
-        [ev] = await rig.events()
-        assert ev.outcome.value == "TIMEOUT"
+        await _answered_504_and_recorded_timeout(rig, rig.openai(x_p402_customer="acme"))
     finally:
         await stop()
 
@@ -543,12 +546,7 @@ async def test_an_upstream_that_never_accepts_is_a_504_after_the_connect_timeout
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1",
                                     api_key=rig.meter_key, max_retries=0, timeout=20.0,
                                     default_headers={"x-p402-customer": "acme"})
-        with pytest.raises(openai.APIStatusError) as info:
-            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-        assert info.value.status_code == 504
-        assert info.value.response.json()["error"]["code"] == "upstream_timeout"
-        [ev] = await rig.events()
-        assert ev.outcome.value == "TIMEOUT"
+        await _answered_504_and_recorded_timeout(rig, client)
     finally:
         await runner.cleanup()
         filler.close()

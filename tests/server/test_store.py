@@ -478,6 +478,14 @@ async def test_rollups_equal_group_by_over_events(store, writer, tenant):
     # and batches mixing events already in the ledger with new ones: only the new ones
     # may reach the rollups
     await write_all(writer, make_events(tenant, 60) + make_events(tenant, 30, seed=3, prefix="mix"))
+    async with store.engine.connect() as conn:
+        want, got = await _rollups_and_group_by(conn)
+    assert len(want) > 50
+    assert got == want
+
+
+async def _rollups_and_group_by(conn) -> tuple[list, list]:
+    """(the events grouped by rollup key with their sums, the rollup rows), sorted."""
     ev, ru = S.events, S.rollups_hourly
     dims = [ev.c[d] for d in S.ROLLUP_DIMS]
     hour = (ev.c.event_ms - ev.c.event_ms % sa.literal_column(str(HOUR))).label("hour_ms")
@@ -486,13 +494,12 @@ async def test_rollups_equal_group_by_over_events(store, writer, tenant):
         *[sa.func.sum(ev.c[s]) for s in SUMS[1:]],
     ).group_by(ev.c.tenant_id, sa.literal_column("2"), *dims)
     rollups = sa.select(*[ru.c[k] for k in S.ROLLUP_KEY], *[ru.c[s] for s in SUMS])
-    async with store.engine.connect() as conn:
-        want = sorted(tuple(int(x) if not isinstance(x, str) else x for x in r)
-                      for r in (await conn.execute(group_by)).all())
-        got = sorted(tuple(int(x) if not isinstance(x, str) else x for x in r)
-                     for r in (await conn.execute(rollups)).all())
-    assert len(want) > 50
-    assert got == want
+    out = []
+    for q in (group_by, rollups):
+        rows = (await conn.execute(q)).all()
+        out.append(sorted(tuple(int(x) if not isinstance(x, str) else x for x in r)
+                          for r in rows))
+    return out[0], out[1]
 
 
 # Owners the array literals of the PostgreSQL upserts must carry as they are.
@@ -506,20 +513,10 @@ async def test_rollups_of_awkward_owners_equal_group_by_over_events(store, write
                           cost_nanos=1000 + i, input_tokens=j + 1)
               for i, c in enumerate(AWKWARD) for j in range(3)]
     await write_all(writer, events)
-    ev, ru, sd = S.events, S.rollups_hourly, S.spend_daily
-    dims = [ev.c[d] for d in S.ROLLUP_DIMS]
-    hour = (ev.c.event_ms - ev.c.event_ms % sa.literal_column(str(HOUR))).label("hour_ms")
-    group_by = sa.select(
-        ev.c.tenant_id, hour, *dims, sa.func.count(),
-        *[sa.func.sum(ev.c[s]) for s in SUMS[1:]],
-    ).group_by(ev.c.tenant_id, sa.literal_column("2"), *dims)
-    rollups = sa.select(*[ru.c[k] for k in S.ROLLUP_KEY], *[ru.c[s] for s in SUMS])
+    sd = S.spend_daily
     daily = sa.select(sd.c.customer, sd.c.events, sd.c.cost_nanos)
     async with store.engine.connect() as conn:
-        want = sorted(tuple(int(x) if not isinstance(x, str) else x for x in r)
-                      for r in (await conn.execute(group_by)).all())
-        got = sorted(tuple(int(x) if not isinstance(x, str) else x for x in r)
-                     for r in (await conn.execute(rollups)).all())
+        want, got = await _rollups_and_group_by(conn)
         days = {c: (int(n), int(cost)) for c, n, cost in (await conn.execute(daily)).all()}
     assert got == want and len(got) == len(events)
     assert {r[2] for r in got} == set(AWKWARD)
