@@ -73,8 +73,7 @@ class Metrics:
         self._record = self.rpc.labels("Record")
         self._record_batch = self.rpc.labels("RecordBatch")
         self._runtime, self._writer = runtime, writer
-        self._children: dict = {}
-        self._outcomes: dict = {}
+        self._children: dict = {}  # (metric, key) -> its labelled child
         self.registry.register(_Collector(self))
         if writer is not None:
             writer.on_commit = self.committed
@@ -86,26 +85,26 @@ class Metrics:
         (a decision on a stream is not an RPC of its own)."""
         if rpc:
             self._authorize.observe(time.perf_counter() - started)
-        children = self._children
         for reason in resp.reasons or ("none",):
-            key = (resp.decision, reason)
-            child = children.get(key)
-            if child is None:  # label lookups once per (decision, reason)
-                child = children[key] = self.decisions.labels(
-                    decision_name(resp.decision), reason)
-            child.inc()
+            self._child(self.decisions, (resp.decision, reason),
+                        decision_name(resp.decision), reason).inc()
 
     def recorded(self, outcomes, started: float, batch: bool = False) -> None:
         (self._record_batch if batch else self._record).observe(time.perf_counter() - started)
         counts: dict = {}
         for outcome in outcomes:  # one increment per outcome of a batch, not per record
             counts[outcome] = counts.get(outcome, 0) + 1
-        children = self._outcomes
         for outcome, n in counts.items():
-            child = children.get(outcome)
-            if child is None:  # label lookups once per outcome
-                child = children[outcome] = self.records.labels(outcome_name(outcome))
-            child.inc(n)
+            self._child(self.records, outcome, outcome_name(outcome)).inc(n)
+
+    def _child(self, metric, key, *labels):
+        """`metric.labels(*labels)`, looked up once per (metric, key): a labels() call
+        costs more than the increment it is for."""
+        children = self._children
+        child = children.get((metric, key))
+        if child is None:
+            child = children[(metric, key)] = metric.labels(*labels)
+        return child
 
     def committed(self, events: int, seconds: float) -> None:
         self.batch.observe(events)
