@@ -69,3 +69,35 @@ async def test_a_failing_checkpoint_costs_no_write(tmp_path, monkeypatch, caplog
     assert "WAL checkpoint failed" in caplog.text
     assert await store.count_events(tenant) == 10
     await store.close()
+
+
+async def test_a_checkpoint_is_asked_for_per_enough_events_or_commits(tmp_path):
+    """Not after every commit (one Record at a time, a checkpoint's fsync per commit
+    slowed the next one): after EVERY_EVENTS events or EVERY_COMMITS commits, and at
+    close for what is left."""
+    path = tmp_path / "ledger.db"
+    store = await open_store(f"sqlite:///{path}")
+    tenant = await store.create_tenant("acme")
+    writer = GroupCommitWriter(store)
+    await writer.start()
+    checkpointer = writer._ops._checkpointer
+    asked = []
+    real = checkpointer.request
+    checkpointer.request = lambda: (asked.append(1), real())[1]
+    cp = writer_mod._Checkpointer
+    try:
+        for k in range(cp.EVERY_COMMITS - 1):  # small commits, one event each
+            await writer.write(LedgerEvent(tenant, f"one-{k}"))
+        assert asked == []
+        await writer.write(LedgerEvent(tenant, "one-last"))
+        assert len(asked) == 1  # the EVERY_COMMITS-th commit
+        await writer.write_many([LedgerEvent(tenant, f"big-{j}")
+                                 for j in range(cp.EVERY_EVENTS)])
+        assert len(asked) == 2  # a batch of EVERY_EVENTS asks at once
+        await writer.write(LedgerEvent(tenant, "tail"))
+        assert len(asked) == 2
+    finally:
+        await writer.stop()
+    assert len(asked) == 3  # at close, for the tail
+    assert _events_in_file(path) == cp.EVERY_COMMITS + cp.EVERY_EVENTS + 1
+    await store.close()

@@ -1060,7 +1060,7 @@ class _SqliteThreadOps:
         self._heads.update(new_heads)
         self._last_seq = after
         if self._checkpointer is not None:
-            self._checkpointer.request()
+            self._checkpointer.committed(len(inserted_rows))
         return seqs, existing, links, lost
 
     def insert_events(self, conn, rows: list[tuple]) -> int:
@@ -1085,9 +1085,18 @@ class _Checkpointer:
     served by one more once it ends. The writer's connection keeps an automatic
     checkpoint at BACKSTOP_PAGES, should these ever fall behind. Durability is SQLite's
     own either way: a commit is on disk once its WAL frames are synced
-    (synchronous=FULL), and a checkpoint syncs before the WAL is reused."""
+    (synchronous=FULL), and a checkpoint syncs before the WAL is reused.
+
+    A checkpoint is asked for once EVERY_EVENTS events or EVERY_COMMITS commits have
+    gone into the WAL since the last one (each a few pages: well under SQLite's own
+    1000), not after every commit: one Record at a time, a checkpoint's fsync of the
+    database file per commit slowed the next commit's (Record p50 over gRPC 2.17-2.26
+    ms against 1.67-1.81 without checkpoints). Big batches still ask at every commit.
+    Closing checkpoints what was committed last."""
 
     BACKSTOP_PAGES = 10_000
+    EVERY_EVENTS = 256
+    EVERY_COMMITS = 64
 
     def __init__(self, engine: sa.engine.Engine) -> None:
         import threading
@@ -1100,6 +1109,16 @@ class _Checkpointer:
         self._again = False
         self._conn: Any = None  # the DBAPI connection, opened on the thread
         self.failures = 0
+        self._events = self._commits = 0  # since the last request (writer's thread)
+
+    def committed(self, events: int) -> None:
+        """A commit of `events` new events (from the writer's thread): a checkpoint is
+        asked for once enough went into the WAL (class docstring)."""
+        self._events += events
+        self._commits += 1
+        if self._events >= self.EVERY_EVENTS or self._commits >= self.EVERY_COMMITS:
+            self._events = self._commits = 0
+            self.request()
 
     def request(self) -> None:
         """Ask for a checkpoint (from the writer's thread, after a commit)."""
@@ -1126,7 +1145,10 @@ class _Checkpointer:
                 self._again = False
 
     def close(self) -> None:
-        """Wait for a running checkpoint, then close the connection."""
+        """Checkpoint what was committed since the last one, then close the connection
+        (the writer has stopped: nothing commits meanwhile)."""
+        if self._events or self._commits:
+            self.request()
         self._executor.shutdown(wait=True)
         if self._conn is not None:
             self._conn.close()
