@@ -262,3 +262,58 @@ async def test_async_recorder_retries_an_unreachable_batch_with_others_in_flight
 def test_a_pipeline_below_one_is_refused():
     with pytest.raises(ValueError, match="pipeline"):
         pc.AsyncRecorder(GatedClient(), pipeline=0)
+
+
+def test_validate_at_send_checks_names_now_and_values_in_the_batch(p402):
+    rids = holds(p402, 3)
+    errors: list[tuple[str, pc.P402Error]] = []
+    with pc.Recorder(p402, batch_size=10, validate="send",
+                     on_error=lambda eid, err: errors.append((eid, err))) as rec:
+        with pytest.raises(pc.InvalidArgument) as err:
+            rec.record(rids[0], input_tokenz=1)  # a misspelt field: at the call site
+        assert err.value.field == "input_tokenz" and rec.metrics.enqueued == 0
+        good = [rec.record(rids[0], input_tokens=4, output_tokens=1)]
+        bad = rec.record(rids[1], input_tokens=-5)  # a value: when its batch is built
+        good.append(rec.record(rids[2], input_tokens=6, output_tokens=2))
+        assert rec.flush(20)
+        m = rec.metrics
+    assert (m.enqueued, m.sent, m.failed) == (3, 2, 1)
+    assert [eid for eid, _ in errors] == [bad]
+    assert isinstance(errors[0][1], pc.InvalidArgument)
+    assert errors[0][1].field == "usage.input_tokens"
+    events = {e.event_id: e for e in all_events(p402)}
+    assert set(events) == set(good)  # the refused one never reached the server
+    assert events[good[1]].usage.input_tokens == 6
+
+
+async def test_validate_at_send_a_batch_refused_whole_is_never_sent():
+    client = GatedClient()
+    client.gate.set()
+    failed: list[str] = []
+    rec = pc.AsyncRecorder(client, batch_size=3, validate="send",
+                           on_error=lambda eid, err: failed.append(eid))
+    bad = [await rec.record(f"r{i}", input_tokens=-1) for i in range(3)]
+    assert await rec.flush(5)
+    m = await rec.aclose()
+    assert client.sent == [] and client.peak == 0  # no call for an empty batch
+    assert (m.sent, m.failed, m.batches, m.pending) == (0, 3, 0, 0)
+    assert failed == bad
+
+
+async def test_validate_at_send_resends_a_built_batch_after_an_outage():
+    client = GatedClient(unreachable=1)
+    rec = pc.AsyncRecorder(client, batch_size=4, pipeline=2, retry_backoff=0.01,
+                           validate="send")
+    ids = [await rec.record(f"r{i}", input_tokens=1) for i in range(10)]
+    await rec.record("r-bad", output_tokens=2 ** 63)
+    ids += [await rec.record(f"s{i}", input_tokens=1) for i in range(9)]
+    client.gate.set()
+    assert await rec.flush(5)
+    m = await rec.aclose()
+    assert m.retries == 1 and m.sent == 19 and m.failed == 1 and m.dropped == 0
+    assert sorted(client.sent) == sorted(ids)  # every good record once
+
+
+def test_validate_must_be_record_or_send():
+    with pytest.raises(ValueError, match="validate"):
+        pc.AsyncRecorder(GatedClient(), validate="later")

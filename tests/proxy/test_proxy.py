@@ -552,3 +552,35 @@ async def test_an_upstream_that_never_accepts_is_a_504_after_the_connect_timeout
         filler.close()
         hole.close()
         await stop()
+
+
+async def test_a_usage_the_ledger_cannot_take_is_logged_and_left_to_the_hold(
+        rig, monkeypatch, caplog):
+    # The Record is checked when its batch is built, off the response path: the
+    # answer goes out as the upstream gave it, the refusal is logged naming the
+    # field, nothing of it is committed (its hold expires at its estimate), and
+    # the next call is recorded as usual.
+    from p402_server.gateways import proxy
+
+    real = proxy.answer_usage
+    monkeypatch.setattr(proxy, "answer_usage",
+                        lambda kind, raw: {"input_tokens": 2**70, "output_tokens": 1})
+    client = rig.openai(x_p402_customer="acme")
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=5)
+    assert raw.http_response.status_code == 200
+    refused = raw.headers["x-p402-event-id"]
+    for _ in range(250):
+        if any(refused in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.02)
+    [line] = [r.getMessage() for r in caplog.records if refused in r.getMessage()]
+    assert "refused" in line and "usage.input_tokens" in line
+
+    monkeypatch.setattr(proxy, "answer_usage", real)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=5)
+    [ev] = await rig.events()
+    assert ev.event_id == raw.headers["x-p402-event-id"] != refused
+    assert ev.usage.input_tokens == rig.upstream.usage(CHAT, rig.upstream.last(CHAT).body
+                                                       ).input_tokens

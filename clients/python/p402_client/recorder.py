@@ -4,7 +4,11 @@ This module owns `Recorder` (a worker thread over a `P402Client`) and
 `AsyncRecorder` (a worker task over an `AsyncP402Client`). `record(...)` takes the
 same keywords as `client.record(...)`, validates them at once (bad input raises
 `InvalidArgument` at the call site, never later in the worker), gives the record its
-event id (a ULID) and queues it; the worker sends up to `batch_size` queued records
+event id (a ULID) and queues it. With `validate="send"` only the field names are
+checked at the call site and the rest when the record joins a batch: for a caller
+whose records are made by its own code (a gateway) and whose request path must stay
+short; a record refused then is counted `failed` and reported like one the server
+refuses (log, `on_error`), never sent and never blocking its batch. Either way the worker sends up to `batch_size` queued records
 per `RecordBatch` call, as soon as records are there (no added latency when idle;
 under load the batches fill up by themselves). `AsyncRecorder` keeps up to
 `pipeline` batches (default 2) in flight, so the server settles the next batch while
@@ -56,7 +60,8 @@ from typing import Any, Callable
 from p402.v1 import meter_pb2
 
 from . import _convert as cv
-from .errors import P402Error, RecorderFull
+from .errors import InvalidArgument, P402Error, RecorderFull
+from .ids import new_ulid
 from .meter import UNREACHABLE
 from .types import RecordResult
 
@@ -80,18 +85,35 @@ class RecorderMetrics:
     last_error: str
 
 
+class _Unbuilt:
+    """A record queued with `validate="send"`: its arguments, built when sent."""
+
+    __slots__ = ("reservation_id", "kw")
+
+    def __init__(self, reservation_id: str, kw: dict[str, Any]):
+        self.reservation_id, self.kw = reservation_id, kw
+
+    @property
+    def event_id(self) -> str:
+        return self.kw["event_id"]
+
+
 class _Base:
     """Queue, counters and the batch outcome rules shared by both recorders."""
 
     def __init__(self, client: Any, *, max_queue: int, batch_size: int,
                  put_timeout: float, fail_open: bool | None, retry_backoff: float,
                  max_retry_backoff: float, close_timeout: float,
-                 on_result: ResultCallback | None, on_error: ErrorCallback | None):
+                 on_result: ResultCallback | None, on_error: ErrorCallback | None,
+                 validate: str = "record"):
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
         if not 1 <= batch_size <= 10_000:  # the server's RecordBatch cap
             raise ValueError("batch_size must be in 1..10000")
+        if validate not in ("record", "send"):
+            raise ValueError("validate must be 'record' or 'send'")
         self._client = client
+        self.validate = validate
         self.max_queue = max_queue
         self.batch_size = batch_size
         self.put_timeout = put_timeout
@@ -119,9 +141,17 @@ class _Base:
     def closed(self) -> bool:
         return self._closed
 
-    def _build(self, reservation_id: str, kw: dict[str, Any]) -> meter_pb2.RecordRequest:
+    def _build(self, reservation_id: str, kw: dict[str, Any]
+               ) -> meter_pb2.RecordRequest | _Unbuilt:
         if self._closed:
             raise RuntimeError("the recorder is closed")
+        if self.validate == "send":
+            unknown = kw.keys() - cv.RECORD_FIELDS
+            if unknown:
+                raise InvalidArgument(min(unknown), "unknown record field")
+            if not kw.get("event_id"):
+                kw["event_id"] = new_ulid()
+            return _Unbuilt(reservation_id, kw)
         # The client's own builder: same validation, same field names, event id made.
         return self._client._record_req(reservation_id, kw)
 
@@ -147,7 +177,24 @@ class _Base:
         n = min(self.batch_size, len(self._queue))
         batch = [self._queue.popleft() for _ in range(n)]
         self._inflight += n
+        if self.validate == "send":
+            batch = self._built(batch)
         return batch
+
+    def _built(self, batch: list) -> list[meter_pb2.RecordRequest]:
+        """`validate="send"`: the records of a batch built (and so validated) now, by
+        the client's own builder; one it refuses is counted failed, not sent."""
+        out = []
+        record_req = self._client._record_req
+        for item in batch:
+            if type(item) is not _Unbuilt:  # built already (a batch sent again)
+                out.append(item)
+                continue
+            try:
+                out.append(record_req(item.reservation_id, item.kw))
+            except InvalidArgument as err:
+                self._done_failed(item, err)
+        return out
 
     def _requeue(self, batch: list[meter_pb2.RecordRequest]) -> None:
         self._queue.extendleft(reversed(batch))
@@ -211,12 +258,13 @@ class Recorder(_Base):
                  put_timeout: float = 5.0, fail_open: bool | None = None,
                  retry_backoff: float = 0.1, max_retry_backoff: float = 5.0,
                  close_timeout: float = 10.0, on_result: ResultCallback | None = None,
-                 on_error: ErrorCallback | None = None, register_atexit: bool = True):
+                 on_error: ErrorCallback | None = None, register_atexit: bool = True,
+                 validate: str = "record"):
         super().__init__(client, max_queue=max_queue, batch_size=batch_size,
                          put_timeout=put_timeout, fail_open=fail_open,
                          retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff,
                          close_timeout=close_timeout, on_result=on_result,
-                         on_error=on_error)
+                         on_error=on_error, validate=validate)
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="p402-recorder",
@@ -315,6 +363,8 @@ class Recorder(_Base):
 
     def _send(self, batch: list[meter_pb2.RecordRequest]) -> bool:
         """Send one batch; False when P402 was unreachable (batch requeued)."""
+        if not batch:  # every record of it refused before sending (validate="send")
+            return True
         c = self._client
         try:
             resp = c._call(c._meter.RecordBatch, self._batch_pb(batch))
@@ -373,12 +423,13 @@ class AsyncRecorder(_Base):
                  put_timeout: float = 5.0, fail_open: bool | None = None,
                  retry_backoff: float = 0.1, max_retry_backoff: float = 5.0,
                  close_timeout: float = 10.0, on_result: ResultCallback | None = None,
-                 on_error: ErrorCallback | None = None, pipeline: int = 2):
+                 on_error: ErrorCallback | None = None, pipeline: int = 2,
+                 validate: str = "record"):
         super().__init__(client, max_queue=max_queue, batch_size=batch_size,
                          put_timeout=put_timeout, fail_open=fail_open,
                          retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff,
                          close_timeout=close_timeout, on_result=on_result,
-                         on_error=on_error)
+                         on_error=on_error, validate=validate)
         if pipeline < 1:
             raise ValueError("pipeline must be >= 1")
         # Batches sent before the previous one is answered: the server converts and
@@ -503,6 +554,8 @@ class AsyncRecorder(_Base):
                 task.cancel()
 
     async def _send(self, batch: list[meter_pb2.RecordRequest]) -> bool:
+        if not batch:  # every record of it refused before sending (validate="send")
+            return True
         c = self._client
         try:
             resp = await c._call(c._meter.RecordBatch, self._batch_pb(batch))

@@ -81,7 +81,8 @@ Records behind the answer
   writer). Nothing waits for the ledger on the response path.
 - The queue is bounded (10,000 Records per key): when it is full, the proxy waits
   for room before answering (backpressure); nothing is dropped. A Record that still
-  finds no room after 30 s, or that P402 refuses, is logged.
+  finds no room after 30 s, or that is refused (a usage out of range, checked when
+  its batch is built; or by P402), is logged.
 - The reservation is the safety net: if the proxy dies before a queued Record
   commits (or the Record is lost as above), its hold expires at its TTL and is
   committed at its estimate (outcome EXPIRED, evidence ESTIMATED), which is never
@@ -260,9 +261,12 @@ class ClientMeter:
         if r is None:
             from p402_client import AsyncRecorder
 
+            # Records are made here, from the upstream's answer: checked when their
+            # batch is built, off the response path (a refused one is logged, and its
+            # hold expires at its estimate, as for one P402 refuses).
             r = AsyncRecorder(self.client(api_key), max_queue=self.record_queue,
                               batch_size=self.record_batch, put_timeout=self.record_wait,
-                              fail_open=False)
+                              fail_open=False, validate="send")
             self._recorders[api_key] = r
         return r
 
