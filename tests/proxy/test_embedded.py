@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import openai
 import pytest
 
@@ -18,6 +19,7 @@ from p402_server.gateways.proxy import PROXY_KEY, ProxyConfig, start_proxy
 from p402_server.ledger import open_store
 from p402_server.ledger.model import EventFilter
 from p402_server.server import init_tenant
+from p402_server.wire.errors import ServiceError
 from tests.proxy.conftest import UPSTREAM_KEY
 from tests.support.openai_standin import OpenAIStandin
 
@@ -98,6 +100,31 @@ async def test_in_process_client_gives_the_wire_results_and_errors(embedded):
     # on the trailing metadata).
     exported = [x async for x in admin.export()]
     assert [x.event_id for x in exported] == [rec.event_id]
+
+
+async def test_in_process_authorize_retries_without_a_reservation_id_and_holds_once(
+        embedded, monkeypatch):
+    # In process a failed Authorize held nothing, so its retry needs no client-made
+    # reservation id: one hold for the call, and no answer kept for replays.
+    emb, tenant, admin_key = embedded
+    meter_key = (await emb.client(admin_key).create_key("caller", ["meter"])).api_key
+    meter = emb.client(meter_key)
+    meter._backoff = 0.0
+    rt = await emb.runtime.get(tenant)
+    real, calls = rt.authorize, []
+
+    def flaky(req, exact=None):
+        calls.append(req.reservation_id)
+        if len(calls) == 1:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "store down")
+        return real(req, exact)
+
+    monkeypatch.setattr(rt, "authorize", flaky)
+    auth = await meter.authorize("gpt-4o-mini", owners={"customer": "acme"},
+                                 max_output_tokens=10)
+    assert auth.allowed and calls == ["", ""]  # retried once, no id of the client's
+    assert [h["reservation_id"] for h in rt.engine.hold_records()] == [auth.reservation_id]
+    assert len(rt._authorizations) == 0
 
 
 async def test_in_process_deadline_is_deadline_exceeded(embedded):

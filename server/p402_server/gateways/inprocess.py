@@ -9,7 +9,8 @@ loopback RPC of about a millisecond each way.
 One code path, no divergent implementation: every call goes through the same
 servicer methods, the same `unary` wrapper (key check, scopes, tenant from the key,
 the one exception-to-status mapping) and the same client conversions as over gRPC;
-only protobuf serialization and the HTTP/2 hops are gone. Errors reach the caller as
+only protobuf serialization and the HTTP/2 hops are gone (and an Authorize carries
+no client-made reservation id: `InProcessClient._authorize_req`). Errors reach the caller as
 the client's typed errors (`p402_client.errors`), built from the status the wrapper
 aborts with, and the client's deadline applies as it would on the wire
 (DEADLINE_EXCEEDED).
@@ -28,6 +29,7 @@ import grpc
 
 from p402.v1 import admin_pb2, meter_pb2
 from p402_client import AsyncP402Client
+from p402_client import _convert as cv
 from p402_client.client import _Common
 
 log = logging.getLogger("p402.inprocess")
@@ -252,6 +254,14 @@ class InProcessClient(AsyncP402Client):
         self._channel = None
         self._meter = embedded._meter_stub
         self._admin = embedded._admin_stub
+
+    def _authorize_req(self, model: str, kw: dict[str, Any]):
+        # No reservation id made here for retries: over the wire it makes a retry
+        # after a lost answer idempotent, but in process no answer is lost, and an
+        # Authorize that raised or ran out of time held nothing (the decision and its
+        # hold are one synchronous step after any wait), so a retry cannot hold
+        # twice. The runtime then keeps no answer per call for replays.
+        return cv.authorize_request(model, **kw)
 
     async def close(self) -> None:
         return None
