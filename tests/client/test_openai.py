@@ -5,6 +5,8 @@ denials before any upstream call, and retries attributed attempt by attempt."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 openai = pytest.importorskip("openai")
 
@@ -72,6 +74,37 @@ def test_usage_from_both_openai_shapes():
     resp = {"input_tokens": 5, "output_tokens": 2, "input_tokens_details": None}
     assert usage_from_openai(resp) == {"input_tokens": 5, "output_tokens": 2}
     assert usage_from_openai(None) is None and usage_from_openai({}) is None
+
+
+_COUNT = st.one_of(st.none(), st.booleans(), st.integers(-5, 2**64), st.text(max_size=3))
+_DETAILS = st.one_of(st.none(), st.dictionaries(
+    st.sampled_from(["cached_tokens", "cache_write_tokens", "audio_tokens",
+                     "image_tokens", "reasoning_tokens", "other"]), _COUNT, max_size=4))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(
+    ["prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
+     "total_tokens"]), _COUNT, max_size=4), _DETAILS, _DETAILS,
+    st.sampled_from([None, "flex", "default", "priority"]))
+def test_usage_reads_alike_from_dicts_mappings_and_objects(usage, ins, outs, tier):
+    # A parsed answer (plain dicts) takes a short path; any other mapping, or the
+    # SDK's objects, must read the same.
+    import types
+
+    usage = dict(usage)
+    for key, details in (("prompt_tokens_details", ins), ("completion_tokens_details", outs),
+                         ("input_tokens_details", ins), ("output_tokens_details", outs)):
+        if details is not None:
+            usage[key] = details
+    as_mapping = types.MappingProxyType(
+        {k: types.MappingProxyType(v) if isinstance(v, dict) else v for k, v in usage.items()})
+    as_object = types.SimpleNamespace(
+        **{k: types.SimpleNamespace(**v) if isinstance(v, dict) else v
+           for k, v in usage.items()})
+    expected = usage_from_openai(as_mapping, tier)
+    assert usage_from_openai(usage, tier) == expected
+    assert usage_from_openai(as_object, tier) == expected
 
 
 # ---------------------------------------------------------------- chat

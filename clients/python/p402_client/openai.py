@@ -128,6 +128,8 @@ def _cap_param(kind: str, kwargs: Mapping[str, Any]) -> tuple[str, int]:
 
 
 def _get(obj: Any, name: str) -> Any:
+    if type(obj) is dict:  # a parsed answer: spares the ABC check (typing.Mapping)
+        return obj.get(name)
     if obj is None:
         return None
     if isinstance(obj, Mapping):
@@ -173,6 +175,8 @@ def usage_from_openai(usage: Any, service_tier: Any = None) -> dict[str, Any] | 
 
 def _take_parts(kw: dict, total: str, details: Any, parts: tuple) -> None:
     """The parts of `total` from OpenAI's details, each cut to what is left of it."""
+    if details is None:
+        return
     left = kw[total]
     for name, key in parts:
         n = min(_int(_get(details, key)), left)
