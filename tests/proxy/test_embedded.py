@@ -8,17 +8,23 @@ proxy wait, never drop; every call lands in the ledger exactly once.
 from __future__ import annotations
 
 import asyncio
+import types
 
 import grpc
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from p402_client import _convert as cv
 from p402_client import errors as e
+from p402_server.gateways import inprocess
 from p402_server.gateways.inprocess import EmbeddedP402, InProcessClient
 from p402_server.gateways.proxy import PROXY_KEY, ProxyConfig, start_proxy
 from p402_server.ledger import open_store
 from p402_server.ledger.model import EventFilter
 from p402_server.server import init_tenant
+from p402_server.wire import convert
 from p402_server.wire.errors import ServiceError
 from tests.proxy.conftest import UPSTREAM_KEY
 from tests.support.openai_standin import OpenAIStandin
@@ -113,11 +119,11 @@ async def test_in_process_authorize_retries_without_a_reservation_id_and_holds_o
     rt = await emb.runtime.get(tenant)
     real, calls = rt.authorize, []
 
-    def flaky(req, exact=None):
+    def flaky(req, exact=None, core=False):
         calls.append(req.reservation_id)
         if len(calls) == 1:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "store down")
-        return real(req, exact)
+        return real(req, exact, core)
 
     monkeypatch.setattr(rt, "authorize", flaky)
     auth = await meter.authorize("gpt-4o-mini", owners={"customer": "acme"},
@@ -125,6 +131,68 @@ async def test_in_process_authorize_retries_without_a_reservation_id_and_holds_o
     assert auth.allowed and calls == ["", ""]  # retried once, no id of the client's
     assert [h["reservation_id"] for h in rt.engine.hold_records()] == [auth.reservation_id]
     assert len(rt._authorizations) == 0
+
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=8)
+_NANOS = st.integers(-(2**63), 2**63 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(decision=st.integers(0, 9), reasons=st.lists(_TEXT, max_size=3),
+       rule_ids=st.lists(_TEXT, max_size=3), text=_TEXT,
+       counts=st.tuples(*[st.integers(0, 2**63 - 1)] * 4), cost=_NANOS,
+       budgets=st.lists(st.builds(
+           types.SimpleNamespace, budget_id=_TEXT, limit_nanos=_NANOS,
+           committed_nanos=_NANOS, held_nanos=_NANOS, remaining_nanos=_NANOS,
+           period_start_ms=st.integers(0, 2**63 - 1), enforcement=st.integers(0, 2)),
+           max_size=3))
+def test_the_engines_answer_reads_as_its_message_would(decision, reasons, rule_ids, text,
+                                                       counts, cost, budgets):
+    # In process the client's Authorization is made from the engine's own answer;
+    # it must be what the AuthorizeResponse of it reads as, unknown enum numbers and
+    # the int64 bounds of money included.
+    a = types.SimpleNamespace(
+        decision=decision, reasons=reasons, rule_ids=rule_ids, reservation_id=text,
+        model=text + "m", provider=text + "p", catalog_version=text + "v",
+        estimated_input_tokens=counts[0], estimated_output_tokens=counts[1],
+        output_token_cap=counts[2], expires_ms=counts[3], estimated_cost_nanos=cost,
+        budgets=budgets)
+    expected = cv.authorization(convert.authorization_to_proto(a))
+    assert inprocess.authorization_from_core(a) == expected
+
+
+async def test_in_process_authorize_answers_and_refuses_as_the_rpc_does(embedded):
+    emb, tenant, admin_key = embedded
+    admin = emb.client(admin_key)
+    await admin.put_budget("cap", limit_nanos=LIMIT, period="MONTH", enforcement="HARD",
+                           scope={"customer": "acme"})
+    meter = emb.client((await admin.create_key("caller", ["meter"])).api_key)
+    auth = await meter.authorize("gpt-4o-mini", owners={"customer": "acme"},
+                                 max_output_tokens=50)
+    [status] = auth.budgets
+    assert auth.allowed and status.budget_id == "cap" and status.limit_nanos == LIMIT
+    assert status.held_nanos == auth.estimated_cost_nanos > 0
+    assert status.enforcement.name == "HARD" and auth.output_token_cap == 50
+    # A caller's own reservation id is answered from the first decision on a retry.
+    first = await meter.authorize("gpt-4o-mini", owners={"customer": "acme"},
+                                  max_output_tokens=50, reservation_id="rsv-mine")
+    again = await meter.authorize("gpt-4o-mini", owners={"customer": "acme"},
+                                  max_output_tokens=50, reservation_id="rsv-mine")
+    assert again == first and first.reservation_id == "rsv-mine"
+    rt = await emb.runtime.get(tenant)
+    assert len(rt.engine.hold_records()) == 2
+    # A DENY is data; errors are the RPC's, naming the field.
+    big = await meter.authorize("gpt-4o-mini", owners={"customer": "acme"},
+                                input_bytes=10**7)
+    assert big.denied and big.reasons and big.budgets[0].budget_id == "cap"
+    with pytest.raises(e.InvalidArgument) as err:
+        await meter.authorize("gpt-4o-mini", max_output_tokens=2**40)
+    assert err.value.field == "max_output_tokens"
+    with pytest.raises(e.Unauthenticated):
+        await emb.client("p402_" + "x" * 40).authorize("gpt-4o-mini")
+    reader = emb.client((await admin.create_key("reader", ["read"])).api_key)
+    with pytest.raises(e.PermissionDenied):
+        await reader.authorize("gpt-4o-mini")
 
 
 async def test_in_process_deadline_is_deadline_exceeded(embedded):

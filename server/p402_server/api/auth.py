@@ -73,7 +73,11 @@ class KeyCache:
 
     async def authenticate(self, context, scopes: frozenset, method: str,
                            required: str = "admin"):
-        api_key = bearer_key(context)
+        return await self.authenticate_key(bearer_key(context), scopes, method, required)
+
+    async def authenticate_key(self, api_key: str, scopes: frozenset, method: str,
+                               required: str = "admin"):
+        """`authenticate` for a key given as it is (a caller in this process)."""
         if not api_key:
             raise unauthenticated(
                 "API_KEY_MISSING", "missing `authorization: Bearer <api key>` metadata")

@@ -43,13 +43,18 @@ class MeterService(meter_pb2_grpc.MeterServiceServicer):
     @unary(METER)
     async def Authorize(self, request, context, key):
         started = time.perf_counter()
-        rt = self.runtime.tenants.get(key.tenant_id) or await self.runtime.get(key.tenant_id)
-        if rt.leases is None:  # one process: never awaits (no coroutine per call)
-            resp = rt.authorize(request)
-        else:
-            resp = await rt.authorize_exact(request)
+        resp = await self.decide(key, request)
         self._authorized(key, request, resp, started, True)
         return resp
+
+    async def decide(self, key, request, core: bool = False):
+        """The decision on `request` for the caller `key` (checked already): an
+        AuthorizeResponse, or with `core` the engine's Authorization when that is
+        the whole answer (TenantRuntime.authorize)."""
+        rt = self.runtime.tenants.get(key.tenant_id) or await self.runtime.get(key.tenant_id)
+        if rt.leases is None:  # one process: never awaits on its own
+            return rt.authorize(request, core=core)
+        return await rt.authorize_exact(request, core=core)
 
     def _authorized(self, key, request, resp, started: float, rpc: bool) -> None:
         """Count a decision (metrics, OpenTelemetry), whichever RPC asked for it; only

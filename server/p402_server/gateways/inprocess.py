@@ -9,8 +9,13 @@ loopback RPC of about a millisecond each way.
 One code path, no divergent implementation: every call goes through the same
 servicer methods, the same `unary` wrapper (key check, scopes, tenant from the key,
 the one exception-to-status mapping) and the same client conversions as over gRPC;
-only protobuf serialization and the HTTP/2 hops are gone (and an Authorize carries
-no client-made reservation id: `InProcessClient._authorize_req`). Errors reach the caller as
+only protobuf serialization and the HTTP/2 hops are gone. Authorize, once per
+proxied call, is the exception in form, not in substance (`EmbeddedP402.authorize`):
+the same key check (`KeyCache.authenticate_key`), decision (`MeterService.decide`)
+and status mapping (`errors.logged_status`), called without a metadata context, and
+the engine's answer made into the client's Authorization directly rather than
+through an AuthorizeResponse (the same values: a property test holds them equal);
+it carries no client-made reservation id (`InProcessClient._authorize_req`). Errors reach the caller as
 the client's typed errors (`p402_client.errors`), built from the status the wrapper
 aborts with, and the client's deadline applies as it would on the wire
 (DEADLINE_EXCEEDED).
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -31,6 +37,10 @@ from p402.v1 import admin_pb2, meter_pb2
 from p402_client import AsyncP402Client
 from p402_client import _convert as cv
 from p402_client.client import _Common
+from p402_client.types import Authorization, BudgetStatus, Decision, Enforcement
+from p402_server.api.auth import METER
+from p402_server.observe import logs as _logs
+from p402_server.wire.errors import logged_status
 
 log = logging.getLogger("p402.inprocess")
 
@@ -131,18 +141,23 @@ class _Unary:
         self._handler = handler
 
     async def __call__(self, request, timeout: float | None = None, metadata: Any = ()):
-        coro = self._handler(request, _Context(metadata))
-        if timeout is None:
-            return await coro
-        try:
-            first = coro.send(None)
-        except StopIteration as done:
-            return done.value
-        try:
-            async with asyncio.timeout(timeout):
-                return await _Resumed(coro, first)
-        except TimeoutError:
-            raise _deadline_exceeded() from None
+        return await _within(self._handler(request, _Context(metadata)), timeout)
+
+
+async def _within(coro, timeout: float | None):
+    """`await coro`, DEADLINE_EXCEEDED past `timeout` seconds; the deadline is armed
+    only once the coroutine waits (`_Unary`)."""
+    if timeout is None:
+        return await coro
+    try:
+        first = coro.send(None)
+    except StopIteration as done:
+        return done.value
+    try:
+        async with asyncio.timeout(timeout):
+            return await _Resumed(coro, first)
+    except TimeoutError:
+        raise _deadline_exceeded() from None
 
 
 class _ServerStream:
@@ -243,6 +258,68 @@ class EmbeddedP402:
         """An async client with `api_key`, calling this runtime directly."""
         return InProcessClient(self, api_key, **kw)
 
+    async def authorize(self, api_key: str, request) -> Authorization:
+        """Authorize, as the meter service answers it, as the client's Authorization.
+
+        The same key check, tenant, decision and error mapping as the RPC (`unary`,
+        MeterService.decide, errors.logged_status), without a context to read the key
+        back from, and without an AuthorizeResponse built only to be read back when
+        the engine's answer is the whole answer (Deciding.authorize's `core`)."""
+        svc = self.meter_service
+        if _logs.enabled:  # --log-format json: every line names its request
+            _logs.REQUEST_ID.set(_logs.request_id_from(()))
+        try:
+            key = await self.auth.authenticate_key(api_key, METER, "Authorize", "meter")
+            core = svc.metrics is None and svc.otel is None  # they count the message
+            started = 0.0 if core else time.perf_counter()
+            resp = await svc.decide(key, request, core=core)
+            if not core:
+                svc._authorized(key, request, resp, started, True)
+        except Exception as exc:  # noqa: BLE001 - the one mapping, as over the wire
+            status = logged_status(exc, "Authorize")
+            raise InProcessRpcError(status.code, status.details,
+                                    status.trailing_metadata) from None
+        if type(resp) is meter_pb2.AuthorizeResponse:
+            return cv.authorization(resp)
+        return authorization_from_core(resp)
+
+
+class _Keyed:
+    """A method of EmbeddedP402 called as a stub's method is (`request, timeout=,
+    metadata=`), with the client's key: what `AsyncP402Client._call` retries."""
+
+    __slots__ = ("_method", "_key")
+
+    def __init__(self, method, api_key: str):
+        self._method, self._key = method, api_key
+
+    async def __call__(self, request, timeout: float | None = None, metadata: Any = ()):
+        return await _within(self._method(self._key, request), timeout)
+
+
+def authorization_from_core(a) -> Authorization:
+    """The client's Authorization of the engine's (p402core) one: what
+    `cv.authorization(convert.authorization_to_proto(a))` gives, without the message."""
+    return Authorization(
+        decision=cv._enum(Decision, int(a.decision)),
+        reasons=tuple(a.reasons),
+        rule_ids=tuple(a.rule_ids),
+        reservation_id=a.reservation_id,
+        estimated_cost_nanos=a.estimated_cost_nanos,
+        estimated_input_tokens=a.estimated_input_tokens,
+        estimated_output_tokens=a.estimated_output_tokens,
+        output_token_cap=a.output_token_cap,
+        budgets=tuple([BudgetStatus(s.budget_id, s.limit_nanos, s.committed_nanos,
+                                    s.held_nanos, s.remaining_nanos, s.period_start_ms,
+                                    Enforcement.parse(int(s.enforcement)))
+                       for s in a.budgets]) if a.budgets else (),
+        model=a.model,
+        provider=a.provider,
+        catalog_version=a.catalog_version,
+        expire_time_ms=a.expires_ms,
+        retry_after_ms=getattr(a, "retry_after_ms", 0) or 0,
+    )
+
 
 class InProcessClient(AsyncP402Client):
     """`AsyncP402Client` over an `EmbeddedP402`: the same methods, results and errors,
@@ -254,6 +331,12 @@ class InProcessClient(AsyncP402Client):
         self._channel = None
         self._meter = embedded._meter_stub
         self._admin = embedded._admin_stub
+        self._authorize_direct = _Keyed(embedded.authorize,  # the key _Common kept
+                                        self._metadata[0][1].removeprefix("Bearer "))
+
+    async def authorize(self, model: str, **kw: Any) -> Authorization:
+        """See P402Client.authorize (EmbeddedP402.authorize: no message answered)."""
+        return await self._call(self._authorize_direct, self._authorize_req(model, kw))
 
     def _authorize_req(self, model: str, kw: dict[str, Any]):
         # No reservation id made here for retries: over the wire it makes a retry

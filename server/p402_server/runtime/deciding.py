@@ -29,7 +29,7 @@ from p402core import (
 class Deciding:
     """TenantRuntime's Authorize and the privacy rules it applies (module docstring)."""
 
-    async def authorize_exact(self, req):
+    async def authorize_exact(self, req, core: bool = False):
         """`authorize`, and with leases, at the very end of a budget: when only a
         leased budget denied (its local slice is spent), take exactly what this
         request needs from the store (LeaseManager.take_exact: one conditional
@@ -37,21 +37,26 @@ class Deciding:
         on such a DENY; otherwise the same as `authorize`."""
         leases = self.leases
         if leases is None:
-            return self.authorize(req)
+            return self.authorize(req, core=core)
         denied: list = []
-        resp = self.authorize(req, exact=denied)
+        resp = self.authorize(req, exact=denied, core=core)
         if resp is not None:
             return resp
         await leases.take_exact(self, denied[0])
-        return self.authorize(req)
+        return self.authorize(req, core=core)
 
-    def authorize(self, req, exact: list | None = None):
+    def authorize(self, req, exact: list | None = None, core: bool = False):
         """AuthorizeRequest -> AuthorizeResponse, in memory (never awaits).
 
         `exact` (a list; `authorize_exact`): when a leased budget alone denies, the
         engine's Authorization is appended to it and None returned, with no side
         effect (nothing held, nothing written): the caller may take exactly what
-        is missing from the store and call again."""
+        is missing from the store and call again.
+
+        `core` (a caller in this process, gateways/inprocess.py): the engine's own
+        Authorization instead, when it is the whole answer (nothing kept for a
+        replay: no reservation or request id; no store-level budget statuses), so
+        no message is built only to be read back; otherwise the AuthorizeResponse."""
         args = convert.authorize_args(req, self.settings["default_privacy_mode"])
         mode = self.privacy.resolve(req.privacy_mode)
         if not self.privacy.allowed(mode):
@@ -74,7 +79,11 @@ class Deciding:
             if exact is not None and BUDGET_EXCEEDED in a.reasons:
                 exact.append(a)
                 return None
-        resp = convert.authorization_to_proto(a)
+        if (core and not self._status_base and not args["reservation_id"]
+                and not req.request_id):
+            resp = a
+        else:
+            resp = convert.authorization_to_proto(a)
         if self._status_base and a.budgets:  # scale-out: the store's status
             del resp.budgets[:]
             for st in self._store_level(list(a.budgets)):

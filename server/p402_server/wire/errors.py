@@ -148,13 +148,20 @@ def status_for(exc: BaseException) -> grpc.Status:
     return rpc_status.to_status(rpc_status_for(exc))
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str):
-    """Log as fits and end the call with the status of `exc` (raises AbortError)."""
+def logged_status(exc: BaseException, method: str) -> grpc.Status:
+    """The status `method` ends with for `exc`, logged as fits (an INTERNAL one with
+    its traceback)."""
     status = status_for(exc)
     if status.code is grpc.StatusCode.INTERNAL:
         log.error("%s failed", method, exc_info=exc)
     elif log.isEnabledFor(logging.DEBUG):
         log.debug("%s -> %s: %s", method, status.code.name, status.details)
+    return status
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str):
+    """Log as fits and end the call with the status of `exc` (raises AbortError)."""
+    status = logged_status(exc, method)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
@@ -297,6 +304,7 @@ __all__ = [
     "permission_denied",
     "not_found",
     "status_for",
+    "logged_status",
     "rpc_status_for",
     "abort",
     "unary",
