@@ -317,3 +317,38 @@ async def test_validate_at_send_resends_a_built_batch_after_an_outage():
 def test_validate_must_be_record_or_send():
     with pytest.raises(ValueError, match="validate"):
         pc.AsyncRecorder(GatedClient(), validate="later")
+
+
+async def test_linger_gathers_a_short_batch_until_its_oldest_record_has_waited():
+    import asyncio
+
+    client = GatedClient()
+    client.gate.set()
+    rec = pc.AsyncRecorder(client, batch_size=10, linger=1.0)
+    ids = [await rec.record(f"r{i}", input_tokens=1) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert client.sent == [] and rec.metrics.pending == 3  # still lingering
+    for _ in range(300):
+        if client.sent:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted(client.sent) == sorted(ids) and rec.metrics.batches == 1
+    # A full batch does not linger; what follows it starts its own wait.
+    more = [await rec.record(f"s{i}", input_tokens=1) for i in range(12)]
+    for _ in range(100):  # well within the linger
+        if len(client.sent) >= 13:
+            break
+        await asyncio.sleep(0.005)
+    assert sorted(client.sent[3:13]) == sorted(more[:10])
+    assert rec.metrics.pending == 2
+    # flush() sends what lingers at once: done well within the linger.
+    assert await rec.flush(0.5)
+    m = await rec.aclose()
+    assert sorted(client.sent) == sorted(ids + more) and m.batches == 3 and m.pending == 0
+
+
+def test_linger_is_at_most_a_second():
+    with pytest.raises(ValueError, match="linger"):
+        pc.AsyncRecorder(GatedClient(), linger=5)
+    with pytest.raises(ValueError, match="linger"):
+        pc.AsyncRecorder(GatedClient(), linger=-0.1)

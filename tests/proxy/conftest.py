@@ -75,6 +75,26 @@ async def start_rig(tmp_path, *, upstream_timeout: float = 20.0, **standin_kw: A
     return Rig(upstream, admin, meter.api_key, proxy_port, target), stop
 
 
+@pytest.fixture(autouse=True)
+async def _close_openai_clients(monkeypatch):
+    """Every AsyncOpenAI client a test makes is closed at its end, on its own loop:
+    one left to the garbage collector closes itself on a loop that is gone, and the
+    traceback lands in whichever later test is reading the log."""
+    import openai
+
+    made = []
+    real = openai.AsyncOpenAI.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(openai.AsyncOpenAI, "__init__", init)
+    yield
+    for client in made:
+        await client.close()
+
+
 @pytest.fixture
 async def rig(tmp_path):
     r, stop = await start_rig(tmp_path)

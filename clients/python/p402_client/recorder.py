@@ -8,11 +8,14 @@ event id (a ULID) and queues it. With `validate="send"` only the field names are
 checked at the call site and the rest when the record joins a batch: for a caller
 whose records are made by its own code (a gateway) and whose request path must stay
 short; a record refused then is counted `failed` and reported like one the server
-refuses (log, `on_error`), never sent and never blocking its batch. Either way the worker sends up to `batch_size` queued records
-per `RecordBatch` call, as soon as records are there (no added latency when idle;
-under load the batches fill up by themselves). `AsyncRecorder` keeps up to
-`pipeline` batches (default 2) in flight, so the server settles the next batch while
-the previous one commits. Every record carries its event id from the start, so a
+refuses (log, `on_error`), never sent and never blocking its batch. Either way the
+worker sends up to `batch_size` queued records per `RecordBatch` call, as soon as
+records are there (no added latency when idle; under load the batches fill up by
+themselves). `AsyncRecorder` keeps up to `pipeline` batches (default 2) in flight, so
+the server settles the next batch while the previous one commits; with `linger`
+(seconds) a batch short of `batch_size` waits until its oldest record has waited
+that long (flush and close never wait): at a few calls at a time, one batch per
+linger instead of a RecordBatch and a ledger commit per record. Every record carries its event id from the start, so a
 batch sent twice (a retry after a lost answer) is answered with the first results and
 never counts twice.
 
@@ -424,7 +427,7 @@ class AsyncRecorder(_Base):
                  retry_backoff: float = 0.1, max_retry_backoff: float = 5.0,
                  close_timeout: float = 10.0, on_result: ResultCallback | None = None,
                  on_error: ErrorCallback | None = None, pipeline: int = 2,
-                 validate: str = "record"):
+                 validate: str = "record", linger: float = 0.0):
         super().__init__(client, max_queue=max_queue, batch_size=batch_size,
                          put_timeout=put_timeout, fail_open=fail_open,
                          retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff,
@@ -432,6 +435,15 @@ class AsyncRecorder(_Base):
                          on_error=on_error, validate=validate)
         if pipeline < 1:
             raise ValueError("pipeline must be >= 1")
+        if not 0 <= linger <= 1:
+            raise ValueError("linger must be within 0..1 seconds")
+        # A batch short of batch_size waits until its oldest record has been queued
+        # `linger` seconds (flush() and close() do not wait): a caller that records
+        # behind its answers (a gateway) trades that delay for batches, where one
+        # record a call would pay a whole RecordBatch, and its commit, each.
+        self.linger = linger
+        self._oldest = 0.0  # when the oldest queued record was queued (monotonic)
+        self._flushing = 0
         # Batches sent before the previous one is answered: the server converts and
         # settles the next batch while the previous one commits. Records of different
         # batches are independent, and each carries its event id, so order between
@@ -477,10 +489,27 @@ class AsyncRecorder(_Base):
                     await self._wait_change(left)
                 if self._closed:
                     raise RuntimeError("the recorder is closed")
-        self._queue.append(req)
+        queue = self._queue
+        if self.linger:
+            if not queue:
+                self._oldest = time.monotonic()
+            queue.append(req)
+            self._enqueued += 1
+            if len(queue) == 1 or len(queue) == self.batch_size:  # the worker's clock
+                self._notify()
+            return req.event_id
+        queue.append(req)
         self._enqueued += 1
         self._notify()
         return req.event_id
+
+    def _due(self) -> float | None:
+        """Seconds until the queued records should go: 0 now, None never (empty)."""
+        if not self._queue:
+            return None
+        if not self.linger or self._flushing or len(self._queue) >= self.batch_size:
+            return 0.0
+        return max(0.0, self._oldest + self.linger - time.monotonic())
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued is sent or failed; False on timeout."""
@@ -488,11 +517,16 @@ class AsyncRecorder(_Base):
             return True
         self._ensure_worker()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._queue or self._inflight:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            await self._wait_change(min(left, 0.5) if left is not None else 0.5)
+        self._flushing += 1
+        self._notify()  # queued records go now, lingering or not
+        try:
+            while self._queue or self._inflight:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                await self._wait_change(min(left, 0.5) if left is not None else 0.5)
+        finally:
+            self._flushing -= 1
         return True
 
     async def aclose(self, timeout: float | None = None) -> RecorderMetrics:
@@ -520,13 +554,14 @@ class AsyncRecorder(_Base):
         sending: set[asyncio.Task] = set()
         try:
             while not self._closed:
-                if self._queue and len(sending) < self.pipeline:
+                due = self._due() if len(sending) < self.pipeline else None
+                if due == 0.0:
                     sending.add(asyncio.ensure_future(self._send(self._take())))
                     continue
                 if not sending:
-                    await self._wait_change(None)
+                    await self._wait_change(due)
                     continue
-                changed = asyncio.ensure_future(self._wait_change(None))
+                changed = asyncio.ensure_future(self._wait_change(due))
                 done, _ = await asyncio.wait({*sending, changed},
                                              return_when=asyncio.FIRST_COMPLETED)
                 if changed not in done:

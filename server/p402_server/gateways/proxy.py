@@ -78,7 +78,8 @@ Records behind the answer
 - The proxy gives each Record its event id and queues it (one `AsyncRecorder` per
   caller key); the caller gets its answer as soon as the upstream's is relayed, and
   the Records go out behind it in RecordBatch calls (committed by the group-commit
-  writer). Nothing waits for the ledger on the response path.
+  writer), each batch sent once it is full or its oldest Record has waited 10 ms.
+  Nothing waits for the ledger on the response path.
 - The queue is bounded (10,000 Records per key): when it is full, the proxy waits
   for room before answering (backpressure); nothing is dropped. A Record that still
   finds no room after 30 s, or that is refused (a usage out of range, checked when
@@ -206,7 +207,8 @@ class ClientMeter:
 
     def __init__(self, target: str | None = None, *, timeout: float = 5.0,
                  max_keys: int = 256, embedded=None, record_queue: int = 10_000,
-                 record_batch: int = 500, record_wait: float = 30.0):
+                 record_batch: int = 500, record_wait: float = 30.0,
+                 record_linger: float = 0.01):
         if (target is None) == (embedded is None):
             raise ValueError("ClientMeter needs a target or an embedded runtime")
         self.target = target or "embedded"
@@ -215,6 +217,7 @@ class ClientMeter:
         self.max_keys = max_keys
         self.record_queue, self.record_batch = record_queue, record_batch
         self.record_wait = record_wait
+        self.record_linger = record_linger
         self._clients: OrderedDict[str, Any] = OrderedDict()
         self._recorders: dict[str, Any] = {}
         self._pipelines: dict[str, Any] = {}
@@ -264,9 +267,12 @@ class ClientMeter:
             # Records are made here, from the upstream's answer: checked when their
             # batch is built, off the response path (a refused one is logged, and its
             # hold expires at its estimate, as for one P402 refuses).
+            # Batched over `record_linger` seconds too: nothing waits for a Record,
+            # and at a few calls at a time one batch (and one ledger commit) per
+            # call cost more than the call's own metering.
             r = AsyncRecorder(self.client(api_key), max_queue=self.record_queue,
                               batch_size=self.record_batch, put_timeout=self.record_wait,
-                              fail_open=False, validate="send")
+                              fail_open=False, validate="send", linger=self.record_linger)
             self._recorders[api_key] = r
         return r
 
