@@ -15,9 +15,9 @@ themselves). `AsyncRecorder` keeps up to `pipeline` batches (default 2) in fligh
 the server settles the next batch while the previous one commits; with `linger`
 (seconds) a batch short of `batch_size` waits until its oldest record has waited
 that long (flush and close never wait): at a few calls at a time, one batch per
-linger instead of a RecordBatch and a ledger commit per record. Every record carries its event id from the start, so a
-batch sent twice (a retry after a lost answer) is answered with the first results and
-never counts twice.
+linger instead of a RecordBatch and a ledger commit per record. Every record carries
+its event id from the start, so a batch sent twice (a retry after a lost answer) is
+answered with the first results and never counts twice.
 
 Failure handling, the explicit choice (`fail_open=`, default: the client's
 `fail_open`, which defaults to False):

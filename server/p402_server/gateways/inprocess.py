@@ -15,10 +15,10 @@ the same key check (`KeyCache.authenticate_key`), decision (`MeterService.decide
 and status mapping (`errors.logged_status`), called without a metadata context, and
 the engine's answer made into the client's Authorization directly rather than
 through an AuthorizeResponse (the same values: a property test holds them equal);
-it carries no client-made reservation id (`InProcessClient._authorize_req`). Errors reach the caller as
-the client's typed errors (`p402_client.errors`), built from the status the wrapper
-aborts with, and the client's deadline applies as it would on the wire
-(DEADLINE_EXCEEDED).
+it carries no client-made reservation id (`InProcessClient._authorize_req`).
+Errors reach the caller as the client's typed errors (`p402_client.errors`), built
+from the status the wrapper aborts with, and the client's deadline applies as it
+would on the wire (DEADLINE_EXCEEDED).
 
 With `leases=True` (PostgreSQL, several processes on one ledger) the embedded
 runtime is one more process of the fleet: HARD budgets leased in slices, config
