@@ -4,8 +4,8 @@
 Same canonical encoding of a ledger event, byte for byte, and the same answers of
 `strings_ok` and `event_ok` (see `_ledger_py` for the definitions). What is compiled: the encoding
 is written field by field into one growing C buffer (ASCII text copied straight from
-the str's own storage, integers printed by the C library, nested lists built in a
-second buffer and copied in behind their length), so an event costs one bytes object
+the str's own storage, integers printed in place, nested lists written in place
+and moved back against their length once it is known), so an event costs one bytes object
 instead of a few dozen temporary strings; `strings_ok` is one pass over each str's
 code units, and `event_ok` reads each field once and checks it in C (no tuples of
 fields, no generator per check).
@@ -18,7 +18,7 @@ from cpython.unicode cimport (
     PyUnicode_AsEncodedString,
 )
 from cpython.long cimport PyLong_AsLongLongAndOverflow
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 
 from operator import index as _index
 
@@ -39,6 +39,9 @@ cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
 
 cdef Py_ssize_t _MAX_STRING = MAX_STRING
+cdef enum:
+    # Room for a nested list's netstring header: up to 20 digits and the colon.
+    _HEADER = 21
 cdef Py_ssize_t _MAX_LABELS = MAX_LABELS
 cdef long long _MAX_TOKENS = MAX_TOKENS
 # The IntEnums an integer field may hold besides exactly int (never bool).
@@ -154,45 +157,59 @@ cdef class _Buf:
         self.n += 1
         return 0
 
-    cdef int nested(self, _Buf inner) except -1:
-        return self.netstring(inner.data, inner.n)
+    cdef Py_ssize_t begin(self) except -1:
+        """Start a nested list in place: room for its header, written by end()."""
+        cdef Py_ssize_t start = self.n
+        self.reserve(_HEADER)
+        self.n += _HEADER
+        return start
+
+    cdef int end(self, Py_ssize_t start) except -1:
+        """Close the nested list begun at `start`: <payload length>:<payload>, with
+        the payload moved back against its header."""
+        cdef Py_ssize_t body = start + _HEADER
+        cdef Py_ssize_t k = self.n - body
+        cdef Py_ssize_t h = _decimal(self.data + start, <unsigned long long>k)
+        self.data[start + h] = b':'
+        memmove(self.data + start + h + 1, self.data + body, k)
+        self.n = start + h + 1 + k
+        return self.put(",", 1)
 
     cdef int strings(self, object items, str field) except -1:
-        cdef _Buf inner
+        cdef Py_ssize_t start
         if not items:
             return self.put("0:,", 3)
-        inner = _Buf(256)
+        start = self.begin()
         for x in items:
-            inner.string(x, field)
-        return self.nested(inner)
+            self.string(x, field)
+        return self.end(start)
 
     cdef int mapping(self, object d, bint int_values, str field) except -1:
         """A dict as the list key1, value1, key2, value2, ... sorted by key: labels
         (str values) or units (int values)."""
-        cdef _Buf inner
+        cdef Py_ssize_t start
         if not d:
             return self.put("0:,", 3)
-        inner = _Buf(256)
+        start = self.begin()
         for k in sorted(d):
-            inner.string(k, field)
+            self.string(k, field)
             if int_values:
-                inner.integer(d[k], field)
+                self.integer(d[k], field)
             else:
-                inner.string(d[k], field)
-        return self.nested(inner)
+                self.string(d[k], field)
+        return self.end(start)
 
     cdef int charges(self, object charges, str field) except -1:
-        cdef _Buf inner, pair
+        cdef Py_ssize_t start, pair
         if not charges:
             return self.put("0:,", 3)
-        inner = _Buf(256)
-        pair = _Buf(128)
+        start = self.begin()
         for b, p in charges:
-            pair.n = 0
-            pair.string(b, field)
-            pair.integer(p, field)
-            inner.nested(pair)
-        return self.nested(inner)
+            pair = self.begin()
+            self.string(b, field)
+            self.integer(p, field)
+            self.end(pair)
+        return self.end(start)
 
 
 def event_bytes(ev):
