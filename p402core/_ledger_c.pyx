@@ -2,12 +2,13 @@
 """The ledger's per-event work — the compiled twin of `_ledger_py`.
 
 Same canonical encoding of a ledger event, byte for byte, and the same answers of
-`strings_ok` (see `_ledger_py` for the definitions). What is compiled: the encoding
+`strings_ok` and `event_ok` (see `_ledger_py` for the definitions). What is compiled: the encoding
 is written field by field into one growing C buffer (ASCII text copied straight from
-the str's own storage, integers printed by the C library, nested lists built in a
-second buffer and copied in behind their length), so an event costs one bytes object
+the str's own storage, integers printed in place, nested lists written in place
+and moved back against their length once it is known), so an event costs one bytes object
 instead of a few dozen temporary strings; `strings_ok` is one pass over each str's
-code units.
+code units, and `event_ok` reads each field once and checks it in C (no tuples of
+fields, no generator per check).
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -17,11 +18,20 @@ from cpython.unicode cimport (
     PyUnicode_AsEncodedString,
 )
 from cpython.long cimport PyLong_AsLongLongAndOverflow
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 
 from operator import index as _index
 
-from p402core._enums import MAX_STRING
+from p402core._enums import (
+    MAX_LABELS,
+    MAX_STRING,
+    MAX_TOKENS,
+    Decision,
+    Evidence,
+    Outcome,
+    PrivacyMode,
+)
+from p402core._units import SERVICE_TIERS, UNITS
 
 cdef extern from "Python.h":
     # Compact ASCII strs keep their characters as one byte each, which are also
@@ -29,6 +39,15 @@ cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
 
 cdef Py_ssize_t _MAX_STRING = MAX_STRING
+cdef enum:
+    # Room for a nested list's netstring header: up to 20 digits and the colon.
+    _HEADER = 21
+cdef Py_ssize_t _MAX_LABELS = MAX_LABELS
+cdef long long _MAX_TOKENS = MAX_TOKENS
+# The IntEnums an integer field may hold besides exactly int (never bool).
+cdef frozenset _INT_ENUMS = frozenset({Decision, Outcome, Evidence, PrivacyMode})
+cdef frozenset _UNIT_NAMES = frozenset(UNITS)
+cdef frozenset _TIERS = frozenset(("", *SERVICE_TIERS[1:]))
 
 
 cdef inline Py_ssize_t _decimal(char* out, unsigned long long v) noexcept:
@@ -138,45 +157,59 @@ cdef class _Buf:
         self.n += 1
         return 0
 
-    cdef int nested(self, _Buf inner) except -1:
-        return self.netstring(inner.data, inner.n)
+    cdef Py_ssize_t begin(self) except -1:
+        """Start a nested list in place: room for its header, written by end()."""
+        cdef Py_ssize_t start = self.n
+        self.reserve(_HEADER)
+        self.n += _HEADER
+        return start
+
+    cdef int end(self, Py_ssize_t start) except -1:
+        """Close the nested list begun at `start`: <payload length>:<payload>, with
+        the payload moved back against its header."""
+        cdef Py_ssize_t body = start + _HEADER
+        cdef Py_ssize_t k = self.n - body
+        cdef Py_ssize_t h = _decimal(self.data + start, <unsigned long long>k)
+        self.data[start + h] = b':'
+        memmove(self.data + start + h + 1, self.data + body, k)
+        self.n = start + h + 1 + k
+        return self.put(",", 1)
 
     cdef int strings(self, object items, str field) except -1:
-        cdef _Buf inner
+        cdef Py_ssize_t start
         if not items:
             return self.put("0:,", 3)
-        inner = _Buf(256)
+        start = self.begin()
         for x in items:
-            inner.string(x, field)
-        return self.nested(inner)
+            self.string(x, field)
+        return self.end(start)
 
     cdef int mapping(self, object d, bint int_values, str field) except -1:
         """A dict as the list key1, value1, key2, value2, ... sorted by key: labels
         (str values) or units (int values)."""
-        cdef _Buf inner
+        cdef Py_ssize_t start
         if not d:
             return self.put("0:,", 3)
-        inner = _Buf(256)
+        start = self.begin()
         for k in sorted(d):
-            inner.string(k, field)
+            self.string(k, field)
             if int_values:
-                inner.integer(d[k], field)
+                self.integer(d[k], field)
             else:
-                inner.string(d[k], field)
-        return self.nested(inner)
+                self.string(d[k], field)
+        return self.end(start)
 
     cdef int charges(self, object charges, str field) except -1:
-        cdef _Buf inner, pair
+        cdef Py_ssize_t start, pair
         if not charges:
             return self.put("0:,", 3)
-        inner = _Buf(256)
-        pair = _Buf(128)
+        start = self.begin()
         for b, p in charges:
-            pair.n = 0
-            pair.string(b, field)
-            pair.integer(p, field)
-            inner.nested(pair)
-        return self.nested(inner)
+            pair = self.begin()
+            self.string(b, field)
+            self.integer(p, field)
+            self.end(pair)
+        return self.end(start)
 
 
 def event_bytes(ev):
@@ -262,4 +295,101 @@ def strings_ok(values):
     return True
 
 
-__all__ = ["event_bytes", "event_text", "strings_ok"]
+cdef inline bint _id_ok(object v):
+    """Exactly a str the contract accepts as an id or a name."""
+    return type(v) is str and _str_ok(<str>v)
+
+
+cdef inline bint _int64_ok(object v) except -1:
+    """Exactly an int or a member of the core's IntEnums, within int64."""
+    cdef int overflow = 0
+    if type(v) is not int and type(v) not in _INT_ENUMS:
+        return False
+    PyLong_AsLongLongAndOverflow(v, &overflow)
+    return overflow == 0
+
+
+cdef inline bint _optional_ok(object v):
+    return v is None or type(v) is str and PyUnicode_GET_LENGTH(v) <= _MAX_STRING
+
+
+cdef inline bint _str_tuple(object t):
+    if type(t) is not tuple:
+        return False
+    for x in <tuple>t:
+        if type(x) is not str:
+            return False
+    return True
+
+
+cdef bint _charges_ok(object charges) except -1:
+    cdef int overflow = 0
+    cdef long long start
+    if type(charges) is not tuple:
+        return False
+    for charge in <tuple>charges:
+        if type(charge) is not tuple or len(<tuple>charge) != 2:
+            return False
+        budget_id, period = (<tuple>charge)[0], (<tuple>charge)[1]
+        if type(budget_id) is not str or not <str>budget_id or type(period) is not int:
+            return False
+        start = PyLong_AsLongLongAndOverflow(period, &overflow)
+        if overflow or start < 0:
+            return False
+    return True
+
+
+cdef bint _labels_ok(object labels):
+    if type(labels) is not dict or len(<dict>labels) > _MAX_LABELS:
+        return False
+    for k, v in (<dict>labels).items():
+        if not _id_ok(k) or not _id_ok(v):
+            return False
+    return True
+
+
+cdef bint _units_ok(object units, object tier) except -1:
+    cdef int overflow = 0
+    cdef long long n
+    if type(units) is not dict or type(tier) is not str or tier not in _TIERS:
+        return False
+    for name, count in (<dict>units).items():
+        if name not in _UNIT_NAMES or type(count) is not int:
+            return False
+        n = PyLong_AsLongLongAndOverflow(count, &overflow)
+        if overflow or n <= 0 or n > _MAX_TOKENS:
+            return False
+    return True
+
+
+def event_ok(ev):
+    """True when every field of the ledger event is what the store takes, in its
+    plainest form (`_ledger_py.event_ok`)."""
+    tenant_id, event_id, event_ms = ev.tenant_id, ev.event_id, ev.event_ms
+    if not (_id_ok(tenant_id) and <str>tenant_id and _id_ok(event_id) and <str>event_id
+            and _id_ok(ev.kind) and _id_ok(ev.reservation_id)
+            and _id_ok(ev.customer) and _id_ok(ev.feature) and _id_ok(ev.workflow)
+            and _id_ok(ev.task) and _id_ok(ev.department) and _id_ok(ev.employee)
+            and _id_ok(ev.provider) and _id_ok(ev.model) and _id_ok(ev.retry_of)
+            and _id_ok(ev.catalog_version)):
+        return False
+    if not (_int64_ok(event_ms) and event_ms >= 0 and _int64_ok(ev.recorded_ms)
+            and _int64_ok(ev.input_tokens) and _int64_ok(ev.cached_input_tokens)
+            and _int64_ok(ev.cache_write_tokens) and _int64_ok(ev.output_tokens)
+            and _int64_ok(ev.reasoning_tokens) and _int64_ok(ev.cost_nanos)
+            and _int64_ok(ev.estimated_cost_nanos) and _int64_ok(ev.overrun_nanos)
+            and _int64_ok(ev.revenue_nanos) and _int64_ok(ev.decision)
+            and _int64_ok(ev.outcome) and _int64_ok(ev.evidence)
+            and _int64_ok(ev.privacy_mode) and _int64_ok(ev.attempt)
+            and _int64_ok(ev.chain_index)):
+        return False
+    return bool(
+        _optional_ok(ev.duplicate_of) and _optional_ok(ev.chain_hash)
+        and _optional_ok(ev.prompt_fingerprint) and _optional_ok(ev.response_fingerprint)
+        and _labels_ok(ev.labels)
+        and _str_tuple(ev.reasons) and _str_tuple(ev.rule_ids) and _str_tuple(ev.budget_ids)
+        and _charges_ok(ev.budget_charges)
+        and _units_ok(ev.units, ev.service_tier))
+
+
+__all__ = ["event_bytes", "event_text", "strings_ok", "event_ok"]

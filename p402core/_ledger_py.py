@@ -1,11 +1,12 @@
 """The ledger's per-event work — the pure-Python twin (the specification).
 
-Owns two things the ledger does for every event it writes, and the server for every
+Owns three things the ledger does for every event it writes, and the server for every
 request it converts: the canonical encoding of a ledger event (``event_bytes``; the
 group-commit writer hashes it into the tenant's chain, the verifier re-derives it
-from the ledger or an export) and the cheap all-is-well test of the input contract
-for strings (``strings_ok``; p402core.contract explains a failure). ``_ledger_c`` is
-the compiled twin and gives identical bytes and answers.
+from the ledger or an export), the cheap all-is-well test of the input contract
+for strings (``strings_ok``; p402core.contract explains a failure) and of a whole
+ledger event (``event_ok``; the ledger's LedgerEvent.validate explains a failure).
+``_ledger_c`` is the compiled twin and gives identical bytes and answers.
 
 Canonical encoding, version 1
 -----------------------------
@@ -54,14 +55,48 @@ Strings
 ``strings_ok(values)``: True when every value is exactly a ``str`` of at most
 MAX_STRING characters without a control character (C0, DEL, C1) or a lone surrogate
 — the rules of p402core.contract, which names the problem when this says False.
+
+Events
+------
+``event_ok(ev)``: True when every field of a ledger event is what the store takes,
+in its plainest form:
+
+- the string fields (_EVENT_STRS) pass ``strings_ok``, and tenant_id and event_id
+  are not empty;
+- the integer fields (_EVENT_INTS) are exactly ``int`` or a member of the core's
+  IntEnums (never bool), within int64; event_ms is not negative;
+- duplicate_of, chain_hash, prompt_fingerprint, response_fingerprint are None or
+  exactly a ``str`` of at most MAX_STRING characters;
+- labels is exactly a ``dict`` of at most MAX_LABELS entries whose keys and values
+  pass ``strings_ok``;
+- reasons, rule_ids and budget_ids are exactly tuples of exactly ``str``;
+  budget_charges exactly a tuple of exact ``(str, int)`` tuples, a budget id not
+  empty and a period start within 0..int64;
+- units is exactly a ``dict`` of known usage units (``_units.UNITS``) to exact ints
+  within 1..MAX_TOKENS, and service_tier exactly a ``str``: "" (standard), or a
+  tier other than "standard" (``_units.SERVICE_TIERS``).
+
+False says only that the plain form was not met: a value of another acceptable
+form (a list where a tuple is usual, an int subclass) may still be valid, and the
+caller's field-by-field check decides and names the field.
 """
 from __future__ import annotations
 
 import operator
 from typing import Any
 
+from ._enums import (
+    MAX_LABELS,
+    MAX_STRING,
+    MAX_TOKENS,
+    OWNER_KEYS,
+    Decision,
+    Evidence,
+    Outcome,
+    PrivacyMode,
+)
+from ._units import SERVICE_TIERS, UNITS
 from .contract import _FORBIDDEN
-from ._enums import MAX_STRING
 
 _NONE = "~,"
 _STR_ONLY = frozenset({str})
@@ -251,4 +286,94 @@ def strings_ok(values) -> bool:
             and _FORBIDDEN.search("".join(values)) is None)
 
 
-__all__ = ["event_bytes", "event_text", "strings_ok"]
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# A ledger event's fields by kind, as event_ok checks them.
+_EVENT_STRS = ("tenant_id", "event_id", "kind", "reservation_id", *OWNER_KEYS, "provider",
+              "model", "retry_of", "catalog_version")
+_EVENT_INTS = ("event_ms", "recorded_ms", "input_tokens", "cached_input_tokens",
+              "cache_write_tokens", "output_tokens", "reasoning_tokens", "cost_nanos",
+              "estimated_cost_nanos", "overrun_nanos", "revenue_nanos", "decision",
+              "outcome", "evidence", "privacy_mode", "attempt", "chain_index")
+_EVENT_OPTIONAL_STRS = ("duplicate_of", "chain_hash", "prompt_fingerprint",
+                       "response_fingerprint")
+_strs_of = operator.attrgetter(*_EVENT_STRS)
+_ints_of = operator.attrgetter(*_EVENT_INTS)
+_optional_of = operator.attrgetter(*_EVENT_OPTIONAL_STRS)
+# Exactly int or one of the core's IntEnums (never bool).
+_INT_ONLY = frozenset({int, Decision, Outcome, Evidence, PrivacyMode})
+_OPTIONAL_ONLY = frozenset({str, type(None)})
+_UNIT_NAMES = frozenset(UNITS)
+_TIERS = frozenset(("", *SERVICE_TIERS[1:]))
+_CHARGES_OK: set = set()  # events repeat the same budget charges: checked once
+
+
+def event_ok(ev: Any) -> bool:
+    """True when every field of the ledger event ``ev`` is what the store takes, in
+    its plainest form (module docstring, "Events"); False says check field by field."""
+    ints = _ints_of(ev)
+    optional = d, c, p, r = _optional_of(ev)
+    labels = ev.labels
+    return bool(
+        strings_ok(_strs_of(ev))
+        and ev.tenant_id
+        and ev.event_id
+        and _INT_ONLY.issuperset(map(type, ints))
+        and min(ints) >= INT64_MIN
+        and max(ints) <= INT64_MAX
+        and ev.event_ms >= 0
+        and _OPTIONAL_ONLY.issuperset(map(type, optional))
+        and (d is None or len(d) <= MAX_STRING)
+        and (c is None or len(c) <= MAX_STRING)
+        and (p is None or len(p) <= MAX_STRING)
+        and (r is None or len(r) <= MAX_STRING)
+        and type(labels) is dict
+        and len(labels) <= MAX_LABELS
+        and (not labels or strings_ok(labels) and strings_ok(labels.values()))
+        and _lists_ok(ev)
+        and _units_ok(ev.units, ev.service_tier)
+    )
+
+
+def _lists_ok(ev: Any) -> bool:
+    reasons, rule_ids, budget_ids = ev.reasons, ev.rule_ids, ev.budget_ids
+    if not (
+        type(reasons) is tuple
+        and type(rule_ids) is tuple
+        and type(budget_ids) is tuple
+        and _STR_ONLY.issuperset(map(type, reasons + rule_ids + budget_ids))
+    ):
+        return False
+    charges = ev.budget_charges
+    if type(charges) is not tuple:
+        return False
+    if not charges:
+        return True
+    try:
+        if charges in _CHARGES_OK:
+            return True
+    except TypeError:  # something unhashable inside: not the plain form
+        return False
+    for charge in charges:
+        if (
+            type(charge) is not tuple
+            or len(charge) != 2
+            or type(charge[0]) is not str
+            or not charge[0]
+            or type(charge[1]) is not int
+            or not 0 <= charge[1] <= INT64_MAX
+        ):
+            return False
+    if len(_CHARGES_OK) >= 4096:
+        _CHARGES_OK.clear()
+    _CHARGES_OK.add(charges)
+    return True
+
+
+def _units_ok(units: Any, tier: Any) -> bool:
+    if type(units) is not dict or type(tier) is not str or tier not in _TIERS:
+        return False
+    return not units or all(name in _UNIT_NAMES and type(n) is int and 0 < n <= MAX_TOKENS
+               for name, n in units.items())
+
+
+__all__ = ["event_bytes", "event_text", "strings_ok", "event_ok"]

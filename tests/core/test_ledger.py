@@ -1,6 +1,7 @@
 """The ledger's per-event work in both twins: the canonical encoding of an event
-(byte for byte as _ledger_py specifies, identical across twins for any value) and the
-strings check (the same answer as p402core.contract)."""
+(byte for byte as _ledger_py specifies, identical across twins for any value), the
+strings check (the same answer as p402core.contract) and the all-is-well check of a
+whole event (`event_ok`, the same answer in both twins for any value)."""
 from __future__ import annotations
 
 import types
@@ -30,7 +31,8 @@ def event(**kw) -> types.SimpleNamespace:
     ev.update(dict.fromkeys(INT_FIELDS, 0))
     ev.update(dict.fromkeys(OPT_FIELDS, None))
     ev.update(tenant_id="t", event_id="e", kind="record", labels={}, reasons=(),
-              rule_ids=(), budget_ids=(), budget_charges=(), units={}, service_tier="")
+              rule_ids=(), budget_ids=(), budget_charges=(), units={}, service_tier="",
+              chain_index=0, chain_hash=None)
     ev.update(kw)
     return types.SimpleNamespace(**ev)
 
@@ -154,3 +156,91 @@ def test_strings_ok_follows_the_contract_at_its_edges(impl):
                                max_size=300), max_size=4))
 def test_strings_ok_agrees_with_the_contract(impl, values):
     assert impl.strings_ok(values) == all(string_problem(v) is None for v in values)
+
+
+def plain_event(**kw) -> types.SimpleNamespace:
+    """An event as the ledger writes it: every field in its plainest form."""
+    base = dict(event_ms=1_790_000_000_000, customer="c", model="gpt-4o", input_tokens=10,
+                cost_nanos=5, decision=Decision.ALLOW, outcome=int(Outcome.SUCCESS),
+                labels={"env": "prod"}, reasons=("budget.warn",), rule_ids=("r1",),
+                budget_ids=("b1",), budget_charges=(("b1", 1_788_220_800_000),),
+                units={"images": 2}, service_tier="flex", prompt_fingerprint="ab" * 16,
+                chain_index=3, chain_hash="0" * 64)
+    base.update(kw)
+    return event(**base)
+
+
+class IntSub(int):
+    pass
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"service_tier": "", "units": {}}, {"labels": {}}, {"budget_charges": ()},
+    {"event_ms": 0}, {"cost_nanos": -(INT64)}, {"cost_nanos": INT64 - 1},
+    {"evidence": Evidence.ATTESTED}, {"privacy_mode": PrivacyMode.FULL_TRACE},
+    {"customer": "x" * 256}, {"duplicate_of": "d" * 256},
+    {"labels": {f"k{i}": "v" for i in range(16)}},
+    {"budget_charges": (("b1", 0), ("b2", INT64 - 1))},
+    {"units": {"images": 100_000_000}},
+])
+def test_event_ok_takes_every_plain_event(impl, kw):
+    assert impl.event_ok(plain_event(**kw)) is True
+
+
+@pytest.mark.parametrize("kw", [
+    {"tenant_id": ""}, {"event_id": ""}, {"customer": "x" * 257}, {"model": "a\x00b"},
+    {"feature": "\ud800"}, {"provider": None}, {"kind": b"record"},
+    {"event_ms": -1}, {"cost_nanos": INT64}, {"revenue_nanos": -(INT64) - 1},
+    {"attempt": True}, {"input_tokens": 1.0}, {"output_tokens": IntSub(1)},
+    {"chain_index": "3"}, {"duplicate_of": "d" * 257}, {"chain_hash": 5},
+    {"response_fingerprint": b"ab"}, {"labels": None}, {"labels": [("k", "v")]},
+    {"labels": {f"k{i}": "v" for i in range(17)}}, {"labels": {"k": 1}},
+    {"labels": {"k": "\x7f"}}, {"labels": {1: "v"}}, {"reasons": ["a"]},
+    {"rule_ids": ("a", 1)}, {"budget_ids": None}, {"budget_charges": [("b1", 1)]},
+    {"budget_charges": (["b1", 1],)}, {"budget_charges": (("", 1),)},
+    {"budget_charges": (("b1", -1),)}, {"budget_charges": (("b1", INT64),)},
+    {"budget_charges": (("b1", True),)}, {"budget_charges": (("b1", 1, 2),)},
+    {"budget_charges": (("b1", [1]),)}, {"units": None}, {"units": {"images": 0}},
+    {"units": {"bogus": 1}}, {"units": {"images": 100_000_001}},
+    {"units": {"images": 1.0}}, {"service_tier": None}, {"service_tier": "standard"},
+    {"service_tier": "gold"}, {"service_tier": ["flex"]},
+])
+def test_event_ok_refuses_anything_else(impl, kw):
+    assert impl.event_ok(plain_event(**kw)) is False
+
+
+def any_value():
+    """A value of any of the types a wrong field might hold."""
+    return st.one_of(text, small_int, st.none(), st.booleans(), st.floats(allow_nan=False),
+                     st.binary(max_size=3), st.sampled_from(list(Decision)),
+                     st.lists(text, max_size=2), st.tuples(text, small_int),
+                     st.dictionaries(text, text, max_size=2))
+
+
+@st.composite
+def events_for_event_ok(draw):
+    """Plain events with a few fields changed to near-misses or values of other types."""
+    kw = {}
+    names = st.sampled_from([*STR_FIELDS, *INT_FIELDS, *OPT_FIELDS, "chain_index",
+                             "chain_hash", "labels", "reasons", "rule_ids", "budget_ids",
+                             "budget_charges", "units", "service_tier"])
+    for name in draw(st.lists(names, max_size=3)):
+        kw[name] = draw(st.one_of(
+            any_value(),
+            st.text(st.characters(codec=None, exclude_categories=()), max_size=260),
+            st.integers(min_value=-(2**64), max_value=2**64),
+            st.dictionaries(st.sampled_from(["images", "audio_ms", "x"]),
+                            st.integers(min_value=-1, max_value=100_000_001), max_size=2),
+            st.lists(st.tuples(text, st.integers(min_value=-1, max_value=2**64)),
+                     max_size=2).map(tuple),
+            st.lists(text, max_size=2).map(tuple),
+            st.sampled_from(["", "batch", "standard", "flex", "priority"]),
+        ))
+    return plain_event(**kw)
+
+
+@settings(max_examples=800, deadline=None)
+@given(ev=events_for_event_ok())
+def test_the_twins_agree_on_event_ok(both, ev):
+    python, compiled = both
+    assert compiled.event_ok(ev) is python.event_ok(ev)

@@ -222,3 +222,76 @@ async def test_the_writer_isolates_an_event_the_database_refuses(svc_any, monkey
     stored = {e.event_id for e in await ledger(svc)}
     assert len(stored) == 39 and "poisoned-7" not in stored
     assert (await svc.store.verify_chain(svc.tenant_id)).ok
+
+
+def _bad_record(where: str) -> meter_pb2.RecordRequest:
+    req = record("ev-1", labels={"env": "prod"})
+    if where in ("event_id", "reservation_id", "model", "provider", "retry_of"):
+        setattr(req, where, "x\x00y")
+    elif where == "model-missing":
+        req.model = ""
+    elif where == "prompt":
+        req.prompt = "a\x00b"
+    elif where in ("input_bytes", "attempt"):
+        setattr(req, where, -2)
+    elif where == "event_time_ms":
+        req.event_time_ms = 5
+    elif where in ("outcome", "privacy_mode"):
+        setattr(req, where, 99)
+    elif where == "outcome-denied":
+        req.outcome = common_pb2.OUTCOME_DENIED
+    elif where == "owners.customer":
+        req.owners.customer = "c\n"
+    elif where == "labels-many":
+        req.labels.update({f"k{i}": "v" for i in range(17)})
+    elif where == "labels-empty-key":
+        req.labels[""] = "v"
+    elif where == "labels.env":
+        req.labels["env"] = "\x7f"
+    elif where == "labels-key":
+        req.labels["k\x00"] = "v"
+    elif where == "usage.output_tokens":
+        req.usage.output_tokens = -1
+    elif where == "usage.images":
+        req.usage.images = 10**9
+    elif where == "usage.reasoning_tokens":
+        req.usage.reasoning_tokens = 21
+    elif where == "revenue.currency_code":
+        req.revenue.currency_code = "EUR"
+    return req
+
+
+@pytest.mark.parametrize("where, field", [
+    ("event_id", "event_id"), ("reservation_id", "reservation_id"), ("model", "model"),
+    ("provider", "provider"), ("retry_of", "retry_of"), ("model-missing", "model"),
+    ("prompt", "prompt"), ("input_bytes", "input_bytes"), ("attempt", "attempt"),
+    ("event_time_ms", "event_time_ms"), ("outcome", "outcome"),
+    ("outcome-denied", "outcome"), ("privacy_mode", "privacy_mode"),
+    ("owners.customer", "owners.customer"), ("labels-many", "labels"),
+    ("labels-empty-key", "labels"), ("labels.env", "labels.env"), ("labels-key", "labels"),
+    ("usage.output_tokens", "usage.output_tokens"), ("usage.images", "usage.images"),
+    ("usage.reasoning_tokens", "usage.reasoning_tokens"),
+    ("revenue.currency_code", "revenue.currency_code"),
+])
+def test_validate_record_names_the_field_under_its_prefix(where, field):
+    from p402_server.wire.convert import validate_record
+    from p402core import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as err:
+        validate_record(_bad_record(where), "records[3].")
+    assert err.value.field == "records[3]." + field
+
+
+def test_validate_record_returns_the_request_checked():
+    from p402_server.wire.convert import validate_record
+
+    req = record("ev-1", labels={"env": "prod", "team": "a"},
+                 usage=common_pb2.Usage(input_tokens=100, output_tokens=20, images=2,
+                                        cache_write_1h_tokens=5, service_tier="batch"))
+    owners_, labels, usage, revenue = validate_record(req, "records[0].")
+    assert owners_ == ("acme", "chat", "", "", "", "")
+    assert labels == {"env": "prod", "team": "a"}
+    assert usage == (100, 0, 0, 20, 0, {"cache_write_1h_tokens": 5, "images": 2}, "batch")
+    assert list(usage[5]) == ["cache_write_1h_tokens", "images"]  # in UNITS order
+    assert revenue == 0
+    assert validate_record(record("ev-2"))[1] is None  # no labels

@@ -8,24 +8,13 @@ group-commit batch that other callers wait on).
 from __future__ import annotations
 
 import json
-import operator
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, NamedTuple
 
 from p402_server.ledger.schema import CONTENT_KINDS, KINDS
-from p402core import _units
-from p402core._enums import (
-    MAX_LABELS,
-    MAX_STRING,
-    MAX_TOKENS,
-    OWNER_KEYS,
-    Decision,
-    Evidence,
-    InvalidArgument,
-    Outcome,
-    PrivacyMode,
-)
-from p402core.contract import string_problem, strings_ok, text_problem
+from p402core import IMPLEMENTATION, _units, load
+from p402core._enums import MAX_LABELS, MAX_STRING, OWNER_KEYS, InvalidArgument
+from p402core.contract import string_problem, text_problem
 
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
@@ -210,30 +199,10 @@ class LedgerEvent:
     def validate(self) -> None:
         """Raise InvalidArgument naming the first field the store cannot take.
 
-        Runs once per event on the write path: a cheap all-is-well check first, the
-        field-by-field explanation only when that fails."""
-        strs = _get_strs(self)
-        ints = _get_ints(self)
-        if (
-            strings_ok(strs)  # exact strs the contract accepts (p402core.contract)
-            and self.tenant_id
-            and self.event_id
-            and self.kind in KINDS
-            and _INT_ONLY.issuperset(map(type, ints))
-            and min(ints) >= INT64_MIN
-            and max(ints) <= INT64_MAX
-            and self.event_ms >= 0
-            and type(self.duplicate_of) in _OPT_STR
-            and type(self.chain_hash) in _OPT_STR
-            and type(self.prompt_fingerprint) in _OPT_STR
-            and type(self.response_fingerprint) in _OPT_STR
-            and not self.contents
-            and type(self.labels) is dict
-            and len(self.labels) <= MAX_LABELS
-            and (not self.labels or strings_ok(self.labels) and strings_ok(self.labels.values()))
-            and _lists_ok(self)
-            and (not self.units and not self.service_tier or _units_ok(self))
-        ):
+        Runs once per event on the write path: the core's all-is-well check first
+        (``event_ok``: every field in its plainest form), the field-by-field
+        explanation only when that fails."""
+        if self.kind in KINDS and not self.contents and _event_ok(self):
             return
         self._explain()
 
@@ -293,12 +262,16 @@ class LedgerEvent:
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or any(type(x) is not str for x in value):
                 raise InvalidArgument(name, "must be a tuple of str")
-        if not _units_ok(self):
-            if not isinstance(self.units, dict):
-                raise InvalidArgument("units", "must be a dict {Usage field: count}")
-            _units.check_units(self.units)  # names the bad unit
-            if self.service_tier != "":
-                _units.check_tier(self.service_tier)
+        if not isinstance(self.units, dict):
+            raise InvalidArgument("units", "must be a dict {Usage field: count}")
+        _units.check_units(self.units)  # names the bad unit
+        tier = self.service_tier
+        if type(tier) is not str:
+            raise InvalidArgument("service_tier", f"must be a str, got {type(tier).__name__}")
+        _units.check_tier(tier)  # names a tier that is not one
+        if tier not in _TIERS:
+            raise InvalidArgument("service_tier", 'standard is "" (else batch, flex, priority)')
+        if not all(type(n) is int and n > 0 for n in self.units.values()):
             raise InvalidArgument("units", "zero counts are left out")
         if not isinstance(self.budget_charges, (tuple, list)):
             raise InvalidArgument("budget_charges", "must be (budget_id, period_start_ms) pairs")
@@ -319,48 +292,16 @@ class LedgerEvent:
         # (the fast path only admits exact types); they are still valid.
 
 
-def _lists_ok(ev: "LedgerEvent") -> bool:
-    reasons, rule_ids, budget_ids = ev.reasons, ev.rule_ids, ev.budget_ids
-    if not (
-        type(reasons) is tuple
-        and type(rule_ids) is tuple
-        and type(budget_ids) is tuple
-        and _STR_ONLY.issuperset(map(type, reasons + rule_ids + budget_ids))
-    ):
-        return False
-    charges = ev.budget_charges
-    if not charges:
-        return type(charges) is tuple
-    if type(charges) is not tuple:
-        return False
-    try:
-        if charges in _CHARGES_OK:  # events repeat the same charges; checked once
-            return True
-    except TypeError:  # a list inside: let the slow path name the problem
-        return False
-    for charge in charges:
-        if (
-            type(charge) is not tuple
-            or len(charge) != 2
-            or type(charge[0]) is not str
-            or not charge[0]
-            or type(charge[1]) is not int
-            or not 0 <= charge[1] <= INT64_MAX
-        ):
-            return False
-    if len(_CHARGES_OK) >= 4096:
-        _CHARGES_OK.clear()
-    _CHARGES_OK.add(charges)
-    return True
+def _event_ok(ev: LedgerEvent) -> bool:
+    """The core's ``event_ok``, bound on first use (as canonical.encoder): importing
+    the ledger must not need the compiled core."""
+    global _event_ok
+    _event_ok = load(IMPLEMENTATION).event_ok
+    return _event_ok(ev)
 
 
-_CHARGES_OK: set = set()
-_get_strs = operator.attrgetter(*_STR_FIELDS)
-_get_ints = operator.attrgetter(*_INT_FIELDS)
-_STR_ONLY = frozenset({str})
-# Exact int and the core's IntEnum members (never bool).
-_INT_ONLY = frozenset({int, Decision, Outcome, Evidence, PrivacyMode})
 _OPT_STR = (str, type(None))
+_TIERS = frozenset(("", *_units.SERVICE_TIERS[1:]))  # canonical: standard is ""
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -479,20 +420,6 @@ def unchained_values(ev: LedgerEvent) -> tuple:
         ev.service_tier,
         _dumps(ev.units) if ev.units else "{}",
     )
-
-
-def _units_ok(ev) -> bool:
-    """The units and service tier are what p402core._units accepts, canonical: known
-    units with counts 1..MAX_TOKENS, a tier of batch / flex / priority or ""."""
-    units = ev.units
-    if type(units) is not dict or ev.service_tier not in _TIERS:
-        return False
-    return all(name in _UNIT_NAMES and type(n) is int and 0 < n <= MAX_TOKENS
-               for name, n in units.items())
-
-
-_UNIT_NAMES = frozenset(_units.UNITS)
-_TIERS = frozenset(("", *_units.SERVICE_TIERS[1:]))
 
 
 def _cached_json(value) -> str:

@@ -341,7 +341,10 @@ class Settling:
             self._compensate(s)
         elif self.leases is not None:  # scale-out: acked cost may be reported as used
             self.leases.committed(self, first)
-        self._remember(first)
+        if self._events.get(first.event_id) is not first or (
+                first.reservation_id
+                and self._by_reservation.get(first.reservation_id) is not first):
+            self._remember(first)  # (else remembered as it is: nothing to do)
         return convert.record_response(first, res.duplicate, self._statuses(first.budget_ids))
 
     async def _replay(self, ev: LedgerEvent):

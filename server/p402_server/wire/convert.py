@@ -12,6 +12,7 @@ rule for a field (its name on the wire, its limits, its error) is found in one p
 from __future__ import annotations
 
 import base64
+import operator
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -37,6 +38,7 @@ from p402core import (
 from p402core.contract import (
     event_time_problem,
     string_problem,
+    strings_ok,
     strings_problem,
     text_problem,
 )
@@ -194,10 +196,13 @@ def set_owners(o, owners) -> None:
 def labels_from_proto(labels, field: str = "labels") -> dict | None:
     if not labels:
         return None
-    if len(labels) > MAX_LABELS:
-        raise InvalidArgument(field, f"at most {MAX_LABELS} labels, got {len(labels)}")
-    out = {}
-    for k, v in labels.items():
+    out = {k: labels[k] for k in labels}  # a dict, the cheapest way out of a proto map
+    if (len(out) <= MAX_LABELS and "" not in out and strings_ok(out)
+            and strings_ok(out.values())):
+        return out  # the common case: one scan of the keys, one of the values
+    if len(out) > MAX_LABELS:
+        raise InvalidArgument(field, f"at most {MAX_LABELS} labels, got {len(out)}")
+    for k, v in out.items():
         if not k:
             raise InvalidArgument(field, "label keys must not be empty")
         problem = string_problem(k)
@@ -206,13 +211,14 @@ def labels_from_proto(labels, field: str = "labels") -> dict | None:
         problem = string_problem(v)
         if problem is not None:
             raise InvalidArgument(f"{field}.{k}", problem)
-        out[k] = v
-    return out
+    return out  # pragma: no cover - strings_ok found a problem in one of them
 
 
 _USAGE_FIELDS = ("input_tokens", "cached_input_tokens", "cache_write_tokens",
                  "output_tokens", "reasoning_tokens")
 _UNIT_FIELDS = _units.UNITS
+_usage_counts = operator.attrgetter(*_USAGE_FIELDS)
+_unit_counts = operator.attrgetter(*_UNIT_FIELDS)
 _INPUT_PARTS = ("cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens",
                 "audio_input_tokens", "image_input_tokens")
 _OUTPUT_PARTS = ("reasoning_tokens", "audio_output_tokens", "image_output_tokens")
@@ -222,19 +228,21 @@ def usage_from_proto(u, field: str = "usage") -> tuple:
     """(input, cached_input, cache_write, output, reasoning, units, service_tier),
     validated: units {field: count} holds the other Usage counts that are not 0,
     service_tier is "" for standard (p402core._units)."""
-    t = (u.input_tokens, u.cached_input_tokens, u.cache_write_tokens, u.output_tokens,
-         u.reasoning_tokens)
-    for i, v in enumerate(t):
-        if v < 0 or v > MAX_TOKENS:
-            raise InvalidArgument(f"{field}.{_USAGE_FIELDS[i]}",
-                                  f"must be within 0..{MAX_TOKENS}, got {v}")
-    units = {}
-    for name in _UNIT_FIELDS:
-        v = getattr(u, name)
-        if v:
+    t = _usage_counts(u)
+    if min(t) < 0 or max(t) > MAX_TOKENS:
+        for name, v in zip(_USAGE_FIELDS, t):
             if v < 0 or v > MAX_TOKENS:
-                raise InvalidArgument(f"{field}.{name}", f"must be within 0..{MAX_TOKENS}, got {v}")
-            units[name] = v
+                raise InvalidArgument(f"{field}.{name}",
+                                      f"must be within 0..{MAX_TOKENS}, got {v}")
+    units = {}
+    counts = _unit_counts(u)  # one call; most usage has no unit beyond the five
+    if any(counts):
+        for name, v in zip(_UNIT_FIELDS, counts):
+            if v:
+                if v < 0 or v > MAX_TOKENS:
+                    raise InvalidArgument(f"{field}.{name}",
+                                          f"must be within 0..{MAX_TOKENS}, got {v}")
+                units[name] = v
     if t[1] + t[2] > t[0]:
         raise InvalidArgument(f"{field}.cached_input_tokens",
                               "cached_input_tokens + cache_write_tokens exceed input_tokens")
@@ -337,17 +345,24 @@ def authorize_args(req, default_privacy: int) -> dict:
     }
 
 
+_RECORD_STRS = ("event_id", "reservation_id", "model", "provider", "retry_of")
+# The outcomes a Record may report (DENIED and EXPIRED are the server's own).
+_RECORD_OUTCOMES = _OUTCOMES - {int(Outcome.DENIED), int(Outcome.EXPIRED)}
+
+
 def validate_record(req, field: str = "") -> tuple:
-    """Checks every RecordRequest field; returns (owners or None, labels, usage)."""
+    """Checks every RecordRequest field; returns (owners or None, labels, usage,
+    revenue). `field` prefixes the field names in errors (a batch's "records[3].")."""
     p = field
-    check_strs(((p + "event_id", req.event_id), (p + "reservation_id", req.reservation_id),
-                (p + "model", req.model), (p + "provider", req.provider),
-                (p + "retry_of", req.retry_of)))
+    rid, model = req.reservation_id, req.model
+    hit = strings_problem((req.event_id, rid, model, req.provider, req.retry_of))
+    if hit is not None:
+        raise InvalidArgument(p + _RECORD_STRS[hit[0]], hit[1])
     if req.prompt:
         check_text(req.prompt, p + "prompt")
     if req.response:
         check_text(req.response, p + "response")
-    if not req.reservation_id and not req.model:
+    if not rid and not model:
         raise InvalidArgument(p + "model", "must not be empty without a reservation_id")
     if req.input_bytes < -1:
         raise InvalidArgument(p + "input_bytes", "must be >= 0 (or -1 for unknown)")
@@ -355,12 +370,13 @@ def validate_record(req, field: str = "") -> tuple:
         raise InvalidArgument(p + "attempt", "must not be negative")
     if req.event_time_ms:
         check_event_time(req.event_time_ms, p + "event_time_ms")
-    check_enum(req.outcome, _OUTCOMES, p + "outcome", "Outcome")
-    if req.outcome in (Outcome.DENIED, Outcome.EXPIRED):
+    outcome = req.outcome
+    if outcome not in _RECORD_OUTCOMES:
+        check_enum(outcome, _OUTCOMES, p + "outcome", "Outcome")
         raise InvalidArgument(p + "outcome", "DENIED and EXPIRED are set by the server")
     check_enum(req.privacy_mode, _PRIVACY, p + "privacy_mode", "PrivacyMode")
     owners = owners_from_proto(req.owners, p + "owners") if req.HasField("owners") else None
-    labels = labels_from_proto(req.labels, p + "labels")
+    labels = labels_from_proto(req.labels, p + "labels") if req.labels else None
     usage = usage_from_proto(req.usage, p + "usage")
     revenue = money_to_nanos(req.revenue, p + "revenue") if req.HasField("revenue") else 0
     return owners, labels, usage, revenue
