@@ -341,10 +341,7 @@ class Settling:
             self._compensate(s)
         elif self.leases is not None:  # scale-out: acked cost may be reported as used
             self.leases.committed(self, first)
-        if self._events.get(first.event_id) is not first or (
-                first.reservation_id
-                and self._by_reservation.get(first.reservation_id) is not first):
-            self._remember(first)  # (else remembered as it is: nothing to do)
+        self._remember(first)
         return convert.record_response(first, res.duplicate, self._statuses(first.budget_ids))
 
     async def _replay(self, ev: LedgerEvent):
@@ -375,8 +372,11 @@ class Settling:
         return None
 
     def _remember(self, ev: LedgerEvent) -> None:
-        self._events.put(ev.event_id, ev)
         rid = ev.reservation_id
+        if self._events.get(ev.event_id) is ev and (
+                not rid or self._by_reservation.get(rid) is ev):
+            return  # remembered as it is already (an event settled, then committed)
+        self._events.put(ev.event_id, ev)
         if rid:
             prior = self._by_reservation.get(rid)
             self._by_reservation.put(rid, ev)
