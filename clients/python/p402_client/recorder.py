@@ -490,17 +490,13 @@ class AsyncRecorder(_Base):
                 if self._closed:
                     raise RuntimeError("the recorder is closed")
         queue = self._queue
-        if self.linger:
-            if not queue:
-                self._oldest = time.monotonic()
-            queue.append(req)
-            self._enqueued += 1
-            if len(queue) == 1 or len(queue) == self.batch_size:  # the worker's clock
-                self._notify()
-            return req.event_id
+        if self.linger and not queue:
+            self._oldest = time.monotonic()
         queue.append(req)
         self._enqueued += 1
-        self._notify()
+        # Lingering, the worker needs waking only to start its clock or for a full batch.
+        if not self.linger or len(queue) == 1 or len(queue) == self.batch_size:
+            self._notify()
         return req.event_id
 
     def _due(self) -> float | None:
