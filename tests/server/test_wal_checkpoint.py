@@ -21,12 +21,18 @@ def _events_in_file(path) -> int:
         con.close()
 
 
-async def test_committed_events_reach_the_database_file(tmp_path):
+async def _started_writer(tmp_path):
+    """(the database file, its store, a tenant, a started writer on it)."""
     path = tmp_path / "ledger.db"
     store = await open_store(f"sqlite:///{path}")
     tenant = await store.create_tenant("acme")
     writer = GroupCommitWriter(store)
     await writer.start()
+    return path, store, tenant, writer
+
+
+async def test_committed_events_reach_the_database_file(tmp_path):
+    path, store, tenant, writer = await _started_writer(tmp_path)
     try:
         for k in range(3):  # a few small transactions: far below 1000 WAL pages
             await writer.write_many([LedgerEvent(tenant, f"e{k}-{j}", cost_nanos=j + 1)
@@ -44,11 +50,7 @@ async def test_committed_events_reach_the_database_file(tmp_path):
 
 
 async def test_a_failing_checkpoint_costs_no_write(tmp_path, monkeypatch, caplog):
-    path = tmp_path / "ledger.db"
-    store = await open_store(f"sqlite:///{path}")
-    tenant = await store.create_tenant("acme")
-    writer = GroupCommitWriter(store)
-    await writer.start()
+    path, store, tenant, writer = await _started_writer(tmp_path)
     checkpointer = writer._ops._checkpointer
 
     class Broken:
@@ -75,11 +77,7 @@ async def test_a_checkpoint_is_asked_for_per_enough_events_or_commits(tmp_path):
     """Not after every commit (one Record at a time, a checkpoint's fsync per commit
     slowed the next one): after EVERY_EVENTS events or EVERY_COMMITS commits, and at
     close for what is left."""
-    path = tmp_path / "ledger.db"
-    store = await open_store(f"sqlite:///{path}")
-    tenant = await store.create_tenant("acme")
-    writer = GroupCommitWriter(store)
-    await writer.start()
+    path, store, tenant, writer = await _started_writer(tmp_path)
     checkpointer = writer._ops._checkpointer
     asked = []
     real = checkpointer.request
