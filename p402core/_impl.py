@@ -13,7 +13,8 @@ import os
 import platform
 
 # Each name is a pair of modules: p402core._<name>_c (Cython) and _<name>_py.
-MODULES = ("prices", "estimate", "budget", "policy", "fingerprint", "engine", "ledger")
+MODULES = ("prices", "estimate", "budget", "policy", "fingerprint", "engine", "ledger",
+           "stream")
 
 NO_EXTENSIONS = bool(os.environ.get("P402_NO_EXTENSIONS")) or (
     platform.python_implementation() != "CPython"

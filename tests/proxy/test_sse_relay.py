@@ -3,7 +3,10 @@
 same events as a whole-text SSE parser however the bytes are cut and whichever line
 ends they use; a chunk's `"usage": null` cut out of its text leaves exactly the
 chunk without it; `_relay` drops the usage chunk the caller did not ask for and
-forwards every other event."""
+forwards every other event; `relay_read`, which hands the common case to the compiled
+core, sends and counts exactly what the general path does, however the stream is cut;
+an upstream's odd text (a lone surrogate, a delta that is not a string) is counted,
+never an error."""
 from __future__ import annotations
 
 import json
@@ -20,8 +23,10 @@ from p402_server.gateways.proxy import (
     StreamUsage,
     _event_data,
     _relay,
+    relay_read,
     without_null_usage,
 )
+from tests.support.sse_streams import sse_stream
 
 SETTINGS = settings(max_examples=400, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
@@ -254,3 +259,35 @@ def test_a_whole_answers_usage_is_read_exactly_whatever_else_it_holds():
     assert proxy.answer_usage("chat", json.dumps(plain).encode())["input_tokens"] == 9
     with pytest.raises(AttributeError):
         proxy.answer_usage("chat", b"[1, 2]")
+
+
+def _relayed(raw: bytes, ends: list[int], kind: str, strip: bool, fast: bool):
+    seen, parser, out, at = StreamUsage(kind), SseEvents(), [], 0
+    for end in ends:
+        read = raw[at:end]
+        out.append(relay_read(parser, read, seen, strip) if fast
+                   else _relay(parser.feed(read), seen, strip))
+        at = end
+    out.append(_relay(parser.close(), seen, strip))
+    return b"".join(out), (seen.usage, seen.failed, seen.chunks, seen.out_bytes)
+
+
+@SETTINGS
+@given(stream=sse_stream(), strip=st.booleans(), kind=st.sampled_from(["chat", "chat",
+                                                                         "responses"]))
+def test_the_common_case_relays_and_counts_what_the_general_path_does(stream, strip, kind):
+    raw, ends = stream
+    strip = strip and kind == "chat"
+    assert _relayed(raw, ends, kind, strip, fast=True) == _relayed(raw, ends, kind, strip,
+                                                                   fast=False)
+
+
+def test_odd_content_is_counted_not_an_error():
+    lone = b'data: {"choices":[{"delta":{"content":"a\\ud800"}}],"usage":null}\n\n'
+    for fast in (True, False):
+        out, (_, _, chunks, nbytes) = _relayed(lone, [len(lone)], "chat", True, fast)
+        assert (chunks, nbytes) == (1, 4) and out == lone.replace(b',"usage":null', b"")
+    odd = (b'data: {"type":"response.output_text.delta","delta":5}\n\n'
+           b'data: {"type":"response.output_text.delta","delta":"h\xc3\xa9"}\n\n')
+    out, (_, _, chunks, nbytes) = _relayed(odd, [len(odd)], "responses", False, True)
+    assert out == odd and (chunks, nbytes) == (2, 3)

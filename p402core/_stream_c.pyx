@@ -1,0 +1,175 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""A streamed chat answer read as it passes — the compiled twin of `_stream_py`.
+
+Same answers as `_stream_py` (see there for the definitions). What is compiled: the
+chunk is scanned in C (memchr for line ends, memcmp for the "data: " prefix and the
+`,"usage":null}` ending), each event's JSON text is the only object made before
+`loads`, the content is counted from the parsed dicts without method calls (a UTF-8
+length read off the str's code points), and a chunk with cuts is written once into
+a buffer of the input's size, then copied into one bytes object.
+"""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.object cimport PyObject
+from cpython.unicode cimport PyUnicode_GET_LENGTH
+from libc.string cimport memchr, memcmp, memcpy
+
+cdef extern from "Python.h":
+    int PyUnicode_IS_ASCII(object)
+    int PyUnicode_KIND(object)
+    void* PyUnicode_DATA(object)
+    Py_UCS4 PyUnicode_READ(int kind, void* data, Py_ssize_t index)
+
+NULL_USAGE_END = b',"usage":null}'
+DEF CUT = 14  # len(NULL_USAGE_END): cut whole; the closing brace is written again
+
+
+cdef inline Py_ssize_t _find(const char* p, Py_ssize_t n, const char* needle,
+                             Py_ssize_t m) noexcept:
+    """The first index of needle[:m] in p[:n], or -1."""
+    cdef Py_ssize_t i = 0
+    cdef const char* hit
+    while n - i >= m:
+        hit = <const char*>memchr(p + i, needle[0], n - i - m + 1)
+        if hit == NULL:
+            return -1
+        i = hit - p
+        if memcmp(hit, needle, m) == 0:
+            return i
+        i += 1
+    return -1
+
+
+cdef bint _null_usage_at_end(const char* p, Py_ssize_t n) noexcept:
+    if n < CUT or memcmp(p + n - CUT, b',"usage":null}', CUT) != 0:
+        return False
+    if _find(p, n, b'"usage"', 7) != n - CUT + 1:
+        return False
+    return _find(p, n, b"\\u", 2) < 0
+
+
+def null_usage_at_end(bytes data):
+    return _null_usage_at_end(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+
+cdef Py_ssize_t _utf8_length(str text):
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text), i, total = 0
+    cdef int kind
+    cdef void* data
+    cdef Py_UCS4 c
+    if PyUnicode_IS_ASCII(text):
+        return n
+    kind = PyUnicode_KIND(text)
+    data = PyUnicode_DATA(text)
+    for i in range(n):
+        c = PyUnicode_READ(kind, data, i)
+        if c < 0x80:
+            total += 1
+        elif c < 0x800:
+            total += 2
+        elif c < 0x10000:
+            total += 3  # a lone surrogate too, as surrogatepass writes it
+        else:
+            total += 4
+    return total
+
+
+def utf8_length(str text):
+    return _utf8_length(text)
+
+
+def chat_events(bytes chunk, bint strip_usage, loads):
+    cdef const char* p = PyBytes_AS_STRING(chunk)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk)
+    cdef Py_ssize_t end = 0, j, start
+    cdef const char* nl
+    cdef long long chunks = 0, out_bytes = 0, ev_chunks, ev_bytes
+    cdef list cuts = None  # (start of the event, index of its line end) of each cut
+    cdef PyObject* got
+    cdef object payload, usage, choices, ch, delta, text
+    while end < n:
+        nl = <const char*>memchr(p + end, b'\n', n - end)
+        if nl == NULL:
+            break
+        j = nl - p
+        if j + 1 >= n or p[j + 1] != b'\n':
+            break
+        if j - end < 6 or memcmp(p + end, b"data: ", 6) != 0:
+            break
+        if memchr(p + end, b'\r', j - end) != NULL:
+            break
+        start = end + 6
+        if j - start == 6 and memcmp(p + start, b"[DONE]", 6) == 0:
+            end = j + 2
+            continue
+        if j == start or p[start] != b'{':
+            break
+        try:
+            payload = loads(PyBytes_FromStringAndSize(p + start, j - start))
+        except ValueError:
+            break
+        if type(payload) is not dict:
+            break
+        got = PyDict_GetItem(payload, "usage")
+        usage = <object>got if got != NULL else None
+        if usage:
+            break
+        ev_chunks = ev_bytes = 0
+        got = PyDict_GetItem(payload, "choices")
+        choices = <object>got if got != NULL else None
+        if choices and type(choices) is list:
+            for ch in <list>choices:
+                if type(ch) is not dict:
+                    continue
+                got = PyDict_GetItem(ch, "delta")
+                if got == NULL or type(<object>got) is not dict:
+                    continue
+                delta = <object>got
+                got = PyDict_GetItem(delta, "content")
+                if got == NULL or type(<object>got) is not str:
+                    continue
+                text = <object>got
+                if PyUnicode_GET_LENGTH(text):
+                    ev_chunks += 1
+                    ev_bytes += _utf8_length(text)
+        if strip_usage and PyDict_GetItem(payload, "usage") != NULL:
+            if (not choices or usage is not None
+                    or not _null_usage_at_end(p + start, j - start)):
+                break
+            if cuts is None:
+                cuts = []
+            cuts.append((end, j))
+        chunks += ev_chunks
+        out_bytes += ev_bytes
+        end = j + 2
+    if cuts is not None:
+        return _cut(chunk, end, cuts), end, chunks, out_bytes
+    if end < n:
+        return PyBytes_FromStringAndSize(p, end), end, chunks, out_bytes
+    return chunk, end, chunks, out_bytes
+
+
+cdef bytes _cut(bytes chunk, Py_ssize_t n, list cuts):
+    """`chunk[:n]` with the last CUT bytes of each cut event's line replaced by "}"."""
+    cdef const char* p = PyBytes_AS_STRING(chunk)
+    cdef Py_ssize_t at = 0, w = 0, i, j, keep
+    cdef char* q = <char*>PyMem_Malloc(n)
+    if q == NULL and n:
+        raise MemoryError()
+    try:
+        for i, j in cuts:
+            keep = j - CUT - at  # from where the last cut left off to the cut
+            memcpy(q + w, p + at, keep)
+            w += keep
+            q[w] = b'}'
+            w += 1
+            at = j  # the line end and blank line follow as they were
+        memcpy(q + w, p + at, n - at)
+        w += n - at
+        return PyBytes_FromStringAndSize(q, w)
+    finally:
+        PyMem_Free(q)
+
+
+__all__ = ["chat_events", "null_usage_at_end", "utf8_length", "NULL_USAGE_END"]

@@ -1,0 +1,122 @@
+"""A streamed chat answer read as it passes — the pure-Python twin (the specification).
+
+Owns ``chat_events``, the common case of what the P402 proxy does with each read of an
+OpenAI chat stream (Server-Sent Events): count the content the caller receives (the
+fallback estimate of a stream that ends without usage) and, when the caller did not
+ask for usage, cut the ``"usage":null`` the proxy had the upstream add to every chunk.
+A provider writes each chunk as one event, a hundred or more per answer, so this runs
+about a hundred times a call; ``_stream_c`` is the compiled twin, with identical
+answers. Everything else (an event split between reads, other fields, line ends other
+than "\\n", the usage chunk itself) is the proxy's general path, which gives the same
+result for what this accepts.
+
+``chat_events(chunk, strip_usage, loads) -> (out, end, chunks, out_bytes)``
+
+Reads the events at the start of ``chunk`` (bytes) that it accepts, and stops before
+the first it does not: ``end`` is where it stopped (``len(chunk)`` when it took all,
+0 when none), the rest is for the general path, ``out`` is what the caller is sent
+for ``chunk[:end]``, ``chunks`` and ``out_bytes`` count the content in it.
+
+- An accepted event is ``b"data: "``, one line holding no ``b"\r"``, and a blank line
+  (``b"\n\n"``); the line is ``[DONE]`` or a JSON object that ``loads`` reads as a
+  dict (``loads`` raising ValueError is a refusal).
+- An object whose ``"usage"`` member is truthy (the usage chunk) is not accepted: its
+  usage is read exactly by the general path.
+- Counting, per object: when ``"choices"`` is a non-empty list, each of its dicts
+  whose ``"delta"`` is a dict with a non-empty str ``"content"`` adds one to
+  ``chunks`` and that text's UTF-8 length (lone surrogates kept: ``surrogatepass``)
+  to ``out_bytes``.
+- Each accepted event goes out unchanged, except, with ``strip_usage``, an object
+  that has a ``"usage"`` member: it is accepted only when its ``"choices"`` is truthy,
+  its usage None and its text ends with the top-level ``,"usage":null}``
+  (``null_usage_at_end``), and goes out with that member cut.
+
+``null_usage_at_end(data) -> bool``: whether the JSON text ``data`` (one object, known
+to parse) ends with its top-level ``"usage":null`` member and nothing could make
+cutting those bytes off differ from dropping the member: the text ends with
+``,"usage":null}`` (so its last member is a key spelled exactly ``usage``, outside
+any string, as JSON strings cannot hold a bare quote), ``"usage"`` appears nowhere
+before it (no earlier duplicate of the key), and no ``\\u`` escape could spell one.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+NULL_USAGE_END = b',"usage":null}'
+_CUT = len(NULL_USAGE_END)  # cut whole; the closing brace is written again
+
+
+def null_usage_at_end(data: bytes) -> bool:
+    return (data.endswith(NULL_USAGE_END)
+            and data.find(b'"usage"') == len(data) - _CUT + 1
+            and (b"\\" not in data or b"\\u" not in data))
+
+
+def utf8_length(text: str) -> int:
+    """The length of `text` in UTF-8, lone surrogates as three bytes each."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def chat_events(chunk: bytes, strip_usage: bool,
+                loads: Callable[[bytes], Any]) -> tuple[bytes, int, int, int]:
+    out: list[bytes] = []
+    end = chunks = out_bytes = 0
+    changed = False
+    n = len(chunk)
+    while end < n:
+        line_end = chunk.find(b"\n", end)
+        if line_end < 0 or chunk[line_end + 1:line_end + 2] != b"\n":
+            break
+        event = chunk[end:line_end]
+        if not event.startswith(b"data: ") or b"\r" in event:
+            break
+        data = event[6:]
+        if data != b"[DONE]":
+            read = _object(data, strip_usage, loads)
+            if read is None:
+                break
+            cut, ev_chunks, ev_bytes = read
+            chunks += ev_chunks
+            out_bytes += ev_bytes
+            if cut:
+                event = event[:-_CUT] + b"}"
+                changed = True
+        out.append(event)
+        end = line_end + 2
+    if not changed:
+        return chunk[:end] if end < n else chunk, end, chunks, out_bytes
+    out.append(b"")
+    return b"\n\n".join(out), end, chunks, out_bytes
+
+
+def _object(data: bytes, strip_usage: bool, loads) -> tuple[bool, int, int] | None:
+    """One event's JSON text: (whether its null usage is cut, content chunks, content
+    bytes), or None when it is not accepted."""
+    if not data.startswith(b"{"):
+        return None
+    try:
+        payload = loads(data)
+    except ValueError:
+        return None
+    if type(payload) is not dict:
+        return None
+    usage = payload.get("usage")
+    if usage:
+        return None
+    chunks = out_bytes = 0
+    choices = payload.get("choices")
+    if choices and type(choices) is list:
+        for ch in choices:
+            delta = ch.get("delta") if type(ch) is dict else None
+            text = delta.get("content") if type(delta) is dict else None
+            if text and type(text) is str:
+                chunks += 1
+                out_bytes += utf8_length(text)
+    if strip_usage and "usage" in payload:
+        if not choices or usage is not None or not null_usage_at_end(data):
+            return None
+        return True, chunks, out_bytes
+    return False, chunks, out_bytes
+
+
+__all__ = ["chat_events", "null_usage_at_end", "utf8_length", "NULL_USAGE_END"]

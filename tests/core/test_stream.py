@@ -1,0 +1,81 @@
+"""The streamed chat relay's common case in both twins (`chat_events`): the same
+answer for any read an upstream could send, and what `_stream_py` specifies on the
+reads that matter (OpenAI's chunks, the usage chunk, the cut of `"usage":null`)."""
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.support.sse_streams import chunk_json, sse_stream
+
+SETTINGS = settings(max_examples=500, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck))
+
+
+def _chunk(content, **extra) -> bytes:
+    body = {"id": "c", "choices": [{"index": 0, "delta": {"content": content}}], **extra}
+    return (b"data: " + json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            + b"\n\n")
+
+
+def test_openai_chunks_are_counted_and_their_null_usage_cut(impl):
+    raw = _chunk(" hé", usage=None) + _chunk("🙂", usage=None) + b"data: [DONE]\n\n"
+    out, end, chunks, nbytes = impl.chat_events(raw, True, orjson.loads)
+    assert end == len(raw) and (chunks, nbytes) == (2, len(" hé🙂".encode()))
+    assert out == _chunk(" hé") + _chunk("🙂") + b"data: [DONE]\n\n"
+    # Not stripping: the very same bytes object goes out.
+    out, end, _, _ = impl.chat_events(raw, False, orjson.loads)
+    assert out is raw and end == len(raw)
+
+
+def test_it_stops_before_the_first_event_it_does_not_take(impl):
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":9}}\n\n'
+    head = _chunk("a", usage=None)
+    for rest in (usage, b"data: {bad\n\n", b": comment\n\n", b"data: [1]\n\n",
+                 _chunk("b", usage=None)[:-1], _chunk("b", usage=None).replace(b"\n", b"\r\n"),
+                 _chunk("b", usage=0), b"event: x\n" + _chunk("b")):
+        raw = head + rest + _chunk("c")
+        out, end, chunks, nbytes = impl.chat_events(raw, True, orjson.loads)
+        assert (out, end, chunks, nbytes) == (_chunk("a"), len(head), 1, 1), rest
+    assert impl.chat_events(b"", True, orjson.loads) == (b"", 0, 0, 0)
+
+
+def test_a_null_usage_is_cut_only_when_the_bytes_are_the_member(impl):
+    ok = b'{"choices":[{"delta":{"content":"x\\n"}}],"usage":null}'
+    assert impl.null_usage_at_end(ok)
+    for other in (b'{"usage":{"a":1},"choices":[1],"usage":null}',  # a duplicate key
+                  b'{"\\u0075sage":{"a":1},"choices":[1],"usage":null}',  # escaped
+                  b'{"choices":[1], "usage": null}', b'{"choices":[1],"usage":null} ',
+                  b'"usage":null}', b""):
+        assert not impl.null_usage_at_end(other), other
+
+
+@pytest.mark.parametrize("text", ["", "abc", "hé", "日本", "🙂", "\ud800", "a\udfff🙂",
+                                  "\x00", "\u07ff\u0800\uffff\U00010000"])
+def test_utf8_length_counts_lone_surrogates_as_three_bytes(impl, text):
+    assert impl.utf8_length(text) == len(text.encode("utf-8", "surrogatepass"))
+
+
+@SETTINGS
+@given(stream=sse_stream(), strip=st.booleans(), lax=st.booleans())
+def test_the_twins_answer_alike_on_any_read(both, stream, strip, lax):
+    python, compiled = both
+    raw, ends = stream
+    loads = json.loads if lax else orjson.loads
+    at = 0
+    for end in ends:
+        read = raw[at:end]
+        assert python.chat_events(read, strip, loads) == compiled.chat_events(
+            read, strip, loads)
+        at = end
+
+
+@SETTINGS
+@given(data=chunk_json())
+def test_the_twins_cut_alike(both, data):
+    python, compiled = both
+    assert python.null_usage_at_end(data) == compiled.null_usage_at_end(data)
