@@ -511,7 +511,18 @@ class StreamUsage:
         if not isinstance(payload, dict):
             return None
         if self.kind == "chat":
-            self.chat_payload(payload, data)
+            if payload.get("usage"):
+                if not jsonio.exact(payload["usage"]):
+                    payload = json.loads(data)
+                self.usage = usage_from("chat", payload["usage"], payload.get("service_tier"))
+            choices = payload.get("choices")
+            if choices and type(choices) is list:
+                for ch in choices:
+                    delta = ch.get("delta") if type(ch) is dict else None
+                    text = delta.get("content") if type(delta) is dict else None
+                    if text and type(text) is str:
+                        self.chunks += 1
+                        self.out_bytes += utf8_length(text)
         else:
             t = payload.get("type", "")
             if t == "response.output_text.delta":
@@ -527,22 +538,6 @@ class StreamUsage:
                                         done.get("service_tier"), web_searches(done))
                 self.failed = t == "response.failed"
         return payload
-
-    def chat_payload(self, payload: dict, data: str | bytes) -> None:
-        """Observe a chat chunk's JSON object `payload` parsed from `data` (its text,
-        read again exactly when the usage holds a number beyond 64 bits)."""
-        if payload.get("usage"):
-            if not jsonio.exact(payload["usage"]):
-                payload = json.loads(data)
-            self.usage = usage_from("chat", payload["usage"], payload.get("service_tier"))
-        choices = payload.get("choices")
-        if choices and type(choices) is list:
-            for ch in choices:
-                delta = ch.get("delta") if type(ch) is dict else None
-                text = delta.get("content") if type(delta) is dict else None
-                if text and type(text) is str:
-                    self.chunks += 1
-                    self.out_bytes += utf8_length(text)
 
     def estimate(self, auth: Any) -> dict[str, int]:
         """The usage of a stream that ended without one: the estimate's input, one
