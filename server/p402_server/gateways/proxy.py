@@ -88,8 +88,12 @@ Records behind the answer
   commits (or the Record is lost as above), its hold expires at its TTL and is
   committed at its estimate (outcome EXPIRED, evidence ESTIMATED), which is never
   less than what the call could cost: spend is never under-counted. Holds reach the
-  ledger behind the decision, every `holds_flush_interval_seconds` (0.25 s): a crash
-  loses only the holds of its last interval, whose calls it cut off.
+  ledger behind the decision, every `holds_flush_interval_seconds` (0.25 s): in
+  process (`--db`), a crash that allows no flush (SIGKILL) loses the calls whose
+  hold was made in its last interval and whose Record had not committed, the ones
+  it cut off and those answered in about its last 10 ms. With `--target`, the
+  server keeps the holds of a proxy that dies, and a server that dies gets the
+  proxy's queued Records again once it is back.
 - On shutdown the queues are flushed before the runtime (embedded) stops.
 
 Response headers: `x-p402-reservation-id`, `x-p402-decision`, and on non-streamed
