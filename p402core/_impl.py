@@ -78,7 +78,7 @@ class Implementation:
         return self
 
     def describe(self) -> str:
-        """What really runs, for logs: "compiled (6 Cython modules)" or "pure-Python
+        """What really runs, for logs: "compiled (8 Cython modules)" or "pure-Python
         (P402_NO_EXTENSIONS=1)" — after `check()`, a fact, not an intention."""
         if self.IMPLEMENTATION == "compiled":
             return f"compiled ({len(MODULES)} Cython modules)"

@@ -79,6 +79,38 @@ def utf8_length(str text):
     return _utf8_length(text)
 
 
+cdef long long _content(object choices, long long* out_bytes) except -1:
+    """`chat_content` of the object whose "choices" member is `choices` (None: none):
+    the chunks, and their UTF-8 bytes into out_bytes[0]."""
+    cdef long long chunks = 0
+    cdef PyObject* got
+    cdef object ch, text
+    out_bytes[0] = 0
+    if not choices or type(choices) is not list:
+        return 0
+    for ch in <list>choices:
+        if type(ch) is not dict:
+            continue
+        got = PyDict_GetItem(ch, "delta")
+        if got == NULL or type(<object>got) is not dict:
+            continue
+        got = PyDict_GetItem(<object>got, "content")
+        if got == NULL or type(<object>got) is not str:
+            continue
+        text = <object>got
+        if PyUnicode_GET_LENGTH(text):
+            chunks += 1
+            out_bytes[0] += _utf8_length(text)
+    return chunks
+
+
+def chat_content(dict payload):
+    cdef long long out_bytes
+    cdef PyObject* got = PyDict_GetItem(payload, "choices")
+    chunks = _content(<object>got if got != NULL else None, &out_bytes)
+    return chunks, out_bytes
+
+
 def chat_events(bytes chunk, bint strip_usage, loads):
     cdef const char* p = PyBytes_AS_STRING(chunk)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk)
@@ -87,7 +119,7 @@ def chat_events(bytes chunk, bint strip_usage, loads):
     cdef long long chunks = 0, out_bytes = 0, ev_chunks, ev_bytes
     cdef list cuts = None  # (start of the event, index of its line end) of each cut
     cdef PyObject* got
-    cdef object payload, usage, choices, ch, delta, text
+    cdef object payload, usage, choices
     while end < n:
         nl = <const char*>memchr(p + end, b'\n', n - end)
         if nl == NULL:
@@ -115,24 +147,9 @@ def chat_events(bytes chunk, bint strip_usage, loads):
         usage = <object>got if got != NULL else None
         if usage:
             break
-        ev_chunks = ev_bytes = 0
         got = PyDict_GetItem(payload, "choices")
         choices = <object>got if got != NULL else None
-        if choices and type(choices) is list:
-            for ch in <list>choices:
-                if type(ch) is not dict:
-                    continue
-                got = PyDict_GetItem(ch, "delta")
-                if got == NULL or type(<object>got) is not dict:
-                    continue
-                delta = <object>got
-                got = PyDict_GetItem(delta, "content")
-                if got == NULL or type(<object>got) is not str:
-                    continue
-                text = <object>got
-                if PyUnicode_GET_LENGTH(text):
-                    ev_chunks += 1
-                    ev_bytes += _utf8_length(text)
+        ev_chunks = _content(choices, &ev_bytes)
         if strip_usage and PyDict_GetItem(payload, "usage") != NULL:
             if (not choices or usage is not None
                     or not _null_usage_at_end(p + start, j - start)):
@@ -172,4 +189,5 @@ cdef bytes _cut(bytes chunk, Py_ssize_t n, list cuts):
         PyMem_Free(q)
 
 
-__all__ = ["chat_events", "null_usage_at_end", "utf8_length", "NULL_USAGE_END"]
+__all__ = ["chat_events", "chat_content", "null_usage_at_end", "utf8_length",
+           "NULL_USAGE_END"]

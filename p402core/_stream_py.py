@@ -22,14 +22,16 @@ for ``chunk[:end]``, ``chunks`` and ``out_bytes`` count the content in it.
   dict (``loads`` raising ValueError is a refusal).
 - An object whose ``"usage"`` member is truthy (the usage chunk) is not accepted: its
   usage is read exactly by the general path.
-- Counting, per object: when ``"choices"`` is a non-empty list, each of its dicts
-  whose ``"delta"`` is a dict with a non-empty str ``"content"`` adds one to
-  ``chunks`` and that text's UTF-8 length (lone surrogates kept: ``surrogatepass``)
-  to ``out_bytes``.
+- Counting, per object: ``chat_content``.
 - Each accepted event goes out unchanged, except, with ``strip_usage``, an object
   that has a ``"usage"`` member: it is accepted only when its ``"choices"`` is truthy,
   its usage None and its text ends with the top-level ``,"usage":null}``
   (``null_usage_at_end``), and goes out with that member cut.
+
+``chat_content(payload) -> (chunks, out_bytes)``: the content a chat chunk's JSON object
+(a dict) streams: when its ``"choices"`` is a non-empty list, each of its dicts whose
+``"delta"`` is a dict with a non-empty str ``"content"`` adds one to ``chunks`` and that
+text's UTF-8 length (lone surrogates kept: ``surrogatepass``) to ``out_bytes``.
 
 ``null_usage_at_end(data) -> bool``: whether the JSON text ``data`` (one object, known
 to parse) ends with its top-level ``"usage":null`` member and nothing could make
@@ -103,6 +105,16 @@ def _object(data: bytes, strip_usage: bool, loads) -> tuple[bool, int, int] | No
     usage = payload.get("usage")
     if usage:
         return None
+    chunks, out_bytes = chat_content(payload)
+    if strip_usage and "usage" in payload:
+        if (not payload.get("choices") or usage is not None
+                or not null_usage_at_end(data)):
+            return None
+        return True, chunks, out_bytes
+    return False, chunks, out_bytes
+
+
+def chat_content(payload: dict) -> tuple[int, int]:
     chunks = out_bytes = 0
     choices = payload.get("choices")
     if choices and type(choices) is list:
@@ -112,11 +124,8 @@ def _object(data: bytes, strip_usage: bool, loads) -> tuple[bool, int, int] | No
             if text and type(text) is str:
                 chunks += 1
                 out_bytes += utf8_length(text)
-    if strip_usage and "usage" in payload:
-        if not choices or usage is not None or not null_usage_at_end(data):
-            return None
-        return True, chunks, out_bytes
-    return False, chunks, out_bytes
+    return chunks, out_bytes
 
 
-__all__ = ["chat_events", "null_usage_at_end", "utf8_length", "NULL_USAGE_END"]
+__all__ = ["chat_events", "chat_content", "null_usage_at_end", "utf8_length",
+           "NULL_USAGE_END"]

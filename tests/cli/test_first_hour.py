@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-import p402core
 import p402_client as pc
+import p402core
 from p402_server.cli import main
 from tests.cli.test_cli import run, run_json, subprocess_env
 from tests.client.serverthread import free_port
@@ -130,7 +130,7 @@ def test_serve_without_the_compiled_core_fails_at_start_with_the_hint(tmp_path):
 def test_the_loaded_core_is_described_as_it_is():
     assert p402core.load("python").check().describe().startswith("pure-Python twins")
     if p402core.IMPLEMENTATION == "compiled":
-        assert p402core.load("compiled").check().describe() == "compiled (7 Cython modules)"
+        assert p402core.load("compiled").check().describe() == "compiled (8 Cython modules)"
 
 
 # ---------------------------------------------------------------- read commands

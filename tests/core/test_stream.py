@@ -79,3 +79,15 @@ def test_the_twins_answer_alike_on_any_read(both, stream, strip, lax):
 def test_the_twins_cut_alike(both, data):
     python, compiled = both
     assert python.null_usage_at_end(data) == compiled.null_usage_at_end(data)
+
+
+@SETTINGS
+@given(data=chunk_json())
+def test_the_twins_count_content_alike(both, data):
+    python, compiled = both
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return  # invalid UTF-8: no object to count
+    if type(payload) is dict:
+        assert python.chat_content(payload) == compiled.chat_content(payload)

@@ -57,25 +57,19 @@ def chunk_json(draw, plain: bool = False) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+_FIXED = {"done": b"data: [DONE]", "comment": b": keep-alive", "array": b"data: [1, 2]",
+          "bad": b'data: {"choices":[{"delta":{"content":"x"}}'}
+_BEFORE_JSON = {"chunk": b"data: ", "field": b"event: chunk\ndata: ", "nospace": b"data:"}
+
+
 @st.composite
 def event_block(draw) -> bytes:
     """One event's lines, without the blank line that ends it."""
-    kind = draw(st.sampled_from(["chunk"] * 6 + ["done", "comment", "field", "nospace",
-                                                 "bad", "array", "multiline"]))
-    if kind == "chunk":
-        return b"data: " + draw(chunk_json())
-    if kind == "done":
-        return b"data: [DONE]"
-    if kind == "comment":
-        return b": keep-alive"
-    if kind == "field":
-        return b"event: chunk\ndata: " + draw(chunk_json())
-    if kind == "nospace":
-        return b"data:" + draw(chunk_json())
-    if kind == "bad":
-        return b'data: {"choices":[{"delta":{"content":"x"}}'
-    if kind == "array":
-        return b"data: [1, 2]"
+    kind = draw(st.sampled_from(["chunk"] * 6 + [*_FIXED, *_BEFORE_JSON, "multiline"]))
+    if kind in _FIXED:
+        return _FIXED[kind]
+    if kind in _BEFORE_JSON:
+        return _BEFORE_JSON[kind] + draw(chunk_json())
     data = draw(chunk_json())
     return b"data: " + data[:3] + b"\ndata: " + data[3:]
 

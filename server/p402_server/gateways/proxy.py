@@ -126,7 +126,13 @@ from aiohttp import web, web_protocol, web_server
 from p402_client.openai import usage_from_openai
 from p402_server.gateways import jsonio
 from p402_server.gc_policy import tune_gc
-from p402core import NULL_USAGE_END, chat_events, null_usage_at_end, utf8_length
+from p402core import (
+    NULL_USAGE_END,
+    chat_content,
+    chat_events,
+    null_usage_at_end,
+    utf8_length,
+)
 from p402core._units import image_name
 
 log = logging.getLogger("p402.proxy")
@@ -519,14 +525,9 @@ class StreamUsage:
                 if not jsonio.exact(payload["usage"]):
                     payload = json.loads(data)
                 self.usage = usage_from("chat", payload["usage"], payload.get("service_tier"))
-            choices = payload.get("choices")
-            if choices and type(choices) is list:
-                for ch in choices:
-                    delta = ch.get("delta") if type(ch) is dict else None
-                    text = delta.get("content") if type(delta) is dict else None
-                    if text and type(text) is str:
-                        self.chunks += 1
-                        self.out_bytes += utf8_length(text)
+            chunks, out_bytes = chat_content(payload)
+            self.chunks += chunks
+            self.out_bytes += out_bytes
         else:
             t = payload.get("type", "")
             if t == "response.output_text.delta":
