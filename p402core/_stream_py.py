@@ -17,8 +17,8 @@ the first it does not: ``end`` is where it stopped (``len(chunk)`` when it took 
 0 when none), the rest is for the general path, ``out`` is what the caller is sent
 for ``chunk[:end]``, ``chunks`` and ``out_bytes`` count the content in it.
 
-- An accepted event is ``b"data: "``, one line holding no ``b"\r"``, and a blank line
-  (``b"\n\n"``); the line is ``[DONE]`` or a JSON object that ``loads`` reads as a
+- An accepted event is ``b"data: "``, one line holding no ``b"\\r"``, and a blank line
+  (``b"\\n\\n"``); the line is ``[DONE]`` or a JSON object that ``loads`` reads as a
   dict (``loads`` raising ValueError is a refusal).
 - An object whose ``"usage"`` member is truthy (the usage chunk) is not accepted: its
   usage is read exactly by the general path.
