@@ -2,8 +2,8 @@
 may send them: OpenAI's chunks with and without `"usage": null`, the usage chunk,
 `[DONE]`, and what a careless or hostile upstream adds (spaced JSON, an escaped or
 duplicated "usage" key, lone surrogates, non-ASCII text, malformed or non-object
-JSON, invalid UTF-8, comments, other fields, `data:` without its space, extra blank lines, "\\r"
-line ends), cut into reads anywhere."""
+JSON, invalid UTF-8, comments, other fields, `data:` without its space, extra blank
+lines, "\\r" line ends), cut into reads anywhere."""
 from __future__ import annotations
 
 import json
@@ -77,7 +77,7 @@ def event_block(draw) -> bytes:
 @st.composite
 def sse_stream(draw) -> tuple[bytes, list[int]]:
     """(the whole stream, the ends of its reads): half of them as a provider writes
-    (content chunks, then maybe the usage chunk and [DONE], "\n" line ends)."""
+    (content chunks, then maybe the usage chunk and [DONE], "\\n" line ends)."""
     if draw(st.booleans()):
         blocks = [b"data: " + c for c in draw(st.lists(chunk_json(plain=True), max_size=8))]
         blocks += draw(st.sampled_from([[], [b"data: [DONE]"], [
