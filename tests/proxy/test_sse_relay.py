@@ -229,12 +229,13 @@ def test_relay_strips_the_usage_the_caller_did_not_ask_for():
             assert len(datas) == 3 and datas[-1]["usage"] == usage
 
 
-def test_a_usage_beyond_64_bits_is_read_exactly():
+def test_a_usage_beyond_64_bits_is_read_exactly_and_not_taken(caplog):
     big = 2**70
     raw = _chunk(None, {"prompt_tokens": big, "completion_tokens": 1}, choices=False)
     seen = StreamUsage("chat")
     _relay(SseEvents().feed(raw), seen, True)
-    assert seen.usage["input_tokens"] == big and type(seen.usage["input_tokens"]) is int
+    assert seen.usage is None  # not a token count: the estimate stands in
+    assert any(f"prompt_tokens = {big}," in r.getMessage() for r in caplog.records)
 
 
 def test_an_event_that_never_ends_is_a_broken_stream(monkeypatch):
@@ -253,7 +254,11 @@ def test_a_whole_answers_usage_is_read_exactly_whatever_else_it_holds():
                            "logprobs": {"n": big, "m": [-(2**64) - 1]}}],
               "usage": {"prompt_tokens": big, "completion_tokens": 3}}
     usage = proxy.answer_usage("chat", json.dumps(answer).encode())
-    assert usage["input_tokens"] == big and type(usage["input_tokens"]) is int
+    assert usage is None  # read exactly (an int, not a float), and not a token count
+    fits = {**answer, "usage": {"prompt_tokens": 9, "completion_tokens": 3,
+                                "prompt_tokens_details": {"cached_tokens": big}}}
+    usage = proxy.answer_usage("chat", json.dumps(fits).encode())
+    assert usage["input_tokens"] == 9 and usage["cached_input_tokens"] == 9  # cut to it
     assert usage["service_tier"] == "flex"
     plain = {**answer, "usage": {"prompt_tokens": 9, "completion_tokens": 3}}
     assert proxy.answer_usage("chat", json.dumps(plain).encode())["input_tokens"] == 9
@@ -291,3 +296,22 @@ def test_odd_content_is_counted_not_an_error():
            b'data: {"type":"response.output_text.delta","delta":"h\xc3\xa9"}\n\n')
     out, (_, _, chunks, nbytes) = _relayed(odd, [len(odd)], "responses", False, True)
     assert out == odd and (chunks, nbytes) == (2, 3)
+
+
+@pytest.mark.parametrize("total", ["prompt_tokens", "completion_tokens", "input_tokens",
+                                   "output_tokens"])
+@pytest.mark.parametrize("value", [-1, 2**63, 2**70, proxy.MAX_TOKENS + 1, 9.0, 1.5, "9",
+                                   True, None, [9], {"n": 9}, "\ud800"])
+def test_a_usage_total_that_is_not_a_token_count_is_not_read(total, value, caplog):
+    usage = ({"prompt_tokens": 9, "completion_tokens": 3} if total[0] in "pc"
+             else {"input_tokens": 9, "output_tokens": 3})  # chat's shape, or responses'
+    usage[total] = value
+    got = proxy.usage_from("chat", usage)
+    if value is None:  # absent: the other total is read
+        assert got is not None
+        return
+    assert got is None  # the estimate stands in, never zero tokens
+    assert any(total in r.getMessage() and "not a token count" in r.getMessage()
+               for r in caplog.records)
+    good = proxy.usage_from("chat", {**usage, total: proxy.MAX_TOKENS})
+    assert good is not None and proxy.MAX_TOKENS in good.values()

@@ -72,7 +72,9 @@ the request's bytes, headers or key.
    mid-stream: CANCELLED, with the estimate's input tokens and the output tokens
    streamed so far (one per content chunk, at least ceil(bytes / 4): never less
    than what the caller received). A stream that ends without usage (an upstream
-   that ignores include_usage) records the same estimate with SUCCESS.
+   that ignores include_usage) records the same estimate with SUCCESS; so does a
+   usage whose totals are not token counts (a string, a float, a negative number,
+   more than MAX_TOKENS: logged, never taken for zero), evidence ESTIMATED.
 
 Records behind the answer
 - The proxy gives each Record its event id and queues it (one `AsyncRecorder` per
@@ -127,6 +129,7 @@ from p402_client.openai import usage_from_openai
 from p402_server.gateways import jsonio
 from p402_server.gc_policy import tune_gc
 from p402core import (
+    MAX_TOKENS,
     NULL_USAGE_END,
     chat_content,
     chat_events,
@@ -715,14 +718,26 @@ def media_usage(kind: str, raw: bytes, content_type: str) -> dict[str, Any] | No
     return None
 
 
+# A usage's totals, in either of OpenAI's shapes (its details are parts of them).
+_TOTALS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
+
+
 def usage_from(kind: str, usage: Any, service_tier: Any = None,
                searches: int = 0) -> dict[str, Any] | None:
     """OpenAI usage (chat, responses or images shape) -> P402 Record keywords: every
     detail OpenAI reports (cached, audio, image and reasoning tokens, the service
     tier billed; p402_client.openai.usage_from_openai) and the web-search tool calls
-    made. None when there is no usage."""
+    made. None when there is no usage, or when one of its totals is not a token count
+    (an int from 0 to MAX_TOKENS; logged): an upstream's unreadable report is not
+    taken for zero tokens, the estimate stands in (evidence ESTIMATED)."""
     if not isinstance(usage, dict):
         return None
+    for name in _TOTALS:
+        n = usage.get(name)
+        if n is not None and (type(n) is not int or not 0 <= n <= MAX_TOKENS):
+            log.warning("the upstream's usage has %s = %.60r, not a token count: it is "
+                        "not read", name, n)
+            return None
     kw = usage_from_openai(usage, service_tier)
     if kw is None:
         return None
