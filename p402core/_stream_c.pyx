@@ -46,7 +46,25 @@ cdef bint _null_usage_at_end(const char* p, Py_ssize_t n) noexcept:
         return False
     if _find(p, n, b'"usage"', 7) != n - CUT + 1:
         return False
-    return _find(p, n, b"\\u", 2) < 0
+    return not _usage_escape(p, n)
+
+
+cdef bint _usage_escape(const char* p, Py_ssize_t n) noexcept:
+    """Whether `\\u0075`, `\\u0073`, `\\u0061`, `\\u0067` or `\\u0065` (an escaped
+    letter of "usage") is in p[:n]."""
+    cdef Py_ssize_t at = 0, i
+    cdef char a, b
+    while True:
+        i = _find(p + at, n - at, b"\\u00", 4)
+        if i < 0:
+            return False
+        i += at
+        if i + 6 <= n:
+            a, b = p[i + 4], p[i + 5]
+            if (a == b'7' and (b == b'5' or b == b'3')) or (
+                    a == b'6' and (b == b'1' or b == b'7' or b == b'5')):
+                return True
+        at = i + 1
 
 
 def null_usage_at_end(bytes data):

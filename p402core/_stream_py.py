@@ -38,7 +38,9 @@ to parse) ends with its top-level ``"usage":null`` member and nothing could make
 cutting those bytes off differ from dropping the member: the text ends with
 ``,"usage":null}`` (so its last member is a key spelled exactly ``usage``, outside
 any string, as JSON strings cannot hold a bare quote), ``"usage"`` appears nowhere
-before it (no earlier duplicate of the key), and no ``\\u`` escape could spell one.
+before it (no earlier duplicate of the key), and no ``\\u`` escape of one of its
+letters (``\\u0075``, ``\\u0073``, ``\\u0061``, ``\\u0067``, ``\\u0065``) could spell
+one; other escapes (``\\u00e9``, as a server that writes ASCII only sends) cannot.
 """
 from __future__ import annotations
 
@@ -48,10 +50,15 @@ NULL_USAGE_END = b',"usage":null}'
 _CUT = len(NULL_USAGE_END)  # cut whole; the closing brace is written again
 
 
+# The \u escapes of the letters of "usage" (four hex digits, none a letter here):
+# the only escapes that could spell the key.
+USAGE_ESCAPES = (b"\\u0075", b"\\u0073", b"\\u0061", b"\\u0067", b"\\u0065")
+
+
 def null_usage_at_end(data: bytes) -> bool:
     return (data.endswith(NULL_USAGE_END)
             and data.find(b'"usage"') == len(data) - _CUT + 1
-            and (b"\\" not in data or b"\\u" not in data))
+            and (b"\\u00" not in data or not any(e in data for e in USAGE_ESCAPES)))
 
 
 def utf8_length(text: str) -> int:

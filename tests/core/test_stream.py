@@ -47,6 +47,13 @@ def test_it_stops_before_the_first_event_it_does_not_take(impl):
 def test_a_null_usage_is_cut_only_when_the_bytes_are_the_member(impl):
     ok = b'{"choices":[{"delta":{"content":"x\\n"}}],"usage":null}'
     assert impl.null_usage_at_end(ok)
+    # Escapes that cannot spell the key do not matter (a server writing ASCII only).
+    assert impl.null_usage_at_end(b'{"choices":[{"delta":{"content":"caf\\u00e9 \\u00"}}],'
+                                  b'"usage":null}')
+    for i, letter in enumerate("usage"):  # each letter of the key, escaped
+        key = "usage"[:i] + "\\u%04x" % ord(letter) + "usage"[i + 1:]
+        dup = b'{"' + key.encode() + b'":{"a":1},"choices":[1],"usage":null}'
+        assert json.loads(dup)["usage"] is None and not impl.null_usage_at_end(dup), dup
     for other in (b'{"usage":{"a":1},"choices":[1],"usage":null}',  # a duplicate key
                   b'{"\\u0075sage":{"a":1},"choices":[1],"usage":null}',  # escaped
                   b'{"choices":[1], "usage": null}', b'{"choices":[1],"usage":null} ',
