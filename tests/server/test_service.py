@@ -273,6 +273,27 @@ async def test_restart_restores_budget_totals_and_open_holds(svc):
     assert nanos(final.held) == 0
 
 
+async def test_a_restart_settles_saved_holds_without_a_call_for_their_tenant(svc):
+    # A process alone on its ledger builds a tenant on its first call; after a
+    # restart, the tenants with saved holds are built at once, so a hold whose call
+    # died with the old process reaches the ledger at its expiry (at its estimate)
+    # even when the tenant never calls again.
+    a = await svc.meter.Authorize(meter_pb2.AuthorizeRequest(
+        model=MODEL, owners=owners(customer="acme"), input_bytes=3000, ttl_seconds=1),
+        metadata=svc.auth)
+    await svc.server.runtime.tenants[svc.tenant_id].flush_holds()
+    await svc.restart()
+    assert not svc.server.runtime.tenants  # nothing has called since
+    deadline = time.monotonic() + 15
+    while not await svc.store.settled_reservations(svc.tenant_id, [a.reservation_id]):
+        assert time.monotonic() < deadline, "the saved hold was never settled"
+        await asyncio.sleep(0.05)
+    (ev,) = await events(svc, outcomes=[common_pb2.OUTCOME_EXPIRED])
+    assert ev.reservation_id == a.reservation_id
+    assert nanos(ev.cost) == nanos(a.estimated_cost) > 0
+    assert ev.evidence == common_pb2.EVIDENCE_ESTIMATED
+
+
 async def test_settled_hold_not_yet_deleted_is_not_restored(tmp_path):
     # Holds are written behind: a crash can leave a settled hold in the holds table.
     s = await start_service(f"sqlite+aiosqlite:///{tmp_path}/p.db",

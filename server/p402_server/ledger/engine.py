@@ -528,6 +528,14 @@ class Store:
                     [dict(zip(HOLD_COLUMNS, row)) for row in rows],
                 )
 
+    async def hold_tenants(self) -> list[str]:
+        """The tenants that have saved holds."""
+        h = S.holds
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                sa.select(h.c.tenant_id).distinct().order_by(h.c.tenant_id))).all()
+        return [t for (t,) in rows]
+
     async def load_holds(self, tenant_id: str) -> list[tuple[str, int, dict[str, Any]]]:
         """Every saved hold of the tenant: ``(reservation_id, expires_ms, data)``."""
         h = S.holds

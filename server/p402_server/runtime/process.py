@@ -1,6 +1,7 @@
-"""Every tenant of one process (`Runtime`): built on first use, and the background
-task that expires holds, saves them, books notices, polls config versions and sweeps
-the holds of dead processes."""
+"""Every tenant of one process (`Runtime`): built on first use (and, for a process alone
+on its ledger, at start every tenant with saved holds, so they settle), and the
+background task that expires holds, saves them, books notices, polls config versions
+and sweeps the holds of dead processes."""
 from __future__ import annotations
 
 import asyncio
@@ -105,9 +106,12 @@ class Runtime:
         next_poll = time.monotonic() + cfg.config_poll_seconds
         tick = min(cfg.holds_flush_interval_seconds, cfg.expire_interval_seconds,
                    cfg.config_poll_seconds if poll else float("inf"))
+        restored = poll  # leased: dead processes' holds are swept (sweep_dead_holds)
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
+            if not restored:
+                restored = await self._build_tenants_with_holds()
             if now >= next_expire:
                 next_expire = now + cfg.expire_interval_seconds
                 for rt in list(self._tenants.values()):
@@ -145,6 +149,25 @@ class Runtime:
                         log.exception("settling dead processes' holds failed; will retry")
             if now >= self._next_purge:
                 await self._purge_contents(now)
+
+    async def _build_tenants_with_holds(self) -> bool:
+        """One process alone on its ledger, started again (after a stop, or a crash):
+        build every tenant that has saved holds, so that they settle (expire into the
+        ledger at their estimate, or by their Records) without waiting for the
+        tenant's next call. True once done (a tenant that fails to build is logged
+        and left to its next call); False to try again at the next tick."""
+        try:
+            tenants = await self.store.hold_tenants()
+        except Exception:
+            log.exception("reading which tenants have saved holds failed; will retry")
+            return False
+        for tenant_id in tenants:
+            try:
+                await self.get(tenant_id)
+            except Exception:
+                log.exception("tenant %s: building it to settle its saved holds failed; "
+                              "they wait for its next call", tenant_id)
+        return True
 
     async def sync_config(self) -> list[str]:
         """One config poll (scale-out; `_background` runs it every
