@@ -10,17 +10,16 @@ answered 200 (each recorded once).
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
-import logging
 import os
 import socket
-import threading
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from tests.proxy.conftest import start_rig
+from tests.support.live_loop import on_a_loop
 
 EXAMPLES = int(os.environ.get("P402_PROXY_FUZZ_EXAMPLES", "400"))
 CHAT = "/v1/chat/completions"
@@ -28,41 +27,11 @@ ODD = ["", "\x00", "a\x00b", "\n", "\x01", "\x7f", "\x85", "\ud800", "\udfff", "
        "x" * 5000, "gpt-4o-mini", "GPT-4O-MINI", " gpt-4o-mini", "../../", "%00", "🙂"]
 
 
-class Captured(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    # Earlier tests' unclosed OpenAI clients close themselves on whatever loop runs
-    # when they are collected; collected here, with no loop running, they cannot log
-    # into this test's capture of every log line (from the rig's loop, they did:
-    # "Event loop is closed" from an httpx client, nothing of the proxy's).
-    gc.collect()
-    loop = asyncio.new_event_loop()
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
     tmp = tmp_path_factory.mktemp("proxyfuzz")
-    rig, stop = asyncio.run_coroutine_threadsafe(start_rig(tmp), loop).result(60)
-    logs = Captured()
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(logs)
-    root.setLevel(logging.DEBUG)
-    state = {"rig": rig, "loop": loop, "logs": logs, "ok": 0}
-    try:
-        yield state
-    finally:
-        root.removeHandler(logs)
-        root.setLevel(old_level)
-        asyncio.run_coroutine_threadsafe(stop(), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
+    with on_a_loop(lambda: start_rig(tmp)) as (loop, rig, logs):
+        yield {"rig": rig, "loop": loop, "logs": logs, "ok": 0}
 
 
 def _text():

@@ -13,11 +13,8 @@ Record is refused and left to its hold's expiry).
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
-import logging
 import os
-import threading
 
 import aiohttp
 import pytest
@@ -25,20 +22,12 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.live_loop import on_a_loop
 from tests.support.sse_streams import sse_stream
 
 EXAMPLES = int(os.environ.get("P402_UPSTREAM_FUZZ_EXAMPLES", "150"))
 ODD_NUMBERS = [0, 1, 9, -1, -(2**63), 2**63 - 1, 2**63, 2**64, 2**70, True, None, 1.5,
                9.0, 1e300, "9", "", "\x00", "\ud800", [], {}, [9], {"n": 9}]
-
-
-class Captured(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
 
 
 class Scripted:
@@ -67,10 +56,6 @@ def live(tmp_path_factory):
     from p402_server.ledger import open_store
     from p402_server.server import create_server, init_tenant
 
-    gc.collect()  # (as in test_fuzz_proxy: earlier tests' clients must not log here)
-    loop = asyncio.new_event_loop()
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
     tmp = tmp_path_factory.mktemp("upstreamfuzz")
     upstream = Scripted()
 
@@ -104,21 +89,8 @@ def live(tmp_path_factory):
         return {"admin": admin, "key": meter.api_key, "port": proxy_port,
                 "session": session}, stop
 
-    rig, stop = asyncio.run_coroutine_threadsafe(start(), loop).result(60)
-    logs = Captured()
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(logs)
-    root.setLevel(logging.DEBUG)
-    state = {**rig, "loop": loop, "logs": logs, "upstream": upstream, "answered": 0}
-    try:
-        yield state
-    finally:
-        root.removeHandler(logs)
-        root.setLevel(old_level)
-        asyncio.run_coroutine_threadsafe(stop(), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
+    with on_a_loop(start) as (loop, rig, logs):
+        yield {**rig, "loop": loop, "logs": logs, "upstream": upstream, "answered": 0}
 
 
 def _odd_usage():
