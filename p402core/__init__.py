@@ -1,4 +1,5 @@
-"""p402core: P402's decision core — prices, estimates, budgets, policies, fingerprints.
+"""p402core: P402's decision core — prices, estimates, budgets, policies, fingerprints
+(and the per-event work of the ledger and of the proxy's stream relay).
 
 No I/O, no asyncio: pure computation and in-memory state, compiled with Cython.
 Each compiled module `_<name>_c` has a pure-Python twin `_<name>_py` with the same
@@ -21,6 +22,8 @@ if TYPE_CHECKING:  # type checkers see the twins' real signatures
     from ._policy_py import *  # noqa: F401,F403
     from ._fingerprint_py import *  # noqa: F401,F403
     from ._engine_py import *  # noqa: F401,F403
+    from ._ledger_py import *  # noqa: F401,F403
+    from ._stream_py import *  # noqa: F401,F403
 
 
 def __getattr__(attr: str):
