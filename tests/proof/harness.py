@@ -95,16 +95,18 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 60.0) -> "ServerProcess":
+    def start(self, timeout: float = 60.0, *, same_port: bool = False) -> "ServerProcess":
         """spawn(), then wait_ready()."""
-        self.spawn()
+        self.spawn(same_port=same_port)
         self.wait_ready(timeout)
         return self
 
-    def spawn(self) -> "ServerProcess":
-        """Start the process on a free port, without waiting for it."""
+    def spawn(self, *, same_port: bool = False) -> "ServerProcess":
+        """Start the process, without waiting for it: on a free port, or with
+        `same_port` on the previous one (a restart its clients reconnect to)."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        self.port = free_port()
+        if not (same_port and self.port):
+            self.port = free_port()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(

@@ -1,4 +1,7 @@
-"""`p402 proxy --db` SIGKILLed under load, then started again on the same ledger.
+"""SIGKILL in the middle of a wave of answers: of `p402 proxy --db`, and of the
+`p402 serve` behind a `p402 proxy --target`.
+
+`p402 proxy --db` SIGKILLed under load, then started again on the same ledger.
 
 The proxy answers before its Records commit (they linger up to 10 ms and go in
 batches); the reservations are the safety net. Calls here take longer at the
@@ -10,6 +13,13 @@ ESTIMATED) in the restarted proxy, although no call for the tenant comes after t
 restart. Calls cut off mid-way reach it at most once. (A call answered in the last
 few milliseconds whose hold was made in the last 0.25 s is the documented loss: not
 what this test provokes.)
+
+`p402 serve` SIGKILLed behind a live `p402 proxy --target`, then started again on the
+same ledger and port: the proxy keeps its Records queued and sends them again once the
+server is back, so every call it answered (some at the upstream while the server was
+down) reaches the ledger exactly once, by its Record at the upstream's usage; a hold
+the killed server had not saved yet is settled by its Record all the same (metered
+without its hold, `reservation.unknown`), never twice.
 """
 from __future__ import annotations
 
@@ -23,18 +33,21 @@ import time
 
 import aiohttp
 
-from tests.proof.harness import CLI, ROOT, free_port, subprocess_env
+from tests.proof.harness import CLI, ROOT, ServerProcess, free_port, subprocess_env
 from tests.support.openai_standin import OpenAIStandin
 
+REPORTED = 2  # events.evidence of a provider's usage (common.proto EVIDENCE_REPORTED)
 UPSTREAM_SECONDS = 0.6  # > holds_flush_interval_seconds (0.25)
 CALLERS = 24
 
 
-def _proxy(db_url: str, upstream: str, log_path) -> tuple[subprocess.Popen, int]:
+def _proxy(p402: tuple[str, str], upstream: str, log_path
+           ) -> tuple[subprocess.Popen, int]:
+    """`p402 proxy` with `p402` = ("--db", URL) or ("--target", HOST:PORT)."""
     port = free_port()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [*CLI, "proxy", "--db", db_url, "--listen", f"127.0.0.1:{port}",
+            [*CLI, "proxy", *p402, "--listen", f"127.0.0.1:{port}",
              "--upstream", upstream],
             env=subprocess_env({"OPENAI_API_KEY": "sk-upstream-test"}), stdout=log,
             stderr=log, cwd=ROOT)
@@ -61,7 +74,10 @@ def _settled(db: str, tenant: str) -> dict[str, list[tuple[str, str, int]]]:
     return out
 
 
-async def _storm(port: int, key: str, answered: list, stop: asyncio.Event) -> None:
+async def _storm(port: int, key: str, answered: list, stop: asyncio.Event,
+                 refused: list | None = None) -> None:
+    """CALLERS callers in a loop until `stop` or the proxy is gone; the reservation id
+    of each answered (200) call goes into `answered`, other statuses into `refused`."""
     body = {"model": "gpt-4o-mini", "max_tokens": 20,
             "messages": [{"role": "user", "content": "Summarize the report."}]}
 
@@ -75,6 +91,8 @@ async def _storm(port: int, key: str, answered: list, stop: asyncio.Event) -> No
                     await r.read()
                     if r.status == 200:
                         answered.append(r.headers["x-p402-reservation-id"])
+                    elif refused is not None:
+                        refused.append(r.status)
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 return  # the proxy is gone
 
@@ -82,30 +100,34 @@ async def _storm(port: int, key: str, answered: list, stop: asyncio.Event) -> No
         await asyncio.gather(*(caller(session) for _ in range(CALLERS)))
 
 
-def test_a_sigkilled_proxy_loses_no_answered_call(tmp_path):
+def _tenant(url: str, hold_ttl_seconds: int) -> tuple[str, str]:
+    """A new tenant whose holds expire `hold_ttl_seconds` after their call."""
     from p402_server.ledger import open_store
     from p402_server.server import init_tenant
-
-    db = str(tmp_path / "proxy.db")
-    url = f"sqlite+aiosqlite:///{db}"
 
     async def init():
         store = await open_store(url)
         try:
             tenant, key = await init_tenant(store, "killed")
-            # Holds expire a second after their call: the restarted proxy settles the
-            # dead one's within the test.
             await store.put_settings(tenant, {**await store.get_settings(tenant),
-                                              "hold_ttl_seconds": 1})
+                                              "hold_ttl_seconds": hold_ttl_seconds})
             return tenant, key
         finally:
             await store.close()
 
-    tenant, key = asyncio.run(init())
+    return asyncio.run(init())
+
+
+def test_a_sigkilled_proxy_loses_no_answered_call(tmp_path):
+    db = str(tmp_path / "proxy.db")
+    url = f"sqlite+aiosqlite:///{db}"
+    # Holds expire a second after their call: the restarted proxy settles the dead
+    # one's within the test.
+    tenant, key = _tenant(url, 1)
     rng = random.Random(402)
     with OpenAIStandin.in_thread(api_key="sk-upstream-test") as upstream:
         upstream.hang_next(UPSTREAM_SECONDS, times=10**6)
-        proc, port = _proxy(url, upstream.base_url, tmp_path / "proxy1.log")
+        proc, port = _proxy(("--db", url), upstream.base_url, tmp_path / "proxy1.log")
         answered: list[str] = []
 
         async def run():
@@ -127,7 +149,7 @@ def test_a_sigkilled_proxy_loses_no_answered_call(tmp_path):
             before = _settled(db, tenant)
             # Started again: no call comes for the tenant; its saved holds must still
             # settle (expire at their estimate).
-            proc2, _ = _proxy(url, upstream.base_url, tmp_path / "proxy2.log")
+            proc2, _ = _proxy(("--db", url), upstream.base_url, tmp_path / "proxy2.log")
             try:
                 deadline = time.monotonic() + 30
                 while True:
@@ -157,3 +179,79 @@ def test_a_sigkilled_proxy_loses_no_answered_call(tmp_path):
     assert expired, "the kill took no Record: the test did not provoke what it proves"
     assert all(after[rid][0][2] > 0 for rid in answered)
     assert not [rid for rid in expired if rid in before]  # expired after the restart
+
+
+def test_a_sigkilled_server_loses_no_call_its_proxy_answered(tmp_path):
+    db = str(tmp_path / "serve.db")
+    url = f"sqlite+aiosqlite:///{db}"
+    # Holds outlive the outage: every answered call must be settled by its Record
+    # (the upstream's usage), which the proxy sends again once the server is back.
+    tenant, key = _tenant(url, 120)
+    rng = random.Random(403)
+    srv = ServerProcess(url, log_path=tmp_path / "serve.log").start()
+    with OpenAIStandin.in_thread(api_key="sk-upstream-test") as upstream:
+        upstream.hang_next(UPSTREAM_SECONDS, times=10**6)
+        proc, port = _proxy(("--target", srv.target), upstream.base_url,
+                            tmp_path / "proxy.log")
+        answered: list[str] = []
+        refused: list[int] = []
+        at_kill = 0
+
+        async def run():
+            nonlocal at_kill
+            stop = asyncio.Event()
+            storm = asyncio.create_task(_storm(port, key, answered, stop, refused))
+            # Half a wave answered: the proxy holds those calls' Records (lingering or
+            # on their way) and the other half are at the upstream, their holds made
+            # by the server about to die, some not saved yet.
+            wave = rng.randrange(3, 6) * CALLERS + CALLERS // 2
+            while len(answered) < wave:
+                await asyncio.sleep(0.0005)
+            await asyncio.to_thread(srv.kill)
+            at_kill = len(answered)
+            # While the server is down, calls at the upstream are answered and new
+            # ones are refused (503: metering unavailable), never let through.
+            await asyncio.sleep(UPSTREAM_SECONDS * 1.5)
+            await asyncio.to_thread(srv.start, same_port=True)
+            # Back: the proxy reconnects; calls are answered again.
+            back = len(answered)
+            while len(answered) < back + CALLERS:
+                await asyncio.sleep(0.005)
+            stop.set()
+            await storm
+
+        try:
+            asyncio.run(run())
+            deadline = time.monotonic() + 30
+            while True:
+                after = _settled(db, tenant)
+                if all(rid in after for rid in answered):
+                    break
+                assert time.monotonic() < deadline, (
+                    f"{sum(rid not in after for rid in answered)} of {len(answered)} "
+                    "answered calls never reached the ledger")
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            srv.stop()
+
+    assert len(set(answered)) == len(answered) >= at_kill + CALLERS
+    assert len(answered) > at_kill, "no call was answered across the kill"
+    assert refused and set(refused) == {503}, refused
+    after = _settled(db, tenant)
+    assert all(len(evs) == 1 for evs in after.values()), {
+        r: e for r, e in after.items() if len(e) > 1}
+    # Every answered call by its Record, at what the upstream reported, not an estimate.
+    assert {after[rid][0][:2] for rid in answered} == {("record", REPORTED)}, {
+        rid: after[rid] for rid in answered if after[rid][0][:2] != ("record", REPORTED)}
+    with sqlite3.connect(db) as conn:
+        named = dict(conn.execute(
+            "SELECT reservation_id, customer || ' ' || model || ' ' || reasons FROM events "
+            "WHERE tenant_id = ? AND reservation_id != ''", (tenant,)).fetchall())
+    # Holds the server made in its last write-behind interval died with it: their
+    # Records are metered all the same, named as Authorize was asked.
+    unknown = [rid for rid in answered if "reservation.unknown" in named[rid]]
+    assert unknown, "no hold died unsaved: the test did not provoke what it proves"
+    assert all(named[rid].startswith("acme gpt-4o-mini ") for rid in unknown), {
+        rid: named[rid] for rid in unknown}

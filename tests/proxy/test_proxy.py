@@ -59,6 +59,9 @@ async def test_chat_non_streaming_is_metered_with_the_upstream_key(rig):
     assert (ev.owners.customer, ev.owners.feature, ev.labels) == ("acme", "support",
                                                                    {"env": "prod"})
     assert ev.model == "gpt-4o-mini" and ev.provider == "openai"
+    # The Record names the call as Authorize did (for a hold lost with a server's
+    # crash): the same owners and labels, so not "owners differ".
+    assert not ev.reasons
     # The caller learns where its call went in the ledger.
     # The proxy names the event before it is committed (the Record leaves the
     # response path), so the id is known; the cost is read from the ledger.

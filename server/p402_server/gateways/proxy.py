@@ -96,7 +96,10 @@ Records behind the answer
   it cut off and those answered in about its last 10 ms; started again, it settles
   the saved holds of the others at their estimate. With `--target`, the
   server keeps the holds of a proxy that dies, and a server that dies gets the
-  proxy's queued Records again once it is back.
+  proxy's queued Records again once it is back. A Record names the call's model,
+  provider, owners and labels as Authorize did, so one whose hold died unsaved
+  with the server (made in its last interval) is metered all the same, at the
+  upstream's usage (reason `reservation.unknown`).
 - On shutdown the queues are flushed before the runtime (embedded) stops.
 
 Response headers: `x-p402-reservation-id`, `x-p402-decision`, and on non-streamed
@@ -831,6 +834,22 @@ def denial(auth: Any) -> ProxyError:
 # ------------------------------------------------------------------ the proxy
 
 
+class _Call:
+    """One authorized call, as its Records need it: the caller's key, the
+    authorization, the prompt's bytes, the x-p402-* answer headers, and `names`, the
+    Record's model, provider, owners and labels (those Authorize was asked with)."""
+
+    __slots__ = ("key", "auth", "nbytes", "meta", "names")
+
+    def __init__(self, key: str, auth: Any, nbytes: int, meta: dict[str, str],
+                 names: dict[str, Any]):
+        self.key = key
+        self.auth = auth
+        self.nbytes = nbytes
+        self.meta = meta
+        self.names = names
+
+
 class Proxy:
     """The aiohttp application's handlers and the upstream session."""
 
@@ -890,19 +909,19 @@ class Proxy:
     def _pass_back(upstream: aiohttp.ClientResponse) -> dict[str, str]:
         return {k: upstream.headers[k] for k in PASS_BACK_HEADERS if k in upstream.headers}
 
-    async def _record(self, key: str, rid: str, *, outcome: str, usage: dict | None,
-                      input_bytes: int, estimated: bool = False) -> str | None:
-        """Queue the Record of reservation `rid` -> its event id (None if it could not
-        be queued). It commits behind the caller's answer (the module docstring)."""
+    async def _record(self, call: "_Call", *, outcome: str, usage: dict | None,
+                      estimated: bool = False) -> str | None:
+        """Queue the call's Record -> its event id (None if it could not be queued).
+        It commits behind the caller's answer (the module docstring)."""
         # usage None (an error before any usage) or `estimated` (the reservation's
         # estimate stands in): not a provider report, so evidence ESTIMATED.
         try:
-            return await self.meter.recorder(key).record(
-                rid, outcome=outcome, input_bytes=input_bytes,
-                usage_estimated=estimated or usage is None, **(usage or {}))
+            return await self.meter.recorder(call.key).record(
+                call.auth.reservation_id, outcome=outcome, input_bytes=call.nbytes,
+                usage_estimated=estimated or usage is None, **call.names, **(usage or {}))
         except Exception as exc:  # noqa: BLE001 - the caller's call is already served
             log.error("record of reservation %s not queued (%s); its hold will expire "
-                      "and be committed at its estimate", rid, exc)
+                      "and be committed at its estimate", call.auth.reservation_id, exc)
             return None
 
     # --- handlers ------------------------------------------------------------
@@ -973,9 +992,10 @@ class Proxy:
         retry_of = request.headers.get("x-p402-retry-of", "")
         cap_field, cap = requested_cap(kind, body)
         nbytes = prompt_bytes(kind, body)
-        auth, meta = await self._authorize(
+        call = await self._authorize(
             key, model, owners=owners, labels=labels or None, input_bytes=nbytes,
             max_output_tokens=cap, attempt=attempt, retry_of=retry_of)
+        auth = call.auth
 
         # What the upstream must see differently: the granted cap, and usage on a
         # chat stream. A body that needs neither is forwarded as received.
@@ -991,38 +1011,34 @@ class Proxy:
                                            "include_usage": True}
         data = jsonio.dumps(edited(exact_body(raw, body), edits)) if edits else raw
 
-        up = await self._post(key, auth, request.match_info["endpoint"], data,
-                              self._upstream_headers(request), nbytes)
+        up = await self._post(call, request.match_info["endpoint"], data,
+                              self._upstream_headers(request))
         try:
             if up.status >= 400 or not stream:
-                return await self._whole(request, up, kind, key, auth, nbytes, meta)
-            return await self._stream(request, up, kind, key, auth, nbytes, meta,
-                                      caller_wants_usage)
+                return await self._whole(request, up, kind, call)
+            return await self._stream(request, up, kind, call, caller_wants_usage)
         finally:
             up.release()
 
-    async def _whole(self, request, up, kind, key, auth, nbytes, meta, read_usage=None,
-                     fallback=None):
+    async def _whole(self, request, up, kind, call, read_usage=None, fallback=None):
         """A non-streamed answer (or any upstream error): read, record, answer.
         `read_usage(raw, content_type)` reads the usage of a media answer, `fallback`
         is recorded (as an estimate) when the answer has none."""
-        rid = auth.reservation_id
+        auth = call.auth
         try:
             raw = await up.read()
         except asyncio.TimeoutError:
-            await self._record(key, rid, outcome="TIMEOUT", usage=None, input_bytes=nbytes)
+            await self._record(call, outcome="TIMEOUT", usage=None)
             raise ProxyError(504, "the upstream did not answer in time", "server_error",
                              "upstream_timeout") from None
         except aiohttp.ClientError as exc:
-            await self._record(key, rid, outcome="PROVIDER_ERROR", usage=None,
-                               input_bytes=nbytes)
+            await self._record(call, outcome="PROVIDER_ERROR", usage=None)
             raise ProxyError(502, f"upstream failed mid-answer: {exc}", "server_error",
                              "upstream_unreachable") from None
-        headers = {**self._pass_back(up), **meta}
+        headers = {**self._pass_back(up), **call.meta}
         if up.status >= 400:
             # The provider refused or failed: nothing was generated; pass it through.
-            await self._record(key, rid, outcome="PROVIDER_ERROR", usage=None,
-                               input_bytes=nbytes)
+            await self._record(call, outcome="PROVIDER_ERROR", usage=None)
             return web.Response(body=raw, status=up.status, headers=headers,
                                 content_type=up.content_type or "application/json")
         try:
@@ -1036,22 +1052,22 @@ class Proxy:
         if usage is None:
             if kind != "speech":  # speech answers are audio: never any usage
                 log.warning("upstream answer to %s had no usage; recording the estimate",
-                            rid)
+                            auth.reservation_id)
             usage = fallback or {"input_tokens": auth.estimated_input_tokens,
                                  "output_tokens": 0 if kind == "embeddings"
                                  else auth.estimated_output_tokens}
-        event_id = await self._record(key, rid, outcome="SUCCESS", usage=usage,
-                                      input_bytes=nbytes, estimated=estimated)
+        event_id = await self._record(call, outcome="SUCCESS", usage=usage,
+                                      estimated=estimated)
         if event_id is not None:
             headers["x-p402-event-id"] = event_id
         return web.Response(body=raw, status=up.status, headers=headers,
                             content_type=up.content_type or "application/json")
 
-    async def _stream(self, request, up, kind, key, auth, nbytes, meta, wants_usage):
+    async def _stream(self, request, up, kind, call, wants_usage):
         """Relay SSE; read usage from the final chunk/event; record at the end."""
-        rid = auth.reservation_id
+        auth, rid = call.auth, call.auth.reservation_id
         resp = web.StreamResponse(status=up.status, headers={
-            **self._pass_back(up), **meta, "Content-Type": "text/event-stream",
+            **self._pass_back(up), **call.meta, "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache"})
         seen = StreamUsage(kind)
         outcome = "SUCCESS"
@@ -1081,9 +1097,9 @@ class Proxy:
         except asyncio.CancelledError:
             if seen.usage is None:
                 outcome = "CANCELLED"
-            await self._record(key, rid, outcome=outcome,
+            await self._record(call, outcome=outcome,
                                usage=seen.usage or seen.estimate(auth),
-                               input_bytes=nbytes, estimated=seen.usage is None)
+                               estimated=seen.usage is None)
             raise
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             # The upstream broke mid-stream: tell the caller in-band (the status line
@@ -1099,16 +1115,17 @@ class Proxy:
             if outcome == "SUCCESS":
                 log.warning("stream for %s ended without usage; recording the estimate", rid)
             usage = seen.estimate(auth)
-        await self._record(key, rid, outcome=outcome, usage=usage, input_bytes=nbytes,
-                           estimated=estimated)
+        await self._record(call, outcome=outcome, usage=usage, estimated=estimated)
         return resp
 
-    async def _authorize(self, key: str, model: str, **kw: Any) -> tuple[Any, dict]:
-        """Authorize with the caller's key -> (the allowed authorization, the
-        x-p402-* response headers); a denial or a P402 error as its HTTP answer."""
+    async def _authorize(self, key: str, model: str, *, owners: dict, labels: dict | None,
+                         input_bytes: int, **kw: Any) -> "_Call":
+        """Authorize with the caller's key -> the allowed call; a denial or a P402
+        error as its HTTP answer."""
         try:
             auth = await self.meter.authorize(key, model, provider=self.config.provider,
-                                              **kw)
+                                              owners=owners, labels=labels,
+                                              input_bytes=input_bytes, **kw)
         except ProxyError:
             raise
         except Exception as exc:  # noqa: BLE001 - P402 client errors -> HTTP
@@ -1119,23 +1136,30 @@ class Proxy:
                 "x-p402-decision": auth.decision.name}
         if auth.reasons:
             meta["x-p402-reasons"] = ",".join(auth.reasons)
-        return auth, meta
+        # The Record names the call as Authorize did: should its hold be gone (made
+        # just before a crash of the server that held it), the call is still metered.
+        names: dict[str, Any] = {"model": auth.model or model}
+        if owners:
+            names["owners"] = owners
+        if auth.provider:
+            names["provider"] = auth.provider
+        if labels:
+            names["labels"] = labels
+        return _Call(key, auth, input_bytes, meta, names)
 
-    async def _post(self, key: str, auth: Any, endpoint: str, data: bytes, headers: dict,
-                    nbytes: int) -> aiohttp.ClientResponse:
+    async def _post(self, call: "_Call", endpoint: str, data: bytes, headers: dict
+                    ) -> aiohttp.ClientResponse:
         """POST to the upstream; no answer in time or none at all is recorded
         (TIMEOUT / PROVIDER_ERROR) and answered 504 / 502."""
         try:
             return await self._session.post(
                 self.config.upstream_base + "/" + endpoint, data=data, headers=headers)
         except asyncio.TimeoutError:
-            await self._record(key, auth.reservation_id, outcome="TIMEOUT", usage=None,
-                               input_bytes=nbytes)
+            await self._record(call, outcome="TIMEOUT", usage=None)
             raise ProxyError(504, "the upstream did not answer in time", "server_error",
                              "upstream_timeout") from None
         except aiohttp.ClientError as exc:
-            await self._record(key, auth.reservation_id, outcome="PROVIDER_ERROR",
-                               usage=None, input_bytes=nbytes)
+            await self._record(call, outcome="PROVIDER_ERROR", usage=None)
             raise ProxyError(502, f"upstream unreachable: {exc}", "server_error",
                              "upstream_unreachable") from None
 
@@ -1157,7 +1181,7 @@ class Proxy:
                              "missing_model", param="model")
         plan = media_plan(kind, model, fields, files, request.headers)
         owners, labels = owners_from_headers(request.headers)
-        auth, meta = await self._authorize(
+        call = await self._authorize(
             key, plan.model, owners=owners, labels=labels or None,
             input_bytes=plan.input_bytes, max_output_tokens=plan.max_output_tokens,
             expected_usage=plan.expected,
@@ -1165,12 +1189,11 @@ class Proxy:
             retry_of=request.headers.get("x-p402-retry-of", ""))
         headers = self._upstream_headers(request)
         headers["Content-Type"] = ctype or "application/json"
-        nbytes = plan.input_bytes
-        up = await self._post(key, auth, endpoint, raw, headers, nbytes)
-        fallback = {"input_tokens": auth.estimated_input_tokens,
-                    "output_tokens": auth.estimated_output_tokens, **plan.expected}
+        up = await self._post(call, endpoint, raw, headers)
+        fallback = {"input_tokens": call.auth.estimated_input_tokens,
+                    "output_tokens": call.auth.estimated_output_tokens, **plan.expected}
         try:
-            return await self._whole(request, up, kind, key, auth, nbytes, meta,
+            return await self._whole(request, up, kind, call,
                                      read_usage=lambda body, ct: media_usage(kind, body, ct),
                                      fallback=fallback)
         finally:
