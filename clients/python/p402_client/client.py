@@ -294,6 +294,11 @@ class P402Client(_Common):
         usage_estimated=True when the usage is an estimate, not the provider's
         report (evidence ESTIMATED). Returns once the event is durably committed.
         Signed (x-p402-signature) when the client has a gateway signer.
+
+        Name the call too (model=, owners=, and provider=, labels= if Authorize had
+        them), as `meter` does: a hold made just before the server crashed may be
+        gone, and a Record naming only its reservation is then refused (NotFound)
+        where a named one is metered at its usage (reason reservation.unknown).
         """
         return cv.record_result(self._call(self._meter.Record,
                                            self._record_req(reservation_id, kw)))
