@@ -74,6 +74,10 @@ def test_usage_from_both_openai_shapes():
     resp = {"input_tokens": 5, "output_tokens": 2, "input_tokens_details": None}
     assert usage_from_openai(resp) == {"input_tokens": 5, "output_tokens": 2}
     assert usage_from_openai(None) is None and usage_from_openai({}) is None
+    # The answer's service tier: a tier P402 prices, or not read (whatever its type).
+    assert usage_from_openai(resp, "flex")["service_tier"] == "flex"
+    for odd in ([], {}, {"flex": 1}, ["flex"], 3, None, "default", "FLEX"):
+        assert usage_from_openai(resp, odd) == {"input_tokens": 5, "output_tokens": 2}
 
 
 _COUNT = st.one_of(st.none(), st.booleans(), st.integers(-5, 2**64), st.text(max_size=3))

@@ -1,8 +1,10 @@
 """A hostile or broken upstream behind `p402 proxy` (hypothesis): generated answers
 (JSON with usage of odd types and sizes, 2^63 and 2^70, negative, strings, floats,
-NUL, lone surrogates; not JSON, not an object; error statuses) and generated SSE
+NUL, lone surrogates; not JSON, not an object; error statuses), generated SSE
 streams (tests/support/sse_streams: spaced or escaped JSON, duplicated usage keys,
-invalid UTF-8, "\\r", comments, events cut short, usage chunks with odd values).
+invalid UTF-8, "\\r", comments, events cut short, usage chunks with odd values), and
+generated media answers (images with odd `data` and usage; transcriptions with odd
+durations: infinite, 1e300, negative, strings; odd token usage).
 
 Oracle: the caller always gets an answer (the upstream's, relayed, or the proxy's
 OpenAI-style JSON error), never a dropped connection; nothing the proxy logs holds a
@@ -19,7 +21,7 @@ import os
 import aiohttp
 import pytest
 from aiohttp import web
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.support.live_loop import on_a_loop
@@ -67,7 +69,7 @@ def live(tmp_path_factory):
         admin = AsyncP402Client(f"127.0.0.1:{port}", api_key=admin_key, timeout=10.0)
         meter = await admin.create_key("proxy-caller", ["meter"])
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", upstream.handle)
+        app.router.add_post("/v1/{endpoint:.+}", upstream.handle)
         up_runner = web.AppRunner(app, access_log=None)
         await up_runner.setup()
         site = web.TCPSite(up_runner, "127.0.0.1", 0)
@@ -139,11 +141,57 @@ def streamed_answer(draw):
     return 200, "text/event-stream", [p for p in pieces if p]
 
 
-async def _call(live, stream: bool) -> tuple[int, bytes]:
-    body = {"model": "gpt-4o-mini", "max_tokens": 5, "stream": stream,
-            "messages": [{"role": "user", "content": "hi"}]}
+ODD_VALUES = ODD_NUMBERS + [float("inf"), float("-inf"), float("nan"), -0.5, 1e-300,
+                           10**5, 1e5 + 0.5, 99_999.999]
+
+
+@st.composite
+def media_answer(draw):
+    """(endpoint, status, content type, pieces): an images or transcription answer."""
+    status = draw(st.sampled_from([200] * 6 + [400, 500]))
+    value = st.one_of(st.sampled_from(ODD_VALUES), st.integers(-(2**70), 2**70),
+                      st.floats(allow_nan=True, allow_infinity=True))
+    if draw(st.booleans()):
+        body = {"created": 1}
+        if draw(st.booleans()):
+            body["data"] = draw(st.one_of(st.sampled_from([[], [{}], "x", None, 3]),
+                                          st.lists(st.just({"b64_json": "AA=="}),
+                                                   max_size=12)))
+        if draw(st.booleans()):
+            body["usage"] = draw(st.one_of(_odd_usage(), st.fixed_dictionaries(
+                {}, optional={"input_tokens": value, "output_tokens": value,
+                              "total_tokens": value})))
+        return "images/generations", status, "application/json", [_dumps(body)]
+    body = {"text": "hello"}
+    shape = draw(st.sampled_from(["duration", "usage_duration", "usage_tokens", "none"]))
+    if shape == "duration":
+        body["duration"] = draw(value)
+    elif shape == "usage_duration":
+        body["usage"] = {"type": "duration", "seconds": draw(value)}
+    elif shape == "usage_tokens":
+        body["usage"] = {"type": "tokens", "input_tokens": draw(value),
+                         "output_tokens": draw(value),
+                         "input_token_details": draw(st.one_of(
+                             st.sampled_from([None, 3, "x", []]),
+                             st.fixed_dictionaries({"audio_tokens": value})))}
+    return "audio/transcriptions", status, "application/json", [_dumps(body)]
+
+
+async def _call(live, endpoint: str, stream: bool = False) -> tuple[int, bytes]:
+    kw: dict = {}
+    if endpoint == "images/generations":
+        kw["json"] = {"model": "gpt-image-1", "prompt": "a fox", "n": 2,
+                      "size": "1024x1024", "quality": "low"}
+    elif endpoint == "audio/transcriptions":
+        form = aiohttp.FormData()
+        form.add_field("model", "whisper-1")
+        form.add_field("file", b"ID3" + bytes(3000), filename="a.mp3")
+        kw["data"] = form
+    else:
+        kw["json"] = {"model": "gpt-4o-mini", "max_tokens": 5, "stream": stream,
+                      "messages": [{"role": "user", "content": "hi"}]}
     async with live["session"].post(
-            f"http://127.0.0.1:{live['port']}/v1/chat/completions", json=body,
+            f"http://127.0.0.1:{live['port']}/v1/{endpoint}", **kw,
             headers={"Authorization": f"Bearer {live['key']}",
                      "x-p402-customer": "acme"}) as r:
         return r.status, await r.read()
@@ -151,15 +199,26 @@ async def _call(live, stream: bool) -> tuple[int, bytes]:
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
-@given(answer=st.one_of(whole_answer(), streamed_answer()))
+@example(answer=("chat/completions", 200, "application/json",
+                  [b'{"choices": [], "usage": {"prompt_tokens": 1}, "service_tier": []}']))
+@example(answer=("audio/transcriptions", 200, "application/json",
+                  [b'{"text": "hi", "duration": Infinity}']))
+@example(answer=("audio/transcriptions", 200, "application/json",
+                  [b'{"text": "hi", "usage": {"type": "duration", "seconds": 1e300}}']))
+@example(answer=("audio/transcriptions", 200, "application/json",
+                  [b'{"text": "hi", "duration": "61.5"}']))
+@given(answer=st.one_of(
+    whole_answer().map(lambda a: ("chat/completions", *a)),
+    streamed_answer().map(lambda a: ("chat/completions", *a)),
+    media_answer()))
 def test_any_upstream_answer_is_relayed_and_accounted_for(live, answer):
-    status, content_type, pieces = answer
+    endpoint, status, content_type, pieces = answer
     up = live["upstream"]
     up.status, up.content_type, up.pieces = status, content_type, pieces
     before = up.calls
     got, payload = asyncio.run_coroutine_threadsafe(
-        _call(live, content_type == "text/event-stream"), live["loop"]).result(30)
-    assert up.calls == before + 1
+        _call(live, endpoint, content_type == "text/event-stream"), live["loop"]).result(30)
+    assert up.calls == before + 1, (got, payload[:300])
     live["answered"] += 1
     assert got == status, (got, payload[:300])
     if content_type == "text/event-stream":

@@ -168,7 +168,7 @@ def usage_from_openai(usage: Any, service_tier: Any = None) -> dict[str, Any] | 
     kw: dict[str, Any] = {"input_tokens": _int(inp), "output_tokens": _int(out)}
     _take_parts(kw, "input_tokens", in_details, _INPUT_PARTS)
     _take_parts(kw, "output_tokens", out_details, _OUTPUT_PARTS)
-    if service_tier in _TIERS:
+    if isinstance(service_tier, str) and service_tier in _TIERS:  # any odd value: unread
         kw["service_tier"] = service_tier
     return usage_kwargs(**kw)
 

@@ -492,10 +492,16 @@ def _int_header(headers, name: str) -> int:
     v = headers.get(name)
     if v is None or v == "":
         return 0
-    if not v.isdigit():
+    if not _digits(v):
         raise ProxyError(400, f"{name} must be a non-negative integer",
                          "invalid_request_error", "invalid_header", param=name)
     return int(v)
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²" and "٣", which int() refuses or
+    reads as a number nobody wrote."""
+    return text.isascii() and text.isdigit()
 
 
 def _int(v: Any) -> int:
@@ -637,7 +643,7 @@ def _count(fields: dict, name: str, default: int, hi: int) -> int:
     value = fields.get(name)
     if value is None or value == "":
         return default
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and _digits(value.strip()):
         value = int(value.strip())
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
         raise ProxyError(400, f"{name} must be an integer within 1..{hi}",
@@ -717,8 +723,15 @@ def media_usage(kind: str, raw: bytes, content_type: str) -> dict[str, Any] | No
         return out
     else:
         seconds = answer.get("duration")
-    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0:
+    if seconds is None:
+        return None
+    if (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+            and 0 <= seconds <= MAX_TOKENS / 1000):
         return {"audio_ms": int(round(seconds * 1000))}
+    # Not a duration a Record can carry (a string, negative, infinite, beyond
+    # MAX_TOKENS ms): not read, as an unreadable token count; the estimate stands in.
+    log.warning("the upstream's audio duration is %.60r, not a number of seconds: it "
+                "is not read", seconds)
     return None
 
 
