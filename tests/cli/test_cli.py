@@ -110,6 +110,8 @@ def test_init_subprocess_json(tmp_path):
     (["spend", "--since", "3 fortnights"], "--since"),
     (["spend", "--by", "customer,colour"], "--by"),
     (["events", "--limit", "0"], "--limit"),
+    (["events", "--limit", "٣"], "--limit"),
+    (["events", "--limit", str(2**70)], "--limit"),
     (["policies", "set", "r", "--effect", "rate_limit"], "--rate-limit"),
     (["policies", "set", "r", "--effect", "max_cost_per_request", "--max-cost",
       "0.0000000001"], "--max-cost"),

@@ -105,13 +105,15 @@ def parse_scope(flag: str, items: Sequence[str] | None) -> dict[str, str]:
 
 def parse_int(flag: str, text: str, *, minimum: int = 0) -> int:
     try:
+        if not text.isascii():  # int() also reads "٣" as 3
+            raise ValueError(text)
         value = int(text)
-    except (TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError):
         raise UsageError(flag, f"{text!r} is not an integer") from None
     if value < minimum:
         raise UsageError(flag, f"must be >= {minimum}, got {value}")
     if value > INT64_MAX:
-        raise UsageError(flag, "is too large")
+        raise UsageError(flag, f"{text!r} is too large")
     return value
 
 
