@@ -28,40 +28,15 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-import socket
 import sqlite3
-import subprocess
 import time
 
-import aiohttp
-
-from tests.proof.harness import CLI, ROOT, ServerProcess, free_port, subprocess_env
+from tests.proof.harness import ServerProcess
 from tests.support.openai_standin import OpenAIStandin
+from tests.support.proxy_process import CALLERS, proxy_process, storm
 
 REPORTED = 2  # events.evidence of a provider's usage (common.proto EVIDENCE_REPORTED)
 UPSTREAM_SECONDS = 0.6  # > holds_flush_interval_seconds (0.25)
-CALLERS = 24
-
-
-def _proxy(p402: tuple[str, str], upstream: str, log_path
-           ) -> tuple[subprocess.Popen, int]:
-    """`p402 proxy` with `p402` = ("--db", URL) or ("--target", HOST:PORT)."""
-    port = free_port()
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [*CLI, "proxy", *p402, "--listen", f"127.0.0.1:{port}",
-             "--upstream", upstream],
-            env=subprocess_env({"OPENAI_API_KEY": "sk-upstream-test"}), stdout=log,
-            stderr=log, cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, open(log_path).read()[-3000:]
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, port
-        except OSError:
-            assert time.monotonic() < deadline, "the proxy never listened"
-            time.sleep(0.05)
 
 
 def _settled(db: str, tenant: str) -> dict[str, list[tuple[str, str, int]]]:
@@ -74,32 +49,6 @@ def _settled(db: str, tenant: str) -> dict[str, list[tuple[str, str, int]]]:
     for rid, kind, evidence, cost in rows:
         out.setdefault(rid, []).append((kind, evidence, cost))
     return out
-
-
-async def _storm(port: int, key: str, answered: list, stop: asyncio.Event,
-                 refused: list | None = None) -> None:
-    """CALLERS callers in a loop until `stop` or the proxy is gone; the reservation id
-    of each answered (200) call goes into `answered`, other statuses into `refused`."""
-    body = {"model": "gpt-4o-mini", "max_tokens": 20,
-            "messages": [{"role": "user", "content": "Summarize the report."}]}
-
-    async def caller(session):
-        while not stop.is_set():
-            try:
-                async with session.post(
-                        f"http://127.0.0.1:{port}/v1/chat/completions", json=body,
-                        headers={"Authorization": f"Bearer {key}",
-                                 "x-p402-customer": "acme"}) as r:
-                    await r.read()
-                    if r.status == 200:
-                        answered.append(r.headers["x-p402-reservation-id"])
-                    elif refused is not None:
-                        refused.append(r.status)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                return  # the proxy is gone
-
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(caller(session) for _ in range(CALLERS)))
 
 
 def _tenant(url: str, hold_ttl_seconds: int) -> tuple[str, str]:
@@ -129,12 +78,12 @@ def test_a_sigkilled_proxy_loses_no_answered_call(tmp_path):
     rng = random.Random(402)
     with OpenAIStandin.in_thread(api_key="sk-upstream-test") as upstream:
         upstream.hang_next(UPSTREAM_SECONDS, times=10**6)
-        proc, port = _proxy(("--db", url), upstream.base_url, tmp_path / "proxy1.log")
+        proc, port = proxy_process(("--db", url), upstream.base_url, tmp_path / "proxy1.log")
         answered: list[str] = []
 
         async def run():
             stop = asyncio.Event()
-            storm = asyncio.create_task(_storm(port, key, answered, stop))
+            load = asyncio.create_task(storm(port, key, answered, stop))
             # Kill in the middle of a wave of answers (the callers keep in step with
             # the upstream's delay): the Records of the calls just answered are
             # still lingering in the proxy, so the kill takes them.
@@ -143,7 +92,7 @@ def test_a_sigkilled_proxy_loses_no_answered_call(tmp_path):
                 await asyncio.sleep(0.0005)
             proc.send_signal(signal.SIGKILL)
             stop.set()
-            await storm
+            await load
 
         try:
             asyncio.run(run())
@@ -151,7 +100,7 @@ def test_a_sigkilled_proxy_loses_no_answered_call(tmp_path):
             before = _settled(db, tenant)
             # Started again: no call comes for the tenant; its saved holds must still
             # settle (expire at their estimate).
-            proc2, _ = _proxy(("--db", url), upstream.base_url, tmp_path / "proxy2.log")
+            proc2, _ = proxy_process(("--db", url), upstream.base_url, tmp_path / "proxy2.log")
             try:
                 deadline = time.monotonic() + 30
                 while True:
@@ -202,7 +151,7 @@ def test_a_sigkilled_server_loses_no_call_its_proxy_answered(tmp_path):
     srv = ServerProcess(url, log_path=tmp_path / "serve.log").start()
     with OpenAIStandin.in_thread(api_key="sk-upstream-test") as upstream:
         upstream.hang_next(UPSTREAM_SECONDS, times=10**6)
-        proc, port = _proxy(("--target", srv.target), upstream.base_url,
+        proc, port = proxy_process(("--target", srv.target), upstream.base_url,
                             tmp_path / "proxy.log")
         answered: list[str] = []
         refused: list[int] = []
@@ -211,7 +160,7 @@ def test_a_sigkilled_server_loses_no_call_its_proxy_answered(tmp_path):
 
         async def run():
             stop = asyncio.Event()
-            storm = asyncio.create_task(_storm(port, key, answered, stop, refused))
+            load = asyncio.create_task(storm(port, key, answered, stop, refused))
             for _ in range(KILLS):
                 # Half a wave answered: the proxy holds those calls' Records
                 # (lingering or on their way) and the other half are at the
@@ -237,7 +186,7 @@ def test_a_sigkilled_server_loses_no_call_its_proxy_answered(tmp_path):
                 if unsaved:
                     break
             stop.set()
-            await storm
+            await load
 
         try:
             asyncio.run(run())

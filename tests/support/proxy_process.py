@@ -1,0 +1,66 @@
+"""`p402 proxy` as a child process, and callers that keep it busy: shared by the tests
+that SIGKILL a proxy, or the server behind one, in the middle of its answers."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+
+import aiohttp
+
+from tests.proof.harness import CLI, ROOT, free_port, subprocess_env
+
+UPSTREAM_KEY = "sk-upstream-test"  # the key the proxies send to the stand-in upstream
+CALLERS = 24
+
+
+def proxy_process(p402: tuple[str, str], upstream: str, log_path, env: dict | None = None
+                  ) -> tuple[subprocess.Popen, int]:
+    """`p402 proxy` with `p402` = ("--db", URL) or ("--target", HOST:PORT)."""
+    port = free_port()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [*CLI, "proxy", *p402, "--listen", f"127.0.0.1:{port}",
+             "--upstream", upstream],
+            env=subprocess_env({"OPENAI_API_KEY": UPSTREAM_KEY, **(env or {})}), stdout=log,
+            stderr=log, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, open(log_path).read()[-3000:]
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, port
+        except OSError:
+            assert time.monotonic() < deadline, "the proxy never listened"
+            time.sleep(0.05)
+
+
+async def storm(port: int, key: str, answered: list, stop: asyncio.Event,
+                refused: list | None = None, *, callers: int = CALLERS,
+                pause: float = 0.0) -> None:
+    """`callers` callers in a loop until `stop` or the proxy is gone; the reservation
+    id of each answered (200) call goes into `answered`, other statuses into `refused`
+    (and that caller waits `pause` seconds before its next call)."""
+    body = {"model": "gpt-4o-mini", "max_tokens": 20,
+            "messages": [{"role": "user", "content": "Summarize the report."}]}
+
+    async def caller(session):
+        while not stop.is_set():
+            try:
+                async with session.post(
+                        f"http://127.0.0.1:{port}/v1/chat/completions", json=body,
+                        headers={"Authorization": f"Bearer {key}",
+                                 "x-p402-customer": "acme"}) as r:
+                    await r.read()
+                    if r.status == 200:
+                        answered.append(r.headers["x-p402-reservation-id"])
+                    else:
+                        if refused is not None:
+                            refused.append(r.status)
+                        await asyncio.sleep(pause)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return  # the proxy is gone
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(caller(session) for _ in range(callers)))
