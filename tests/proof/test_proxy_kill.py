@@ -129,7 +129,9 @@ def test_a_sigkilled_proxy_loses_no_answered_call(tmp_path):
     # calls are charged at their estimate, never at nothing.
     assert expired, "the kill took no Record: the test did not provoke what it proves"
     assert all(after[rid][0][2] > 0 for rid in answered)
-    assert not [rid for rid in expired if rid in before]  # expired after the restart
+    # The restarted proxy settled saved holds of the dead one. (Under load a call can
+    # outlast its 1 s hold before the kill: its hold expires in the first process.)
+    assert [rid for rid in expired if rid not in before]
 
 
 def _saved_holds(db: str, tenant: str) -> set[str]:
