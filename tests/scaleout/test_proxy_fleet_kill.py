@@ -35,9 +35,10 @@ ENV = {"P402_HOLDS_FLUSH_INTERVAL_SECONDS": "0.05", "P402_EXPIRE_INTERVAL_SECOND
 BUDGET = "acme-cap"
 
 
-async def _setup(pg_url: str) -> tuple[str, str, int]:
-    """A tenant whose holds expire a second after their call, a meter key and a HARD
-    budget for about 60 calls -> (tenant, meter key, the budget's limit)."""
+async def _setup(pg_url: str, hold_ttl_seconds: int = 1, calls: int = 60
+                 ) -> tuple[str, str, int]:
+    """A tenant whose holds expire `hold_ttl_seconds` after their call, a meter key and
+    a HARD budget for about `calls` calls -> (tenant, meter key, the budget's limit)."""
     from p402_server.gateways.inprocess import EmbeddedP402
     from p402_server.ledger import open_store
     from p402_server.server import init_tenant
@@ -46,7 +47,7 @@ async def _setup(pg_url: str) -> tuple[str, str, int]:
     try:
         tenant, admin_key = await init_tenant(store, "fleet-kill")
         await store.put_settings(tenant, {**await store.get_settings(tenant),
-                                          "hold_ttl_seconds": 1})
+                                          "hold_ttl_seconds": hold_ttl_seconds})
         rt = EmbeddedP402(store)
         await rt.start()
         try:
@@ -55,7 +56,7 @@ async def _setup(pg_url: str) -> tuple[str, str, int]:
             probe = await admin.authorize("gpt-4o-mini", owners={"customer": "probe"},
                                           input_bytes=21, max_output_tokens=20)
             await admin.release(probe.reservation_id)
-            limit = 60 * probe.estimated_cost_nanos
+            limit = calls * probe.estimated_cost_nanos
             await admin.put_budget(BUDGET, limit_nanos=limit, period="TOTAL",
                                    enforcement="HARD", scope={"customer": "acme"})
         finally:
