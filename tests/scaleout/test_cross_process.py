@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
 from p402.v1 import admin_pb2, admin_pb2_grpc, common_pb2, meter_pb2
 

@@ -10,7 +10,6 @@ in CI).
 from __future__ import annotations
 
 import asyncio
-import json
 
 import grpc
 import pytest
