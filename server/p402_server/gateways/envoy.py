@@ -64,6 +64,8 @@ CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 # A body larger than this is not parsed for the model (Envoy's max_request_bytes
 # bounds it anyway); its length still counts.
 MAX_PARSED_BODY = 8 * 1024 * 1024
+# The largest values of AuthorizeRequest's int32 and int64 fields
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -131,13 +133,27 @@ def _headers(http) -> dict[str, str]:
     return headers
 
 
-def _int_header(headers: dict, name: str) -> int:
+def _int_header(headers: dict, name: str, hi: int = INT64_MAX) -> int:
     v = headers.get(name, "")
     if not v:
         return 0
-    if not v.isdigit():
+    # ASCII digits only: str.isdigit() also takes "²" (int() refuses it) and "٣" (read
+    # as a number nobody wrote)
+    if not (v.isascii() and v.isdigit()):
         raise _bad(name, "must be a non-negative integer")
+    if len(v.lstrip("0")) > len(str(hi)) or int(v) > hi:
+        raise _bad(name, f"must be at most {hi}")
     return int(v)
+
+
+def _text(field: str, value: str) -> str:
+    """`value` when it can go into a protobuf string (UTF-8: no lone surrogate, which a
+    JSON escape such as "\\ud800" can make)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(field, "is not valid Unicode text (a lone surrogate)") from None
+    return value
 
 
 def _bad(field: str, message: str) -> _Denied:
@@ -173,9 +189,11 @@ def authorize_from(headers: dict[str, str], ext: dict[str, str], raw: bytes, siz
             parsed = json.loads(raw)
         except ValueError:
             parsed = None
+        except RecursionError:
+            raise _bad("body", "the request body's JSON is nested too deeply") from None
         if isinstance(parsed, dict):
             body = parsed
-    model = body.get("model") if isinstance(body.get("model"), str) else ""
+    model = _text("model", body["model"]) if isinstance(body.get("model"), str) else ""
     model = model or headers.get("x-p402-model", "") or ext.get("model", "")
     if not model:
         raise _bad("model", "is required: in the JSON body (with_request_body), the "
@@ -186,6 +204,8 @@ def authorize_from(headers: dict[str, str], ext: dict[str, str], raw: bytes, siz
         if v is not None:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise _bad(name, "must be a non-negative integer")
+            if v > INT64_MAX:
+                raise _bad(name, f"must be at most {INT64_MAX}")
             cap = v
             break
     if raw:
@@ -206,7 +226,7 @@ def authorize_from(headers: dict[str, str], ext: dict[str, str], raw: bytes, siz
     req = meter_pb2.AuthorizeRequest(
         model=model, provider=ext.get("provider", "") or config.provider, owners=owners,
         labels=labels, input_bytes=input_bytes, max_output_tokens=cap,
-        attempt=_int_header(headers, "x-p402-attempt"),
+        attempt=_int_header(headers, "x-p402-attempt", INT32_MAX),
         retry_of=headers.get("x-p402-retry-of", ""))
     return key, req, body
 

@@ -27,7 +27,8 @@ Per exchange
    content-length) only when the cap must change (the proxy's rule: lowered to the
    grant, added under a HARD budget, never `max_tokens` to a reasoning model) or a
    chat stream needs `stream_options.include_usage` to report usage.
-3. response_headers: the status is kept; CONTINUE.
+3. response_headers: the status is kept (one that is not three ASCII digits reads
+   as 200: the answer's usage, else the estimate, is recorded); CONTINUE.
 4. response_body: JSON read whole at end_of_stream; SSE read chunk by chunk (a line
    split across chunks is joined), the final usage chunk (chat) or
    `response.completed` (responses) gives the usage. CONTINUE each chunk.
@@ -165,7 +166,7 @@ class _Exchange:
             # to parse there): the cap is still written into a JSON body.
             try:
                 parsed = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 parsed = None
         if isinstance(parsed, dict) and self.kind in ("chat", "responses"):
             try:
@@ -191,7 +192,7 @@ class _Exchange:
 
     async def response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = _header_map(msg)
-        self.status = int(headers.get(":status", "200") or 200)
+        self.status = _status(headers.get(":status", ""))
         self.sse = headers.get("content-type", "").startswith("text/event-stream")
         if msg.end_of_stream:
             await self._finish()
@@ -245,7 +246,7 @@ class _Exchange:
                     usage = proxy.usage_from(self.kind or "chat", answer.get("usage"),
                                              answer.get("service_tier"),
                                              proxy.web_searches(answer))
-                except (ValueError, AttributeError):
+                except (ValueError, AttributeError, RecursionError):
                     usage = None
             if usage is None:
                 estimated = True
@@ -260,6 +261,13 @@ class _Exchange:
         except Exception as exc:  # noqa: BLE001 - the reservation expires at its estimate
             log.error("record of reservation %s failed (%s); its hold will expire and be "
                       "committed at its estimate", self.auth.reservation_id, exc)
+
+
+def _status(text: str) -> int:
+    """An HTTP status: three ASCII digits. Anything else (none, "abc", "²", "-1",
+    "20\\x00") reads as 200: the answer's usage, or else the estimate, is recorded,
+    never nothing for an answer that may have been served."""
+    return int(text) if len(text) == 3 and text.isascii() and text.isdigit() else 200
 
 
 def _under_hard_budget(resp) -> bool:
