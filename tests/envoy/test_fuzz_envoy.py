@@ -19,9 +19,11 @@ Oracle: a Process stream answers every message Envoy sends with the ProcessingRe
 of that phase, or an immediate_response (an OpenAI-style JSON error body), and never
 ends with a gRPC error (the messages follow the protocol, so none is due); a Check is
 answered OK or denied with a 4xx/503 and the same JSON body, never a gRPC error;
-nothing logged holds a traceback or the caller's key; and every exchange that was
+nothing logged holds a traceback or the caller's key; every exchange that was
 authorized (its request answered CONTINUE with x-p402-reservation-id) is in the
-ledger exactly once (recorded, never refused and left to its hold's expiry).
+ledger exactly once (recorded, never refused and left to its hold's expiry); and an
+answer's usage is recorded as `p402 proxy` reads the same answer (REPORTED with its
+tokens, or ESTIMATED when it has none that can be read).
 """
 from __future__ import annotations
 
@@ -94,7 +96,7 @@ def live(tmp_path_factory):
                 "check": ea_grpc.AuthorizationStub(channel)}, stop
 
     with on_a_loop(start) as (loop, rig, logs):
-        yield {**rig, "loop": loop, "logs": logs, "authorized": []}
+        yield {**rig, "loop": loop, "logs": logs, "authorized": [], "expected": {}}
 
 
 # --- generated input -------------------------------------------------------------
@@ -438,6 +440,33 @@ def check_logs(live, start: int = 0) -> None:
         assert r.levelname != "ERROR" or not r.name.startswith("p402"), r.getMessage()[:300]
 
 
+KINDS = {b"/v1/chat/completions": "chat", b"/v1/responses": "responses",
+         b"/v1/embeddings": "embeddings"}
+
+
+def expected_usage(ex: dict):
+    """The usage of an exchange's answer as `p402 proxy` reads the same answer (its
+    SSE and JSON readers): (input, output tokens), or None (the estimate stands in);
+    "skip" for an exchange not compared (cut short, an odd path or status)."""
+    from p402_server.gateways import proxy
+
+    kind = KINDS.get(ex["path"])
+    if kind is None or ex["stop_after"] is not None or ex["status"] != b"200":
+        return "skip"
+    if (ex["content_type"] or b"").startswith(b"text/event-stream"):
+        seen, events = proxy.StreamUsage(kind), proxy.SseEvents()
+        for piece in ex["answer"]:
+            proxy._relay(events.feed(piece), seen, False)
+        proxy._relay(events.close(), seen, False)
+        usage = seen.usage
+    else:
+        try:
+            usage = proxy.answer_usage(kind, b"".join(ex["answer"]))
+        except (ValueError, AttributeError, UnicodeError, RecursionError):
+            usage = None
+    return None if usage is None else (usage["input_tokens"], usage["output_tokens"])
+
+
 # --- the tests -------------------------------------------------------------------
 
 
@@ -493,10 +522,60 @@ def test_hostile_ext_proc_exchanges_are_answered_and_recorded_once(live, ex):
     answers, error = asyncio.run_coroutine_threadsafe(
         run(live, ex["messages"], ex["stop_after"]), live["loop"]).result(60)
     assert error is None, (error, answers[-1:])
+    n = len(live["authorized"])
     check_answers(live, ex["messages"], answers)
+    if len(live["authorized"]) > n:
+        live["expected"][live["authorized"][-1]] = expected_usage(ex)
     if ex["stop_after"] is None:
         assert len(answers) == len(ex["messages"]) or (
             answers[-1].HasField("immediate_response")), (len(answers), len(ex["messages"]))
+    check_logs(live, start)
+
+
+USAGE_CHUNK = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}'
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None, database=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@example(stream=[USAGE_CHUNK + b"\r\r"], trailers=False)  # "\r" line ends
+@example(stream=[USAGE_CHUNK], trailers=True)  # no blank line at the end
+@example(stream=[USAGE_CHUNK[:20] + b"\ndata:" + USAGE_CHUNK[20:] + b"\n\n"],
+         trailers=False)  # one event's data in two lines
+@given(stream=streamed_answer(), trailers=st.booleans())
+def test_a_streamed_answer_is_metered_as_the_proxy_meters_it(live, stream, trailers):
+    live["runs"] = run_id = live.get("runs", 0) + 1
+    ex = _exchange(headers={"x-p402-label-run": str(run_id).encode()},
+                   body=json.dumps({"model": "gpt-4o-mini", "stream": True,
+                                    "messages": [{"role": "user", "content": "hi"}]}).encode(),
+                   answer=stream, ctype=b"text/event-stream")
+    if trailers or not stream:
+        if not stream:
+            ex["messages"].append(pb.ProcessingRequest(response_body=pb.HttpBody()))
+        ex["messages"][-1].response_body.end_of_stream = False
+        ex["messages"].append(pb.ProcessingRequest(response_trailers=pb.HttpTrailers()))
+    ex = _with_key(ex, live["key"])
+    start = len(live["logs"].records)
+
+    async def exchange_and_event():
+        answers, error = await run(live, ex["messages"], None)
+        for _ in range(250):
+            page = await live["admin"].query(labels={"run": str(run_id)}, page_size=5)
+            if page.items:
+                return answers, error, page.items
+            await asyncio.sleep(0.02)
+        return answers, error, []
+
+    answers, error, events = asyncio.run_coroutine_threadsafe(
+        exchange_and_event(), live["loop"]).result(60)
+    assert error is None, error
+    check_answers(live, ex["messages"], answers)
+    [ev] = events
+    want = expected_usage(ex)
+    got = (ev.usage.input_tokens, ev.usage.output_tokens)
+    assert (ev.evidence.value, ev.outcome.value) == (
+        "ESTIMATED" if want is None else "REPORTED", "SUCCESS"), (want, got)
+    if want is not None:
+        assert got == want
     check_logs(live, start)
 
 
@@ -591,14 +670,25 @@ def test_every_authorized_exchange_is_in_the_ledger_once(live):
         async for ev in live["admin"].export():
             if ev.outcome.value != "DENIED":
                 seen[ev.reservation_id] = seen.get(ev.reservation_id, 0) + 1
+                events[ev.reservation_id] = ev
         return seen
 
+    events: dict = {}
     authorized = live["authorized"]
     assert authorized and len(set(authorized)) == len(authorized)
     seen = asyncio.run_coroutine_threadsafe(reservations(), live["loop"]).result(60)
     assert {r: n for r, n in seen.items() if n != 1} == {}
     assert sorted(seen) == sorted(authorized), (
         set(authorized) - set(seen), set(seen) - set(authorized))
+    # each answer's usage counted as the proxy counts the same answer
+    wrong = {}
+    for rid, want in live["expected"].items():
+        ev = events[rid]
+        got = (ev.usage.input_tokens, ev.usage.output_tokens)
+        if want != "skip" and (ev.evidence.value == "REPORTED", got) != (
+                want is not None, want or got):
+            wrong[rid] = (want, got, ev.evidence.value, ev.outcome.value)
+    assert not wrong, list(wrong.values())[:5]
     refused = [r.getMessage() for r in live["logs"].records
                if "refused" in r.getMessage() or "failed" in r.getMessage()]
     assert not refused, refused[:3]

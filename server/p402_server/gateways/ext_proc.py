@@ -29,8 +29,9 @@ Per exchange
    chat stream needs `stream_options.include_usage` to report usage.
 3. response_headers: the status is kept (one that is not three ASCII digits reads
    as 200: the answer's usage, else the estimate, is recorded); CONTINUE.
-4. response_body: JSON read whole at end_of_stream; SSE read chunk by chunk (a line
-   split across chunks is joined), the final usage chunk (chat) or
+4. response_body: JSON read whole at end_of_stream; SSE read event by event as the
+   proxy reads one (proxy.SseEvents: an event split across chunks is joined, any
+   line ends, data in several lines), the final usage chunk (chat) or
    `response.completed` (responses) gives the usage. CONTINUE each chunk.
 5. At the end of the response (end_of_stream or trailers) the reservation is
    recorded: SUCCESS with the usage (or the estimate, ESTIMATED, when the answer had
@@ -49,6 +50,7 @@ import json
 import logging
 import time
 
+import aiohttp
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -110,8 +112,9 @@ class _Exchange:
         self.rt = None
         self.status = 0
         self.sse = False
-        self.buffer = b""       # a JSON body, or the unfinished SSE line
+        self.buffer = b""       # a JSON body
         self.seen = proxy.StreamUsage("chat")  # an SSE answer as it passes
+        self.events = proxy.SseEvents()  # its events, whole, as its chunks arrive
         self.recorded = False
         self.nbytes = 0
 
@@ -208,14 +211,21 @@ class _Exchange:
             await self._finish()
         return _continue("response_body")
 
-    def _read_sse(self, chunk: bytes) -> None:
-        data = self.buffer + chunk
-        lines = data.split(b"\n")
-        self.buffer = lines.pop()  # the unfinished line waits for the next chunk
-        for line in lines:
-            line = line.strip()
-            if line.startswith(b"data:"):
-                self.seen.observe_data(line[5:].strip())
+    def _read_sse(self, chunk: bytes, end: bool = False) -> None:
+        """Each event of an SSE answer, read as the proxy reads one (any line ends,
+        data in several lines; `end`: the last event, without its blank line)."""
+        if self.events is None:
+            return  # an event too long to read: the stream's usage is not read
+        try:
+            blocks = self.events.feed(chunk)
+            if end:
+                blocks += self.events.close()
+        except aiohttp.ClientPayloadError as exc:  # longer than proxy.MAX_EVENT_BYTES
+            log.warning("%s: its usage is not read, the estimate stands in", exc)
+            self.events = None
+            return
+        for block in blocks:
+            self.seen.observe_data(proxy._event_data(block))
 
     async def response_trailers(self) -> pb.ProcessingResponse:
         await self._finish()
@@ -237,6 +247,7 @@ class _Exchange:
             estimated = self.seen.usage is None
         else:
             if self.sse:
+                self._read_sse(b"", end=True)
                 usage = self.seen.usage
                 if self.seen.failed:
                     outcome = common_pb2.OUTCOME_PROVIDER_ERROR
