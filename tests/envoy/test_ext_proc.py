@@ -199,3 +199,59 @@ async def test_no_key_is_an_immediate_401_and_nothing_is_held(rig):
     answers = await rig.run(msgs)
     assert answers[-1].immediate_response.status.code == 401
     assert await rig.events(timeout=0.3) == []
+
+
+def _headers_only(rig, **extra) -> pb.ProcessingRequest:
+    """Request headers of a POST whose body Envoy does not send (request_body_mode
+    NONE): not end_of_stream, and no request_body message follows."""
+    return pb.ProcessingRequest(request_headers=_hdrs({
+        ":method": "POST", ":path": "/v1/chat/completions", "content-length": "900",
+        "content-type": "application/json", "authorization": f"Bearer {rig.meter_key}",
+        "x-p402-customer": "acme", **extra}))
+
+
+def _answer() -> list[pb.ProcessingRequest]:
+    return [pb.ProcessingRequest(response_headers=_hdrs({
+                ":status": "200", "content-type": "application/json"})),
+            pb.ProcessingRequest(response_body=pb.HttpBody(body=json.dumps(
+                {"id": "x", "choices": [], "usage": USAGE}).encode(), end_of_stream=True))]
+
+
+async def test_body_mode_none_is_decided_on_the_headers_with_x_p402_model(rig):
+    answers = await rig.run([_headers_only(rig, **{"x-p402-model": "gpt-4o-mini"}),
+                             *_answer()])
+    added = _set_headers(answers[0].request_headers.response)
+    assert added["x-p402-decision"] == "ALLOW" and added["x-p402-reservation-id"]
+    [ev] = await rig.events()
+    assert ev.reservation_id == added["x-p402-reservation-id"]
+    assert ev.model == "gpt-4o-mini" and ev.usage.output_tokens == 40
+
+
+async def test_a_body_after_a_headers_decision_gets_its_cap_and_no_second_hold(rig):
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 10**6}
+    answers = await rig.run([
+        _headers_only(rig, **{"x-p402-model": "gpt-4o-mini"}),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=json.dumps(body).encode(),
+                                                      end_of_stream=True)),
+        *_answer()])
+    added = _set_headers(answers[0].request_headers.response)
+    rid = added["x-p402-reservation-id"]
+    # The body is not authorized again: no reservation header on it, one event.
+    assert "x-p402-reservation-id" not in _set_headers(answers[1].request_body.response)
+    new = json.loads(answers[1].request_body.response.body_mutation.body)
+    assert 0 < new["max_tokens"] < 10**6  # lowered to the headers' grant
+    [ev] = await rig.events()
+    assert ev.reservation_id == rid
+
+
+async def test_a_request_never_decided_does_not_get_its_answer(rig, caplog):
+    # Body mode NONE and no x-p402-model: nothing to decide on before the upstream.
+    answers = await rig.run([_headers_only(rig), *_answer()])
+    assert answers[0].request_headers.response.header_mutation.set_headers == []
+    refused = answers[1].immediate_response
+    assert refused.status.code == 500
+    assert json.loads(refused.body)["error"]["code"] == "p402_not_decided"
+    assert "request_body_mode BUFFERED" in json.loads(refused.body)["error"]["message"]
+    assert await rig.events(timeout=0.3) == []
+    assert any(r.levelname == "ERROR" and "without a decision" in r.getMessage()
+               for r in caplog.records)

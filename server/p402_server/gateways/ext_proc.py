@@ -13,12 +13,18 @@ Processing mode it needs (server/envoy/envoy.yaml has an example Envoy config): 
 request_body_mode BUFFERED (the model and the output cap are in the JSON body),
 response_header_mode SEND, response_body_mode STREAMED (SSE answers are read as they
 pass, never held) or BUFFERED, trailers optional. With request_body_mode NONE the
-model comes from an `x-p402-model` header and nothing is clamped.
+model comes from an `x-p402-model` header (input bytes from content-length) and the
+body is not seen, so nothing is clamped. A request that reaches its response without
+a decision (body mode NONE and no x-p402-model) is never let through unmetered: its
+answer is replaced by a 500 naming the misconfiguration (the upstream was called,
+unauthorized; the caller gets nothing of it), logged as an error.
 
 Per exchange
 1. request_headers: the key (authorization: Bearer p402_…, or x-p402-key), owners,
    labels, retries as for ext_authz. Answered CONTINUE; the decision waits for the
-   body (unless the request has none, or carries x-p402-model and no body comes).
+   body, unless the request has none or names its model in x-p402-model: then it is
+   decided on the headers, once (a body that follows gets the cap rule of step 2
+   against that grant, and is not authorized again).
 2. request_body: Authorize (input bytes = the body's length). DENY: an immediate
    response 402 / 429 (Retry-After) / 403 / 401 / 400 with the OpenAI-style JSON body,
    as ext_authz answers. ALLOW / WARN: CONTINUE, adding `x-p402-reservation-id` and
@@ -117,6 +123,7 @@ class _Exchange:
         self.events = proxy.SseEvents()  # its events, whole, as its chunks arrive
         self.recorded = False
         self.nbytes = 0
+        self.decided = False    # Authorize asked (allowed or refused)
 
     # --- request ---------------------------------------------------------------
 
@@ -125,7 +132,8 @@ class _Exchange:
         path = self.headers.get(":path", "").split("?", 1)[0]
         self.kind = next((k for suffix, k in _KINDS if path.endswith(suffix)), "")
         self.seen = proxy.StreamUsage(self.kind or "chat")
-        if msg.end_of_stream:  # no body will come: decide now
+        if msg.end_of_stream or self.headers.get("x-p402-model"):
+            # No body will come, or none may (request_body_mode NONE): decide now.
             return await self._decide(b"", "request_headers")
         return _continue("request_headers")
 
@@ -134,9 +142,17 @@ class _Exchange:
         if not msg.end_of_stream:  # STREAMED request bodies: wait for the whole
             return _continue("request_body")
         body, self.buffer = self.buffer, b""
+        if self.decided:
+            # Decided on the headers: the body gets that grant's cap, no second hold.
+            if self.auth is None:
+                return _continue("request_body")
+            common = pb.CommonResponse()
+            self._edit_body(common, body, None)
+            return _continue("request_body", common)
         return await self._decide(body, "request_body")
 
     async def _decide(self, body: bytes, kind: str) -> pb.ProcessingResponse:
+        self.decided = True
         try:
             key, req, parsed = envoy.authorize_from(self.headers, {}, body, 0, self.s.config)
             if not key:
@@ -164,6 +180,13 @@ class _Exchange:
             _set("x-p402-decision", decision)]))
         if self.s.config.strip_authorization:
             common.header_mutation.remove_headers.append("authorization")
+        self._edit_body(common, body, parsed)
+        return _continue(kind, common)
+
+    def _edit_body(self, common: pb.CommonResponse, body: bytes, parsed) -> None:
+        """The granted cap (and a chat stream's include_usage) written into a JSON
+        body that needs them, as a body mutation with its content-length."""
+        resp = self.auth
         if not parsed and body and self.kind in ("chat", "responses"):
             # Not read for the decision (not JSON by its content type, or too large
             # to parse there): the cap is still written into a JSON body.
@@ -189,11 +212,22 @@ class _Exchange:
                 common.body_mutation.body = new
                 common.header_mutation.set_headers.append(_set("content-length",
                                                                str(len(new))))
-        return _continue(kind, common)
 
     # --- response --------------------------------------------------------------
 
     async def response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        if not self.decided:
+            # The request went upstream without a decision: Envoy sent neither its
+            # body (request_body_mode NONE) nor an x-p402-model header. Its answer
+            # never reaches the caller: no call passes unauthorized and unmetered.
+            log.error("ext_proc: a request reached its response without a decision; "
+                      "configure request_body_mode BUFFERED, or send x-p402-model")
+            return _immediate(envoy._Denied(
+                500, 13, "server_error", "p402_not_decided",
+                "P402 saw neither this request's body nor an x-p402-model header, so "
+                "it was not authorized: the Envoy ext_proc filter must send the "
+                "request body (request_body_mode BUFFERED) or the request must name "
+                "its model in x-p402-model"))
         headers = _header_map(msg)
         self.status = _status(headers.get(":status", ""))
         self.sse = headers.get("content-type", "").startswith("text/event-stream")
