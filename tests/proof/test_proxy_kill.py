@@ -29,11 +29,10 @@ import asyncio
 import random
 import signal
 import sqlite3
-import time
 
 from tests.proof.harness import ServerProcess
 from tests.support.openai_standin import OpenAIStandin
-from tests.support.proxy_process import CALLERS, proxy_process, storm
+from tests.support.proxy_process import CALLERS, proxy_process, storm, wait_until_settled
 
 REPORTED = 2  # events.evidence of a provider's usage (common.proto EVIDENCE_REPORTED)
 UPSTREAM_SECONDS = 0.6  # > holds_flush_interval_seconds (0.25)
@@ -102,15 +101,7 @@ def test_a_sigkilled_proxy_loses_no_answered_call(tmp_path):
             # settle (expire at their estimate).
             proc2, _ = proxy_process(("--db", url), upstream.base_url, tmp_path / "proxy2.log")
             try:
-                deadline = time.monotonic() + 30
-                while True:
-                    after = _settled(db, tenant)
-                    if all(rid in after for rid in answered):
-                        break
-                    assert time.monotonic() < deadline, (
-                        f"{sum(rid not in after for rid in answered)} of {len(answered)} "
-                        "answered calls never reached the ledger")
-                    time.sleep(0.1)
+                wait_until_settled(lambda: _settled(db, tenant), answered)
             finally:
                 proc2.send_signal(signal.SIGTERM)
                 proc2.wait(30)
@@ -192,15 +183,7 @@ def test_a_sigkilled_server_loses_no_call_its_proxy_answered(tmp_path):
 
         try:
             asyncio.run(run())
-            deadline = time.monotonic() + 30
-            while True:
-                after = _settled(db, tenant)
-                if all(rid in after for rid in answered):
-                    break
-                assert time.monotonic() < deadline, (
-                    f"{sum(rid not in after for rid in answered)} of {len(answered)} "
-                    "answered calls never reached the ledger")
-                time.sleep(0.1)
+            wait_until_settled(lambda: _settled(db, tenant), answered)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)

@@ -22,9 +22,15 @@ import time
 import pytest
 
 from tests.scaleout.conftest import asyncpg_dsn
-from tests.scaleout.test_proxy_fleet_kill import _held, _settled, _setup
+from tests.scaleout.test_proxy_fleet_kill import _held, _ledger, _setup
 from tests.support.openai_standin import OpenAIStandin
-from tests.support.proxy_process import CALLERS, UPSTREAM_KEY, proxy_process, storm
+from tests.support.proxy_process import (
+    CALLERS,
+    UPSTREAM_KEY,
+    proxy_process,
+    storm,
+    wait_until_settled,
+)
 
 UPSTREAM_SECONDS = 0.6
 ENV = {"P402_HOLDS_FLUSH_INTERVAL_SECONDS": "0.05", "P402_EXPIRE_INTERVAL_SECONDS": "0.1",
@@ -84,27 +90,14 @@ def test_a_proxy_fails_over_to_a_replica_and_every_answered_call_settles_once(
                 stop.set()
                 await load
                 await sampler
-                deadline = time.monotonic() + 30
-                while True:
-                    settled = await _settled(conn, tenant)
-                    missing = [rid for rid in answered if rid not in settled]
-                    if not missing:
-                        break
-                    assert time.monotonic() < deadline, (
-                        f"{len(missing)} of {len(answered)} answered calls never "
-                        "reached the ledger")
-                    await asyncio.sleep(0.1)
-                peaks.append(await _held(conn, tenant))
-                reasons = {r["reservation_id"]: (r["reasons"], r["cost_nanos"])
-                           for r in await conn.fetch(
-                               "SELECT reservation_id, reasons, cost_nanos FROM events "
-                               "WHERE tenant_id = $1 AND reservation_id != ''", tenant)}
-                return settled, reasons
             finally:
                 await conn.close()
 
         try:
-            settled, reasons = asyncio.run(run())
+            asyncio.run(run())
+            wait_until_settled(lambda: _ledger(pg_url, tenant)[0], answered)
+            settled, held = _ledger(pg_url, tenant)
+            peaks.append(held)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
@@ -121,8 +114,9 @@ def test_a_proxy_fails_over_to_a_replica_and_every_answered_call_settles_once(
     # its Record as reservation.unknown: either way once, by the Record.
     assert in_flight, "no call was at the upstream during the kill"
     assert len(answered) > killed_at[0] + len(in_flight), "the survivor authorized no call"
-    assert [rid for rid in in_flight if "reservation.unknown" not in reasons[rid][0]]
+    assert [rid for rid in in_flight if "reservation.unknown" not in settled[rid][0][2]]
     # The budget holds but for the documented overrun: the cost of calls metered
     # without their hold (the dead replica's lease went back without them).
-    overrun = sum(cost for why, cost in reasons.values() if "reservation.unknown" in why)
+    overrun = sum(cost for [(_kind, cost, why)] in settled.values()
+                  if "reservation.unknown" in why)
     assert max(peaks) <= limit + overrun, (max(peaks), limit, overrun)

@@ -25,7 +25,12 @@ import pytest
 
 from tests.scaleout.conftest import asyncpg_dsn
 from tests.support.openai_standin import OpenAIStandin
-from tests.support.proxy_process import UPSTREAM_KEY, proxy_process, storm
+from tests.support.proxy_process import (
+    UPSTREAM_KEY,
+    proxy_process,
+    storm,
+    wait_until_settled,
+)
 
 UPSTREAM_SECONDS = 0.6
 CALLERS = 12  # per proxy
@@ -83,13 +88,25 @@ async def _held(conn, tenant: str) -> int:
     return committed
 
 
-async def _settled(conn, tenant: str) -> dict[str, list[tuple[str, int]]]:
-    out: dict[str, list] = {}
-    for r in await conn.fetch(
-            "SELECT reservation_id, kind, cost_nanos FROM events WHERE tenant_id = $1 "
-            "AND reservation_id != ''", tenant):
-        out.setdefault(r["reservation_id"], []).append((r["kind"], r["cost_nanos"]))
-    return out
+def _ledger(pg_url: str, tenant: str) -> tuple[dict[str, list[tuple[str, int, str]]], int]:
+    """(reservation id -> the events that settled it: kind, cost, reasons; the
+    budget's committed plus open holds), read now."""
+    import asyncpg
+
+    async def read():
+        conn = await asyncpg.connect(asyncpg_dsn(pg_url))
+        try:
+            out: dict[str, list] = {}
+            for r in await conn.fetch(
+                    "SELECT reservation_id, kind, cost_nanos, reasons FROM events "
+                    "WHERE tenant_id = $1 AND reservation_id != ''", tenant):
+                out.setdefault(r["reservation_id"], []).append(
+                    (r["kind"], r["cost_nanos"], r["reasons"]))
+            return out, await _held(conn, tenant)
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
 
 
 @pytest.mark.postgres
@@ -136,33 +153,23 @@ def test_a_sigkilled_leased_proxy_neither_loses_calls_nor_overspends(pg_url, tmp
                 stops[1].set()
                 await loads[1]
                 await sampler
-                # Every answered call settles: Records flush, the dead one's holds
-                # expire (swept by the survivor).
-                calls = answered[0] + answered[1]
-                deadline = time.monotonic() + 30
-                while True:
-                    settled = await _settled(conn, tenant)
-                    missing = [rid for rid in calls if rid not in settled]
-                    if not missing:
-                        break
-                    assert time.monotonic() < deadline, (
-                        f"{len(missing)} of {len(calls)} answered calls never reached "
-                        "the ledger")
-                    await asyncio.sleep(0.1)
-                peaks.append(await _held(conn, tenant))
-                return settled
             finally:
                 await conn.close()
 
         try:
-            settled = asyncio.run(run())
+            asyncio.run(run())
+            # Every answered call settles: Records flush, the dead one's holds
+            # expire (swept by the survivor).
+            calls = answered[0] + answered[1]
+            wait_until_settled(lambda: _ledger(pg_url, tenant)[0], calls)
+            settled, held = _ledger(pg_url, tenant)
+            peaks.append(held)
         finally:
             for proc, _port in procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(30)
 
-    calls = answered[0] + answered[1]
     assert len(set(calls)) == len(calls)
     assert all(len(evs) == 1 for evs in settled.values()), {
         r: e for r, e in settled.items() if len(e) > 1}

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import subprocess
 import time
+from typing import Callable
 
 import aiohttp
 
@@ -64,3 +65,18 @@ async def storm(port: int, key: str, answered: list, stop: asyncio.Event,
 
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(caller(session) for _ in range(callers)))
+
+
+def wait_until_settled(read: Callable[[], dict], calls: list[str],
+                       timeout: float = 30.0) -> dict:
+    """Poll `read()` (reservation id -> the events that settled it) until every
+    reservation in `calls` is there -> that last read."""
+    deadline = time.monotonic() + timeout
+    while True:
+        settled = read()
+        missing = [rid for rid in calls if rid not in settled]
+        if not missing:
+            return settled
+        assert time.monotonic() < deadline, (
+            f"{len(missing)} of {len(calls)} answered calls never reached the ledger")
+        time.sleep(0.1)
