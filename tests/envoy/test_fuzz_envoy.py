@@ -47,12 +47,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc  # noqa: E402
 from google.rpc import code_pb2  # noqa: E402
 
+from tests.support.hostile import ODD, json_value, odd_text  # noqa: E402
 from tests.support.live_loop import on_a_loop  # noqa: E402
 from tests.support.sse_streams import sse_stream  # noqa: E402
 
 EXAMPLES = int(os.environ.get("P402_ENVOY_FUZZ_EXAMPLES", "150"))
-ODD = ["", "\x00", "a\x00b", "\n", "\x01", "\x7f", "\x85", "\ud800", "\udfff", "é" * 300,
-       "x" * 5000, "gpt-4o-mini", "GPT-4O-MINI", " gpt-4o-mini", "../../", "%00", "🙂"]
 ODD_COUNTS = ["2", " 3 ", "²", "٣", "１", "0", "-1", "1.5", "11", str(2**31), str(2**63),
               str(2**64), "", "\x00", "9" * 40]
 ODD_NUMBERS = [0, 1, 9, -1, -(2**63), 2**63 - 1, 2**63, 2**64, 2**70, True, None, 1.5,
@@ -102,20 +101,6 @@ def live(tmp_path_factory):
 # --- generated input -------------------------------------------------------------
 
 
-def _text():
-    return st.one_of(st.sampled_from(ODD), st.text(max_size=30))
-
-
-def _json_value(depth: int = 0):
-    leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                     st.floats(allow_nan=False), _text())
-    if depth >= 2:
-        return leaf
-    return st.one_of(leaf, st.lists(st.deferred(lambda: _json_value(depth + 1)), max_size=3),
-                     st.dictionaries(_text(), st.deferred(lambda: _json_value(depth + 1)),
-                                     max_size=3))
-
-
 def _dumps(value) -> bytes:
     return json.dumps(value, allow_nan=True).encode("utf-8", "surrogatepass")
 
@@ -123,16 +108,16 @@ def _dumps(value) -> bytes:
 def _request_body():
     messages = st.lists(st.fixed_dictionaries(
         {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"])},
-        optional={"content": st.one_of(_text(), _json_value(1))}), max_size=3)
+        optional={"content": st.one_of(odd_text(), json_value(1))}), max_size=3)
     cap = st.one_of(st.integers(-5, 2**70), st.sampled_from([None, "9", 1.5, True, 0, 10**6]))
     return st.fixed_dictionaries({}, optional={
         "model": st.one_of(st.sampled_from(["gpt-4o-mini"] * 4 + ["o3-mini", "gpt-4o"] + ODD),
-                           _json_value(2)),
-        "messages": st.one_of(messages, _json_value(1)),
-        "input": st.one_of(_text(), _json_value(1)),
+                           json_value(2)),
+        "messages": st.one_of(messages, json_value(1)),
+        "input": st.one_of(odd_text(), json_value(1)),
         "max_tokens": cap, "max_completion_tokens": cap, "max_output_tokens": cap,
-        "stream": st.one_of(st.booleans(), _json_value(2)),
-        "stream_options": _json_value(1),
+        "stream": st.one_of(st.booleans(), json_value(2)),
+        "stream_options": json_value(1),
     }).map(_dumps)
 
 
@@ -167,7 +152,7 @@ def request_headers(draw) -> dict[str, bytes]:
                              "text/plain", "", "application/json; charset=latin-1",
                              "multipart/form-data", "\x00json"])):
         if draw(st.integers(0, 9)):
-            h[name] = draw(st.one_of(st.sampled_from(values), _text())).encode(
+            h[name] = draw(st.one_of(st.sampled_from(values), odd_text())).encode(
                 "utf-8", "surrogatepass")
     return h
 
@@ -277,8 +262,8 @@ def allowed_request(draw) -> tuple[dict[str, bytes], bytes]:
          "input": st.just("hi")},
         optional={"max_tokens": cap, "max_completion_tokens": cap,
                   "max_output_tokens": cap,
-                  "stream": st.one_of(st.booleans(), _json_value(2)),
-                  "stream_options": _json_value(1)}))
+                  "stream": st.one_of(st.booleans(), json_value(2)),
+                  "stream_options": json_value(1)}))
     if path == "/v1/embeddings":
         body["model"] = "text-embedding-3-small"
     return headers, _dumps(body)

@@ -22,12 +22,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.proxy.conftest import start_rig
+from tests.support.hostile import ODD, json_value, odd_text
 from tests.support.live_loop import on_a_loop
 
 EXAMPLES = int(os.environ.get("P402_PROXY_FUZZ_EXAMPLES", "400"))
 CHAT = "/v1/chat/completions"
-ODD = ["", "\x00", "a\x00b", "\n", "\x01", "\x7f", "\x85", "\ud800", "\udfff", "é" * 300,
-       "x" * 5000, "gpt-4o-mini", "GPT-4O-MINI", " gpt-4o-mini", "../../", "%00", "🙂"]
 
 
 @pytest.fixture(scope="module")
@@ -37,30 +36,16 @@ def live(tmp_path_factory):
         yield {"rig": rig, "loop": loop, "logs": logs, "ok": 0}
 
 
-def _text():
-    return st.one_of(st.sampled_from(ODD), st.text(max_size=30))
-
-
-def _json_value(depth: int = 0):
-    leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                     st.floats(allow_nan=False), _text())
-    if depth >= 2:
-        return leaf
-    return st.one_of(leaf, st.lists(st.deferred(lambda: _json_value(depth + 1)), max_size=3),
-                     st.dictionaries(_text(), st.deferred(lambda: _json_value(depth + 1)),
-                                     max_size=3))
-
-
 def _chat_body():
     messages = st.lists(st.fixed_dictionaries(
         {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"])},
-        optional={"content": st.one_of(_text(), _json_value(1))}), max_size=3)
+        optional={"content": st.one_of(odd_text(), json_value(1))}), max_size=3)
     return st.fixed_dictionaries({}, optional={
-        "model": st.one_of(st.sampled_from(["gpt-4o-mini"] * 3 + ODD), _json_value(2)),
-        "messages": st.one_of(messages, _json_value(1)),
+        "model": st.one_of(st.sampled_from(["gpt-4o-mini"] * 3 + ODD), json_value(2)),
+        "messages": st.one_of(messages, json_value(1)),
         "max_tokens": st.one_of(st.integers(-5, 2**63), st.sampled_from([None, "9", 1.5])),
-        "stream": st.one_of(st.booleans(), _json_value(2)),
-        "stream_options": _json_value(1),
+        "stream": st.one_of(st.booleans(), json_value(2)),
+        "stream_options": json_value(1),
     }).map(lambda d: json.dumps(d).encode())
 
 
@@ -91,7 +76,7 @@ def _field():
 
 def _media_json():
     """(endpoint, JSON body) for images/generations and audio/speech."""
-    value = st.one_of(_field(), _json_value(1))
+    value = st.one_of(_field(), json_value(1))
     images = st.fixed_dictionaries({"model": st.sampled_from(["gpt-image-1", "dall-e-3"])},
                                    optional={"prompt": value, "n": value,
                                              "size": st.one_of(st.sampled_from(
@@ -132,6 +117,21 @@ def _media_form():
         st.binary(max_size=300)))
 
 
+def _check_answer(live, status: int, payload: bytes) -> None:
+    """The oracle: below 500; an error is OpenAI-style JSON; no log line so far holds
+    a traceback or the caller's key. A 200 is counted for the ledger's check."""
+    assert status < 500, (status, payload[:300])
+    if status == 200:
+        live["ok"] += 1
+    else:
+        err = json.loads(payload)["error"]
+        assert set(err) >= {"message", "type", "code", "param"}, err
+    for r in live["logs"].records:
+        text = r.getMessage() + (r.exc_text or "")
+        assert live["rig"].meter_key not in text, text[:300]
+        assert r.exc_info is None, (r.name, r.getMessage()[:300])
+
+
 def send(port: int, head: bytes, body: bytes) -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(head + body)
@@ -165,17 +165,7 @@ def test_hostile_http_gets_json_below_500_and_clean_logs(live, body, customer, f
             b"Authorization: Bearer " + rig.meter_key.encode() + key_suffix + b"\r\n"
             b"x-p402-customer: " + customer + b"\r\nx-p402-feature: " + feature + b"\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
-    status, payload = send(rig.proxy_port, head, body)
-    assert status < 500, (status, payload[:300])
-    if status == 200:
-        live["ok"] += 1
-    else:
-        err = json.loads(payload)["error"]
-        assert set(err) >= {"message", "type", "code", "param"}, err
-    for r in live["logs"].records:
-        text = r.getMessage() + (r.exc_text or "")
-        assert rig.meter_key not in text, text[:300]
-        assert r.exc_info is None, (r.name, r.getMessage()[:300])
+    _check_answer(live, *send(rig.proxy_port, head, body))
 
 
 @settings(max_examples=EXAMPLES // 2, deadline=None, database=None, derandomize=True,
@@ -207,15 +197,7 @@ def test_hostile_media_requests_get_json_below_500_and_clean_logs(live, request,
             b"x-p402-customer: acme\r\n"
             + (b"x-p402-audio-ms: " + audio_ms + b"\r\n" if audio_ms else b"")
             + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
-    status, payload = send(rig.proxy_port, head, body)
-    assert status < 500, (status, payload[:300])
-    if status == 200:
-        live["ok"] += 1
-    else:
-        err = json.loads(payload)["error"]
-        assert set(err) >= {"message", "type", "code", "param"}, err
-    for r in live["logs"].records:
-        assert r.exc_info is None, (r.name, r.getMessage()[:300])
+    _check_answer(live, *send(rig.proxy_port, head, body))
 
 
 def test_the_ledger_holds_every_answered_call_once(live):
