@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 
-from aiohttp import web
+from aiohttp import web, web_protocol, web_server
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from p402_server.dashboard.app import PREFIX, Dashboard, DashboardConfig
 
@@ -36,6 +37,45 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _RefusingHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering a request it cannot parse (a line or
+    header too long, a byte HTTP does not allow in a header) with a short 4xx and one
+    log line naming the kind of fault: no traceback, none of the request's bytes (a
+    cookie may be in them)."""
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError) or status >= 500:
+            return super().handle_error(request, status, exc, message)
+        if isinstance(exc, LineTooLong):
+            status, text = 431, "a request line or header is too long"
+        else:
+            text = "the request is not valid HTTP/1.1"
+        log.info("dashboard: refused a request from %s: %s (%s)", request.remote, text,
+                 type(exc).__name__)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send the error")
+        resp = web.Response(status=status, text=f"{status}: {text}")
+        resp.force_close()
+        return resp
+
+
+class _RefusingServer(web_server.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _RefusingHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """The dashboard's AppRunner: its connections use `_RefusingHandler`."""
+
+    async def _make_server(self) -> web_server.Server:
+        server = await super()._make_server()
+        # aiohttp builds its Server inside Application; only the class of the handler a
+        # new connection gets changes.
+        server.__class__ = _RefusingServer
+        return server
+
+
 class DashboardServer:
     """The dashboard's HTTP listener (aiohttp), started in the running event loop."""
 
@@ -47,7 +87,7 @@ class DashboardServer:
 
     async def start(self) -> int:
         """Listen; returns the bound port (port 0 picks a free one)."""
-        runner = web.AppRunner(self.dashboard.app(), access_log=None,
+        runner = _Runner(self.dashboard.app(), access_log=None,
                                handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self._port, reuse_address=True)

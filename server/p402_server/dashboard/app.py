@@ -40,6 +40,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from p402_server.api.auth import READ
 from p402_server.dashboard import exports
@@ -62,6 +63,10 @@ SPEND_DIMENSIONS = ("customer", "feature", "department", "employee", "workflow",
                     "provider", "outcome", "evidence")
 CONTENT_MODES = (int(PrivacyMode.REDACTED_TRACE), int(PrivacyMode.FULL_TRACE))
 RETRY_CHAIN_MAX = 20
+
+# The files served under /dashboard/static/, by name (the directory is never listed
+# nor walked for a requested path).
+STATIC_FILES = {p.name: p for p in (HERE / "static").iterdir() if p.is_file()}
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
@@ -150,7 +155,7 @@ class Dashboard:
         r.add_get(PREFIX + "/export", self._page(self.export))
         r.add_get(PREFIX + "/statements", self._page(self.statements_page))
         r.add_get(PREFIX + "/statements/{period}", self._page(self.statement_page))
-        r.add_static(PREFIX + "/static", HERE / "static", append_version=False)
+        r.add_get(PREFIX + "/static/{name}", self._static)
         r.add_get("/favicon.ico", self._favicon)
         r.add_get("/.well-known/p402-keys.json", self.evidence_keys)
         if self.metrics is not None:
@@ -219,6 +224,12 @@ class Dashboard:
             if exc.status == 404 and not (exc.text or "").startswith("<"):
                 resp = self._html(request, "error.html", status=404, title="Not found",
                                   message="There is no such page.")
+            elif (exc.status in (400, 403) and not (exc.text or "").startswith("<")
+                  and not request.path.startswith(PREFIX + "/api/")):
+                # A page's refusal is a page too, its text naming the parameter.
+                resp = self._html(request, "error.html", status=exc.status,
+                                  title="Bad request" if exc.status == 400 else "Forbidden",
+                                  message=exc.text or "")
         h = resp.headers
         h.setdefault("Content-Security-Policy", CSP)
         h.setdefault("X-Content-Type-Options", "nosniff")
@@ -289,7 +300,19 @@ class Dashboard:
         origin = request.headers.get("Origin")
         if origin is None:
             return True
-        return urlsplit(origin).netloc == request.host
+        try:
+            netloc = urlsplit(origin).netloc
+        except ValueError:  # not a URL at all ("http://[::1"): not this site either
+            return False
+        return netloc == request.host
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        """One of the files shipped in static/, by its exact name (anything else, a
+        name too long for the file system included, is not found)."""
+        path = STATIC_FILES.get(request.match_info["name"])
+        if path is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
 
     async def _favicon(self, request: web.Request) -> web.StreamResponse:
         raise web.HTTPMovedPermanently(PREFIX + "/static/favicon.svg")
@@ -323,8 +346,25 @@ class Dashboard:
         self._set_cookie(request, resp, SIGNIN_COOKIE, token, max_age=3600)
         return resp
 
+    async def _form(self, request: web.Request) -> dict[str, str]:
+        """The POSTed form's text fields. A body that is no form (bytes that are not
+        text in its charset, an unknown charset, broken multipart) is a 400 naming
+        the form; a file where text is expected counts as no value."""
+        try:
+            form = await request.post()
+        except (ValueError, LookupError, HttpProcessingError) as exc:
+            log.info("dashboard: unreadable form on %s (%s)", request.path, type(exc).__name__)
+            raise web.HTTPBadRequest(text="form: the body is not a form of text fields "
+                                          "(application/x-www-form-urlencoded, UTF-8)"
+                                     ) from None
+        out: dict[str, str] = {}
+        for name in ("csrf", "api_key", "next"):
+            value = form.get(name)
+            out[name] = value if isinstance(value, str) else ""
+        return out
+
     async def signin(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
+        form = await self._form(request)
         if not self._origin_ok(request) or not tokens_equal(
                 form.get("csrf"), request.cookies.get(SIGNIN_COOKIE)):
             return await self.signin_form(
@@ -358,7 +398,7 @@ class Dashboard:
         return resp
 
     async def signout(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
+        form = await self._form(request)
         s = self.sessions.get(request.cookies.get(SESSION_COOKIE))
         if s is not None:
             if not self._origin_ok(request) or not tokens_equal(form.get("csrf"),
@@ -422,8 +462,9 @@ class Dashboard:
     async def api_events(self, request: web.Request, s: Session) -> web.Response:
         """Events after `after_seq` matching the filters, oldest first (for the poll)."""
         raw = request.query.get("after_seq", "0")
-        if not raw.isdigit():
-            return web.json_response({"error": "after_seq: must be an int >= 0",
+        if not _seq_text(raw):
+            return web.json_response({"error": "after_seq: must be an int >= 0 "
+                                      "(ASCII digits, below 2^63)",
                                       "field": "after_seq"}, status=400)
         try:
             f = F.parse(request.query)
@@ -437,7 +478,7 @@ class Dashboard:
         last = events[-1].seq if events else after
         newest_first = list(reversed(events))
         asked = request.query.get("places", "")
-        places = max(int(asked) if asked.isdigit() and 2 <= int(asked) <= 9 else 2,
+        places = max(int(asked) if _seq_text(asked) and 2 <= int(asked) <= 9 else 2,
                      fmt.column_places(e.cost_nanos for e in events))
         html = self.env.get_template("_event_rows.html").render(
             events=newest_first, prefix=PREFIX, cost_places=places)
@@ -616,6 +657,12 @@ class _Obj:
 def _places(rows, fields: tuple[str, ...]) -> dict[str, int]:
     """{field: decimals of that column} for a table's money columns."""
     return {name: fmt.column_places(getattr(r, name) for r in rows) for name in fields}
+
+
+def _seq_text(text: str) -> bool:
+    """Whether `text` is a sequence number as the store keeps one: ASCII digits (not
+    '²' nor '٣', which str.isdigit accepts and int() refuses), below 2^63."""
+    return text.isascii() and text.isdigit() and len(text) <= 19 and int(text) < 2**63
 
 
 def _safe_next(nxt: str) -> str:

@@ -26,10 +26,12 @@ def new_token() -> str:
 
 
 def tokens_equal(a: str | None, b: str | None) -> bool:
-    """Constant-time comparison of two tokens (False when either is missing)."""
-    if not a or not b:
+    """Constant-time comparison of two tokens (False when either is missing or not
+    text). Any text compares, lone surrogates included (a header's undecodable bytes)."""
+    if not a or not b or not isinstance(a, str) or not isinstance(b, str):
         return False
-    return hmac.compare_digest(a.encode(), b.encode())
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"),
+                               b.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(slots=True)

@@ -91,7 +91,7 @@ def decode_token(token: str, kind: str) -> int | None:
         position = int(value)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidArgument("page_token", "not a token this server issued") from None
-    if got_kind != kind or position < 0:
+    if got_kind != kind or not 0 <= position < 2**63:  # a seq is a signed 64-bit int
         raise InvalidArgument("page_token", "not a token for this query and order")
     return position
 
