@@ -14,7 +14,6 @@ import pytest
 from p402.v1 import admin_pb2
 
 from p402_server.ledger import evidence
-from p402_server.dashboard import fmt
 from p402_server.dashboard.fmt import usd
 from p402_server.ledger import EventFilter, LedgerEvent
 
@@ -647,3 +646,34 @@ def test_records_are_counted_by_outcome_a_batch_at_a_time():
     count = {s.labels["method"]: s.value for s in fams["p402_rpc_duration_seconds"].samples
              if s.name == "p402_rpc_duration_seconds_count"}
     assert count["RecordBatch"] == 2 and count["Record"] == 1
+
+
+async def test_metrics_answer_this_machine_or_the_metrics_token_only(dash, tmp_path):
+    """/metrics names every tenant and budget: without a token only a loopback peer
+    reads it; with one, only a scrape that sends it (loopback too)."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from p402_server.dashboard.app import DashboardConfig
+
+    class Peer:
+        def __init__(self, ip):
+            self.ip = ip
+
+        def get_extra_info(self, name, default=None):
+            return (self.ip, 40000) if name == "peername" else default
+
+    def scrape(ip, **headers):
+        return make_mocked_request("GET", "/metrics", headers=headers, transport=Peer(ip))
+
+    d = dash.server.dashboard.dashboard
+    assert (await d.prometheus(scrape("127.0.0.1"))).status == 200
+    assert (await d.prometheus(scrape("::1"))).status == 200
+    remote = await d.prometheus(scrape("10.1.2.3"))
+    assert remote.status == 403 and "P402_METRICS_TOKEN" in remote.text
+    assert dash.a.tenant_id not in remote.text
+    d.config = DashboardConfig(metrics_token="s3cret-scrape")
+    for ip in ("10.1.2.3", "127.0.0.1"):
+        assert (await d.prometheus(scrape(ip))).status == 401
+        assert (await d.prometheus(scrape(ip, Authorization="Bearer wrong"))).status == 401
+        ok = await d.prometheus(scrape(ip, Authorization="Bearer s3cret-scrape"))
+        assert ok.status == 200 and b"p402_open_holds" in ok.body

@@ -81,7 +81,8 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
 
         kwargs["http"] = args.http
         kwargs["dashboard_config"] = DashboardConfig(
-            secure_cookies=True if args.http_secure_cookies else None)
+            secure_cookies=True if args.http_secure_cookies else None,
+            metrics_token=os.environ.get("P402_METRICS_TOKEN", ""))
     if args.ext_authz:  # Envoy ext_authz on the same port (p402_server.gateways.envoy)
         try:
             from p402_server.gateways.envoy import EnvoyConfig

@@ -29,6 +29,8 @@ Security model
 from __future__ import annotations
 
 import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -86,6 +88,9 @@ class DashboardConfig:
     # How often a session's key is re-read from the store (0: on every request).
     key_recheck_seconds: float = 0.0
     poll_ms: int = 2000
+    # /metrics names every tenant and budget: it answers a scrape that sends
+    # "Authorization: Bearer <metrics_token>"; without a token, this machine only.
+    metrics_token: str = ""
 
 
 class _KeyContext:
@@ -96,6 +101,13 @@ class _KeyContext:
 
     def invocation_metadata(self):
         return self._md
+
+
+def _loopback(remote: str | None) -> bool:
+    try:
+        return ipaddress.ip_address((remote or "").split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _static_version() -> str:
@@ -163,7 +175,19 @@ class Dashboard:
         return app
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        """Prometheus text exposition of the server's metrics (metrics.py)."""
+        """Prometheus text exposition of the server's metrics (metrics.py), to a
+        scrape with the metrics token, or from this machine when none is set: they
+        name every tenant's id and budgets, which no tenant may read of another."""
+        token = self.config.metrics_token
+        if token:
+            sent = request.headers.get("Authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(sent, b"Bearer " + token.encode()):
+                return web.Response(status=401, text="/metrics: send Authorization: "
+                                    "Bearer <P402_METRICS_TOKEN>\n",
+                                    headers={"WWW-Authenticate": "Bearer"})
+        elif not _loopback(request.remote):
+            return web.Response(status=403, text="/metrics answers this machine only; "
+                                "set P402_METRICS_TOKEN to scrape it from elsewhere\n")
         return web.Response(body=self.metrics.exposition(),
                             headers={"Content-Type": "text/plain; version=0.0.4; "
                                                      "charset=utf-8"})
