@@ -96,10 +96,10 @@ Records behind the answer
   it cut off and those answered in about its last 10 ms; started again, it settles
   the saved holds of the others at their estimate. With `--target`, the
   server keeps the holds of a proxy that dies, and a server that dies gets the
-  proxy's queued Records again once it is back. A Record names the call's model,
-  provider, owners and labels as Authorize did, so one whose hold died unsaved
-  with the server (made in its last interval) is metered all the same, at the
-  upstream's usage (reason `reservation.unknown`).
+  proxy's queued Records again once it is back. There a Record names the call's
+  model, provider, owners and labels as Authorize did, so one whose hold died
+  unsaved with the server (made in its last interval) is metered all the same, at
+  the upstream's usage (reason `reservation.unknown`).
 - On shutdown the queues are flushed before the runtime (embedded) stops.
 
 Response headers: `x-p402-reservation-id`, `x-p402-decision`, and on non-streamed
@@ -1149,8 +1149,18 @@ class Proxy:
                 "x-p402-decision": auth.decision.name}
         if auth.reasons:
             meta["x-p402-reasons"] = ",".join(auth.reasons)
-        # The Record names the call as Authorize did: should its hold be gone (made
-        # just before a crash of the server that held it), the call is still metered.
+        return _Call(key, auth, input_bytes, meta,
+                     self._names(auth, model, owners, labels))
+
+    def _names(self, auth: Any, model: str, owners: dict, labels: dict | None
+               ) -> dict[str, Any]:
+        """What a Record says of its call besides the reservation. With `--target`,
+        the call as Authorize was asked: should its hold be gone (made just before a
+        crash of the server that held it), the call is still metered. In process
+        the hold lives as long as the proxy that would send the Record, and naming
+        the call would only cost the Record a slower path."""
+        if self.meter.embedded is not None:
+            return {}
         names: dict[str, Any] = {"model": auth.model or model}
         if owners:
             names["owners"] = owners
@@ -1158,7 +1168,7 @@ class Proxy:
             names["provider"] = auth.provider
         if labels:
             names["labels"] = labels
-        return _Call(key, auth, input_bytes, meta, names)
+        return names
 
     async def _post(self, call: "_Call", endpoint: str, data: bytes, headers: dict
                     ) -> aiohttp.ClientResponse:
