@@ -28,6 +28,7 @@ Centre, where decisions and money live:
 - ``privacy/``   privacy modes, redaction, sealed secrets and signed reports.
 
 Utilities anyone may use: ``observe/`` (logs, metrics, traces), ``amounts.py``
-(money as text) and ``gc_policy.py`` (the garbage collector's settings of a serving
-process).
+(money as text), ``gc_policy.py`` (the garbage collector's settings of a serving
+process) and ``httpconn.py`` (aiohttp runners that answer malformed HTTP in the
+application's own way).
 """

@@ -9,9 +9,9 @@ Layers of p402_server, edges first:
 - edges: cli (and the demo), api (servicers), gateways, dashboard, server, workers,
   and assembly, which puts a process's parts together;
 - centre: runtime, wire, ledger, privacy — and below everything, p402core.
-observe (logs, metrics, traces), amounts and listen are utilities anyone may use;
-they import no edge either. The SDK (p402_client) never imports the server, and
-p402core imports neither.
+observe (logs, metrics, traces), amounts, listen, gc_policy and httpconn are
+utilities anyone may use; they import no edge either. The SDK (p402_client) never
+imports the server, and p402core imports neither.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ TREES = {
 }
 EDGES = ("cli", "api", "gateways", "dashboard", "server", "workers", "assembly")
 CENTRE = ("runtime", "wire", "ledger", "privacy")
-UTILITIES = ("observe", "amounts", "listen", "gc_policy")
+UTILITIES = ("observe", "amounts", "listen", "gc_policy", "httpconn")
 
 
 def _modules() -> dict[str, str]:

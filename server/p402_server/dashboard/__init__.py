@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 
-from aiohttp import web, web_protocol, web_server
+from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from p402_server.dashboard.app import PREFIX, Dashboard, DashboardConfig
+from p402_server.httpconn import runner_class
 
 log = logging.getLogger("p402.dashboard")
 
@@ -60,20 +61,8 @@ class _RefusingHandler(web_protocol.RequestHandler):
         return resp
 
 
-class _RefusingServer(web_server.Server):
-    def __call__(self) -> web_protocol.RequestHandler:
-        return _RefusingHandler(self, loop=self._loop, **self._kwargs)
-
-
-class _Runner(web.AppRunner):
-    """The dashboard's AppRunner: its connections use `_RefusingHandler`."""
-
-    async def _make_server(self) -> web_server.Server:
-        server = await super()._make_server()
-        # aiohttp builds its Server inside Application; only the class of the handler a
-        # new connection gets changes.
-        server.__class__ = _RefusingServer
-        return server
+# The dashboard's AppRunner: its connections use `_RefusingHandler`.
+_Runner = runner_class(_RefusingHandler)
 
 
 class DashboardServer:

@@ -127,11 +127,12 @@ from typing import Any
 
 import aiohttp
 import aiohttp.http_exceptions
-from aiohttp import web, web_protocol, web_server
+from aiohttp import web, web_protocol
 
 from p402_client.openai import usage_from_openai
 from p402_server.gateways import jsonio
 from p402_server.gc_policy import tune_gc
+from p402_server.httpconn import runner_class
 from p402core import (
     MAX_TOKENS,
     NULL_USAGE_END,
@@ -1454,20 +1455,8 @@ class _JsonErrorHandler(web_protocol.RequestHandler):
         return resp
 
 
-class _JsonErrorServer(web_server.Server):
-    def __call__(self) -> web_protocol.RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
-
-
-class ProxyRunner(web.AppRunner):
-    """The proxy's AppRunner: its connections use `_JsonErrorHandler`."""
-
-    async def _make_server(self) -> web_server.Server:
-        server = await super()._make_server()
-        # aiohttp builds its Server inside Application; the subclass only changes
-        # which RequestHandler a new connection gets.
-        server.__class__ = _JsonErrorServer
-        return server
+# The proxy's AppRunner: its connections use `_JsonErrorHandler`.
+ProxyRunner = runner_class(_JsonErrorHandler)
 
 
 # ------------------------------------------------------------------ running it
