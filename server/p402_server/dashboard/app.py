@@ -29,7 +29,6 @@ Security model
 from __future__ import annotations
 
 import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -180,8 +179,7 @@ class Dashboard:
         name every tenant's id and budgets, which no tenant may read of another."""
         token = self.config.metrics_token
         if token:
-            sent = request.headers.get("Authorization", "").encode("utf-8", "replace")
-            if not hmac.compare_digest(sent, b"Bearer " + token.encode()):
+            if not tokens_equal(request.headers.get("Authorization"), "Bearer " + token):
                 return web.Response(status=401, text="/metrics: send Authorization: "
                                     "Bearer <P402_METRICS_TOKEN>\n",
                                     headers={"WWW-Authenticate": "Bearer"})
