@@ -6,6 +6,7 @@ store the same data, or a hold restored elsewhere would settle differently.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 
@@ -140,5 +141,47 @@ async def test_a_hold_never_written_is_never_deleted_and_a_written_one_is(tmp_pa
         assert deleted == [early.reservation_id]
         assert await _stored(path) == {}
     finally:
+        await emb.stop()
+        await store.close()
+
+
+async def test_a_saved_hold_stays_until_the_event_that_settles_it_is_committed(tmp_path):
+    """The hold is the call's safety net until the ledger has its settlement: a flush
+    between the engine's settlement and the event's commit must not delete it, or a
+    crash in that gap loses the call (neither its Record nor its hold is saved)."""
+    path = tmp_path / "ledger.db"
+    store, _tenant, admin_key, emb = await _started(path)
+    gate = asyncio.Event()
+    try:
+        meter = emb.client(admin_key)
+        auths = [await meter.authorize("gpt-4o-mini", owners={"customer": "acme"},
+                                       input_bytes=40, max_output_tokens=20)
+                 for _ in range(2)]
+        rt = next(iter(emb.runtime.tenants.values()))
+        await rt.flush_holds()
+        assert set(await _stored(path)) == {a.reservation_id for a in auths}
+        # The writer's transactions wait at the gate: the Records' events stay queued.
+        transaction = emb.writer._transaction
+
+        async def gated(batch):
+            await gate.wait()
+            return await transaction(batch)
+
+        emb.writer._transaction = gated
+        record = asyncio.ensure_future(
+            meter.record(auths[0].reservation_id, input_tokens=10, output_tokens=5))
+        release = asyncio.ensure_future(meter.release(auths[1].reservation_id))
+        while rt.engine.hold_records():  # both settled in the engine
+            await asyncio.sleep(0.001)
+        await rt.flush_holds()
+        assert set(await _stored(path)) == {a.reservation_id for a in auths}
+        assert not record.done() and not release.done()
+        gate.set()
+        assert (await record).cost_nanos > 0
+        await release
+        await rt.flush_holds()  # committed: now they go
+        assert await _stored(path) == {}
+    finally:
+        gate.set()
         await emb.stop()
         await store.close()

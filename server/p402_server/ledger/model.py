@@ -88,6 +88,10 @@ class Content(NamedTuple):
                 raise InvalidArgument(f"{field}.{name}", "must be a str")
 
 
+# LedgerEvent fields to_dict leaves out: content never; the others are no column.
+_NOT_EXPORTED = frozenset({"contents", "claim", "in_ledger"})
+
+
 @dataclass(slots=True)
 class LedgerEvent:
     """One economic event as the ledger stores it (DESIGN §3); one events row.
@@ -155,6 +159,10 @@ class LedgerEvent:
     # settlement of ``reservation_id`` for this event_id in the event's transaction
     # (hold_claims); another event_id's claim wins over it (WriteResult.claimed_by).
     claim: bool = field(default=False, repr=False, compare=False)
+    # Not a column: set by the writer once a committed transaction holds this event
+    # (or the ledger had it already, or a claim's winner settled its reservation):
+    # from then on a crash cannot lose the settlement, so its saved hold may go.
+    in_ledger: bool = field(default=False, repr=False, compare=False)
 
     @property
     def owners(self) -> dict[str, str]:
@@ -165,7 +173,7 @@ class LedgerEvent:
         """JSON-ready dict of every field (tuples become lists)."""
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name == "contents" or f.name == "claim":  # content: never; claim: no column
+            if f.name in _NOT_EXPORTED:
                 continue
             value = getattr(self, f.name)
             if f.name == "labels" or f.name == "units":

@@ -552,6 +552,7 @@ class GroupCommitWriter:
                     self._schedule_retry(item, exc)
             return
         for item, result in zip(items, results):
+            item.event.in_ledger = True
             fut = item.future
             if fut is not None and not fut.done():
                 fut.set_result(result)

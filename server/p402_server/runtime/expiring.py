@@ -171,16 +171,22 @@ class Expiring:
             rows = [_captured_row(tenant_id, maker, rid, h, metas.get(rid))
                     for rid, h in pending.items()]
         deletes, self._hold_deletes = self._hold_deletes, set()
+        settled = self._hold_settled
+        if settled:
+            # (An event read from the ledger, a claim's winner, has its seq.)
+            for rid in [rid for rid, ev in settled.items() if ev.in_ledger or ev.seq]:
+                del settled[rid]
+                deletes.add(rid)
         if not rows and not deletes:
             return
         try:
             await self.writer.save_holds(tenant_id, rows, deletes)
         except Exception:
             # Keep them for the next round (the flush loop logs). A hold settled
-            # meanwhile is in _hold_deletes already and is not re-added.
+            # meanwhile is in _hold_deletes or _hold_settled and is not re-added.
             if not everything:
                 for rid, h in pending.items():
-                    if rid not in self._hold_deletes:
+                    if rid not in self._hold_deletes and rid not in self._hold_settled:
                         self._hold_upserts.setdefault(rid, h)
             self._hold_deletes |= deletes
             raise

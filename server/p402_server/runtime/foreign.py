@@ -113,7 +113,7 @@ class ForeignSettling:
         """Commit a settling event of another process's hold; when it wins, leave its
         maker a notice (best effort: a lost notice only delays the maker's booking
         until its own copy of the hold expires and finds the claim)."""
-        self._remember(ev)  # also deletes the saved hold at the next flush
+        self._remember(ev)  # also deletes the saved hold once `ev` is committed
         res = await self._write_settled(ev)
         if not res.claimed_by:
             self._remember(res.event)

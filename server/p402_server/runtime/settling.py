@@ -317,8 +317,12 @@ class Settling:
             self._compensate(s, "could not be written (the ledger refused the event)")
             if self._events.get(ev.event_id) is ev:
                 self._events.pop(ev.event_id, None)
-            if ev.reservation_id and self._by_reservation.get(ev.reservation_id) is ev:
-                self._by_reservation.pop(ev.reservation_id, None)
+            rid = ev.reservation_id
+            if rid and self._by_reservation.get(rid) is ev:
+                self._by_reservation.pop(rid, None)
+            if rid and self._hold_settled.get(rid) is ev:  # settled in the engine all
+                del self._hold_settled[rid]  # the same: its saved hold goes
+                self._hold_deletes.add(rid)
             log.error("tenant %s: event %s refused by the ledger: %s", self.tenant_id,
                       ev.event_id, exc)
             return exc
@@ -386,7 +390,8 @@ class Settling:
                 return
             self._hold_meta.pop(rid, None)
             if self._hold_upserts.pop(rid, None) is None:
-                self._hold_deletes.add(rid)  # (else never written: nothing to delete)
+                # Saved (or being saved): delete it once `ev` is committed (flush_holds).
+                self._hold_settled[rid] = ev  # (else never written: nothing to delete)
 
     def _compensate(self, s, why: str = "settled an event_id already in the ledger") -> None:
         if s is None:  # replayed from memory: the engine's count was undone already

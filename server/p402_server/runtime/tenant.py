@@ -72,7 +72,9 @@ Idempotency (DESIGN §3: a repeated Record returns the first result)
 Background (one task per server): every `expire_interval_seconds` `engine.expire()`
 for every tenant (EXPIRED events written behind); every
 `holds_flush_interval_seconds` the changed open holds are written behind
-(`store.save_holds`, batched upserts and deletes), and all of them at shutdown; with
+(`store.save_holds`, batched upserts and deletes; a settled hold's row is deleted
+only once the event that settled it has committed, so a crash never finds neither),
+and all of them at shutdown; with
 leases on, every tick the notices left for this process (`take_notices`), every
 `config_poll_seconds` the config poll (`Runtime.sync_config`) and the store-level
 budget status, and every `DEAD_SWEEP_SECONDS` the dead processes' expired holds."""
@@ -81,6 +83,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from p402_server.ledger.model import LedgerEvent
 from p402_server.privacy import modes as _privacy
 from p402_server.runtime import shared
 from p402_server.runtime.config import ServerConfig
@@ -130,6 +133,10 @@ class TenantRuntime(Deciding, Settling, BudgetStatus, ForeignSettling, Expiring,
         # captured from the Authorization) and reservation ids to delete at next flush.
         self._hold_upserts: dict[str, tuple] = {}
         self._hold_deletes: set[str] = set()
+        # Saved holds settled by an event the writer has not committed yet (rid ->
+        # that event): deleted at the first flush after its commit, never before, so
+        # a crash in between leaves the hold to charge the call at its estimate.
+        self._hold_settled: dict[str, LedgerEvent] = {}
         self.admin_lock = asyncio.Lock()
         # Privacy and evidence (privacy.py): the tenant's modes, salt and
         # duplicate memory; per open hold, what its Authorize left for the Record
