@@ -18,11 +18,14 @@ What is real and what is modelled
   holds; a dead lease is reclaimed only once its saved holds are settled.
 - Faults: Records and Releases sent to random processes, duplicated retries, holds
   recorded before they are saved, kills at any step (unflushed holds die with the
-  process), restarts under a new id, time jumps past TTLs, lowered limits.
+  process, and so do events still queued in its writer: a Record a gateway sent
+  behind its answer), restarts under a new id, time jumps past TTLs, lowered limits.
+  A settled hold's saved row is deleted only once its event has committed.
 
 `Sim(seed, bugs=...)` adds a fault ("stalls": a live process misses its renewals
 and is taken for dead) or reverts one rule of the protocol ("compensate", "adopt":
-the old cross-process settlement; "expiry_unreported"; "no_sweep"; "no_carry"), to
+the old cross-process settlement; "expiry_unreported"; "no_sweep"; "no_carry";
+"early_delete": a flush deletes the saved hold of a settlement still queued), to
 show the checks catch it (tests/scaleout/test_simulation.py). A failing seed replays
 exactly: the same seed gives the same steps.
 """
@@ -55,6 +58,7 @@ class Store:
     saved: dict = field(default_factory=dict)      # rid -> (maker, amount, expires, est)
     alive: dict = field(default_factory=dict)      # process -> expires_ms
     notices: dict = field(default_factory=dict)    # maker -> [(rid, cost)]
+    ever_saved: set = field(default_factory=set)   # every rid a flush saved
 
     committed: int = 0      # Σ cost of the ledger
     unknown: int = 0        # of it, metered without the hold
@@ -100,6 +104,7 @@ class Process:
         self.acked = 0
         self.limit = sim.store.limit
         self.unsaved: dict = {}   # rid -> (amount, expires, est)
+        self.queued: dict = {}    # rid -> (cost, est): settled, its event in the writer
         self.fenced = False
 
     def unused(self) -> int:
@@ -139,7 +144,11 @@ class Process:
         for rid, h in self.unsaved.items():
             if rid not in st.ledger:
                 st.saved[rid] = (self.pid, *h)
+                st.ever_saved.add(rid)
         self.unsaved.clear()
+        if "early_delete" in sim.bugs:
+            for rid in self.queued:
+                st.saved.pop(rid, None)
         notices = st.notices.pop(self.pid, [])
         if not self.sim.bugs & {"compensate", "adopt"}:  # the old design had none
             for rid, cost in notices:
@@ -198,12 +207,29 @@ class Process:
         except p402core.Conflict:
             return  # settled already here: the ledger has (or will have) its event
         self.unsaved.pop(rid, None)
-        won = st.claim(rid, "record", s.cost_nanos, s.estimated_cost_nanos)
+        if self.sim.rng.random() < 0.3:
+            # Sent behind the gateway's answer (an embedded proxy): its event waits in
+            # the writer (commit), a flush or a kill may come first, and no retry
+            # will come (the gateway is done with the call, or died with it).
+            self.queued[rid] = (s.cost_nanos, s.estimated_cost_nanos)
+            self.sim.behind.add(rid)
+            return
+        self._commit_record(rid, s.cost_nanos, s.estimated_cost_nanos)
+
+    def _commit_record(self, rid: str, cost: int, est: int) -> None:
+        st = self.sim.store
+        won = st.claim(rid, "record", cost, est)
         st.saved.pop(rid, None)
         if won is None:
-            self.acked += s.cost_nanos
+            self.acked += cost
         else:
-            self.rebook(s.cost_nanos, won)
+            self.rebook(cost, won)
+
+    def commit(self) -> None:
+        """The writer commits the queued events (then their saved holds may go)."""
+        queued, self.queued = self.queued, {}
+        for rid, (cost, est) in queued.items():
+            self._commit_record(rid, cost, est)
 
     def record_foreign(self, rid: str, tokens: tuple[int, int]) -> None:
         st, sim = self.sim.store, self.sim
@@ -276,6 +302,7 @@ class Sim:
         self.reservations: dict[str, int] = {}   # rid -> estimate (given to clients)
         self.rids: list[str] = []
         self.recent: collections.deque = collections.deque(maxlen=32)
+        self.behind: set = set()  # Records sent behind their answers (never retried)
         self.hold_records: dict[str, dict] = {}
         self.steps = 0
         self.limits = [(self.now, limit)]  # (time, limit) of every change
@@ -314,12 +341,14 @@ class Sim:
                 tokens = (rng.randint(0, rec["input_tokens"]),
                           rng.randint(0, rec["output_tokens"]))
             p.record(rid, tokens)
-            if rng.random() < 0.2:  # a retry, elsewhere
+            if rng.random() < 0.2 and rid not in self.behind:  # a retry, elsewhere
                 rng.choice(list(self.procs.values())).record(rid, tokens)
         elif op < 0.62 and self.reservations:
             p.release(self.pick())
         elif op < 0.90:
             p.tick()
+        elif op < 0.93:
+            p.commit()
         elif op < 0.97:
             self.advance(rng.choice((10, 100, 500, 2_000, 4_000)))
         elif op < 0.972:
@@ -346,7 +375,8 @@ class Sim:
         """A reservation to settle: mostly an open one (gateways settle what they
         hold), sometimes any (a late retry)."""
         if self.rng.random() < 0.8:
-            recent = [r for r in self.recent if r not in self.store.ledger]
+            recent = [r for r in self.recent
+                      if r not in self.store.ledger and r not in self.behind]
             if recent:
                 return self.rng.choice(recent)
         return self.rng.choice(self.rids)
@@ -368,7 +398,8 @@ class Sim:
 
     def kill(self, p: Process) -> None:
         self.log.append(f"{self.steps}: kill {p.pid}")
-        del self.procs[p.pid]  # unsaved holds die with it; its registration lapses
+        # Unsaved holds and queued events die with it; its registration lapses.
+        del self.procs[p.pid]
 
     def survivor_duties(self) -> None:
         st = self.store
@@ -446,6 +477,7 @@ class Sim:
                     rid, (rec["input_tokens"], rec["output_tokens"]))
                 self.check()
             for p in list(self.procs.values()):
+                p.commit()
                 p.tick()
             self.advance(TTL_MS + 1)
             for p in list(self.procs.values()):
@@ -458,13 +490,15 @@ class Sim:
         for _ in range(4):
             self.advance(TTL_MS + LEASE_TTL_MS + 1)
             for p in list(self.procs.values()):
+                p.commit()
                 p.tick()
             self.survivor_duties()
             for p in list(self.procs.values()):
                 p.tick()
 
     def check_quiet(self) -> None:
-        """I2: every reservation whose hold was saved or is live settled exactly once.
+        """I2: every reservation whose hold was saved (at any time) or is live settled
+        exactly once.
         I3: with nothing open, the store's allocation covers exactly the live leases
         (leased = their unused grants), so limit − ledger is spendable."""
         st = self.store
@@ -475,6 +509,10 @@ class Sim:
         if st.saved:
             raise InvariantBroken(f"I2 seed={self.seed}: saved holds never settled: "
                                   f"{sorted(st.saved)[:5]}")
+        lost = st.ever_saved - st.ledger.keys()
+        if lost:
+            raise InvariantBroken(f"I2 seed={self.seed}: saved holds gone, never settled: "
+                                  f"{sorted(lost)[:5]}")
         unused = sum(max(0, p.unused()) for p in self.procs.values()) + sum(
             p.acked for p in self.procs.values())
         stranded = st.leased - unused

@@ -39,6 +39,9 @@ def test_invariants_hold_long():
     ("expiry_unreported", "I3"),
     # Nobody settles a dead process's saved holds.
     ("no_sweep", "I2"),
+    # A settled hold's saved row deleted while its event is still in the writer: a
+    # kill then loses the call.
+    ("early_delete", "I2"),
 ])
 def test_the_simulation_finds_a_reverted_rule(rule, invariant):
     """With one rule of the protocol reverted, some seed of the first ten breaks the
