@@ -136,8 +136,14 @@ async def _soak(tmp_path, seconds: float, seed: int) -> None:
     assert third >= 3, rss
     mid, last = rss[third:2 * third], rss[2 * third:]
     growth_kb = statistics.mean(last) - statistics.mean(mid)
-    # Tolerance: 8 MiB or 5 % of the middle third's mean, whichever is larger.
-    tolerance = max(8 * 1024, statistics.mean(mid) * 0.05)
+    # Tolerance: 12 MiB or 8 % of the middle third's mean, whichever is larger. Not
+    # a leak, and not yet flat at 60 s: SQLite's page caches (up to 2 MiB on each of
+    # the pool's connections, up to 16 under this load) fill as the ledger outgrows
+    # them, levelling off at about 37 MiB after 60-120 s, with malloc fragmentation
+    # from connections opened and closed (measured with sqlite3_memory_used and
+    # mallinfo2 over 240 s: the Python heap and the rest of the C heap stay flat).
+    # The short soak catches gross leaks; the long one (-m slow) the slow ones.
+    tolerance = max(12 * 1024, statistics.mean(mid) * 0.08)
     print(f"\nsoak {seconds:.0f}s: ops {ops}; RSS KiB start {rss[0]} mid "
           f"{statistics.mean(mid):.0f} last {statistics.mean(last):.0f} "
           f"(growth {growth_kb:.0f}); held max {max(held)} nanos, final {final_held}")
