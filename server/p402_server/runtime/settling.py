@@ -320,8 +320,10 @@ class Settling:
             rid = ev.reservation_id
             if rid and self._by_reservation.get(rid) is ev:
                 self._by_reservation.pop(rid, None)
-            if rid and self._hold_settled.get(rid) is ev:  # settled in the engine all
-                del self._hold_settled[rid]  # the same: its saved hold goes
+            if rid and self._hold_settled.get(rid) is ev:
+                # The engine let the hold go and the caller is told: its saved row
+                # goes too, as it would once the event had committed.
+                del self._hold_settled[rid]
                 self._hold_deletes.add(rid)
             log.error("tenant %s: event %s refused by the ledger: %s", self.tenant_id,
                       ev.event_id, exc)
