@@ -92,7 +92,8 @@ Records behind the answer
   less than what the call could cost: spend is never under-counted. Holds reach the
   ledger behind the decision, every `holds_flush_interval_seconds` (0.25 s): in
   process (`--db`), a crash that allows no flush (SIGKILL) loses the calls whose
-  hold was made in its last interval and whose Record had not committed, the ones
+  hold was made since its last completed flush (one interval; longer while the
+  database is slow to take the holds) and whose Record had not committed, the ones
   it cut off and those answered in about its last 10 ms; started again, it settles
   the saved holds of the others at their estimate. With `--target`, the
   server keeps the holds of a proxy that dies, and a server that dies gets the
