@@ -255,3 +255,25 @@ async def test_a_request_never_decided_does_not_get_its_answer(rig, caplog):
     assert await rig.events(timeout=0.3) == []
     assert any(r.levelname == "ERROR" and "without a decision" in r.getMessage()
                for r in caplog.records)
+
+
+async def test_a_request_that_sets_nothing_is_refused_naming_the_field(rig):
+    call = rig.stub.Process()
+    await call.write(pb.ProcessingRequest())
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await asyncio.wait_for(call.read(), 10)  # never answered: TimeoutError
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("request:")
+    # After the headers of an authorized request, the stream's end records it.
+    call = rig.stub.Process()
+    first = rig.request({"model": "gpt-4o-mini", "max_tokens": 5,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    for m in first:
+        await call.write(m)
+        await call.read()
+    await call.write(pb.ProcessingRequest())
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await asyncio.wait_for(call.read(), 10)  # never answered: TimeoutError
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (ev,) = await rig.events()
+    assert ev.outcome.value == "CANCELLED"

@@ -57,6 +57,7 @@ import logging
 import time
 
 import aiohttp
+import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -346,6 +347,13 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
                     yield await ex.response_body(msg.response_body)
                 elif which == "response_trailers":
                     yield await ex.response_trailers()
+                else:
+                    # Envoy always sets one; without an answer the sender would wait.
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "request: a ProcessingRequest sets one of request_headers, "
+                        "request_body, request_trailers, response_headers, response_body "
+                        f"or response_trailers (got {which or 'none'})")
         finally:
             if ex.auth is not None and not ex.recorded:
                 # The stream ended before the response did: the client went away or
