@@ -73,8 +73,8 @@ class Rig:
 @pytest.fixture
 async def rig(tmp_path):
     from p402_client import AsyncP402Client
-    from p402_server.server import create_server, init_tenant
     from p402_server.ledger import open_store
+    from p402_server.server import create_server, init_tenant
 
     store = await open_store(f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
     server, port = create_server("127.0.0.1:0", store=store, ext_authz=True)
