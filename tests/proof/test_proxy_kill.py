@@ -32,7 +32,13 @@ import sqlite3
 
 from tests.proof.harness import ServerProcess
 from tests.support.openai_standin import OpenAIStandin
-from tests.support.proxy_process import CALLERS, proxy_process, storm, wait_until_settled
+from tests.support.proxy_process import (
+    CALLERS,
+    proxy_process,
+    storm,
+    tenant_with_hold_ttl,
+    wait_until_settled,
+)
 
 REPORTED = 2  # events.evidence of a provider's usage (common.proto EVIDENCE_REPORTED)
 UPSTREAM_SECONDS = 0.6  # > holds_flush_interval_seconds (0.25)
@@ -50,24 +56,6 @@ def _settled(db: str, tenant: str) -> dict[str, list[tuple[str, str, int]]]:
     return out
 
 
-def _tenant(url: str, hold_ttl_seconds: int) -> tuple[str, str]:
-    """A new tenant whose holds expire `hold_ttl_seconds` after their call."""
-    from p402_server.ledger import open_store
-    from p402_server.server import init_tenant
-
-    async def init():
-        store = await open_store(url)
-        try:
-            tenant, key = await init_tenant(store, "killed")
-            await store.put_settings(tenant, {**await store.get_settings(tenant),
-                                              "hold_ttl_seconds": hold_ttl_seconds})
-            return tenant, key
-        finally:
-            await store.close()
-
-    return asyncio.run(init())
-
-
 PROXY_KILLS = 4  # at most: until a kill takes Records still lingering
 
 
@@ -76,7 +64,7 @@ def test_a_sigkilled_proxy_loses_no_answered_call(tmp_path):
     url = f"sqlite+aiosqlite:///{db}"
     # Holds expire a second after their call: a restarted proxy settles the dead
     # one's within the test.
-    tenant, key = _tenant(url, 1)
+    tenant, key = tenant_with_hold_ttl(url, 1)
     rng = random.Random(402)
     answered: list[str] = []
     lost: list[str] = []  # answered, yet not in the ledger once the proxy was dead
@@ -149,7 +137,7 @@ def test_a_sigkilled_server_loses_no_call_its_proxy_answered(tmp_path):
     url = f"sqlite+aiosqlite:///{db}"
     # Holds outlive the outage: every answered call must be settled by its Record
     # (the upstream's usage), which the proxy sends again once the server is back.
-    tenant, key = _tenant(url, 120)
+    tenant, key = tenant_with_hold_ttl(url, 120)
     rng = random.Random(403)
     srv = ServerProcess(url, log_path=tmp_path / "serve.log").start()
     with OpenAIStandin.in_thread(api_key="sk-upstream-test") as upstream:

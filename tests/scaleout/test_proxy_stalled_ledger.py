@@ -25,30 +25,13 @@ from tests.support.proxy_process import (
     UPSTREAM_KEY,
     proxy_process,
     storm,
+    tenant_with_hold_ttl,
     wait_until_settled,
 )
 
 UPSTREAM_SECONDS = 0.6  # every call's hold is saved before its answer
 ENV = {"P402_HOLDS_FLUSH_INTERVAL_SECONDS": "0.05", "P402_EXPIRE_INTERVAL_SECONDS": "0.1"}
 STALL_SECONDS = 1.0  # twenty hold flushes, and more than a wave of answers
-
-
-def _tenant(pg_url: str) -> tuple[str, str]:
-    """A tenant whose holds expire a second after their call, and its admin key."""
-    from p402_server.ledger import open_store
-    from p402_server.server import init_tenant
-
-    async def init():
-        store = await open_store(pg_url)
-        try:
-            tenant, key = await init_tenant(store, "stalled")
-            await store.put_settings(tenant, {**await store.get_settings(tenant),
-                                              "hold_ttl_seconds": 1})
-            return tenant, key
-        finally:
-            await store.close()
-
-    return asyncio.run(init())
 
 
 def _settled(pg_url: str, tenant: str) -> dict[str, list[tuple[str, int]]]:
@@ -74,7 +57,7 @@ def _settled(pg_url: str, tenant: str) -> dict[str, list[tuple[str, int]]]:
 def test_a_proxy_killed_while_the_ledger_stalls_loses_no_answered_call(pg_url, tmp_path):
     import asyncpg
 
-    tenant, key = _tenant(pg_url)
+    tenant, key = tenant_with_hold_ttl(pg_url, 1, "stalled")
     answered: list[str] = []
     first_wave: list[str] = []  # recorded before the stall
     in_stall: list[str] = []  # answered while the events table was locked

@@ -16,6 +16,26 @@ UPSTREAM_KEY = "sk-upstream-test"  # the key the proxies send to the stand-in up
 CALLERS = 24
 
 
+def tenant_with_hold_ttl(url: str, hold_ttl_seconds: int, name: str = "killed"
+                         ) -> tuple[str, str]:
+    """A new tenant on the ledger at `url` whose holds expire `hold_ttl_seconds` after
+    their call -> (tenant id, its admin key)."""
+    from p402_server.ledger import open_store
+    from p402_server.server import init_tenant
+
+    async def init():
+        store = await open_store(url)
+        try:
+            tenant, key = await init_tenant(store, name)
+            await store.put_settings(tenant, {**await store.get_settings(tenant),
+                                              "hold_ttl_seconds": hold_ttl_seconds})
+            return tenant, key
+        finally:
+            await store.close()
+
+    return asyncio.run(init())
+
+
 def proxy_process(p402: tuple[str, str], upstream: str, log_path, env: dict | None = None
                   ) -> tuple[subprocess.Popen, int]:
     """`p402 proxy` with `p402` = ("--db", URL) or ("--target", HOST:PORT)."""
