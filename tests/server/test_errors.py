@@ -208,3 +208,64 @@ def test_the_one_mapping(exc, code, reason, field):
     assert info.metadata.get("field") == field
     if code == grpc.StatusCode.INTERNAL:
         assert "secret" not in status.details  # internals are logged, not sent
+
+
+def _cyclic_garbage_of_calls() -> list[str]:
+    """What the cyclic collector would free now that belongs to a call: the server's
+    call state, P402's frames (and whatever they hold) and P402's messages."""
+    import gc
+
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        found = []
+        for o in gc.garbage:
+            kind = type(o)
+            if kind.__name__ in ("RPCState", "_ServicerContext"):
+                found.append(kind.__name__)
+            elif kind.__name__ == "frame" and "p402" in o.f_code.co_filename:
+                found.append(f"frame {o.f_code.co_qualname}")
+            elif kind.__module__.startswith("p402.v1"):
+                found.append(kind.__name__)
+        return found
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.collect()
+
+
+async def test_a_refused_call_is_freed_when_it_ends_not_by_the_cyclic_collector(svc):
+    """A refused call must not leave its state (its request: up to 64 MiB) in
+    reference cycles: a long-running server collects them seldom (gc_policy.py), and
+    a client sending bad input would grow it without bound. Unary and streaming."""
+    import asyncio
+    import gc
+
+    m = svc.meter
+    bad = meter_pb2.RecordRequest(privacy_mode=99)  # no such mode: INVALID_ARGUMENT
+
+    async def drain(call):
+        async for _ in call:
+            pass
+
+    calls = [
+        lambda: m.Record(bad, metadata=svc.auth),
+        lambda: m.RecordBatch(meter_pb2.RecordBatchRequest(records=[bad]), metadata=svc.auth),
+        lambda: m.Authorize(authorize(model=""), metadata=svc.auth),
+        lambda: drain(m.StreamRecords(iter([bad]), metadata=svc.auth)),
+        lambda: drain(m.StreamRecordBatches(
+            iter([meter_pb2.RecordBatchRequest(records=[bad])]), metadata=svc.auth)),
+        lambda: m.Query(meter_pb2.QueryRequest(page_token="not-a-token"), metadata=svc.auth),
+        lambda: m.Query(meter_pb2.QueryRequest()),  # no key
+    ]
+    for call in calls:  # warm: first-call caches are not garbage
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call()
+    await asyncio.sleep(0.2)
+    gc.collect()
+    for _ in range(5):
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call()
+    await asyncio.sleep(0.2)  # the server's side of each call has ended
+    assert _cyclic_garbage_of_calls() == []

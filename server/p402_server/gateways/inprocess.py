@@ -70,13 +70,28 @@ class InProcessRpcError(grpc.RpcError):
 
 
 class _Context:
-    """The part of grpc.aio.ServicerContext that P402's servicers use."""
+    """The part of grpc.aio.ServicerContext that P402's servicers use. A call that
+    set a status other than OK (`errors.fail`) ends with `failure()`."""
 
-    __slots__ = ("_metadata", "trailing")
+    __slots__ = ("_metadata", "trailing", "code", "details")
 
     def __init__(self, metadata: Any):
         self._metadata = tuple(metadata or ())
         self.trailing: tuple = ()
+        self.code = None
+        self.details = ""
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def failure(self) -> InProcessRpcError | None:
+        """The call's error, when its status was set and is not OK."""
+        if self.code is None or self.code is grpc.StatusCode.OK:
+            return None
+        return InProcessRpcError(self.code, self.details, self.trailing)
 
     def invocation_metadata(self) -> tuple:
         return self._metadata
@@ -141,7 +156,13 @@ class _Unary:
         self._handler = handler
 
     async def __call__(self, request, timeout: float | None = None, metadata: Any = ()):
-        return await _within(self._handler(request, _Context(metadata)), timeout)
+        ctx = _Context(metadata)
+        resp = await _within(self._handler(request, ctx), timeout)
+        if ctx.code is not None:
+            err = ctx.failure()
+            if err is not None:
+                raise err
+        return resp
 
 
 async def _within(coro, timeout: float | None):
@@ -174,14 +195,20 @@ class _ServerStream:
         return self
 
     async def __anext__(self):
-        if self._deadline is None:
-            return await self._gen.__anext__()
         try:
-            async with asyncio.timeout_at(self._deadline):
+            if self._deadline is None:
                 return await self._gen.__anext__()
-        except TimeoutError:
-            await self._gen.aclose()
-            raise _deadline_exceeded() from None
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    return await self._gen.__anext__()
+            except TimeoutError:
+                await self._gen.aclose()
+                raise _deadline_exceeded() from None
+        except StopAsyncIteration:
+            err = self._ctx.failure()
+            if err is not None:
+                raise err from None
+            raise
 
     async def trailing_metadata(self) -> tuple:
         return self._ctx.trailing

@@ -159,10 +159,30 @@ def logged_status(exc: BaseException, method: str) -> grpc.Status:
     return status
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str):
-    """Log as fits and end the call with the status of `exc` (raises AbortError)."""
+def fail(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    """Log as fits and set the status of `exc` on the call; the wrapper then returns
+    and the call ends with it (a unary response is discarded for a status not OK).
+
+    Not `context.abort`: it raises AbortError through grpc's own frames, and that
+    exception's traceback ties the call's state (its request included, up to the
+    64 MiB a message may hold) into reference cycles that only the cyclic collector
+    frees, which a long-running process runs seldom (gc_policy.py). A refused call
+    must be freed as soon as it ends, whatever a client sends. For the same reason
+    the exception's traceback (and its chain's) goes once logged: a task that failed
+    with it holds it, and its frames hold that task (`await task` re-raised it)."""
     status = logged_status(exc, method)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    _drop_tracebacks(exc)
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    for _ in range(16):  # a chain is short; the bound guards against a looped one
+        if exc is None:
+            return
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 class MalformedRequest:
@@ -249,7 +269,8 @@ def unary(scopes: frozenset, name: str | None = None) -> Callable:
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:  # noqa: BLE001 - the one mapping point
-                await abort(context, exc, method)
+                fail(context, exc, method)
+                return None
 
         return wrapper
 
@@ -278,7 +299,7 @@ def streaming(scopes: frozenset, name: str | None = None) -> Callable:
             except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - the one mapping point
-                await abort(context, exc, method)
+                fail(context, exc, method)
 
         return wrapper
 
@@ -306,7 +327,7 @@ __all__ = [
     "status_for",
     "logged_status",
     "rpc_status_for",
-    "abort",
+    "fail",
     "unary",
     "streaming",
 ]
