@@ -142,3 +142,22 @@ async def test_settings_validation(svc):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _settings(svc, default_privacy_mode=M.PRIVACY_MODE_FULL_TRACE)
     assert error_info(err.value).metadata["field"] == "settings.default_privacy_mode"
+
+
+async def test_kept_content_leaves_memory_once_stored(svc):
+    """The idempotency memory keeps a Record's event to answer retries; the text the
+    mode keeps lives in the contents table once committed, not in that memory (else
+    a tenant keeping traces would hold up to recent_ids of them, 64 MiB each)."""
+    await _settings(svc, allowed_privacy_modes=[1, 2, 3, 4, 5])
+    r = await _call(svc, M.PRIVACY_MODE_FULL_TRACE, event_id="evt_kept")
+    remembered = svc.server.runtime.tenants[svc.tenant_id]._events.get("evt_kept")
+    assert remembered is not None and remembered.seq  # committed
+    assert remembered.contents == ()
+    kept = await svc.store.get_contents(svc.tenant_id, "evt_kept")
+    assert {c.kind: c.text for c in kept} == {"prompt": PROMPT, "response": RESPONSE}
+    again = await svc.meter.Record(meter_pb2.RecordRequest(  # a retry, without its hold
+        event_id="evt_kept", model=MODEL, usage=M.Usage(input_tokens=20, output_tokens=15),
+        prompt=PROMPT, response=RESPONSE, privacy_mode=M.PRIVACY_MODE_FULL_TRACE),
+        metadata=svc.auth)
+    assert again.duplicate and again.event_id == r.event_id
+    assert len(await svc.store.get_contents(svc.tenant_id, "evt_kept")) == 2

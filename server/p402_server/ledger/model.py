@@ -105,8 +105,9 @@ class LedgerEvent:
     ``chain_index`` / ``chain_hash`` are the event's place in its tenant's hash chain
     (canonical.py); the writer assigns both at commit (whatever the caller set).
     ``contents`` is not a column: ``Content`` rows the writer puts in the contents
-    table in the event's transaction (only when the event is new). It is left out of
-    ``to_dict``, ``repr`` and equality, so content never reaches logs or exports.
+    table in the event's transaction (only when the event is new), then empties once
+    the transaction has committed. It is left out of ``to_dict``, ``repr`` and
+    equality, so content never reaches logs or exports.
     """
 
     tenant_id: str

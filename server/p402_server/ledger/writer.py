@@ -552,7 +552,12 @@ class GroupCommitWriter:
                     self._schedule_retry(item, exc)
             return
         for item, result in zip(items, results):
-            item.event.in_ledger = True
+            ev = item.event
+            ev.in_ledger = True
+            if ev.contents:
+                # Stored (or the ledger had the event): the text is not needed in
+                # memory any more, where the idempotency memory would keep it.
+                ev.contents = ()
             fut = item.future
             if fut is not None and not fut.done():
                 fut.set_result(result)
