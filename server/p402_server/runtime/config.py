@@ -7,6 +7,7 @@ flag, an environment variable and an attribute share one name.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,8 +66,12 @@ class ServerConfig:
     # Group-commit writer.
     writer_max_batch: int = 1000
     writer_max_delay_ms: float = 2.0
-    # Per tenant: event ids / reservation ids remembered for idempotent retries.
+    # Per tenant: event ids / reservation ids remembered for idempotent retries, and
+    # at most this many MiB of them (estimated) in each of its three memories (events
+    # by id, by reservation, Authorize answers), whatever their owners and labels
+    # weigh. Beyond memory a retry is answered from the ledger.
     recent_ids: int = 100_000
+    recent_ids_mib: float = 128.0
     # Largest RecordBatch accepted in one call.
     max_batch_records: int = 10_000
 
@@ -75,6 +80,8 @@ class ServerConfig:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InvalidArgument(f.name, f"must be a number, not {value!r}")
+            if not math.isfinite(value):
+                raise InvalidArgument(f.name, f"must be a finite number, not {value!r}")
             if f.name == "auth_negative_seconds" or f.name == "writer_max_delay_ms":
                 if value < 0:
                     raise InvalidArgument(f.name, f"must be >= 0, got {value}")

@@ -20,6 +20,7 @@ from p402_server.runtime.shared import (
     MODEL_SUBSTITUTED,
     RESERVATION_OWNERS_DIFFER,
     RESERVATION_UNKNOWN,
+    event_bytes,
     new_ulid,
 )
 from p402_server.wire import convert
@@ -382,10 +383,11 @@ class Settling:
         if self._events.get(ev.event_id) is ev and (
                 not rid or self._by_reservation.get(rid) is ev):
             return  # remembered as it is already (an event settled, then committed)
-        self._events.put(ev.event_id, ev)
+        weight = event_bytes(ev)
+        self._events.put(ev.event_id, ev, weight)
         if rid:
             prior = self._by_reservation.get(rid)
-            self._by_reservation.put(rid, ev)
+            self._by_reservation.put(rid, ev, weight)
             if prior is not None and prior.event_id == ev.event_id:
                 # Remembered again once committed: its hold was dealt with the first
                 # time (a delete for every Record would go to the ledger otherwise).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections import OrderedDict
 
@@ -72,16 +73,76 @@ def _now_ms() -> int:
 
 
 class _LRU(OrderedDict):
-    """A bounded dict: the oldest entries go when it is full."""
+    """A bounded dict: the oldest entries go when it is full. Full is `limit`
+    entries; with `weigh` (value -> estimated bytes) also `max_bytes` of them, so
+    that entries of any size cannot grow it past a known amount of memory. Entries
+    are added with `put` and taken out with `pop`, which keep the weight's count."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, *, max_bytes: int = 0, weigh=None):
         super().__init__()
         self.limit = limit
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._weigh = weigh
+        self._weights: dict = {}
 
-    def put(self, key, value) -> None:
+    def put(self, key, value, weight: int | None = None) -> None:
+        """Add or replace `key`; `weight`, when the caller has it, saves weighing
+        `value` again."""
         self[key] = value
-        if len(self) > self.limit:
-            self.popitem(last=False)
+        if self._weigh is None:
+            if len(self) > self.limit:
+                self.popitem(last=False)
+            return
+        weights = self._weights
+        if weight is None:
+            weight = self._weigh(value)
+        self.bytes += weight - weights.get(key, 0)
+        weights[key] = weight
+        while len(self) > self.limit or (self.bytes > self.max_bytes and len(self) > 1):
+            old, _value = self.popitem(last=False)
+            self.bytes -= weights.pop(old)
+
+    _MISSING = object()
+
+    def pop(self, key, default=_MISSING):
+        if self._weigh is not None and key in self:
+            self.bytes -= self._weights.pop(key)
+        if default is _LRU._MISSING:
+            return super().pop(key)
+        return super().pop(key, default)
+
+
+# What a remembered LedgerEvent costs beyond its own strings and labels: the object
+# and its other fields (measured on CPython 3.11: 0.9 KB for an event with short ids,
+# model, provider and reasons).
+_EVENT_BYTES = 900
+# A str object's size beyond its characters (CPython: 49 bytes for ASCII).
+_STR_BYTES = 49
+_sizeof = sys.getsizeof
+
+
+def _authorization_bytes(resp) -> int:
+    """About the memory a remembered AuthorizeResponse holds (its encoded size,
+    twice, for the message's own structures)."""
+    return 512 + 2 * resp.ByteSize()
+
+
+def event_bytes(ev) -> int:
+    """About the memory remembering `ev` holds (the idempotency memory's weight):
+    the object, its owners and its labels, each string by its actual size (a
+    non-ASCII character takes up to four bytes). Kept content is not counted: the
+    writer drops it once stored."""
+    n = _EVENT_BYTES
+    for s in (ev.customer, ev.feature, ev.workflow, ev.task, ev.department, ev.employee):
+        if s:
+            n += _sizeof(s) - _STR_BYTES
+    labels = ev.labels
+    if labels:
+        n += _sizeof(labels)
+        for k, v in labels.items():
+            n += _sizeof(k) + _sizeof(v)
+    return n
 
 
 def _catalog_for(core, specs: list[dict]):

@@ -93,7 +93,14 @@ from p402_server.runtime.documents import Documents
 from p402_server.runtime.expiring import Expiring
 from p402_server.runtime.foreign import ForeignSettling
 from p402_server.runtime.settling import Settling
-from p402_server.runtime.shared import _LRU, _catalog_for, _issue_prefix, _issued_here
+from p402_server.runtime.shared import (
+    _LRU,
+    _authorization_bytes,
+    _catalog_for,
+    _issue_prefix,
+    _issued_here,
+    event_bytes,
+)
 from p402_server.runtime.status import BudgetStatus
 
 log = logging.getLogger("p402.server.runtime")
@@ -121,11 +128,13 @@ class TenantRuntime(Deciding, Settling, BudgetStatus, ForeignSettling, Expiring,
         self.engine = self._new_engine()
         # Idempotency memory: event_id -> LedgerEvent (seq 0 until acknowledged) and
         # reservation_id -> the event that settled it.
-        self._events = _LRU(config.recent_ids)
-        self._by_reservation = _LRU(config.recent_ids)
+        cap = int(config.recent_ids_mib * 1024 * 1024)
+        self._events = _LRU(config.recent_ids, max_bytes=cap, weigh=event_bytes)
+        self._by_reservation = _LRU(config.recent_ids, max_bytes=cap, weigh=event_bytes)
         # Caller-chosen reservation ids (or "\0" + request_id) -> the AuthorizeResponse,
         # for Authorize retries.
-        self._authorizations = _LRU(config.recent_ids)
+        self._authorizations = _LRU(config.recent_ids, max_bytes=cap,
+                                    weigh=_authorization_bytes)
         # What a Record needs from its Authorize beyond the engine's hold (decision,
         # reasons, rule ids, privacy mode, attempt, retry_of), only when not default.
         self._hold_meta: dict[str, tuple] = {}
