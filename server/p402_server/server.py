@@ -39,7 +39,7 @@ from p402_server.listen import busy, listen_error
 from p402_server.privacy.signing import warn_if_unsealed
 from p402_server.runtime.config import ServerConfig
 from p402_server.runtime.process import Runtime
-from p402_server.wire.errors import LenientDecoding
+from p402_server.wire.errors import LenientRegistration
 
 log = logging.getLogger("p402.server")
 
@@ -138,7 +138,6 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
     writer, runtime, auth, config = build_runtime(store, config=config, core=core,
                                                   writer=writer, leases=leases)
     server = grpc.aio.server(
-        interceptors=[LenientDecoding()],  # undecodable bytes -> INVALID_ARGUMENT
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -155,10 +154,12 @@ def create_server(address: str, *, store, config: ServerConfig | None = None,
     from p402_server.observe.metrics import Metrics
 
     meters = Metrics(runtime, writer) if metrics else None
+    # P402's own methods: undecodable bytes -> INVALID_ARGUMENT (LenientRegistration).
+    lenient = LenientRegistration(server)
     meter_pb2_grpc.add_MeterServiceServicer_to_server(
         MeterService(runtime, auth, max_batch_records=config.max_batch_records,
-                     metrics=meters, otel=otel), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(runtime, auth), server)
+                     metrics=meters, otel=otel), lenient)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(runtime, auth), lenient)
     services = SERVICE_NAMES
     if ext_authz:  # Envoy ext_authz (p402_server.gateways.envoy), same runtime and key cache
         from p402_server.gateways import envoy, ext_proc

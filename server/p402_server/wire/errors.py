@@ -190,7 +190,7 @@ class MalformedRequest:
 
     grpc.aio decodes a request before any servicer code runs, and a DecodeError
     there reaches the client as UNKNOWN with an ERROR traceback in the server's log
-    (one per request: a bad client could flood it). `LenientDecoding` hands this
+    (one per request: a bad client could flood it). `LenientRegistration` hands this
     marker to the servicer instead, and the wrappers below turn it into
     INVALID_ARGUMENT through the one mapping, like any other bad input.
     """
@@ -215,28 +215,49 @@ def _lenient(deserializer: Callable) -> Callable:
     return decode
 
 
-class LenientDecoding(grpc.aio.ServerInterceptor):
-    """Swaps the request deserializer of P402's own methods for a lenient one.
+def _lenient_handler(handler):
+    if handler is None or handler.request_deserializer is None:
+        return handler
+    return handler._replace(request_deserializer=_lenient(handler.request_deserializer))
 
-    The swapped handler is built once per method and reused, so a call pays one
-    dict lookup here.
+
+class LenientRegistration:
+    """Stands in for the server in the generated ``add_…Servicer_to_server``
+    functions: the method handlers they register reach the server with a lenient
+    request deserializer each (bytes that are not a message become a
+    MalformedRequest).
+
+    Done once, at registration, rather than by a server interceptor: an
+    interceptor puts a coroutine and gRPC's handler lookup chain (a closure that
+    refers to itself: a reference cycle per call) in front of every call.
     """
 
-    def __init__(self, prefix: str = "/p402.v1."):
-        self._prefix = prefix
+    def __init__(self, server):
+        self._server = server
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: _lenient_handler(h) for name, h in handlers.items()})
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_LenientGeneric(h) for h in handlers))
+
+
+class _LenientGeneric(grpc.GenericRpcHandler):
+    """A generic handler's answers with lenient deserializers (built once a method)."""
+
+    def __init__(self, inner):
+        self._inner = inner
         self._handlers: dict = {}
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.request_deserializer is None \
-                or not method.startswith(self._prefix):
-            return handler
-        cached = self._handlers.get(method)
+    def service(self, handler_call_details):
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        cached = self._handlers.get(handler_call_details.method)
         if cached is None or cached[0] is not handler:
-            cached = (handler, handler._replace(
-                request_deserializer=_lenient(handler.request_deserializer)))
-            self._handlers[method] = cached
+            cached = (handler, _lenient_handler(handler))
+            self._handlers[handler_call_details.method] = cached
         return cached[1]
 
 
@@ -319,7 +340,7 @@ __all__ = [
     "ServiceError",
     "Overloaded",
     "MalformedRequest",
-    "LenientDecoding",
+    "LenientRegistration",
     "invalid",
     "unauthenticated",
     "permission_denied",
