@@ -14,6 +14,12 @@ garbage is still collected, less often: a young collection per 50,000 net new
 containers) and freezes what start-up made (it lives as long as the process, so no
 collection needs to walk it).
 
+The price of rarer collections: cyclic garbage that survives a young collection (a
+call still in flight when it ran) waits much longer for a full one, with whatever it
+holds. So the call path must not make reference cycles that hold a call's state; a
+refused call ends by setting its status, not by raising through gRPC
+(`wire.errors.fail`), and a test holds every refused call free of them.
+
 `P402_GC=default` keeps Python's own settings; `P402_GC=T0,T1,T2` sets the thresholds.
 """
 from __future__ import annotations
