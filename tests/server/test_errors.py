@@ -237,7 +237,8 @@ def _cyclic_garbage_of_calls() -> list[str]:
 async def test_a_refused_call_is_freed_when_it_ends_not_by_the_cyclic_collector(svc):
     """A refused call must not leave its state (its request: up to 64 MiB) in
     reference cycles: a long-running server collects them seldom (gc_policy.py), and
-    a client sending bad input would grow it without bound. Unary and streaming."""
+    a client sending bad input would grow it without bound. Unary, streaming both
+    ways, admin, a missing key and bytes that are not a message."""
     import asyncio
     import gc
 
@@ -248,6 +249,8 @@ async def test_a_refused_call_is_freed_when_it_ends_not_by_the_cyclic_collector(
         async for _ in call:
             pass
 
+    garbage = svc.channel.unary_unary("/p402.v1.MeterService/Record")
+
     calls = [
         lambda: m.Record(bad, metadata=svc.auth),
         lambda: m.RecordBatch(meter_pb2.RecordBatchRequest(records=[bad]), metadata=svc.auth),
@@ -255,8 +258,13 @@ async def test_a_refused_call_is_freed_when_it_ends_not_by_the_cyclic_collector(
         lambda: drain(m.StreamRecords(iter([bad]), metadata=svc.auth)),
         lambda: drain(m.StreamRecordBatches(
             iter([meter_pb2.RecordBatchRequest(records=[bad])]), metadata=svc.auth)),
+        lambda: drain(m.StreamAuthorize(iter([authorize()]))),  # no key
         lambda: m.Query(meter_pb2.QueryRequest(page_token="not-a-token"), metadata=svc.auth),
+        lambda: drain(m.ExportEvents(meter_pb2.ExportEventsRequest(
+            filter=meter_pb2.EventFilter(outcomes=[99])), metadata=svc.auth)),
         lambda: m.Query(meter_pb2.QueryRequest()),  # no key
+        lambda: svc.admin.PutBudget(admin_pb2.PutBudgetRequest(), metadata=svc.auth),
+        lambda: garbage(b"\xff\xff\xff", metadata=svc.auth),  # not a message at all
     ]
     for call in calls:  # warm: first-call caches are not garbage
         with pytest.raises(grpc.aio.AioRpcError):
