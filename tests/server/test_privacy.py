@@ -161,3 +161,45 @@ async def test_kept_content_leaves_memory_once_stored(svc):
         metadata=svc.auth)
     assert again.duplicate and again.event_id == r.event_id
     assert len(await svc.store.get_contents(svc.tenant_id, "evt_kept")) == 2
+
+
+async def test_prompts_held_for_records_stay_within_their_budget(tmp_path):
+    """An open hold keeps its Authorize's prompt for the Record where the mode keeps
+    text, within held_prompts_mib per tenant: past it the hold keeps the fingerprint
+    alone, the Record is metered all the same, and nothing stays held after it."""
+    import sys
+
+    from tests.server.service_harness import start_service
+
+    svc = await start_service(f"sqlite+aiosqlite:///{tmp_path}/l.db",
+                              held_prompts_mib=0.01)  # 10 KiB
+    try:
+        await _settings(svc, allowed_privacy_modes=[1, 2, 3, 4, 5])
+        small, big = "p" * 2000, "q" * 20000
+        auths = []
+        for text in (small, big):
+            a = await svc.meter.Authorize(meter_pb2.AuthorizeRequest(
+                model=MODEL, owners=owners(customer="acme"), content=text,
+                max_output_tokens=100, privacy_mode=M.PRIVACY_MODE_FULL_TRACE),
+                metadata=svc.auth)
+            assert a.decision == M.DECISION_ALLOW
+            auths.append(a)
+        held = svc.server.runtime.tenants[svc.tenant_id]._hold_privacy
+        assert held[auths[0].reservation_id][1] == small
+        fingerprint, text = held[auths[1].reservation_id]
+        assert text is None and fingerprint  # too big: the fingerprint alone
+        assert held.bytes == sys.getsizeof(small) and held.dropped == 1
+        kept = []
+        for a in auths:  # Records that do not send the prompt again
+            r = await svc.meter.Record(meter_pb2.RecordRequest(
+                reservation_id=a.reservation_id, response=RESPONSE,
+                usage=M.Usage(input_tokens=20, output_tokens=15),
+                privacy_mode=M.PRIVACY_MODE_FULL_TRACE), metadata=svc.auth)
+            kept.append({c.kind: c.text
+                         for c in await svc.store.get_contents(svc.tenant_id, r.event_id)})
+            event = await svc.store.get_event(svc.tenant_id, r.event_id)
+            assert event.prompt_fingerprint and event.cost_nanos > 0
+        assert kept == [{"prompt": small, "response": RESPONSE}, {"response": RESPONSE}]
+        assert not held and held.bytes == 0
+    finally:
+        await svc.close()

@@ -72,6 +72,10 @@ class ServerConfig:
     # weigh. Beyond memory a retry is answered from the ledger.
     recent_ids: int = 100_000
     recent_ids_mib: float = 128.0
+    # Per tenant: the prompts open holds keep for their Records (only under a privacy
+    # mode that keeps text) take at most this many MiB; past it a hold keeps the
+    # prompt's fingerprint alone.
+    held_prompts_mib: float = 256.0
     # Largest RecordBatch accepted in one call.
     max_batch_records: int = 10_000
 

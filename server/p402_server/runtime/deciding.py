@@ -4,6 +4,8 @@ sees it (modes allowed, content kept as the mode says). A DENY is written behind
 a ledger event."""
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from p402.v1 import meter_pb2
@@ -24,6 +26,8 @@ from p402core import (
     Outcome,
     PrivacyMode,
 )
+
+log = logging.getLogger("p402.server.runtime")
 
 
 class Deciding:
@@ -92,8 +96,13 @@ class Deciding:
             # Hashed (and, where the mode keeps text, held) in memory for the Record;
             # metadata_only keeps nothing, the content was only measured.
             kept = self.privacy.keep(mode, req.content, None)
-            self._hold_privacy[a.reservation_id] = (
-                kept.prompt_fingerprint, req.content if kept.texts else None)
+            held = self._hold_privacy
+            if not held.hold(a.reservation_id, kept.prompt_fingerprint,
+                             req.content if kept.texts else None) \
+                    and held.dropped % 1000 == 1:
+                log.warning("tenant %s: open holds' prompts past held_prompts_mib (%d "
+                            "not held so far): their events keep a prompt only if the "
+                            "Record sends it", self.tenant_id, held.dropped)
         if a.decision == Decision.DENY:
             self._write_denied(req, a, args)
         else:

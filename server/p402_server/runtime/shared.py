@@ -145,6 +145,43 @@ def event_bytes(ev) -> int:
     return n
 
 
+class HeldPrompts(dict):
+    """Per open hold, what its Authorize left for the Record: reservation id ->
+    (prompt fingerprint, prompt text or None). The texts (kept only where the
+    privacy mode keeps text) together stay within `max_bytes`: past it a hold keeps
+    its fingerprint alone, and its event keeps the prompt only if the Record sends
+    it. Memory is bounded whatever a key holder sends; the money is not affected.
+    Entries are added with `hold` and taken out with `pop`."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.dropped = 0  # texts not held for want of room
+
+    def hold(self, rid: str, fingerprint, text: str | None) -> bool:
+        """Hold `rid`'s fingerprint and text; False when the text did not fit."""
+        self.pop(rid, None)
+        size = _sizeof(text) if text else 0
+        fits = self.bytes + size <= self.max_bytes
+        if not fits:
+            text, size = None, 0
+            self.dropped += 1
+        self.bytes += size
+        dict.__setitem__(self, rid, (fingerprint, text))
+        return fits
+
+    _MISSING = object()
+
+    def pop(self, rid, default=None):
+        held = dict.pop(self, rid, HeldPrompts._MISSING)
+        if held is HeldPrompts._MISSING:
+            return default
+        if held[1]:
+            self.bytes -= _sizeof(held[1])
+        return held
+
+
 def _catalog_for(core, specs: list[dict]):
     """The tenant's catalog: Catalog.default() with the tenant's prices merged over."""
     base = core.Catalog.default()

@@ -95,6 +95,7 @@ from p402_server.runtime.foreign import ForeignSettling
 from p402_server.runtime.settling import Settling
 from p402_server.runtime.shared import (
     _LRU,
+    HeldPrompts,
     _authorization_bytes,
     _catalog_for,
     _issue_prefix,
@@ -149,10 +150,11 @@ class TenantRuntime(Deciding, Settling, BudgetStatus, ForeignSettling, Expiring,
         self.admin_lock = asyncio.Lock()
         # Privacy and evidence (privacy.py): the tenant's modes, salt and
         # duplicate memory; per open hold, what its Authorize left for the Record
-        # (mode, prompt fingerprint, prompt text when the mode keeps it).
+        # (prompt fingerprint, prompt text when the mode keeps it, within
+        # held_prompts_mib: HeldPrompts).
         self.privacy = _privacy.TenantPrivacy(tenant_id, settings, core)
         self.privacy.set_rules(rules)
-        self._hold_privacy: dict[str, tuple] = {}
+        self._hold_privacy = HeldPrompts(int(config.held_prompts_mib * 1024 * 1024))
         # Scale-out: holds expired here whose EXPIRED event (which claims the
         # reservation) is still to be written (reservation id -> the engine's
         # Settlement; `_expire_claimed`).
