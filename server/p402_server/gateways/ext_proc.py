@@ -349,14 +349,11 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
                     yield await ex.response_trailers()
                 else:
                     # Envoy always sets one; without an answer the sender would wait.
-                    # The status is set and the stream returns (errors.fail: why not
-                    # context.abort).
-                    context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-                    context.set_details(
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
                         "request: a ProcessingRequest sets one of request_headers, "
                         "request_body, request_trailers, response_headers, response_body "
                         f"or response_trailers (got {which or 'none'})")
-                    return
         finally:
             if ex.auth is not None and not ex.recorded:
                 # The stream ended before the response did: the client went away or
