@@ -72,6 +72,9 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_MISSING = object()  # no default given to a pop
+
+
 class _LRU(OrderedDict):
     """A bounded dict: the oldest entries go when it is full. Full is `limit`
     entries; with `weigh` (value -> estimated bytes) also `max_bytes` of them, so
@@ -103,12 +106,10 @@ class _LRU(OrderedDict):
             old, _value = self.popitem(last=False)
             self.bytes -= weights.pop(old)
 
-    _MISSING = object()
-
     def pop(self, key, default=_MISSING):
         if self._weigh is not None and key in self:
             self.bytes -= self._weights.pop(key)
-        if default is _LRU._MISSING:
+        if default is _MISSING:
             return super().pop(key)
         return super().pop(key, default)
 
@@ -171,11 +172,9 @@ class HeldPrompts(dict):
         dict.__setitem__(self, rid, (fingerprint, text))
         return fits
 
-    _MISSING = object()
-
     def pop(self, rid, default=None):
-        held = dict.pop(self, rid, HeldPrompts._MISSING)
-        if held is HeldPrompts._MISSING:
+        held = dict.pop(self, rid, _MISSING)
+        if held is _MISSING:
             return default
         if held[1]:
             self.bytes -= _sizeof(held[1])
