@@ -100,6 +100,23 @@ def test_serve_on_a_taken_port_names_it_and_the_way_out(tmp_path, which):
     assert "add_port.cc" not in proc.stderr  # gRPC core's own log line
 
 
+@pytest.mark.parametrize("mode", ["--db", "--target"])
+def test_proxy_on_a_taken_port_names_it_and_the_way_out(tmp_path, mode):
+    where = (f"sqlite+aiosqlite:///{tmp_path / 'p402.db'}" if mode == "--db"
+             else "127.0.0.1:9")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = cli("proxy", mode, where, "--upstream", "http://127.0.0.1:9",
+                   "--listen", f"127.0.0.1:{port}")
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert f"cannot listen on 127.0.0.1:{port}: port {port} is already in use" in line
+    assert "choose another with --listen HOST:PORT (env P402_PROXY_LISTEN)" in line
+    assert "Unclosed" not in proc.stderr  # the upstream session was closed
+
+
 BLOCK_COMPILED = """
 import importlib.abc, sys
 class NoCompiledCore(importlib.abc.MetaPathFinder):

@@ -49,6 +49,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What `p402 serve` and `p402 proxy` print when their port is taken (listen.py). A port
+# from free_port() can be taken again before the child binds it (by another test's
+# server, or as the ephemeral port of an outgoing connection): the harness then starts
+# the child again on another port rather than fail a test for a race of its own.
+PORT_TAKEN = b"is already in use"
+PORT_TRIES = 5
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on 127.0.0.1:`port` (Linux /proc):
+    a connection alone may reach whoever took the port."""
+    inodes = set()
+    with open("/proc/net/tcp", encoding="ascii") as fh:
+        next(fh)
+        for line in fh:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{f[9]}]")
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:  # exited
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:  # closed meanwhile
+            pass
+    return False
+
+
+def lost_port_race(log_path: Path | None, offset: int) -> bool:
+    """Whether the child whose log starts at `offset` of `log_path` exited because
+    its port had been taken."""
+    if not log_path:
+        return False
+    with open(log_path, "rb") as fh:
+        fh.seek(offset)
+        return PORT_TAKEN in fh.read()
+
+
 def bearer(key: str) -> tuple:
     return (("authorization", f"Bearer {key}"),)
 
@@ -85,6 +126,8 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.starts = 0
+        self._chose_port = False  # this spawn's port came from free_port()
+        self._log_offset = 0      # where this spawn's lines start in the log
 
     @property
     def target(self) -> str:
@@ -105,10 +148,12 @@ class ServerProcess:
         """Start the process, without waiting for it: on a free port, or with
         `same_port` on the previous one (a restart its clients reconnect to)."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        if not (same_port and self.port):
+        self._chose_port = not (same_port and self.port)
+        if self._chose_port:
             self.port = free_port()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
+            self._log_offset = log.tell() if self.log_path else 0
             self.proc = subprocess.Popen(
                 [*CLI, "serve", "--db", self.db_url, "--listen", self.target,
                  *self.extra_args],
@@ -122,19 +167,30 @@ class ServerProcess:
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Poll grpc.health.v1 until SERVING (the store is migrated and holds restored)."""
         deadline = time.monotonic() + timeout
+        for attempt in range(PORT_TRIES):
+            if self._ready_or_exited(deadline, timeout):
+                return
+            if (attempt + 1 == PORT_TRIES or not self._chose_port
+                    or not lost_port_race(self.log_path, self._log_offset)):
+                break
+            self.starts -= 1  # the same start, on another port
+            self.spawn()
+        tail = Path(self.log_path).read_text()[-3000:] if self.log_path else ""
+        raise RuntimeError(f"p402 serve exited with {self.proc.returncode} before it was "
+                           f"ready (log: {self.log_path}):\n" + tail)
+
+    def _ready_or_exited(self, deadline: float, timeout: float) -> bool:
+        """Poll until SERVING (True) or the process exited (False); TimeoutError at
+        `deadline`."""
         with grpc.insecure_channel(self.target) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while True:
                 if self.proc.poll() is not None:
-                    tail = (Path(self.log_path).read_text()[-3000:]
-                            if self.log_path else "")
-                    raise RuntimeError(f"p402 serve exited with {self.proc.returncode} "
-                                       f"before it was ready (log: {self.log_path}):\n"
-                                       + tail)
+                    return False
                 try:
                     r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
                     if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
+                        return True
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline:
@@ -176,8 +232,8 @@ def run_async(coro):
 
 
 async def _init_tenant(db_url: str, name: str) -> tuple[str, str]:
-    from p402_server.server import init_tenant
     from p402_server.ledger import open_store
+    from p402_server.server import init_tenant
 
     store = await open_store(db_url)
     try:

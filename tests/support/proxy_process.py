@@ -10,7 +10,15 @@ from typing import Callable
 
 import aiohttp
 
-from tests.proof.harness import CLI, ROOT, free_port, subprocess_env
+from tests.proof.harness import (
+    CLI,
+    PORT_TRIES,
+    ROOT,
+    free_port,
+    listens_on,
+    lost_port_race,
+    subprocess_env,
+)
 
 UPSTREAM_KEY = "sk-upstream-test"  # the key the proxies send to the stand-in upstream
 CALLERS = 24
@@ -38,23 +46,27 @@ def tenant_with_hold_ttl(url: str, hold_ttl_seconds: int, name: str = "killed"
 
 def proxy_process(p402: tuple[str, str], upstream: str, log_path, env: dict | None = None
                   ) -> tuple[subprocess.Popen, int]:
-    """`p402 proxy` with `p402` = ("--db", URL) or ("--target", HOST:PORT)."""
-    port = free_port()
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [*CLI, "proxy", *p402, "--listen", f"127.0.0.1:{port}",
-             "--upstream", upstream],
-            env=subprocess_env({"OPENAI_API_KEY": UPSTREAM_KEY, **(env or {})}), stdout=log,
-            stderr=log, cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, open(log_path).read()[-3000:]
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, port
-        except OSError:
+    """`p402 proxy` with `p402` = ("--db", URL) or ("--target", HOST:PORT), listening
+    (started again on another port if its port was taken before it bound it)."""
+    for attempt in range(PORT_TRIES):
+        port = free_port()
+        with open(log_path, "ab") as log:
+            offset = log.tell()
+            proc = subprocess.Popen(
+                [*CLI, "proxy", *p402, "--listen", f"127.0.0.1:{port}",
+                 "--upstream", upstream],
+                env=subprocess_env({"OPENAI_API_KEY": UPSTREAM_KEY, **(env or {})}),
+                stdout=log, stderr=log, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None:
+            if listens_on(proc.pid, port):
+                socket.create_connection(("127.0.0.1", port), 5).close()
+                return proc, port
             assert time.monotonic() < deadline, "the proxy never listened"
             time.sleep(0.05)
+        if attempt + 1 == PORT_TRIES or not lost_port_race(log_path, offset):
+            break
+    raise AssertionError(open(log_path).read()[-3000:])
 
 
 async def storm(port: int, key: str, answered: list, stop: asyncio.Event,

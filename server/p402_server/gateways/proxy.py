@@ -134,6 +134,7 @@ from p402_client.openai import usage_from_openai
 from p402_server.gateways import jsonio
 from p402_server.gc_policy import tune_gc
 from p402_server.httpconn import runner_class
+from p402_server.listen import listen_error
 from p402core import (
     MAX_TOKENS,
     NULL_USAGE_END,
@@ -1477,7 +1478,12 @@ async def start_proxy(config: ProxyConfig, target: str | None, listen: str, *,
     await runner.setup()
     host, _, port = listen.rpartition(":")
     site = web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port))
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # say why in words a user can act on, and close what opened
+        await runner.cleanup()
+        raise listen_error(listen, flag="--listen", env="P402_PROXY_LISTEN",
+                           cause=exc) from None
     return runner, site._server.sockets[0].getsockname()[1]
 
 
