@@ -9,7 +9,7 @@ import logging
 import grpc
 import pytest
 
-from tests.server.service_harness import (admin_pb2, common_pb2, error_info, meter_pb2,
+from tests.server.service_harness import (admin_pb2, common_pb2, error_info, meter_pb2, nanos,
                                           owners, svc)  # noqa: F401
 
 MODEL = "gpt-4o-mini"
@@ -75,17 +75,43 @@ async def test_full_trace_refused_unless_allowed(svc):
         privacy_mode=M.PRIVACY_MODE_FULL_TRACE), metadata=svc.auth)
     assert a.decision == M.DECISION_DENY
     assert "policy.privacy_mode_not_allowed" in a.reasons and not a.reservation_id
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await svc.meter.Record(meter_pb2.RecordRequest(
-            model=MODEL, owners=owners(customer="acme"), prompt=PROMPT,
-            usage=M.Usage(input_tokens=5, output_tokens=5),
-            privacy_mode=M.PRIVACY_MODE_FULL_TRACE), metadata=svc.auth)
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert error_info(err.value).reason == "PRIVACY_MODE_NOT_ALLOWED"
-    # Nothing settled: only the denied Authorize is in the ledger.
+    # A Record reports a call already made and paid for: it is metered, keeping
+    # nothing of its content, and says why (its answer and its event).
+    meter_only = await svc.meter.Record(meter_pb2.RecordRequest(
+        model=MODEL, owners=owners(customer="acme"), prompt=PROMPT, response=RESPONSE,
+        usage=M.Usage(input_tokens=5, output_tokens=5),
+        privacy_mode=M.PRIVACY_MODE_FULL_TRACE), metadata=svc.auth)
+    assert list(meter_only.reasons) == ["policy.privacy_mode_not_allowed"]
+    assert nanos(meter_only.cost) > 0
+    # The same for a reservation made under an allowed mode: its hold is settled at
+    # the call's cost, not left to expire at its estimate.
+    held = await svc.meter.Authorize(meter_pb2.AuthorizeRequest(
+        model=MODEL, owners=owners(customer="acme"), content=PROMPT, max_output_tokens=100,
+        privacy_mode=M.PRIVACY_MODE_FINGERPRINT_ONLY), metadata=svc.auth)
+    assert held.decision == M.DECISION_ALLOW
+    reserved = await svc.meter.Record(meter_pb2.RecordRequest(
+        reservation_id=held.reservation_id, prompt=PROMPT, response=RESPONSE,
+        usage=M.Usage(input_tokens=20, output_tokens=15),
+        privacy_mode=M.PRIVACY_MODE_FULL_TRACE), metadata=svc.auth)
+    assert list(reserved.reasons) == ["policy.privacy_mode_not_allowed"]
+    assert 0 < nanos(reserved.cost) < nanos(reserved.estimated_cost)
     await svc.server.writer.flush()
-    events = (await svc.meter.Query(meter_pb2.QueryRequest(), metadata=svc.auth)).events
-    assert [e.kind for e in events] == ["denied"]
+    events = {e.event_id: e for e in (await svc.meter.Query(
+        meter_pb2.QueryRequest(), metadata=svc.auth)).events}
+    assert sorted(e.kind for e in events.values()) == ["denied", "record", "record"]
+    for r in (meter_only, reserved):
+        ev = events[r.event_id]
+        assert ev.privacy_mode == M.PRIVACY_MODE_METADATA_ONLY
+        assert list(ev.reasons) == ["policy.privacy_mode_not_allowed"]
+        assert not ev.prompt_fingerprint and not ev.response_fingerprint
+        assert await svc.store.get_contents(svc.tenant_id, r.event_id) == []
+    assert events[reserved.event_id].reservation_id == held.reservation_id
+    # A retry is the same event, answered with the same reason.
+    again = await svc.meter.Record(meter_pb2.RecordRequest(
+        reservation_id=held.reservation_id, usage=M.Usage(input_tokens=20, output_tokens=15),
+        privacy_mode=M.PRIVACY_MODE_FULL_TRACE), metadata=svc.auth)
+    assert again.duplicate and again.event_id == reserved.event_id
+    assert list(again.reasons) == ["policy.privacy_mode_not_allowed"]
     # Explicitly allowed: the content is kept verbatim in its own table.
     await _settings(svc, allowed_privacy_modes=[1, 2, 3, 4, 5])
     r = await _call(svc, M.PRIVACY_MODE_FULL_TRACE)

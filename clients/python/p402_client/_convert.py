@@ -549,6 +549,7 @@ def record_result(pb: meter_pb2.RecordResponse) -> RecordResult:
         budgets=_statuses(pb.budgets),
         catalog_version=pb.catalog_version,
         receipt=pb.receipt,
+        reasons=tuple(pb.reasons),
     )
 
 

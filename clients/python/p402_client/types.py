@@ -354,6 +354,9 @@ class RecordResult(_Plain):
     # The event's signed receipt (str, canonical JSON; server/p402_server/ledger/receipts.py)
     # when the Record asked for it (want_receipt=True), else "".
     receipt: str = ""
+    # The event's reason codes when it was recorded other than as asked
+    # ("reservation.unknown", "policy.privacy_mode_not_allowed", …), else ().
+    reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

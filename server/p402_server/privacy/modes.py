@@ -11,8 +11,10 @@ API, never logged) and ``TenantPrivacy``, the per-tenant object the runtime asks
 - ``allowed(mode)``: the tenant's allowed set (``allowed_privacy_modes``; empty =
   every mode but full_trace) plus any mode a PRIVACY policy rule names as allowed.
   full_trace is thus refused unless the tenant lists it or a rule allows it.
-  Authorize answers DENY ``policy.privacy_mode_not_allowed``; Record is refused
-  with PERMISSION_DENIED (PRIVACY_MODE_NOT_ALLOWED) and nothing is settled;
+  Authorize answers DENY ``policy.privacy_mode_not_allowed`` (the provider is not
+  called). A Record reports a call that happened and was charged, so it is not
+  refused: its event is metered under metadata_only with that reason (the
+  runtime's ``_record_mode``), keeping less than asked, never more;
 - ``keep(mode, prompt, response)``: what is kept of the content (``Kept``):
   metadata_only — nothing (the text is dropped before the store and the logs);
   fingerprint_only and private_gateway — salted xxh3-128 fingerprints (hex);

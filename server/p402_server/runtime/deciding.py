@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import logging
 
-import grpc
-
 from p402.v1 import meter_pb2
 from p402_server.ledger.evidence import evidence_for
 from p402_server.ledger.model import Content, LedgerEvent
@@ -15,7 +13,6 @@ from p402_server.privacy import modes as _privacy
 from p402_server.runtime import shared
 from p402_server.runtime.shared import new_ulid
 from p402_server.wire import convert
-from p402_server.wire.errors import ServiceError
 from p402core import (
     BUDGET_EXCEEDED,
     POLICY_PRIVACY_MODE_NOT_ALLOWED,
@@ -24,7 +21,6 @@ from p402core import (
     Evidence,
     InvalidArgument,
     Outcome,
-    PrivacyMode,
 )
 
 log = logging.getLogger("p402.server.runtime")
@@ -144,17 +140,18 @@ class Deciding:
         self.writer.write_behind(ev)
         return resp
 
-    def _check_record_privacy(self, req, mode: int, field: str) -> None:
-        """Refuse a Record whose mode the tenant does not allow (before settling)."""
-        if not self.privacy.allowed(mode):
-            raise ServiceError(
-                grpc.StatusCode.PERMISSION_DENIED, "PRIVACY_MODE_NOT_ALLOWED",
-                f"privacy mode {PrivacyMode(mode).name.lower()} is not allowed for this "
-                f"tenant ({POLICY_PRIVACY_MODE_NOT_ALLOWED})", field=field + "privacy_mode",
-                metadata={"reason_code": POLICY_PRIVACY_MODE_NOT_ALLOWED})
+    def _record_mode(self, req, field: str) -> int:
+        """The privacy mode a Record's event is kept under: the one it asks for (or
+        the tenant's default), or metadata_only when the tenant does not allow that
+        mode. Unlike an Authorize, which is denied before the provider is called, a
+        Record reports a call that happened and was charged: its spend is metered
+        all the same, keeping less than it asked for, never more, and its event
+        says so (reason policy.privacy_mode_not_allowed, `_record_event`)."""
         for name in ("prompt", "response"):
             if len(getattr(req, name)) > _privacy.MAX_CONTENT_CHARS:
                 raise InvalidArgument(field + name, "larger than 64 MiB")
+        mode = self.privacy.resolve(req.privacy_mode)
+        return mode if self.privacy.allowed(mode) else _privacy.METADATA_ONLY
 
     def _apply_privacy(self, ev: LedgerEvent, req, mode: int, attested: bool) -> None:
         """Fingerprints, duplicate_of, kept content and evidence of a Record's event

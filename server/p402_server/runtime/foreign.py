@@ -88,8 +88,7 @@ class ForeignSettling:
         claim when its own copy expires). The event claims the reservation: if
         another event settled it first, that event answers (duplicate=True)."""
         rid = req.reservation_id
-        mode = self.privacy.resolve(req.privacy_mode)
-        self._check_record_privacy(req, mode, field)
+        mode = self._record_mode(req, field)
         s = self._foreign_settlement(rid, hold["hold"], usage, req.outcome,
                                      (req.model, req.provider))
         meta = hold.get("meta")

@@ -25,7 +25,16 @@ from p402_server.runtime.shared import (
 )
 from p402_server.wire import convert
 from p402_server.wire.errors import ServiceError
-from p402core import Conflict, Decision, Evidence, InvalidArgument, NotFound, Outcome, UnknownModel
+from p402core import (
+    POLICY_PRIVACY_MODE_NOT_ALLOWED,
+    Conflict,
+    Decision,
+    Evidence,
+    InvalidArgument,
+    NotFound,
+    Outcome,
+    UnknownModel,
+)
 
 log = logging.getLogger("p402.server.runtime")
 
@@ -128,8 +137,7 @@ class Settling:
         (_UNSETTLED, exception, event_id): the engine does not hold the named
         reservation, the ledger decides (`_record_unsettled`)."""
         owners, labels, usage, revenue = parsed or convert.validate_record(req, field)
-        mode = self.privacy.resolve(req.privacy_mode)
-        self._check_record_privacy(req, mode, field)
+        mode = self._record_mode(req, field)
         rid = req.reservation_id
         event_id = req.event_id or rid or "evt_" + new_ulid()
         known = self._events.get(event_id)
@@ -185,7 +193,7 @@ class Settling:
         # process whose holds are gone). The call happened and the provider
         # charged it, so it is metered without a hold — never lost — and the
         # event says so (reason reservation.unknown, the caller's reservation id).
-        mode = self.privacy.resolve(req.privacy_mode)
+        mode = self._record_mode(req, field)
         s = self._settle(req, field, "", owners, labels, usage)
         ev = self._record_event(req, s, event_id, owners, labels, revenue, mode,
                                 attested, True, usage)
@@ -243,6 +251,9 @@ class Settling:
         if unknown_hold:
             ev.reservation_id = req.reservation_id
             ev.reasons = (*ev.reasons, RESERVATION_UNKNOWN)
+        if mode != self.privacy.resolve(req.privacy_mode):  # not allowed (_record_mode)
+            ev.privacy_mode = mode
+            ev.reasons = (*ev.reasons, POLICY_PRIVACY_MODE_NOT_ALLOWED)
         if mode != _privacy.METADATA_ONLY or attested:
             self._apply_privacy(ev, req, mode, attested)
         elif ev.reservation_id:

@@ -429,6 +429,8 @@ def record_response(ev: LedgerEvent, duplicate: bool, statuses: Iterable = ()):
     set_money(r.cost, ev.cost_nanos)
     set_money(r.estimated_cost, ev.estimated_cost_nanos)
     set_money(r.overrun, ev.overrun_nanos)
+    if ev.reasons:
+        r.reasons.extend(ev.reasons)
     for s in statuses:
         budget_status_to_proto(s, r.budgets.add())
     return r
