@@ -17,7 +17,7 @@ class ListenError(OSError):
 
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port) if port.isdigit() else 0
+    return host.strip("[]"), int(port) if port.isascii() and port.isdigit() else 0
 
 
 def _probe(host: str, port: int) -> int:

@@ -600,7 +600,7 @@ def _group(group: Mapping[str, str]) -> dict[str, str]:
     out = dict(group)
     for key, cls in _ENUM_GROUPS.items():
         value = out.get(key)
-        if value is not None and value.isdigit():
+        if value is not None and value.isascii() and value.isdigit():
             out[key] = _enum(cls, int(value)).value
     return out
 

@@ -174,7 +174,7 @@ def _filters(p: argparse.ArgumentParser, *, since_default: str | None = None) ->
 
 def _listen_check(flag: str, value: str) -> None:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise UsageError(flag, f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:4020)")
 
 

@@ -59,7 +59,7 @@ def group_label(key: str, value: str) -> str:
     """A spend row's group value for people: time buckets (UTC ms) as dates."""
     if not value:
         return "(none)"
-    if key in _TIME_GROUPS and value.lstrip("-").isdigit():
+    if key in _TIME_GROUPS and value.isascii() and value.lstrip("-").isdigit():
         when = dt.datetime.fromtimestamp(reportable_ms(int(value)) / 1000,
                                               tz=dt.timezone.utc)
         return when.strftime(_TIME_GROUPS[key])

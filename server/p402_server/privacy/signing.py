@@ -198,7 +198,7 @@ def verify_call(headers: dict, method: str, message, *, tenant_id: str,
                                          "for this tenant, or was revoked")
     ts = headers.get(TIMESTAMP_HEADER, "")
     nonce = headers.get(NONCE_HEADER, "")
-    if not ts.isdigit() or len(ts) > 12:
+    if not (ts.isascii() and ts.isdigit()) or len(ts) > 12:
         raise _reject("SIGNATURE_INVALID", "x-p402-timestamp must be Unix seconds")
     if not _NONCE.match(nonce):
         raise _reject("SIGNATURE_INVALID",
