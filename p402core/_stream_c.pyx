@@ -129,7 +129,96 @@ def chat_content(dict payload):
     return chunks, out_bytes
 
 
-def chat_events(bytes chunk, bint strip_usage, loads):
+cdef class ChatShape:
+    """The layout of a stream's last content chunk (`_stream_py`, ``shape``)."""
+
+    cdef public bytes prefix, suffix
+    cdef public bint strip, cut
+    cdef public object loads
+
+    def __init__(self):
+        self.prefix = self.suffix = b""
+        self.strip = self.cut = False
+        self.loads = None  # nothing learned yet
+
+
+cdef Py_ssize_t _plain_length(const unsigned char* s, Py_ssize_t n) noexcept:
+    """n when s[:n] is a plain JSON string body (no quote, backslash or control
+    character; valid UTF-8: no overlong form, surrogate or code point past
+    U+10FFFF), else -1."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned char c, c1
+    while i < n:
+        c = s[i]
+        if c < 0x80:
+            if c < 0x20 or c == 0x22 or c == 0x5C:
+                return -1
+            i += 1
+        elif 0xC2 <= c <= 0xDF:
+            if i + 1 >= n or (s[i + 1] & 0xC0) != 0x80:
+                return -1
+            i += 2
+        elif 0xE0 <= c <= 0xEF:
+            if i + 2 >= n:
+                return -1
+            c1 = s[i + 1]
+            if ((c == 0xE0 and c1 < 0xA0) or (c == 0xED and c1 > 0x9F)
+                    or (c1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80):
+                return -1
+            i += 3
+        elif 0xF0 <= c <= 0xF4:
+            if i + 3 >= n:
+                return -1
+            c1 = s[i + 1]
+            if ((c == 0xF0 and c1 < 0x90) or (c == 0xF4 and c1 > 0x8F)
+                    or (c1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80
+                    or (s[i + 3] & 0xC0) != 0x80):
+                return -1
+            i += 4
+        else:
+            return -1
+    return n
+
+
+cdef Py_ssize_t _shaped(const char* d, Py_ssize_t n, ChatShape shape) noexcept:
+    """The length of the text of d[:n] when it is `shape`'s chunk with another plain
+    text, else -1."""
+    cdef Py_ssize_t h = PyBytes_GET_SIZE(shape.prefix)
+    cdef Py_ssize_t t = PyBytes_GET_SIZE(shape.suffix)
+    if n < h + t or memcmp(d, PyBytes_AS_STRING(shape.prefix), h) != 0:
+        return -1
+    if memcmp(d + n - t, PyBytes_AS_STRING(shape.suffix), t) != 0:
+        return -1
+    return _plain_length(<const unsigned char*>d + h, n - h - t)
+
+
+cdef int _learn(ChatShape shape, bytes data, dict payload, bint cut, bint strip_usage,
+                object loads) except -1:
+    """Keep `data`'s layout in `shape` when its text can be told from the rest."""
+    cdef Py_ssize_t at, start, end
+    choices = payload.get("choices")
+    if type(choices) is not list or len(<list>choices) != 1:
+        return 0
+    choice = (<list>choices)[0]
+    if type(choice) is not dict:
+        return 0
+    delta = (<dict>choice).get("delta")
+    text = (<dict>delta).get("content") if type(delta) is dict else None
+    if type(text) is not str or b"\\" in data or data.count(b'"content"') != 1:
+        return 0
+    at = data.find(b'"content":"')
+    if at < 0:
+        return 0
+    start = at + 11
+    end = data.find(b'"', start)
+    if end < 0 or data[start:end] != (<str>text).encode("utf-8", "surrogatepass"):
+        return 0
+    shape.prefix, shape.suffix = data[:start], data[end:]
+    shape.strip, shape.loads, shape.cut = strip_usage, loads, cut
+    return 0
+
+
+def chat_events(bytes chunk, bint strip_usage, loads, ChatShape shape=None):
     cdef const char* p = PyBytes_AS_STRING(chunk)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk)
     cdef Py_ssize_t end = 0, j, start
@@ -138,6 +227,11 @@ def chat_events(bytes chunk, bint strip_usage, loads):
     cdef list cuts = None  # (start of the event, index of its line end) of each cut
     cdef PyObject* got
     cdef object payload, usage, choices
+    cdef bytes data
+    cdef bint shaped = (shape is not None and shape.loads is loads
+                        and shape.strip == strip_usage)
+    cdef bint cut
+    cdef Py_ssize_t m
     while end < n:
         nl = <const char*>memchr(p + end, b'\n', n - end)
         if nl == NULL:
@@ -155,8 +249,20 @@ def chat_events(bytes chunk, bint strip_usage, loads):
             continue
         if j == start or p[start] != b'{':
             break
+        if shaped:
+            m = _shaped(p + start, j - start, shape)
+            if m >= 0:  # the last chunk with another text: read as that one was
+                if shape.cut:
+                    if cuts is None:
+                        cuts = []
+                    cuts.append((end, j))
+                chunks += 1 if m else 0
+                out_bytes += m
+                end = j + 2
+                continue
+        data = PyBytes_FromStringAndSize(p + start, j - start)
         try:
-            payload = loads(PyBytes_FromStringAndSize(p + start, j - start))
+            payload = loads(data)
         except ValueError:
             break
         if type(payload) is not dict:
@@ -168,6 +274,7 @@ def chat_events(bytes chunk, bint strip_usage, loads):
         got = PyDict_GetItem(payload, "choices")
         choices = <object>got if got != NULL else None
         ev_chunks = _content(choices, &ev_bytes)
+        cut = False
         if strip_usage and PyDict_GetItem(payload, "usage") != NULL:
             if (not choices or usage is not None
                     or not _null_usage_at_end(p + start, j - start)):
@@ -175,6 +282,10 @@ def chat_events(bytes chunk, bint strip_usage, loads):
             if cuts is None:
                 cuts = []
             cuts.append((end, j))
+            cut = True
+        if shape is not None:
+            _learn(shape, data, <dict>payload, cut, strip_usage, loads)
+            shaped = shape.loads is loads and shape.strip == strip_usage
         chunks += ev_chunks
         out_bytes += ev_bytes
         end = j + 2
@@ -207,5 +318,5 @@ cdef bytes _cut(bytes chunk, Py_ssize_t n, list cuts):
         PyMem_Free(q)
 
 
-__all__ = ["chat_events", "chat_content", "null_usage_at_end", "utf8_length",
+__all__ = ["ChatShape", "chat_events", "chat_content", "null_usage_at_end", "utf8_length",
            "NULL_USAGE_END"]

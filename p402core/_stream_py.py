@@ -28,6 +28,18 @@ for ``chunk[:end]``, ``chunks`` and ``out_bytes`` count the content in it.
   its usage None and its text ends with the top-level ``,"usage":null}``
   (``null_usage_at_end``), and goes out with that member cut.
 
+``shape`` (optional, a ``ChatShape`` per stream) changes no answer, only the work:
+it keeps the layout of the last content chunk this read whole: its bytes before and
+after its content text (when the text is the only ``"content"`` of a chunk with one
+choice, and the chunk holds no backslash), what ``strip_usage`` and ``loads`` it was
+read with, and whether its null usage was cut. A later event, read with the same
+two, that is those very bytes around a plain text (no quote, backslash or control
+character; valid UTF-8) is that chunk with another text, so it is valid JSON read
+the same way: it counts one chunk (none when the text is empty) of the text's bytes
+and is cut alike, without ``loads``. A provider writes its content chunks so (the
+same id, model and fields, only the text changes), and reading JSON is most of the
+work here.
+
 ``chat_content(payload) -> (chunks, out_bytes)``: the content a chat chunk's JSON object
 (a dict) streams: when its ``"choices"`` is a non-empty list, each of its dicts whose
 ``"delta"`` is a dict with a non-empty str ``"content"`` adds one to ``chunks`` and that
@@ -66,8 +78,71 @@ def utf8_length(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def chat_events(chunk: bytes, strip_usage: bool,
-                loads: Callable[[bytes], Any]) -> tuple[bytes, int, int, int]:
+class ChatShape:
+    """The layout of a stream's last content chunk (module docstring, ``shape``)."""
+
+    __slots__ = ("prefix", "suffix", "strip", "loads", "cut")
+
+    def __init__(self) -> None:
+        self.prefix = self.suffix = b""
+        self.strip = self.cut = False
+        self.loads: Any = None  # None: nothing learned yet
+
+
+# What a plain text holds none of: a quote, a backslash, a control character.
+_NOT_PLAIN = bytes(range(0x20)) + b'"\\'
+
+
+def _plain_length(text: bytes) -> int:
+    """len(text) when it is a plain JSON string body (no escapes, valid UTF-8), else -1."""
+    if len(text.translate(None, _NOT_PLAIN)) != len(text):
+        return -1
+    if not text.isascii():
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            return -1
+    return len(text)
+
+
+def _as_shaped(data: bytes, shape: ChatShape, strip_usage: bool, loads
+               ) -> tuple[bool, int, int] | None:
+    """`_object`'s answer for `data` when it is `shape`'s chunk with another text."""
+    if shape.loads is not loads or shape.strip != strip_usage:
+        return None
+    head, tail = len(shape.prefix), len(shape.suffix)
+    if (len(data) < head + tail or not data.startswith(shape.prefix)
+            or not data.endswith(shape.suffix)):
+        return None
+    n = _plain_length(data[head:len(data) - tail])
+    if n < 0:
+        return None
+    return shape.cut, 1 if n else 0, n
+
+
+def _learn(shape: ChatShape, data: bytes, payload: dict, cut: bool, strip_usage: bool,
+           loads) -> None:
+    """Keep `data`'s layout in `shape` when its text can be told from the rest."""
+    choices = payload.get("choices")
+    if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
+        return
+    delta = choices[0].get("delta")
+    text = delta.get("content") if type(delta) is dict else None
+    if type(text) is not str or b"\\" in data or data.count(b'"content"') != 1:
+        return
+    at = data.find(b'"content":"')
+    if at < 0:
+        return
+    start = at + 11
+    end = data.find(b'"', start)
+    if end < 0 or data[start:end] != text.encode("utf-8", "surrogatepass"):
+        return
+    shape.prefix, shape.suffix = data[:start], data[end:]
+    shape.strip, shape.loads, shape.cut = strip_usage, loads, cut
+
+
+def chat_events(chunk: bytes, strip_usage: bool, loads: Callable[[bytes], Any],
+                shape: ChatShape | None = None) -> tuple[bytes, int, int, int]:
     out: list[bytes] = []
     end = chunks = out_bytes = 0
     changed = False
@@ -81,7 +156,9 @@ def chat_events(chunk: bytes, strip_usage: bool,
             break
         data = event[6:]
         if data != b"[DONE]":
-            read = _object(data, strip_usage, loads)
+            read = None if shape is None else _as_shaped(data, shape, strip_usage, loads)
+            if read is None:
+                read = _object(data, strip_usage, loads, shape)
             if read is None:
                 break
             cut, ev_chunks, ev_bytes = read
@@ -98,9 +175,10 @@ def chat_events(chunk: bytes, strip_usage: bool,
     return b"\n\n".join(out), end, chunks, out_bytes
 
 
-def _object(data: bytes, strip_usage: bool, loads) -> tuple[bool, int, int] | None:
+def _object(data: bytes, strip_usage: bool, loads, shape: ChatShape | None = None
+            ) -> tuple[bool, int, int] | None:
     """One event's JSON text: (whether its null usage is cut, content chunks, content
-    bytes), or None when it is not accepted."""
+    bytes), or None when it is not accepted; its layout learned into `shape`."""
     if not data.startswith(b"{"):
         return None
     try:
@@ -113,12 +191,15 @@ def _object(data: bytes, strip_usage: bool, loads) -> tuple[bool, int, int] | No
     if usage:
         return None
     chunks, out_bytes = chat_content(payload)
+    cut = False
     if strip_usage and "usage" in payload:
         if (not payload.get("choices") or usage is not None
                 or not null_usage_at_end(data)):
             return None
-        return True, chunks, out_bytes
-    return False, chunks, out_bytes
+        cut = True
+    if shape is not None:
+        _learn(shape, data, payload, cut, strip_usage, loads)
+    return cut, chunks, out_bytes
 
 
 def chat_content(payload: dict) -> tuple[int, int]:
@@ -134,5 +215,5 @@ def chat_content(payload: dict) -> tuple[int, int]:
     return chunks, out_bytes
 
 
-__all__ = ["chat_events", "chat_content", "null_usage_at_end", "utf8_length",
+__all__ = ["ChatShape", "chat_events", "chat_content", "null_usage_at_end", "utf8_length",
            "NULL_USAGE_END"]

@@ -98,3 +98,81 @@ def test_the_twins_count_content_alike(both, data):
         return  # invalid UTF-8: no object to count
     if type(payload) is dict:
         assert python.chat_content(payload) == compiled.chat_content(payload)
+
+
+# --- the shape of the last content chunk: less work, never another answer ----------
+
+def _reads(stream):
+    raw, ends = stream
+    at = 0
+    for end in ends:
+        yield raw[at:end]
+        at = end
+
+
+@SETTINGS
+@given(stream=sse_stream(), strip=st.booleans(), lax=st.booleans())
+def test_a_shape_changes_no_answer(impl, stream, strip, lax):
+    loads = json.loads if lax else orjson.loads
+    shape = impl.ChatShape()
+    for read in _reads(stream):
+        assert impl.chat_events(read, strip, loads, shape) == impl.chat_events(
+            read, strip, loads), read
+
+
+@SETTINGS
+@given(stream=sse_stream(), strip=st.booleans())
+def test_the_twins_answer_alike_with_a_shape(both, stream, strip):
+    python, compiled = both
+    shapes = python.ChatShape(), compiled.ChatShape()
+    for read in _reads(stream):
+        assert python.chat_events(read, strip, orjson.loads, shapes[0]) == \
+            compiled.chat_events(read, strip, orjson.loads, shapes[1]), read
+
+
+def _openai(text: bytes) -> bytes:
+    return (b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"choices":'
+            b'[{"index":0,"delta":{"content":"' + text + b'"},"finish_reason":null}],'
+            b'"usage":null}\n\n')
+
+
+@pytest.mark.parametrize("text", [
+    b'say \\"hi\\"', b"tab\\t", b"\\u00e9", b"\\u0075sage", b'a"b', b"nl\nx", b"\x01",
+    b"\xc3", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80",
+    b"\xf5\x80\x80\x80", b"\xff", "日本🙂".encode(), b"\x7f", b""])
+def test_a_chunk_laid_out_as_the_last_is_read_as_a_parse_would(impl, text):
+    """Escapes, quotes, control characters and bytes that are not UTF-8 between the
+    learned bytes are read the long way: the answer is the parse's, whatever it is."""
+    for strip in (True, False):
+        shape = impl.ChatShape()
+        first = _openai(b"hello")
+        assert impl.chat_events(first, strip, orjson.loads, shape)[1:] == (
+            len(first), 1, 5)
+        assert shape.prefix.endswith(b'"content":"') and shape.cut == strip
+        raw = _openai(text)
+        assert impl.chat_events(raw, strip, orjson.loads, shape) == impl.chat_events(
+            raw, strip, orjson.loads), text
+
+
+def test_a_shape_learned_with_one_reader_is_not_used_with_another(impl):
+    """json.loads reads NaN, orjson refuses it: what one reader accepted says nothing
+    of what another would."""
+    nan = _openai(b"a").replace(b'"created":1', b'"created":NaN')
+    shape = impl.ChatShape()
+    assert impl.chat_events(nan, True, json.loads, shape)[1:] == (len(nan), 1, 1)
+    assert shape.loads is json.loads
+    again = _openai(b"b").replace(b'"created":1', b'"created":NaN')
+    assert impl.chat_events(again, True, orjson.loads, shape) == (b"", 0, 0, 0)
+    assert impl.chat_events(again, False, json.loads, shape)[1:] == (len(again), 1, 1)
+
+
+def test_only_a_chunk_whose_text_can_be_told_apart_is_learned(impl):
+    for chunk in (
+            _openai(b"a").replace(b'"index":0', b'"index":0,"x":"\\u0041"'),  # a backslash
+            _openai(b"a").replace(b'"c1"', b'"content"'),  # "content" twice
+            _openai(b"a").replace(b'"content":"a"', b'"content": "a"'),  # spaced
+            b'data: {"choices":[{"delta":{"content":"a"}},{"delta":{"content":"b"}}]}\n\n',
+            b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n'):
+        shape = impl.ChatShape()
+        assert impl.chat_events(chunk, True, orjson.loads, shape)[1] == len(chunk), chunk
+        assert shape.loads is None, chunk

@@ -138,6 +138,7 @@ from p402_server.listen import listen_error
 from p402core import (
     MAX_TOKENS,
     NULL_USAGE_END,
+    ChatShape,
     chat_content,
     chat_events,
     null_usage_at_end,
@@ -516,13 +517,15 @@ class StreamUsage:
     chat usage chunk, the responses `response.completed` / `.incomplete` / `.failed`
     event), whether it failed, and the content streamed so far."""
 
-    __slots__ = ("kind", "usage", "failed", "chunks", "out_bytes")
+    __slots__ = ("kind", "usage", "failed", "chunks", "out_bytes", "shape")
 
     def __init__(self, kind: str):
         self.kind = kind
         self.usage: dict | None = None
         self.failed = False
         self.chunks = self.out_bytes = 0
+        # The layout of the stream's content chunks (`p402core.chat_events`).
+        self.shape = ChatShape() if kind == "chat" else None
 
     def observe_data(self, data: str | bytes | None) -> dict | None:
         """One event's data; returns its JSON object (None: none, or "[DONE]"), whose
@@ -1349,9 +1352,11 @@ def relay_read(events: SseEvents, chunk: bytes, seen: StreamUsage,
     for one read of the upstream's stream. The chat events at its start that are
     whole and one data line each, as a provider writes its chunks, are read by the
     compiled core (`p402core.chat_events`: the same result, about a hundred times a
-    call); the rest, the general way."""
+    call; a content chunk laid out as the one before it is not even parsed); the
+    rest, the general way."""
     if seen.kind == "chat" and not events.pending():
-        out, end, chunks, out_bytes = chat_events(chunk, strip_usage, jsonio.loads_orjson)
+        out, end, chunks, out_bytes = chat_events(chunk, strip_usage, jsonio.loads_orjson,
+                                                  seen.shape)
         seen.chunks += chunks
         seen.out_bytes += out_bytes
         if end == len(chunk):
