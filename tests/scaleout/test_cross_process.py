@@ -234,6 +234,29 @@ def test_the_event_keeps_the_owners_whose_budgets_were_charged(ledger_url):
     _run(ledger_url, body)
 
 
+def test_a_record_under_a_mode_not_allowed_is_metered_on_either_process(ledger_url):
+    """full_trace is not allowed (the default): a Record asking for it, on the maker or
+    on the other process, settles its hold at the call's cost under metadata_only and
+    says why; nothing of its text is kept."""
+    async def body(p: _Pair):
+        for i in (0, 1):
+            rid = (await p.authorize_until_allowed(0)).reservation_id
+            await p.wait_hold_saved(rid)
+            r = await p.meters[i].Record(meter_pb2.RecordRequest(
+                reservation_id=rid, prompt="the secret plan", response="the answer",
+                usage=common_pb2.Usage(input_tokens=1000, output_tokens=300),
+                privacy_mode=common_pb2.PRIVACY_MODE_FULL_TRACE), metadata=p.md)
+            assert "policy.privacy_mode_not_allowed" in r.reasons, (i, r)
+            assert 0 < _nanos(r.cost) < _nanos(r.estimated_cost)
+            [ev] = await p.ledger(rid)
+            assert ev.kind == "record" and ev.cost_nanos == _nanos(r.cost)
+            assert ev.privacy_mode == common_pb2.PRIVACY_MODE_METADATA_ONLY
+            assert "policy.privacy_mode_not_allowed" in ev.reasons
+            assert ev.prompt_fingerprint is None
+            assert await p.stores[0].get_contents(p.tenant, ev.event_id) == []
+    _run(ledger_url, body)
+
+
 def test_record_racing_expiry_gets_one_answer_everywhere(ledger_url):
     """A Record that arrives after its hold expired gets the EXPIRED event
     (duplicate=True), from the maker and from the other process alike."""
