@@ -115,6 +115,7 @@ def test_proxy_on_a_taken_port_names_it_and_the_way_out(tmp_path, mode):
     assert f"cannot listen on 127.0.0.1:{port}: port {port} is already in use" in line
     assert "choose another with --listen HOST:PORT (env P402_PROXY_LISTEN)" in line
     assert "Unclosed" not in proc.stderr  # the upstream session was closed
+    assert not (tmp_path / "p402.db").exists()  # refused before the ledger was opened
 
 
 BLOCK_COMPILED = """

@@ -134,7 +134,7 @@ from p402_client.openai import usage_from_openai
 from p402_server.gateways import jsonio
 from p402_server.gc_policy import tune_gc
 from p402_server.httpconn import runner_class
-from p402_server.listen import listen_error
+from p402_server.listen import busy, listen_error
 from p402core import (
     MAX_TOKENS,
     NULL_USAGE_END,
@@ -1504,6 +1504,8 @@ async def serve_proxy(config: ProxyConfig, listen: str, *, target: str | None = 
     runtime writes its open holds and stops."""
     import signal
 
+    if busy(listen):  # say so before a ledger is opened and migrated for nothing
+        raise listen_error(listen, flag="--listen", env="P402_PROXY_LISTEN")
     stop_event = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed = []
