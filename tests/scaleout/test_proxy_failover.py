@@ -59,8 +59,11 @@ def test_a_proxy_fails_over_to_a_replica_and_every_answered_call_settles_once(
         async def run():
             conn = await asyncpg.connect(asyncpg_dsn(pg_url))
             stop = asyncio.Event()
+            # Callers spread over the upstream's time, not in waves: whenever the
+            # replica is killed, calls it authorized are at the upstream.
             load = asyncio.create_task(storm(port, key, answered, stop, refused,
-                                             pause=0.05))
+                                             pause=0.05,
+                                             stagger=UPSTREAM_SECONDS / CALLERS))
 
             async def sample():
                 while not stop.is_set():

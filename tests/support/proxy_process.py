@@ -71,14 +71,17 @@ def proxy_process(p402: tuple[str, str], upstream: str, log_path, env: dict | No
 
 async def storm(port: int, key: str, answered: list, stop: asyncio.Event,
                 refused: list | None = None, *, callers: int = CALLERS,
-                pause: float = 0.0) -> None:
+                pause: float = 0.0, stagger: float = 0.0) -> None:
     """`callers` callers in a loop until `stop` or the proxy is gone; the reservation
     id of each answered (200) call goes into `answered`, other statuses into `refused`
-    (and that caller waits `pause` seconds before its next call)."""
+    (and that caller waits `pause` seconds before its next call). Caller i starts
+    `i * stagger` seconds late: with a slow upstream, its callers then answer spread
+    over time instead of in waves, so some call is always at the upstream."""
     body = {"model": "gpt-4o-mini", "max_tokens": 20,
             "messages": [{"role": "user", "content": "Summarize the report."}]}
 
-    async def caller(session):
+    async def caller(session, index: int):
+        await asyncio.sleep(index * stagger)
         while not stop.is_set():
             try:
                 async with session.post(
@@ -96,7 +99,7 @@ async def storm(port: int, key: str, answered: list, stop: asyncio.Event,
                 return  # the proxy is gone
 
     async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(caller(session) for _ in range(callers)))
+        await asyncio.gather(*(caller(session, i) for i in range(callers)))
 
 
 def wait_until_settled(read: Callable[[], dict], calls: list[str],
